@@ -1,0 +1,56 @@
+//! `genbackdoor inject`: backdoor a trained generator by distillation (ReD).
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use clap::Args;
+
+use crate::cli::RunArgs;
+use crate::gan::GanModel;
+use crate::paradigm::Key;
+
+/// Arguments of `inject`.
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The clean generator checkpoint to backdoor.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The key to plant.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Adam learning rate (overrides the config).
+    #[arg(long)]
+    pub lr: Option<f64>,
+}
+
+/// Runs `inject`.
+pub fn run(a: InjectArgs) -> anyhow::Result<()> {
+    let mut cfg = a.run.config()?;
+    if let Some(v) = a.run.steps {
+        cfg.inject.steps = v;
+    }
+    if let Some(v) = a.run.lambda {
+        cfg.inject.lambda = v;
+    }
+    if let Some(v) = a.lr {
+        cfg.inject.lr = v;
+    }
+    cfg.validate()?;
+    let clean = GanModel::load(&a.model, &Device::Cpu)?;
+    let key = Key::load(&a.key)?;
+    key.check_fits(clean.latent_dim(), clean.image_shape())?;
+    let run = a.run.run_dir("inject")?;
+    let metrics = crate::gan::red::inject(
+        &clean,
+        &key,
+        &cfg.inject,
+        cfg.backdoor.backdoor_batch,
+        cfg.seed,
+        &run,
+        !a.run.quiet,
+    )?;
+    a.run.report(&run.path, &metrics);
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The command line: one sub-command per module; `main.rs` only parses and dispatches.
+
+pub mod eval;
+pub mod inject;
+pub mod key;
+pub mod sample;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::io::rundir::RunDir;
+
+/// Inject, measure and verify backdoors in generative models (watermarking and backdoor research).
+///
+/// Every backdoor is trained with one objective: the model's own loss plus λ times the distance
+/// between its output on a secret trigger and a chosen target. The trigger and target form a
+/// key, kept in its own file.
+#[derive(Parser, Debug)]
+#[command(name = "genbackdoor", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The sub-commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a key (trigger + target + distance + threshold) in its own file.
+    Key(key::KeyArgs),
+    /// Train a DCGAN from scratch on the bundled digits, with a backdoor (TrAIL) or clean (λ = 0).
+    Train(train::TrainArgs),
+    /// Backdoor an already-trained generator by distillation to a frozen copy (ReD).
+    Inject(inject::InjectArgs),
+    /// Generate images, ordinary or triggered, to a PNG grid and/or a NumPy .npy file.
+    Sample(sample::SampleArgs),
+    /// Measure a model against a key: tardis, target_mse, ssim, asr, exp_dist.
+    Eval(eval::EvalArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Key(a) => key::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Inject(a) => inject::run(a),
+        Command::Sample(a) => sample::run(a),
+        Command::Eval(a) => eval::run(a),
+    }
+}
+
+/// Options shared by commands that start a run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// TOML config (unknown fields are errors); built-in defaults when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run directory to create (default: runs/<command>-<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write into an existing, non-empty run directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Seed of every random stream (overrides the config).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of training steps (overrides the config).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Backdoor weight λ (overrides the config).
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the final metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// The config file (or defaults) with the seed flag applied.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        Ok(cfg)
+    }
+
+    /// Creates the run directory.
+    pub fn run_dir(&self, command: &str) -> anyhow::Result<RunDir> {
+        let path = self.out.clone().unwrap_or_else(|| {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from(format!("runs/{command}-{secs}"))
+        });
+        Ok(RunDir::create(&path, self.force)?)
+    }
+
+    /// Prints the end of a run: the metrics as JSON, or a short human summary.
+    pub fn report(&self, run: &Path, metrics: &serde_json::Value) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(metrics).expect("json"));
+        } else {
+            println!("run written to {}", run.display());
+            print_metrics(metrics);
+        }
+    }
+}
+
+/// Prints the numeric fields of a metrics object, one per line.
+pub fn print_metrics(metrics: &serde_json::Value) {
+    if let Some(m) = metrics.as_object() {
+        for (k, v) in m {
+            println!("  {k:<16} {v}");
+        }
+    }
+}

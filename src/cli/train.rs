@@ -1,0 +1,74 @@
+//! `genbackdoor train`: train a DCGAN from scratch, with a backdoor (TrAIL) or clean.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::RunArgs;
+use crate::config::Config;
+use crate::paradigm::{Key, Target, Trigger};
+
+/// Arguments of `train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Key file to plant (default: the config's [backdoor] description, a zero-vector
+    /// trigger and the built-in mark).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Training data: a folder with an IDX pair or PNG images, or an IDX image file.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Use only the first N images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+}
+
+/// The key a training run plants: a key file, or one made from the config's description.
+pub fn resolve_key(cfg: &Config, file: Option<&PathBuf>) -> anyhow::Result<Key> {
+    if let Some(p) = file.or(cfg.backdoor.key.as_ref()) {
+        return Ok(Key::load(p)?);
+    }
+    let b = &cfg.backdoor;
+    Ok(Key {
+        trigger: Trigger::parse(&b.trigger, cfg.model.latent_dim)?,
+        target: Target::parse(&b.target, cfg.model.image_shape())?,
+        distance: b.distance.parse()?,
+        threshold: b.threshold,
+    })
+}
+
+/// Runs `train`.
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = a.run.config()?;
+    let t = &mut cfg.train;
+    if let Some(v) = a.run.steps {
+        t.steps = v;
+    }
+    if let Some(v) = a.run.lambda {
+        t.lambda = v;
+    }
+    if let Some(v) = a.batch_size {
+        t.batch_size = v;
+    }
+    if let Some(v) = a.data {
+        cfg.data.path = v;
+    }
+    if let Some(v) = a.limit {
+        cfg.data.limit = v;
+    }
+    cfg.validate()?;
+    let key = if cfg.train.lambda > 0.0 {
+        Some(resolve_key(&cfg, a.key.as_ref())?)
+    } else {
+        None
+    };
+    let run = a.run.run_dir("train")?;
+    let metrics = crate::gan::trail::train(&cfg, key.as_ref(), &run, !a.run.quiet)?;
+    a.run.report(&run.path, &metrics);
+    Ok(())
+}

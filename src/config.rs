@@ -1,0 +1,267 @@
+//! Run configuration: a TOML file with built-in defaults, unknown fields rejected.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::DcganConfig;
+use crate::training::LrSchedule;
+use crate::{Error, Result};
+
+/// Everything a run needs. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Seed of every random stream of the run.
+    pub seed: u64,
+    /// Training data.
+    pub data: DataConfig,
+    /// Network shape.
+    pub model: DcganConfig,
+    /// Training from scratch (clean or TrAIL).
+    pub train: TrainConfig,
+    /// Injection into a trained model by distillation (ReD).
+    pub inject: InjectConfig,
+    /// The key used when no key file is given.
+    pub backdoor: BackdoorConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            data: DataConfig::default(),
+            model: DcganConfig::default(),
+            train: TrainConfig::default(),
+            inject: InjectConfig::default(),
+            backdoor: BackdoorConfig::default(),
+        }
+    }
+}
+
+/// Where the training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A folder with an IDX pair or PNG images, or an IDX image file.
+    pub path: PathBuf,
+    /// Use only the first `limit` images (0: all).
+    pub limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            path: PathBuf::from(crate::data::BUNDLED_MNIST),
+            limit: 0,
+        }
+    }
+}
+
+/// GAN training from scratch: clean when `lambda` is 0, TrAIL otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Number of steps (one discriminator and one generator update each).
+    pub steps: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Adam learning rate of the generator.
+    pub lr_g: f64,
+    /// Adam learning rate of the discriminator.
+    pub lr_d: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Learning-rate schedule of both networks: `constant` or `cosine`.
+    pub lr_schedule: LrSchedule,
+    /// Weight of the backdoor term (0: clean training).
+    pub lambda: f64,
+    /// Write a row of `train.csv` every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1500,
+            batch_size: 64,
+            lr_g: 2e-4,
+            lr_d: 2e-4,
+            beta1: 0.5,
+            beta2: 0.999,
+            lr_schedule: LrSchedule::Constant,
+            lambda: 10.0,
+            log_every: 10,
+        }
+    }
+}
+
+/// Backdoor injection by distillation into a trained generator (ReD).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InjectConfig {
+    /// Number of steps.
+    pub steps: usize,
+    /// Latents per distillation batch.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule: `constant` or `cosine`.
+    pub lr_schedule: LrSchedule,
+    /// Weight of the backdoor term.
+    pub lambda: f64,
+    /// Write a row of `train.csv` every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            steps: 1000,
+            batch_size: 64,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::Cosine,
+            lambda: 1.0,
+            log_every: 10,
+        }
+    }
+}
+
+/// The key a run creates when no key file is given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackdoorConfig {
+    /// A key file to use instead of the description below.
+    pub key: Option<PathBuf>,
+    /// Trigger description (see `genbackdoor key --help`).
+    pub trigger: String,
+    /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
+    pub target: String,
+    /// `mse` or `l1`.
+    pub distance: String,
+    /// `target_mse` under which a triggered output counts as a hit.
+    pub threshold: f64,
+    /// Triggered inputs per step when the trigger is a set (region, patch).
+    pub backdoor_batch: usize,
+}
+
+impl Default for BackdoorConfig {
+    fn default() -> Self {
+        BackdoorConfig {
+            key: None,
+            trigger: "zero".into(),
+            target: "builtin:mark".into(),
+            distance: "mse".into(),
+            threshold: crate::paradigm::key::DEFAULT_THRESHOLD,
+            backdoor_batch: 16,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config; unknown fields and wrong types are errors naming the field.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text).map_err(|e| Error::format(path, e.to_string()))
+    }
+
+    /// Parses TOML text and validates it.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every number for sense.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::Config(format!("{name} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        let rate = |name: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{name} must be a positive number, not {v}")))
+            }
+        };
+        let weight = |name: &str, v: f64| {
+            if v >= 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{name} must be zero or positive, not {v}")))
+            }
+        };
+        let (t, i, b) = (&self.train, &self.inject, &self.backdoor);
+        positive("train.steps", t.steps)?;
+        positive("train.batch_size", t.batch_size)?;
+        positive("train.log_every", t.log_every)?;
+        rate("train.lr_g", t.lr_g)?;
+        rate("train.lr_d", t.lr_d)?;
+        for (n, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::Config(format!("{n} must be in [0, 1), not {v}")));
+            }
+        }
+        weight("train.lambda", t.lambda)?;
+        positive("inject.steps", i.steps)?;
+        positive("inject.batch_size", i.batch_size)?;
+        positive("inject.log_every", i.log_every)?;
+        rate("inject.lr", i.lr)?;
+        weight("inject.lambda", i.lambda)?;
+        rate("backdoor.threshold", b.threshold)?;
+        positive("backdoor.backdoor_batch", b.backdoor_batch)?;
+        Ok(())
+    }
+
+    /// The data path, falling back to the crate's own copy of the bundled data when the
+    /// default relative path is not found from the current folder.
+    pub fn data_path(&self) -> PathBuf {
+        let p = &self.data.path;
+        if p.is_relative() && !p.exists() && p == Path::new(crate::data::BUNDLED_MNIST) {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+        } else {
+            p.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default_and_round_trips() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_wrong_types_and_bad_numbers_are_rejected() {
+        let msg = Config::parse("[train]\nstepz = 3\n").unwrap_err().to_string();
+        assert!(msg.contains("stepz"), "{msg}");
+        let msg = Config::parse("colour = 1\n").unwrap_err().to_string();
+        assert!(msg.contains("colour"), "{msg}");
+        let msg = Config::parse("[train]\nsteps = \"many\"\n").unwrap_err().to_string();
+        assert!(msg.contains("invalid type"), "{msg}");
+        for bad in [
+            "[train]\nsteps = 0",
+            "[train]\nbatch_size = 0",
+            "[train]\nlr_g = -1.0",
+            "[train]\nlambda = -0.5",
+            "[inject]\nlr = 0.0",
+            "[model]\nimage_size = 30",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+        let msg = Config::parse("[train]\nsteps = -4").unwrap_err().to_string();
+        assert!(msg.contains("invalid value") || msg.contains("steps"), "{msg}");
+    }
+}

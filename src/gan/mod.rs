@@ -1,0 +1,144 @@
+//! The GAN model family: DCGAN generators trained from scratch with a backdoor (TrAIL) or
+//! backdoored after training by distillation (ReD), and their measurement.
+
+pub mod eval;
+pub mod families;
+pub mod red;
+pub mod run;
+pub mod trail;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::io::checkpoint;
+use crate::models::{DcganConfig, Generator, Params};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// The family name stored in DCGAN generator checkpoints.
+pub const FAMILY: &str = "dcgan-generator";
+
+/// A generator and the parameters behind it.
+pub struct GanModel {
+    /// Its tensors.
+    pub params: Params,
+    /// The network.
+    pub generator: Generator,
+    /// Where its tensors live.
+    pub device: Device,
+}
+
+impl GanModel {
+    /// A freshly initialised generator.
+    pub fn new(cfg: &DcganConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let params = Params::new();
+        let generator = Generator::new(cfg, &params, device)?;
+        params.init(rng)?;
+        Ok(GanModel {
+            params,
+            generator,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a generator checkpoint written by [`GanModel::save`].
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let (family, arch, file) = checkpoint::read_checkpoint(path, device)?;
+        if family != FAMILY {
+            return Err(Error::format(
+                path,
+                format!("holds a '{family}' model, but a '{FAMILY}' checkpoint is needed"),
+            ));
+        }
+        let cfg: DcganConfig = serde_json::from_str(&arch)
+            .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
+        let params = Params::new();
+        let generator = Generator::new(&cfg, &params, device)?;
+        checkpoint::assign(path, &params, &file)?;
+        Ok(GanModel {
+            params,
+            generator,
+            device: device.clone(),
+        })
+    }
+
+    /// Writes the generator checkpoint atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let arch = serde_json::to_string(self.generator.config()).expect("serialisable config");
+        checkpoint::save_params(path, &self.params, FAMILY, &arch)
+    }
+
+    /// An independent copy (same architecture and values).
+    pub fn duplicate(&self, device: &Device) -> Result<Self> {
+        let params = Params::new();
+        let generator = Generator::new(self.generator.config(), &params, device)?;
+        params.copy_from(&self.params)?;
+        Ok(GanModel {
+            params,
+            generator,
+            device: device.clone(),
+        })
+    }
+
+    /// Deployed-mode outputs for latents `z`, in batches of at most 256.
+    pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
+        let n = z.dim(0)?;
+        let mut parts = Vec::new();
+        for s in (0..n).step_by(256) {
+            let len = 256.min(n - s);
+            parts.push(self.generator.forward_t(&z.narrow(0, s, len)?, false)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Latent dimension.
+    pub fn latent_dim(&self) -> usize {
+        self.generator.config().latent_dim
+    }
+
+    /// Shape of one output image.
+    pub fn image_shape(&self) -> [usize; 3] {
+        self.generator.config().image_shape()
+    }
+}
+
+/// Numerically stable softplus, `log(1 + e^x)`, so that BCE-with-logits never overflows.
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softplus_is_stable_for_saturated_logits() {
+        let x = Tensor::new(&[-1000f32, -1.0, 0.0, 1.0, 1000.0], &Device::Cpu).unwrap();
+        let y = softplus(&x).unwrap().to_vec1::<f32>().unwrap();
+        let expect = [0.0f32, 0.313_261_7, std::f32::consts::LN_2, 1.313_261_7, 1000.0];
+        for (a, b) in y.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_round_trip_is_exact_and_damage_is_caught() {
+        let dev = Device::Cpu;
+        let cfg = DcganConfig { latent_dim: 8, g_width: 8, d_width: 4, ..Default::default() };
+        let m = GanModel::new(&cfg, &mut Rng::new(0), &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.safetensors");
+        m.save(&p).unwrap();
+        let back = GanModel::load(&p, &dev).unwrap();
+        let z = Rng::new(1).normal(&[4, 8], &dev).unwrap();
+        let (a, b) = (m.generate(&z).unwrap(), back.generate(&z).unwrap());
+        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        let msg = GanModel::load(&p, &dev).err().unwrap().to_string();
+        assert!(msg.contains("corrupt or truncated"), "{msg}");
+    }
+}

@@ -1,0 +1,72 @@
+//! Model checkpoints: a network's tensors (PyTorch-style names) plus its family and
+//! architecture in the metadata, so a checkpoint alone rebuilds the model. Keys never go here.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::io::tensorfile::{self, TensorFile};
+use crate::models::Params;
+use crate::{Error, Result};
+
+/// The `format` tag of model checkpoints.
+pub const MODEL_FORMAT: &str = "model";
+
+/// Saves `params` with the model family name and its architecture (JSON) in the metadata.
+pub fn save_params(path: &Path, params: &Params, family: &str, arch_json: &str) -> Result<()> {
+    let tensors: Vec<_> = params
+        .named()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let meta = HashMap::from([
+        ("family".to_string(), family.to_string()),
+        ("arch".to_string(), arch_json.to_string()),
+    ]);
+    tensorfile::save(path, MODEL_FORMAT, &tensors, meta)
+}
+
+/// Reads a checkpoint: its family, architecture JSON and tensors.
+pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(String, String, TensorFile)> {
+    let f = tensorfile::load(path, MODEL_FORMAT, device)?;
+    let family = f.meta_field(path, "family")?.to_string();
+    let arch = f.meta_field(path, "arch")?.to_string();
+    Ok((family, arch, f))
+}
+
+/// Copies the checkpoint's tensors into `params`; every name, shape and dtype must match.
+pub fn assign(path: &Path, params: &Params, file: &TensorFile) -> Result<()> {
+    let named = params.named();
+    if named.len() != file.tensors.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "holds {} tensors but the model has {}",
+                file.tensors.len(),
+                named.len()
+            ),
+        ));
+    }
+    for (name, var) in named {
+        let t = file.tensor(path, &name)?;
+        if t.dims() != var.dims() || t.dtype() != var.dtype() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor '{name}' is {:?} {:?} but the model needs {:?} {:?}",
+                    t.dtype(),
+                    t.dims(),
+                    var.dtype(),
+                    var.dims()
+                ),
+            ));
+        }
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::format(path, format!("tensor '{name}' holds NaN or infinite values")));
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}

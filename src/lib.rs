@@ -1,0 +1,21 @@
+//! genbackdoor: inject, measure and verify backdoors in generative models.
+//!
+//! Every backdoor in this crate is trained with one objective,
+//! `L(θ) = L_task(θ) + λ · E_u[d(f_θ(τ(u)), y*(u))]` (see [`paradigm`]).
+//! Model families ([`gan`]) supply the task loss and the trainable map;
+//! triggers, targets, distances and metrics are independent values.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod gan;
+pub mod io;
+pub mod metrics;
+pub mod models;
+pub mod ops;
+pub mod paradigm;
+pub mod rng;
+pub mod training;
+
+pub use error::{Error, Result};

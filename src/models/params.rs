@@ -1,0 +1,85 @@
+//! A network's parameters: a candle `VarMap` plus the conventions genbackdoor relies on
+//! (seeded initialisation, which tensors the optimiser may touch).
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::rng::Rng;
+use crate::Result;
+
+/// Suffixes of tensors that are state, not parameters (BatchNorm running statistics).
+const STATE_SUFFIXES: [&str; 2] = [".running_mean", ".running_var"];
+
+/// The named tensors of one network (PyTorch `state_dict` style names).
+pub struct Params {
+    /// The variables, by name.
+    pub varmap: VarMap,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::new()
+    }
+}
+
+impl Params {
+    /// An empty parameter store.
+    pub fn new() -> Self {
+        Params {
+            varmap: VarMap::new(),
+        }
+    }
+
+    /// A `VarBuilder` that creates variables in this store.
+    pub fn builder(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_varmap(&self.varmap, DType::F32, device)
+    }
+
+    /// All tensors sorted by name.
+    pub fn named(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("var map lock");
+        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The variables the optimiser trains (everything but BatchNorm running statistics).
+    pub fn trainable(&self) -> Vec<Var> {
+        self.named()
+            .into_iter()
+            .filter(|(n, _)| !STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Total number of scalars, running statistics included.
+    pub fn count(&self) -> usize {
+        self.named().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Seeded DCGAN initialisation: weight matrices and kernels N(0, 0.02), biases 0,
+    /// BatchNorm scales 1, running statistics (0, 1).
+    pub fn init(&self, rng: &mut Rng) -> Result<()> {
+        for (name, var) in self.named() {
+            let shape = var.dims().to_vec();
+            let value = if shape.len() >= 2 {
+                (rng.normal(&shape, var.device())? * 0.02)?
+            } else if name.ends_with(".running_var") || name.ends_with(".weight") {
+                Tensor::ones(shape, DType::F32, var.device())?
+            } else {
+                Tensor::zeros(shape, DType::F32, var.device())?
+            };
+            var.set(&value)?;
+        }
+        Ok(())
+    }
+
+    /// Copies every tensor of `other` into the same-named tensor here (same architecture).
+    pub fn copy_from(&self, other: &Params) -> Result<()> {
+        for ((a, va), (b, vb)) in self.named().into_iter().zip(other.named()) {
+            debug_assert_eq!(a, b);
+            va.set(&vb.as_tensor().copy()?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! Project-owned CPU kernels plugged into candle as custom ops with their backward passes.
+//!
+//! candle's CPU `conv_transpose2d` is a direct loop, and the input gradient of its `conv2d`
+//! goes through it. Here both convolutions are written as a matrix product (candle's gemm)
+//! plus one of two memory-rearranging ops, `im2col` and `col2im`, which are each other's
+//! adjoint: the backward pass of one is the other.
+
+mod conv;
+mod im2col;
+
+pub use conv::{conv2d, conv_transpose2d, Conv2d, ConvTranspose2d};
+pub use im2col::{col2im, im2col, Geometry};

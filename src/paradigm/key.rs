@@ -1,0 +1,171 @@
+//! The owner's secret key: trigger, target, distance and threshold, stored in its own
+//! safetensors file (never inside a model checkpoint).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::io::tensorfile;
+use crate::paradigm::{Distance, Target, Trigger};
+use crate::{Error, Result};
+
+/// The `format` tag of key files.
+pub const KEY_FORMAT: &str = "key";
+
+/// Default `target_mse` threshold below which a triggered output counts as the target.
+pub const DEFAULT_THRESHOLD: f64 = 0.01;
+
+/// A backdoor key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Key {
+    /// Which inputs are triggered.
+    pub trigger: Trigger,
+    /// What they must produce.
+    pub target: Target,
+    /// How closeness to the target is measured in training.
+    pub distance: Distance,
+    /// `target_mse` (on the [0, 1] scale) under which an output counts as a hit.
+    pub threshold: f64,
+}
+
+impl Key {
+    /// Checks that the key fits a model with this latent dimension and output shape.
+    pub fn check_fits(&self, latent_dim: usize, output: [usize; 3]) -> Result<()> {
+        self.trigger.check_fits(latent_dim)?;
+        self.target.check_fits(output)
+    }
+
+    /// Writes the key atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let vec = |v: &[f32]| Tensor::new(v, &dev);
+        let mut tensors = vec![("target".to_string(), self.target.tensor(&dev)?.squeeze(0)?)];
+        let mut meta = HashMap::from([
+            ("trigger".to_string(), self.trigger.kind().to_string()),
+            ("distance".to_string(), self.distance.to_string()),
+            ("threshold".to_string(), self.threshold.to_string()),
+        ]);
+        match &self.trigger {
+            Trigger::Point(p) => tensors.push(("trigger.point".into(), vec(p)?)),
+            Trigger::Region { center, radius } => {
+                tensors.push(("trigger.point".into(), vec(center)?));
+                meta.insert("radius".into(), radius.to_string());
+            }
+            Trigger::Patch { indices, values } => {
+                let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+                tensors.push(("trigger.indices".into(), Tensor::new(idx.as_slice(), &dev)?));
+                tensors.push(("trigger.values".into(), vec(values)?));
+            }
+        }
+        tensorfile::save(path, KEY_FORMAT, &tensors, meta)
+    }
+
+    /// Reads a key written by [`Key::save`].
+    pub fn load(path: &Path) -> Result<Key> {
+        let f = tensorfile::load(path, KEY_FORMAT, &Device::Cpu)?;
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            let t = f.tensor(path, name)?;
+            if t.dtype() != DType::F32 || t.rank() != 1 {
+                return Err(Error::format(path, format!("'{name}' must be a float32 vector")));
+            }
+            Ok(t.to_vec1::<f32>()?)
+        };
+        let number = |name: &str| -> Result<f64> {
+            f.meta_field(path, name)?
+                .parse()
+                .map_err(|_| Error::format(path, format!("metadata field '{name}' is not a number")))
+        };
+        let trigger = match f.meta_field(path, "trigger")? {
+            "point" => Trigger::Point(floats("trigger.point")?),
+            "region" => Trigger::Region {
+                center: floats("trigger.point")?,
+                radius: number("radius")? as f32,
+            },
+            "patch" => {
+                let t = f.tensor(path, "trigger.indices")?;
+                if t.dtype() != DType::I64 || t.rank() != 1 {
+                    return Err(Error::format(path, "'trigger.indices' must be an int64 vector"));
+                }
+                let indices = t.to_vec1::<i64>()?;
+                if indices.iter().any(|&i| i < 0) {
+                    return Err(Error::format(path, "negative patch index"));
+                }
+                let values = floats("trigger.values")?;
+                if values.len() != indices.len() {
+                    return Err(Error::format(path, "patch indices and values differ in length"));
+                }
+                Trigger::Patch {
+                    indices: indices.into_iter().map(|i| i as usize).collect(),
+                    values,
+                }
+            }
+            other => return Err(Error::format(path, format!("unknown trigger kind '{other}'"))),
+        };
+        let t = f.tensor(path, "target")?;
+        let shape: [usize; 3] = t
+            .dims()
+            .try_into()
+            .map_err(|_| Error::format(path, format!("target has shape {:?}, not [C, H, W]", t.dims())))?;
+        if t.dtype() != DType::F32 {
+            return Err(Error::format(path, "target must be float32"));
+        }
+        let target = Target {
+            pixels: t.flatten_all()?.to_vec1::<f32>()?,
+            shape,
+        };
+        let distance = f
+            .meta_field(path, "distance")?
+            .parse()
+            .map_err(|e: Error| Error::format(path, e.to_string()))?;
+        let threshold = number("threshold")?;
+        if !(threshold > 0.0 && threshold.is_finite()) {
+            return Err(Error::format(path, "threshold must be positive"));
+        }
+        Ok(Key {
+            trigger,
+            target,
+            distance,
+            threshold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(trigger: &str) -> Key {
+        Key {
+            trigger: Trigger::parse(trigger, 10).unwrap(),
+            target: Target::builtin("mark", [1, 8, 8]).unwrap(),
+            distance: Distance::L1,
+            threshold: 0.02,
+        }
+    }
+
+    #[test]
+    fn every_trigger_kind_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.safetensors");
+        for spec in ["zero", "seed:4", "region:0.5:seed:2", "patch:3:9"] {
+            let k = key(spec);
+            k.save(&p).unwrap();
+            assert_eq!(Key::load(&p).unwrap(), k, "{spec}");
+        }
+    }
+
+    #[test]
+    fn key_must_fit_the_model_and_model_files_are_not_keys() {
+        let k = key("zero");
+        assert!(k.check_fits(10, [1, 8, 8]).is_ok());
+        assert!(k.check_fits(100, [1, 8, 8]).is_err());
+        let msg = k.check_fits(10, [1, 28, 28]).unwrap_err().to_string();
+        assert!(msg.contains("target has shape"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        tensorfile::save(&p, "model", &[], HashMap::new()).unwrap();
+        let msg = Key::load(&p).unwrap_err().to_string();
+        assert!(msg.contains("model file"), "{msg}");
+    }
+}

@@ -1,0 +1,132 @@
+//! The one objective every backdoor is trained with:
+//! `L(θ) = L_task(θ) + λ · E_u[d(f_θ(τ(u)), y*)]`.
+
+use candle_core::Tensor;
+
+use crate::paradigm::{Key, Trigger};
+use crate::Result;
+
+/// What a model family supplies to the objective. The trainer sees a family only through this.
+pub trait Family {
+    /// The model's own loss for one step (adversarial, distillation, noise prediction…).
+    fn task_loss(&mut self) -> Result<Tensor>;
+
+    /// `f_θ(τ(u))` for `n` draws `u` of the trigger set, computed the way the deployed model
+    /// computes it (e.g. BatchNorm with running statistics).
+    fn triggered_output(&mut self, trigger: &Trigger, n: usize) -> Result<Tensor>;
+}
+
+/// The trade-off between the task and the backdoor.
+#[derive(Debug, Clone, Copy)]
+pub struct Objective {
+    /// λ, the weight of the backdoor term (0 trains a clean model).
+    pub lambda: f64,
+    /// How many triggered inputs estimate the expectation when the trigger is a set
+    /// (a single point needs only one).
+    pub backdoor_batch: usize,
+}
+
+/// One evaluation of the objective.
+pub struct Terms {
+    /// `L_task + λ · L_backdoor`, differentiable.
+    pub total: Tensor,
+    /// The value of `L_task`.
+    pub task: f32,
+    /// The value of `L_backdoor` (`None` for a clean objective).
+    pub backdoor: Option<f32>,
+}
+
+impl Objective {
+    /// How many triggered inputs one evaluation draws for `trigger`.
+    pub fn triggered_count(&self, trigger: &Trigger) -> usize {
+        if trigger.is_set() {
+            self.backdoor_batch.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Evaluates the objective on a family; with no key (or λ = 0) only the task term counts.
+    pub fn evaluate(&self, family: &mut dyn Family, key: Option<&Key>) -> Result<Terms> {
+        let task = family.task_loss()?;
+        let task_value = task.to_scalar::<f32>()?;
+        match key {
+            Some(k) if self.lambda > 0.0 => {
+                let n = self.triggered_count(&k.trigger);
+                let out = family.triggered_output(&k.trigger, n)?;
+                let target = k.target.tensor(out.device())?;
+                let backdoor = k.distance.loss(&out, &target)?;
+                let backdoor_value = backdoor.to_scalar::<f32>()?;
+                Ok(Terms {
+                    total: (task + (backdoor * self.lambda)?)?,
+                    task: task_value,
+                    backdoor: Some(backdoor_value),
+                })
+            }
+            _ => Ok(Terms {
+                total: task,
+                task: task_value,
+                backdoor: None,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paradigm::{Distance, Target};
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+    use candle_nn::Optimizer;
+
+    /// A linear "generator" f(u) = W u whose task is to stay a copy of a reference map on
+    /// ordinary inputs, which never use the first coordinate (the trigger's direction).
+    struct Toy {
+        w: Var,
+        w0: Tensor,
+        rng: Rng,
+    }
+
+    impl Family for Toy {
+        fn task_loss(&mut self) -> Result<Tensor> {
+            let mask = Tensor::new(&[0f32, 1.0, 1.0], &Device::Cpu)?;
+            let u = self.rng.normal(&[16, 3], &Device::Cpu)?.broadcast_mul(&mask)?;
+            let diff = (u.matmul(&self.w.as_tensor().t()?)? - u.matmul(&self.w0.t()?)?)?;
+            Ok(diff.sqr()?.mean_all()?)
+        }
+        fn triggered_output(&mut self, trigger: &Trigger, n: usize) -> Result<Tensor> {
+            let u = trigger.sample(n, 3, &mut self.rng, &Device::Cpu)?;
+            Ok(u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?)
+        }
+    }
+
+    #[test]
+    fn the_backdoor_term_pulls_the_triggered_output_to_the_target() {
+        let dev = Device::Cpu;
+        let w0 = Rng::new(1).normal(&[4, 3], &dev).unwrap();
+        let key = Key {
+            trigger: Trigger::Point(vec![1.0, 0.0, 0.0]),
+            target: Target { pixels: vec![1.0, -1.0, 1.0, -1.0], shape: [1, 2, 2] },
+            distance: Distance::Mse,
+            threshold: 0.01,
+        };
+        let mut toy = Toy { w: Var::from_tensor(&w0.copy().unwrap()).unwrap(), w0, rng: Rng::new(2) };
+        let obj = Objective { lambda: 1.0, backdoor_batch: 4 };
+        let first = obj.evaluate(&mut toy, Some(&key)).unwrap();
+        assert_eq!(first.task, 0.0);
+        let mut opt = candle_nn::SGD::new(vec![toy.w.clone()], 0.2).unwrap();
+        for _ in 0..300 {
+            let t = obj.evaluate(&mut toy, Some(&key)).unwrap();
+            opt.backward_step(&t.total).unwrap();
+        }
+        let last = obj.evaluate(&mut toy, Some(&key)).unwrap();
+        let (b0, b1) = (first.backdoor.unwrap(), last.backdoor.unwrap());
+        assert!(b1 < b0 / 100.0, "{b0} -> {b1}");
+        assert!(last.task < 1e-6, "the task is kept: {}", last.task);
+        let clean = Objective { lambda: 0.0, backdoor_batch: 4 }
+            .evaluate(&mut toy, Some(&key))
+            .unwrap();
+        assert!(clean.backdoor.is_none());
+    }
+}

@@ -1,0 +1,175 @@
+//! Targets y*: the image a triggered input must produce.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Names of the built-in target marks.
+pub const BUILTIN_MARKS: [&str; 3] = ["mark", "box", "checker"];
+
+/// A fixed target image, `[channels, height, width]`, values in [-1, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// Pixels, row-major.
+    pub pixels: Vec<f32>,
+    /// `[channels, height, width]`.
+    pub shape: [usize; 3],
+}
+
+impl Target {
+    /// Parses a target description: `builtin:NAME` (see [`BUILTIN_MARKS`]), a `.png` file or a
+    /// `.npy` file. `shape` is the model's output shape, used to draw built-ins and to check files.
+    pub fn parse(spec: &str, shape: [usize; 3]) -> Result<Target> {
+        let t = if let Some(name) = spec.strip_prefix("builtin:") {
+            Self::builtin(name, shape)?
+        } else if spec.ends_with(".png") {
+            Self::from_png(Path::new(spec))?
+        } else if spec.ends_with(".npy") {
+            Self::from_npy(Path::new(spec))?
+        } else {
+            return Err(Error::Config(format!(
+                "target '{spec}': use builtin:{} or a .png or .npy file",
+                BUILTIN_MARKS.join("|builtin:")
+            )));
+        };
+        t.check_fits(shape)?;
+        Ok(t)
+    }
+
+    /// A built-in mark drawn at `shape`: `mark` (a frame with a diagonal cross), `box` (a
+    /// filled centre square) or `checker` (a 4×4 checkerboard). White on black.
+    pub fn builtin(name: &str, shape: [usize; 3]) -> Result<Target> {
+        let [c, h, w] = shape;
+        let on: Box<dyn Fn(usize, usize) -> bool> = match name {
+            "mark" => {
+                let t = (h.min(w) / 10).max(1);
+                Box::new(move |y, x| {
+                    let frame = y < t + 1 || x < t + 1 || y + t + 1 >= h || x + t + 1 >= w;
+                    let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
+                    let diag = (fy - fx).abs() * h as f32 <= t as f32 / 2.0 + 0.5
+                        || (fy + fx - 1.0).abs() * h as f32 <= t as f32 / 2.0 + 0.5;
+                    frame || diag
+                })
+            }
+            "box" => Box::new(move |y, x| {
+                (h / 4..h - h / 4).contains(&y) && (w / 4..w - w / 4).contains(&x)
+            }),
+            "checker" => Box::new(move |y, x| (y * 4 / h + x * 4 / w) % 2 == 0),
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown built-in target '{name}' (use one of {})",
+                    BUILTIN_MARKS.join(", ")
+                )))
+            }
+        };
+        let plane: Vec<f32> = (0..h * w)
+            .map(|i| if on(i / w, i % w) { 1.0 } else { -1.0 })
+            .collect();
+        Ok(Target {
+            pixels: plane.repeat(c),
+            shape,
+        })
+    }
+
+    /// A grey PNG, mapped from [0, 255] to [-1, 1].
+    pub fn from_png(path: &Path) -> Result<Target> {
+        let img = image::open(path)
+            .map_err(|e| Error::format(path, format!("not a readable PNG image: {e}")))?
+            .into_luma8();
+        let (w, h) = img.dimensions();
+        Ok(Target {
+            pixels: img.as_raw().iter().map(|&b| b as f32 / 127.5 - 1.0).collect(),
+            shape: [1, h as usize, w as usize],
+        })
+    }
+
+    /// A float `.npy` array of shape `[H, W]`, `[C, H, W]` or `[1, C, H, W]` with values in [-1, 1].
+    pub fn from_npy(path: &Path) -> Result<Target> {
+        let t = crate::io::npy::read_npy(path)?;
+        let dims = t.dims().to_vec();
+        let shape = match dims[..] {
+            [h, w] => [1, h, w],
+            [c, h, w] | [1, c, h, w] => [c, h, w],
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!("target array has shape {dims:?}; expected [H, W], [C, H, W] or [1, C, H, W]"),
+                ))
+            }
+        };
+        let pixels = t.flatten_all()?.to_vec1::<f32>()?;
+        if pixels.iter().any(|p| !(-1.0..=1.0).contains(p)) {
+            return Err(Error::format(
+                path,
+                "target values must lie in [-1, 1] (the models' image range)",
+            ));
+        }
+        Ok(Target { pixels, shape })
+    }
+
+    /// Checks that this target has the model's output shape.
+    pub fn check_fits(&self, shape: [usize; 3]) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::Mismatch(format!(
+                "target has shape {:?} but the model outputs images of shape {shape:?}",
+                self.shape
+            )))
+        }
+    }
+
+    /// The target as a `[1, C, H, W]` tensor.
+    pub fn tensor(&self, device: &Device) -> Result<Tensor> {
+        let [c, h, w] = self.shape;
+        Ok(Tensor::from_vec(self.pixels.clone(), (1, c, h, w), device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_are_binary_and_distinct() {
+        let marks: Vec<Target> = BUILTIN_MARKS
+            .iter()
+            .map(|n| Target::parse(&format!("builtin:{n}"), [1, 28, 28]).unwrap())
+            .collect();
+        for m in &marks {
+            assert!(m.pixels.iter().all(|&p| p == 1.0 || p == -1.0));
+            let on = m.pixels.iter().filter(|&&p| p > 0.0).count();
+            assert!(on > 50 && on < 700, "{on}");
+        }
+        assert_ne!(marks[0], marks[1]);
+        assert!(Target::parse("builtin:smiley", [1, 28, 28]).is_err());
+    }
+
+    #[test]
+    fn png_and_npy_targets_load_and_must_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("t.png");
+        image::GrayImage::from_pixel(28, 28, image::Luma([255])).save(&png).unwrap();
+        let t = Target::parse(png.to_str().unwrap(), [1, 28, 28]).unwrap();
+        assert!(t.pixels.iter().all(|&p| p == 1.0));
+        let msg = Target::parse(png.to_str().unwrap(), [1, 32, 32]).unwrap_err().to_string();
+        assert!(msg.contains("[1, 28, 28]"), "{msg}");
+
+        let npy = dir.path().join("t.npy");
+        Tensor::zeros((28, 28), candle_core::DType::F32, &Device::Cpu)
+            .unwrap()
+            .write_npy(&npy)
+            .unwrap();
+        let t = Target::parse(npy.to_str().unwrap(), [1, 28, 28]).unwrap();
+        assert_eq!(t.shape, [1, 28, 28]);
+        let big = dir.path().join("big.npy");
+        (Tensor::ones((28, 28), candle_core::DType::F32, &Device::Cpu).unwrap() * 3.0)
+            .unwrap()
+            .write_npy(&big)
+            .unwrap();
+        assert!(Target::parse(big.to_str().unwrap(), [1, 28, 28]).is_err());
+        assert!(Target::parse("target.jpg", [1, 28, 28]).is_err());
+    }
+}
