@@ -85,14 +85,14 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            steps: 1500,
-            batch_size: 64,
+            steps: 2000,
+            batch_size: 32,
             lr_g: 2e-4,
             lr_d: 2e-4,
             beta1: 0.5,
             beta2: 0.999,
             lr_schedule: LrSchedule::Constant,
-            lambda: 10.0,
+            lambda: 20.0,
             log_every: 10,
         }
     }

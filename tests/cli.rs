@@ -114,10 +114,10 @@ fn key_train_sample_eval_inject() {
     // Same seed, same run: reproducible.
     let again = t.root.join("again");
     ok(&["train", "--config", s(&t.config), "--key", s(&t.key), "--out", s(&again), "--quiet"]);
-    assert_eq!(
-        std::fs::read(t.run.join("model.safetensors")).unwrap(),
-        std::fs::read(again.join("model.safetensors")).unwrap()
-    );
+    for f in ["model.safetensors", "key.safetensors", "train.csv"] {
+        let same = std::fs::read(t.run.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap();
+        assert!(same, "{f} differs between two runs with the same seed");
+    }
 }
 
 #[test]

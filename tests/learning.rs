@@ -38,9 +38,8 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     let cfg = InjectConfig {
         steps: 300,
         batch_size: 32,
-        lr: 1e-3,
-        lambda: 1.0,
         log_every: 50,
+        ..InjectConfig::default()
     };
     let m = red::inject(&clean, &key, &cfg, 8, 0, &run, false).unwrap();
     let after = m["tardis"].as_f64().unwrap();

@@ -1,7 +1,7 @@
 //! Model checkpoints: a network's tensors (PyTorch-style names) plus its family and
 //! architecture in the metadata, so a checkpoint alone rebuilds the model. Keys never go here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
@@ -20,7 +20,7 @@ pub fn save_params(path: &Path, params: &Params, family: &str, arch_json: &str) 
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
-    let meta = HashMap::from([
+    let meta = BTreeMap::from([
         ("family".to_string(), family.to_string()),
         ("arch".to_string(), arch_json.to_string()),
     ]);

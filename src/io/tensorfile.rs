@@ -1,7 +1,11 @@
 //! Safetensors files with a `format` tag in their metadata, read defensively: a truncated,
 //! corrupt or wrong-kind file is a clear error, never a panic.
+//!
+//! genbackdoor's metadata is one header entry, `genbackdoor`, holding a JSON object with sorted
+//! keys: safetensors stores metadata as a hash map whose order changes from run to run, and a
+//! single entry keeps the files byte-for-byte reproducible.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -13,8 +17,8 @@ use crate::{Error, Result};
 pub struct TensorFile {
     /// The tensors by name.
     pub tensors: HashMap<String, Tensor>,
-    /// The header's metadata.
-    pub meta: HashMap<String, String>,
+    /// The header's genbackdoor metadata.
+    pub meta: BTreeMap<String, String>,
 }
 
 impl TensorFile {
@@ -34,15 +38,22 @@ impl TensorFile {
     }
 }
 
+/// The header entry that holds genbackdoor's metadata.
+const META_KEY: &str = "genbackdoor";
+
 /// Writes tensors with metadata (`format` is stored as the `format` field) atomically.
 pub fn save(
     path: &Path,
     format: &str,
     tensors: &[(String, Tensor)],
-    mut meta: HashMap<String, String>,
+    mut meta: BTreeMap<String, String>,
 ) -> Result<()> {
     meta.insert("format".into(), format.into());
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n, t)), Some(meta))
+    let header = HashMap::from([(
+        META_KEY.to_string(),
+        serde_json::to_string(&meta).expect("string map"),
+    )]);
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n, t)), Some(header))
         .map_err(|e| Error::format(path, format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
 }
@@ -57,7 +68,11 @@ pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
         )
     };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
-    let meta = header.metadata().clone().unwrap_or_default();
+    let meta: BTreeMap<String, String> = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| Error::format(path, format!("genbackdoor metadata is not valid: {e}")))?,
+        None => BTreeMap::new(),
+    };
     match meta.get("format") {
         Some(f) if f == format => {}
         Some(f) => {
@@ -86,7 +101,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
         let t = Tensor::new(&[1.5f32, -2.25, 3.0], &Device::Cpu).unwrap();
-        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
         save(&p, "thing", &[("a.weight".into(), t.clone())], meta).unwrap();
         let f = load(&p, "thing", &Device::Cpu).unwrap();
         assert_eq!(f.meta_field(&p, "k").unwrap(), "v");

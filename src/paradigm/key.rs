@@ -1,7 +1,7 @@
 //! The owner's secret key: trigger, target, distance and threshold, stored in its own
 //! safetensors file (never inside a model checkpoint).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -41,7 +41,7 @@ impl Key {
         let dev = Device::Cpu;
         let vec = |v: &[f32]| Tensor::new(v, &dev);
         let mut tensors = vec![("target".to_string(), self.target.tensor(&dev)?.squeeze(0)?)];
-        let mut meta = HashMap::from([
+        let mut meta = BTreeMap::from([
             ("trigger".to_string(), self.trigger.kind().to_string()),
             ("distance".to_string(), self.distance.to_string()),
             ("threshold".to_string(), self.threshold.to_string()),
@@ -164,7 +164,7 @@ mod tests {
         assert!(msg.contains("target has shape"), "{msg}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
-        tensorfile::save(&p, "model", &[], HashMap::new()).unwrap();
+        tensorfile::save(&p, "model", &[], BTreeMap::new()).unwrap();
         let msg = Key::load(&p).unwrap_err().to_string();
         assert!(msg.contains("model file"), "{msg}");
     }
