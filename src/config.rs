@@ -9,7 +9,7 @@ use crate::training::LrSchedule;
 use crate::{Error, Result};
 
 /// Everything a run needs. Every field has a default, so an empty file is a valid config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Seed of every random stream of the run.
@@ -24,19 +24,6 @@ pub struct Config {
     pub inject: InjectConfig,
     /// The key used when no key file is given.
     pub backdoor: BackdoorConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            seed: 0,
-            data: DataConfig::default(),
-            model: DcganConfig::default(),
-            train: TrainConfig::default(),
-            inject: InjectConfig::default(),
-            backdoor: BackdoorConfig::default(),
-        }
-    }
 }
 
 /// Where the training images come from.
@@ -169,7 +156,8 @@ impl Config {
 
     /// Parses TOML text and validates it.
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -188,14 +176,18 @@ impl Config {
             if v > 0.0 && v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::Config(format!("{name} must be a positive number, not {v}")))
+                Err(Error::Config(format!(
+                    "{name} must be a positive number, not {v}"
+                )))
             }
         };
         let weight = |name: &str, v: f64| {
             if v >= 0.0 && v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::Config(format!("{name} must be zero or positive, not {v}")))
+                Err(Error::Config(format!(
+                    "{name} must be zero or positive, not {v}"
+                )))
             }
         };
         let (t, i, b) = (&self.train, &self.inject, &self.backdoor);
@@ -245,11 +237,15 @@ mod tests {
 
     #[test]
     fn unknown_fields_wrong_types_and_bad_numbers_are_rejected() {
-        let msg = Config::parse("[train]\nstepz = 3\n").unwrap_err().to_string();
+        let msg = Config::parse("[train]\nstepz = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("stepz"), "{msg}");
         let msg = Config::parse("colour = 1\n").unwrap_err().to_string();
         assert!(msg.contains("colour"), "{msg}");
-        let msg = Config::parse("[train]\nsteps = \"many\"\n").unwrap_err().to_string();
+        let msg = Config::parse("[train]\nsteps = \"many\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("invalid type"), "{msg}");
         for bad in [
             "[train]\nsteps = 0",
@@ -261,7 +257,12 @@ mod tests {
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
-        let msg = Config::parse("[train]\nsteps = -4").unwrap_err().to_string();
-        assert!(msg.contains("invalid value") || msg.contains("steps"), "{msg}");
+        let msg = Config::parse("[train]\nsteps = -4")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("invalid value") || msg.contains("steps"),
+            "{msg}"
+        );
     }
 }

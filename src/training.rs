@@ -32,8 +32,10 @@ pub fn run_loop(
     let bar = if settings.progress {
         let b = ProgressBar::new(settings.steps as u64);
         b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
         b
     } else {
@@ -109,8 +111,14 @@ mod tests {
     #[test]
     fn non_finite_values_stop_the_loop_with_the_step() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = CsvLog::create(&dir.path().join("l.csv"), &["step", "loss", "extra"]).unwrap();
-        let settings = LoopSettings { steps: 10, log_every: 1, columns: &["loss", "extra"], progress: false };
+        let mut log =
+            CsvLog::create(&dir.path().join("l.csv"), &["step", "loss", "extra"]).unwrap();
+        let settings = LoopSettings {
+            steps: 10,
+            log_every: 1,
+            columns: &["loss", "extra"],
+            progress: false,
+        };
         let err = run_loop(&settings, &mut log, |i| {
             Ok(vec![Some(if i == 4 { f64::NAN } else { 1.0 }), None])
         })

@@ -38,7 +38,10 @@ fn fails(args: &[&str]) -> String {
 
 fn ok(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert!(out.status.success(), "{args:?} failed: {o}\n{e}");
     o.to_string()
 }
@@ -61,10 +64,33 @@ fn trained() -> Setup {
     let config = root.join("tiny.toml");
     std::fs::write(&config, TINY).unwrap();
     let key = root.join("key.safetensors");
-    ok(&["key", "--out", s(&key), "--trigger", "seed:3", "--latent-dim", "16"]);
+    ok(&[
+        "key",
+        "--out",
+        s(&key),
+        "--trigger",
+        "seed:3",
+        "--latent-dim",
+        "16",
+    ]);
     let run = root.join("run");
-    ok(&["train", "--config", s(&config), "--key", s(&key), "--out", s(&run), "--quiet"]);
-    Setup { _dir: dir, root, config, key, run }
+    ok(&[
+        "train",
+        "--config",
+        s(&config),
+        "--key",
+        s(&key),
+        "--out",
+        s(&run),
+        "--quiet",
+    ]);
+    Setup {
+        _dir: dir,
+        root,
+        config,
+        key,
+        run,
+    }
 }
 
 #[test]
@@ -82,16 +108,32 @@ fn key_train_sample_eval_inject() {
         assert!(t.run.join(f).exists(), "missing {f}");
     }
     let log = std::fs::read_to_string(t.run.join("train.csv")).unwrap();
-    assert!(log.starts_with("step,d_loss,g_loss,backdoor_loss,tardis\n"), "{log}");
+    assert!(
+        log.starts_with("step,d_loss,g_loss,backdoor_loss,tardis\n"),
+        "{log}"
+    );
     assert_eq!(log.lines().count(), 1 + 3, "{log}");
     let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(t.run.join("metrics.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(t.run.join("metrics.json")).unwrap())
+            .unwrap();
     assert!(metrics["tardis"].as_f64().unwrap() > 0.0);
 
     let model = t.run.join("model.safetensors");
     let npy = t.root.join("out.npy");
     let png = t.root.join("grid.png");
-    ok(&["sample", "--model", s(&model), "--key", s(&t.key), "--n", "5", "--npy", s(&npy), "--png", s(&png)]);
+    ok(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--key",
+        s(&t.key),
+        "--n",
+        "5",
+        "--npy",
+        s(&npy),
+        "--png",
+        s(&png),
+    ]);
     let arr = candle_core::Tensor::read_npy(&npy).unwrap();
     assert_eq!(arr.dims(), &[5, 1, 28, 28]);
     let v = arr.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -100,7 +142,18 @@ fn key_train_sample_eval_inject() {
     assert_eq!(&v[..784], &v[784..1568]);
     assert!(image::open(&png).is_ok());
 
-    let out = ok(&["eval", "--model", s(&model), "--key", s(&t.key), "--reference", s(&model), "--n", "50", "--json"]);
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--key",
+        s(&t.key),
+        "--reference",
+        s(&model),
+        "--n",
+        "50",
+        "--json",
+    ]);
     let e: serde_json::Value = serde_json::from_str(&out).unwrap();
     for f in ["tardis", "target_mse", "ssim", "asr", "exp_dist"] {
         assert!(e[f].is_number(), "eval lacks {f}: {out}");
@@ -108,12 +161,32 @@ fn key_train_sample_eval_inject() {
     assert_eq!(e["exp_dist"].as_f64().unwrap(), 0.0);
 
     let inj = t.root.join("inj");
-    ok(&["inject", "--config", s(&t.config), "--model", s(&model), "--key", s(&t.key), "--out", s(&inj), "--quiet"]);
+    ok(&[
+        "inject",
+        "--config",
+        s(&t.config),
+        "--model",
+        s(&model),
+        "--key",
+        s(&t.key),
+        "--out",
+        s(&inj),
+        "--quiet",
+    ]);
     assert!(inj.join("model.safetensors").exists());
 
     // Same seed, same run: reproducible.
     let again = t.root.join("again");
-    ok(&["train", "--config", s(&t.config), "--key", s(&t.key), "--out", s(&again), "--quiet"]);
+    ok(&[
+        "train",
+        "--config",
+        s(&t.config),
+        "--key",
+        s(&t.key),
+        "--out",
+        s(&again),
+        "--quiet",
+    ]);
     for f in ["model.safetensors", "key.safetensors", "train.csv"] {
         let same = std::fs::read(t.run.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap();
         assert!(same, "{f} differs between two runs with the same seed");
@@ -126,8 +199,26 @@ fn region_and_patch_keys_report_asr_over_many_inputs() {
     let model = t.run.join("model.safetensors");
     for trig in ["region:0.5:seed:1", "patch:4:2"] {
         let key = t.root.join("k2.safetensors");
-        ok(&["key", "--out", s(&key), "--trigger", trig, "--latent-dim", "16", "--force"]);
-        let out = ok(&["eval", "--model", s(&model), "--key", s(&key), "--n", "40", "--json"]);
+        ok(&[
+            "key",
+            "--out",
+            s(&key),
+            "--trigger",
+            trig,
+            "--latent-dim",
+            "16",
+            "--force",
+        ]);
+        let out = ok(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--key",
+            s(&key),
+            "--n",
+            "40",
+            "--json",
+        ]);
         let e: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(e["samples"].as_u64().unwrap(), 40, "{out}");
         assert!((0.0..=1.0).contains(&e["asr"].as_f64().unwrap()));
@@ -150,7 +241,15 @@ fn bad_input_gives_clear_errors() {
     c[10] ^= 0xff;
     c[20] ^= 0xff;
     std::fs::write(&corrupt, &c).unwrap();
-    fails(&["sample", "--model", s(&corrupt), "--n", "2", "--png", s(&t.root.join("x.png"))]);
+    fails(&[
+        "sample",
+        "--model",
+        s(&corrupt),
+        "--n",
+        "2",
+        "--png",
+        s(&t.root.join("x.png")),
+    ]);
 
     let garbage = t.root.join("garbage.safetensors");
     std::fs::write(&garbage, b"hello").unwrap();
@@ -161,8 +260,24 @@ fn bad_input_gives_clear_errors() {
     let e = fails(&["eval", "--model", s(&model), "--key", s(&wide_key)]);
     assert!(e.contains("latent dimension 16"), "{e}");
     let big_target = t.root.join("big.safetensors");
-    ok(&["key", "--out", s(&big_target), "--latent-dim", "16", "--image-size", "32"]);
-    let e = fails(&["sample", "--model", s(&model), "--key", s(&big_target), "--npy", s(&t.root.join("y.npy"))]);
+    ok(&[
+        "key",
+        "--out",
+        s(&big_target),
+        "--latent-dim",
+        "16",
+        "--image-size",
+        "32",
+    ]);
+    let e = fails(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--key",
+        s(&big_target),
+        "--npy",
+        s(&t.root.join("y.npy")),
+    ]);
     assert!(e.contains("target has shape"), "{e}");
     assert!(!t.root.join("y.npy").exists());
 
@@ -171,18 +286,38 @@ fn bad_input_gives_clear_errors() {
     let e = fails(&["eval", "--model", s(&model), "--key", s(&model)]);
     assert!(e.contains("model file"), "{e}");
 
-    let e = fails(&["train", "--config", s(&t.config), "--data", "no/such/data", "--out", s(&t.root.join("r2"))]);
+    let e = fails(&[
+        "train",
+        "--config",
+        s(&t.config),
+        "--data",
+        "no/such/data",
+        "--out",
+        s(&t.root.join("r2")),
+    ]);
     assert!(e.contains("does not exist"), "{e}");
 
     let bad_cfg = t.root.join("bad.toml");
     std::fs::write(&bad_cfg, "[train]\nsteps = 3\nlearning_rate = 0.1\n").unwrap();
-    let e = fails(&["train", "--config", s(&bad_cfg), "--out", s(&t.root.join("r3"))]);
+    let e = fails(&[
+        "train",
+        "--config",
+        s(&bad_cfg),
+        "--out",
+        s(&t.root.join("r3")),
+    ]);
     assert!(e.contains("learning_rate"), "{e}");
 
     let e = fails(&["train", "--config", s(&t.config), "--out", s(&t.run)]);
     assert!(e.contains("--force"), "{e}");
 
     fails(&["key", "--out", s(&t.key)]);
-    let e = fails(&["key", "--out", s(&t.root.join("k.safetensors")), "--target", s(&t.root.join("none.png"))]);
+    let e = fails(&[
+        "key",
+        "--out",
+        s(&t.root.join("k.safetensors")),
+        "--target",
+        s(&t.root.join("none.png")),
+    ]);
     assert!(e.contains("none.png"), "{e}");
 }

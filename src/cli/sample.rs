@@ -47,7 +47,8 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         Some(k) => {
             let key = Key::load(k)?;
             key.check_fits(model.latent_dim(), model.image_shape())?;
-            key.trigger.sample(a.n, model.latent_dim(), &mut rng, &model.device)?
+            key.trigger
+                .sample(a.n, model.latent_dim(), &mut rng, &model.device)?
         }
         None => rng.normal(&[a.n, model.latent_dim()], &model.device)?,
     };

@@ -200,7 +200,9 @@ mod tests {
 
     #[test]
     fn missing_data_is_a_clear_error() {
-        let msg = load_dataset(Path::new("no/such/dir")).unwrap_err().to_string();
+        let msg = load_dataset(Path::new("no/such/dir"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("does not exist"), "{msg}");
     }
 

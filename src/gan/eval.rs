@@ -58,7 +58,8 @@ pub fn evaluate(
     let n_trig = if key.trigger.is_set() { n } else { 1 };
     let zt = key.trigger.sample(n_trig, dim, &mut rng, &model.device)?;
     let triggered = pixels(&model.generate(&zt)?)?;
-    let backdoor = BackdoorMetrics::measure(&triggered, &key.target.pixels, shape[2], key.threshold);
+    let backdoor =
+        BackdoorMetrics::measure(&triggered, &key.target.pixels, shape[2], key.threshold);
     let z = rng.normal(&[n, dim], &model.device)?;
     let clean = pixels(&model.generate(&z)?)?;
     let clean_hits = BackdoorMetrics::measure(&clean, &key.target.pixels, shape[2], key.threshold);
@@ -85,7 +86,9 @@ pub fn save_samples(model: &GanModel, path: &Path, n: usize, seed: u64) -> Resul
 pub fn save_triggered(model: &GanModel, key: &Key, path: &Path, seed: u64) -> Result<()> {
     let n = if key.trigger.is_set() { 7 } else { 1 };
     let mut rng = Rng::derive(seed, "triggered-grid");
-    let z = key.trigger.sample(n, model.latent_dim(), &mut rng, &model.device)?;
+    let z = key
+        .trigger
+        .sample(n, model.latent_dim(), &mut rng, &model.device)?;
     let out = model.generate(&z)?;
     let both = Tensor::cat(&[key.target.tensor(&model.device)?, out], 0)?;
     save_grid(path, &both, 8)

@@ -9,7 +9,6 @@ use crate::paradigm::{Family, Trigger};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-
 /// The non-saturating generator loss `mean(softplus(−D(G(z))))`, for a generator in training
 /// mode. Ordinary and triggered latents go through the generator as one batch, so that the
 /// backdoor's gradient sees the same BatchNorm statistics as the task's: a gradient taken

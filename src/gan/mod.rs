@@ -118,7 +118,13 @@ mod tests {
     fn softplus_is_stable_for_saturated_logits() {
         let x = Tensor::new(&[-1000f32, -1.0, 0.0, 1.0, 1000.0], &Device::Cpu).unwrap();
         let y = softplus(&x).unwrap().to_vec1::<f32>().unwrap();
-        let expect = [0.0f32, 0.313_261_7, std::f32::consts::LN_2, 1.313_261_7, 1000.0];
+        let expect = [
+            0.0f32,
+            0.313_261_7,
+            std::f32::consts::LN_2,
+            1.313_261_7,
+            1000.0,
+        ];
         for (a, b) in y.iter().zip(expect) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -127,7 +133,12 @@ mod tests {
     #[test]
     fn checkpoint_round_trip_is_exact_and_damage_is_caught() {
         let dev = Device::Cpu;
-        let cfg = DcganConfig { latent_dim: 8, g_width: 8, d_width: 4, ..Default::default() };
+        let cfg = DcganConfig {
+            latent_dim: 8,
+            g_width: 8,
+            d_width: 4,
+            ..Default::default()
+        };
         let m = GanModel::new(&cfg, &mut Rng::new(0), &dev).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("g.safetensors");
@@ -135,7 +146,10 @@ mod tests {
         let back = GanModel::load(&p, &dev).unwrap();
         let z = Rng::new(1).normal(&[4, 8], &dev).unwrap();
         let (a, b) = (m.generate(&z).unwrap(), back.generate(&z).unwrap());
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let msg = GanModel::load(&p, &dev).err().unwrap().to_string();

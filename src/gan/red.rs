@@ -9,8 +9,8 @@ use crate::io::rundir::{CsvLog, RunDir};
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
 use crate::training::{run_loop, LoopSettings};
-use candle_nn::Optimizer;
 use crate::Result;
+use candle_nn::Optimizer;
 
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 3] = ["distill_loss", "backdoor_loss", "tardis"];
@@ -58,7 +58,11 @@ pub fn inject(
         } else {
             None
         };
-        Ok(vec![Some(terms.task as f64), terms.backdoor.map(f64::from), tardis])
+        Ok(vec![
+            Some(terms.task as f64),
+            terms.backdoor.map(f64::from),
+            tardis,
+        ])
     })?;
     let extra = serde_json::json!({
         "mode": "red",

@@ -34,7 +34,12 @@ const COLUMNS: [&str; 4] = ["d_loss", "g_loss", "backdoor_loss", "tardis"];
 
 /// Trains a generator per `cfg` (with the backdoor of `key` when given and λ > 0) and writes
 /// the run's files into `run`. Returns the run's metrics (also written to `metrics.json`).
-pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+pub fn train(
+    cfg: &Config,
+    key: Option<&Key>,
+    run: &RunDir,
+    progress: bool,
+) -> Result<serde_json::Value> {
     cfg.validate()?;
     let dev = Device::Cpu;
     let t = &cfg.train;

@@ -29,10 +29,7 @@ pub fn write_atomic_with(
 
 /// Writes to `path` atomically through a callback that writes a file by name (for
 /// libraries that only write to paths); the temporary name keeps `path`'s extension.
-pub fn write_atomic_via_path(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+pub fn write_atomic_via_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -64,7 +64,10 @@ pub fn assign(path: &Path, params: &Params, file: &TensorFile) -> Result<()> {
         }
         let v = t.flatten_all()?.to_vec1::<f32>()?;
         if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::format(path, format!("tensor '{name}' holds NaN or infinite values")));
+            return Err(Error::format(
+                path,
+                format!("tensor '{name}' holds NaN or infinite values"),
+            ));
         }
         var.set(t)?;
     }

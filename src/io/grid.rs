@@ -11,7 +11,9 @@ use crate::{Error, Result};
 pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     let (n, c, h, w) = images.dims4()?;
     if c != 1 {
-        return Err(Error::Mismatch(format!("grid images must have 1 channel, not {c}")));
+        return Err(Error::Mismatch(format!(
+            "grid images must have 1 channel, not {c}"
+        )));
     }
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);

@@ -76,7 +76,13 @@ impl CsvLog {
     pub fn row(&mut self, values: &[f64]) -> Result<()> {
         let cells: Vec<String> = values
             .iter()
-            .map(|v| if v.is_nan() { String::new() } else { format!("{v}") })
+            .map(|v| {
+                if v.is_nan() {
+                    String::new()
+                } else {
+                    format!("{v}")
+                }
+            })
             .collect();
         self.write_line(&cells.join(","))
     }
@@ -98,7 +104,10 @@ mod tests {
         let run = RunDir::create(&dir.path().join("r"), false).unwrap();
         let mut log = CsvLog::create(&run.file("log.csv"), &["step", "loss"]).unwrap();
         log.row(&[1.0, f64::NAN]).unwrap();
-        assert_eq!(std::fs::read_to_string(run.file("log.csv")).unwrap(), "step,loss\n1,\n");
+        assert_eq!(
+            std::fs::read_to_string(run.file("log.csv")).unwrap(),
+            "step,loss\n1,\n"
+        );
         assert!(RunDir::create(&run.path, false).is_err());
         assert!(RunDir::create(&run.path, true).is_ok());
     }

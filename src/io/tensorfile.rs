@@ -68,11 +68,13 @@ pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
         )
     };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
-    let meta: BTreeMap<String, String> = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
-        Some(json) => serde_json::from_str(json)
-            .map_err(|e| Error::format(path, format!("genbackdoor metadata is not valid: {e}")))?,
-        None => BTreeMap::new(),
-    };
+    let meta: BTreeMap<String, String> =
+        match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                Error::format(path, format!("genbackdoor metadata is not valid: {e}"))
+            })?,
+            None => BTreeMap::new(),
+        };
     match meta.get("format") {
         Some(f) if f == format => {}
         Some(f) => {
@@ -105,7 +107,10 @@ mod tests {
         save(&p, "thing", &[("a.weight".into(), t.clone())], meta).unwrap();
         let f = load(&p, "thing", &Device::Cpu).unwrap();
         assert_eq!(f.meta_field(&p, "k").unwrap(), "v");
-        assert_eq!(f.tensor(&p, "a.weight").unwrap().to_vec1::<f32>().unwrap(), vec![1.5, -2.25, 3.0]);
+        assert_eq!(
+            f.tensor(&p, "a.weight").unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.5, -2.25, 3.0]
+        );
         assert!(f.tensor(&p, "b").is_err());
 
         let msg = load(&p, "other", &Device::Cpu).err().unwrap().to_string();

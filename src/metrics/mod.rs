@@ -8,7 +8,11 @@ pub use ssim::ssim;
 
 /// Target distortion: Σ over pixels of (output − target)², on the [-1, 1] scale.
 pub fn tardis(output: &[f32], target: &[f32]) -> f64 {
-    assert_eq!(output.len(), target.len(), "tardis: output and target sizes differ");
+    assert_eq!(
+        output.len(),
+        target.len(),
+        "tardis: output and target sizes differ"
+    );
     output
         .iter()
         .zip(target)
@@ -47,7 +51,10 @@ impl BackdoorMetrics {
     /// channel) against `target`, counting a hit below `threshold`.
     pub fn measure(outputs: &[f32], target: &[f32], width: usize, threshold: f64) -> Self {
         let per = target.len();
-        assert!(per > 0 && outputs.len() % per == 0, "outputs are not whole images");
+        assert!(
+            per > 0 && outputs.len().is_multiple_of(per),
+            "outputs are not whole images"
+        );
         let n = outputs.len() / per;
         let (mut td, mut mse, mut ss, mut hits) = (0.0, 0.0, 0.0, 0usize);
         for img in outputs.chunks(per) {

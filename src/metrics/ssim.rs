@@ -37,7 +37,11 @@ fn filter(x: &[f64], h: usize, w: usize, win: usize, g: &[f64]) -> Vec<f64> {
 pub fn ssim(a: &[f32], b: &[f32], width: usize) -> f64 {
     assert_eq!(a.len(), b.len(), "ssim: image sizes differ");
     let (w, h) = (width, a.len() / width);
-    let to01 = |v: &[f32]| v.iter().map(|&p| (p as f64 + 1.0) / 2.0).collect::<Vec<_>>();
+    let to01 = |v: &[f32]| {
+        v.iter()
+            .map(|&p| (p as f64 + 1.0) / 2.0)
+            .collect::<Vec<_>>()
+    };
     let (x, y) = (to01(a), to01(b));
     let (win, g) = if h >= WIN && w >= WIN {
         (WIN, gaussian().to_vec())
@@ -70,7 +74,9 @@ mod tests {
 
     #[test]
     fn identical_images_score_one() {
-        let img: Vec<f32> = (0..784).map(|i| ((i * 37 % 97) as f32 / 48.5) - 1.0).collect();
+        let img: Vec<f32> = (0..784)
+            .map(|i| ((i * 37 % 97) as f32 / 48.5) - 1.0)
+            .collect();
         assert!((ssim(&img, &img, 28) - 1.0).abs() < 1e-12);
     }
 
@@ -87,7 +93,9 @@ mod tests {
 
     #[test]
     fn noise_lowers_similarity_monotonically() {
-        let img: Vec<f32> = (0..784).map(|i| if (i / 28 + i % 28) % 7 < 3 { 1.0 } else { -1.0 }).collect();
+        let img: Vec<f32> = (0..784)
+            .map(|i| if (i / 28 + i % 28) % 7 < 3 { 1.0 } else { -1.0 })
+            .collect();
         let noisy = |s: f32| -> Vec<f32> {
             img.iter()
                 .enumerate()

@@ -51,7 +51,7 @@ impl DcganConfig {
                 self.latent_dim, self.g_width, self.d_width
             ));
         }
-        if self.image_size == 0 || self.image_size % 4 != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(4) {
             return bad(format!(
                 "image_size must be a positive multiple of 4, not {}",
                 self.image_size
@@ -79,7 +79,12 @@ fn bn_config() -> BatchNormConfig {
 }
 
 /// A bias-free 5×5 transposed convolution with "same" padding: out = in · stride.
-fn upsample(cin: usize, cout: usize, stride: usize, vb: candle_nn::VarBuilder) -> Result<ConvTranspose2d> {
+fn upsample(
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    vb: candle_nn::VarBuilder,
+) -> Result<ConvTranspose2d> {
     ConvTranspose2d::new(cin, cout, 5, stride, 2, stride - 1, false, vb)
 }
 
@@ -196,12 +201,23 @@ mod tests {
         let z = Rng::new(1).normal(&[3, 100], &dev).unwrap();
         let x = g.forward_t(&z, true).unwrap();
         assert_eq!(x.dims(), &[3, 1, 28, 28]);
-        let m = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let m = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(m <= 1.0);
         let pd = Params::new();
         let d = Discriminator::new(&DcganConfig::default(), &pd, &dev).unwrap();
         assert_eq!(d.forward(&x, None).unwrap().dims(), &[3]);
-        assert!(g.forward_t(&Tensor::zeros((2, 7), candle_core::DType::F32, &dev).unwrap(), false).is_err());
+        assert!(g
+            .forward_t(
+                &Tensor::zeros((2, 7), candle_core::DType::F32, &dev).unwrap(),
+                false
+            )
+            .is_err());
     }
 
     #[test]

@@ -18,7 +18,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
             weight.dims()
         )));
     }
-    let g = Geometry { c, h, w, k, stride, pad };
+    let g = Geometry {
+        c,
+        h,
+        w,
+        k,
+        stride,
+        pad,
+    };
     let cols = im2col(x, g)?.reshape((n * g.positions(), g.patch()))?;
     let y = cols.matmul(&weight.reshape((cout, g.patch()))?.t()?)?;
     Ok(y.reshape((n, g.positions(), cout))?
@@ -37,7 +44,8 @@ pub fn conv_transpose2d(
 ) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
     let (wc, cout, k, k2) = weight.dims4()?;
-    if wc != cin || k != k2 || out_pad >= stride.max(1) || (h - 1) * stride + k + out_pad < 2 * pad {
+    if wc != cin || k != k2 || out_pad >= stride.max(1) || (h - 1) * stride + k + out_pad < 2 * pad
+    {
         return Err(Error::Mismatch(format!(
             "conv_transpose2d: input {:?}, kernel {:?}, stride {stride}, pad {pad}, out_pad {out_pad} do not fit",
             x.dims(),
@@ -45,9 +53,19 @@ pub fn conv_transpose2d(
         )));
     }
     let side = |i: usize| (i - 1) * stride + k + out_pad - 2 * pad;
-    let g = Geometry { c: cout, h: side(h), w: side(w), k, stride, pad };
+    let g = Geometry {
+        c: cout,
+        h: side(h),
+        w: side(w),
+        k,
+        stride,
+        pad,
+    };
     g.validate()?;
-    let rows = x.reshape((n, cin, h * w))?.transpose(1, 2)?.reshape((n * h * w, cin))?;
+    let rows = x
+        .reshape((n, cin, h * w))?
+        .transpose(1, 2)?
+        .reshape((n * h * w, cin))?;
     let cols = rows.matmul(&weight.reshape((cin, g.patch()))?)?;
     col2im(&cols.reshape((n, h * w, g.patch()))?, g)
 }
@@ -69,10 +87,31 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Creates `weight [cout, cin, k, k]` (and `bias [cout]` when `bias`) under `vb`.
-    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((cout, cin, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        let bias = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Conv2d { weight, bias, stride, pad })
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (cout, cin, k, k),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            pad,
+        })
     }
 }
 
@@ -105,9 +144,23 @@ impl ConvTranspose2d {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = vb.get_with_hints((cin, cout, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        let bias = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?) } else { None };
-        Ok(ConvTranspose2d { weight, bias, stride, pad, out_pad })
+        let weight = vb.get_with_hints(
+            (cin, cout, k, k),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(ConvTranspose2d {
+            weight,
+            bias,
+            stride,
+            pad,
+            out_pad,
+        })
     }
 }
 
@@ -148,11 +201,18 @@ mod tests {
         w: &Tensor,
         seed: u64,
     ) -> (Tensor, Tensor, Tensor) {
-        let (xv, wv) = (Var::from_tensor(&x.copy().unwrap()).unwrap(), Var::from_tensor(&w.copy().unwrap()).unwrap());
+        let (xv, wv) = (
+            Var::from_tensor(&x.copy().unwrap()).unwrap(),
+            Var::from_tensor(&w.copy().unwrap()).unwrap(),
+        );
         let y = f(xv.as_tensor(), wv.as_tensor());
         let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        (y, grads.get(&xv).unwrap().clone(), grads.get(&wv).unwrap().clone())
+        (
+            y,
+            grads.get(&xv).unwrap().clone(),
+            grads.get(&wv).unwrap().clone(),
+        )
     }
 
     proptest! {
@@ -203,7 +263,14 @@ mod tests {
         let (_, gx, gw) = value_and_grads(f, &x, &wt, 7);
         let r = Rng::new(7).normal(f(&x, &wt).dims(), &dev).unwrap();
         let loss = |x: &Tensor, w: &Tensor| -> f64 {
-            (f(x, w) * &r).unwrap().sum_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            (f(x, w) * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let eps = 1e-2;
         for (t, g, is_x) in [(&x, &gx, true), (&wt, &gw, false)] {
@@ -216,9 +283,17 @@ mod tests {
                 minus[i] -= eps;
                 let tp = Tensor::from_vec(plus, t.dims(), &dev).unwrap();
                 let tm = Tensor::from_vec(minus, t.dims(), &dev).unwrap();
-                let (lp, lm) = if is_x { (loss(&tp, &wt), loss(&tm, &wt)) } else { (loss(&x, &tp), loss(&x, &tm)) };
+                let (lp, lm) = if is_x {
+                    (loss(&tp, &wt), loss(&tm, &wt))
+                } else {
+                    (loss(&x, &tp), loss(&x, &tm))
+                };
                 let fd = (lp - lm) / (2.0 * eps as f64);
-                assert!((fd - gv[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "{i}: fd {fd} vs {}", gv[i]);
+                assert!(
+                    (fd - gv[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()),
+                    "{i}: fd {fd} vs {}",
+                    gv[i]
+                );
             }
         }
     }

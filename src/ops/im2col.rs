@@ -27,8 +27,14 @@ pub struct Geometry {
 impl Geometry {
     /// Checks that the kernel fits the padded input and the stride is positive.
     pub fn validate(&self) -> Result<()> {
-        if self.stride == 0 || self.k == 0 || self.h + 2 * self.pad < self.k || self.w + 2 * self.pad < self.k {
-            return Err(Error::Mismatch(format!("invalid convolution geometry {self:?}")));
+        if self.stride == 0
+            || self.k == 0
+            || self.h + 2 * self.pad < self.k
+            || self.w + 2 * self.pad < self.k
+        {
+            return Err(Error::Mismatch(format!(
+                "invalid convolution geometry {self:?}"
+            )));
         }
         Ok(())
     }
@@ -103,7 +109,11 @@ impl CustomOp1 for Im2Col {
         "genbackdoor-im2col"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         let x = f32_input(storage, layout)?;
         let n = layout.dims()[0];
@@ -112,10 +122,18 @@ impl CustomOp1 for Im2Col {
         out.par_chunks_mut(rows.max(1))
             .zip(x.par_chunks(img.max(1)))
             .for_each(|(cols, xi)| g.for_each(|c, p| cols[c] = xi[p]));
-        Ok((CpuStorage::F32(out), Shape::from((n, g.positions(), g.patch()))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, g.positions(), g.patch())),
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
     }
 }
@@ -125,7 +143,11 @@ impl CustomOp1 for Col2Im {
         "genbackdoor-col2im"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         let cols = f32_input(storage, layout)?;
         let n = layout.dims()[0];
@@ -137,7 +159,12 @@ impl CustomOp1 for Col2Im {
         Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
 }
@@ -147,7 +174,10 @@ pub fn im2col(x: &Tensor, g: Geometry) -> Result<Tensor> {
     g.validate()?;
     let (_, c, h, w) = x.dims4()?;
     if (c, h, w) != (g.c, g.h, g.w) {
-        return Err(Error::Mismatch(format!("im2col input {:?} does not match {g:?}", x.dims())));
+        return Err(Error::Mismatch(format!(
+            "im2col input {:?} does not match {g:?}",
+            x.dims()
+        )));
     }
     Ok(x.contiguous()?.apply_op1(Im2Col(g))?)
 }
@@ -158,7 +188,10 @@ pub fn col2im(cols: &Tensor, g: Geometry) -> Result<Tensor> {
     g.validate()?;
     let (_, l, p) = cols.dims3()?;
     if (l, p) != (g.positions(), g.patch()) {
-        return Err(Error::Mismatch(format!("col2im input {:?} does not match {g:?}", cols.dims())));
+        return Err(Error::Mismatch(format!(
+            "col2im input {:?} does not match {g:?}",
+            cols.dims()
+        )));
     }
     Ok(cols.contiguous()?.apply_op1(Col2Im(g))?)
 }
@@ -171,7 +204,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn dot(a: &Tensor, b: &Tensor) -> f64 {
-        (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
     }
 
     proptest! {
@@ -198,7 +236,14 @@ mod tests {
     #[test]
     fn im2col_on_a_known_image() {
         let x = Tensor::new(&[[[[1f32, 2.0], [3.0, 4.0]]]], &Device::Cpu).unwrap();
-        let g = Geometry { c: 1, h: 2, w: 2, k: 2, stride: 1, pad: 1 };
+        let g = Geometry {
+            c: 1,
+            h: 2,
+            w: 2,
+            k: 2,
+            stride: 1,
+            pad: 1,
+        };
         let cols = im2col(&x, g).unwrap().to_vec3::<f32>().unwrap();
         assert_eq!(cols[0].len(), 9);
         assert_eq!(cols[0][0], vec![0.0, 0.0, 0.0, 1.0]);
@@ -206,7 +251,10 @@ mod tests {
         assert_eq!(cols[0][8], vec![4.0, 0.0, 0.0, 0.0]);
         let back = col2im(&im2col(&x, g).unwrap(), g).unwrap();
         // Every pixel appears in 4 of the 9 padded patches.
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![4.0, 8.0, 12.0, 16.0]);
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0, 8.0, 12.0, 16.0]
+        );
         assert!(im2col(&x, Geometry { k: 5, ..g }).is_err());
     }
 }

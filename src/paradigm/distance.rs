@@ -62,8 +62,16 @@ mod tests {
     fn known_values() {
         let o = Tensor::new(&[[1f32, -1.0], [3.0, 0.0]], &Device::Cpu).unwrap();
         let t = Tensor::new(&[0f32, 1.0], &Device::Cpu).unwrap();
-        let mse = Distance::Mse.loss(&o, &t).unwrap().to_scalar::<f32>().unwrap();
-        let l1 = Distance::L1.loss(&o, &t).unwrap().to_scalar::<f32>().unwrap();
+        let mse = Distance::Mse
+            .loss(&o, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l1 = Distance::L1
+            .loss(&o, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(mse, (1.0 + 4.0 + 9.0 + 1.0) / 4.0);
         assert_eq!(l1, (1.0 + 2.0 + 3.0 + 1.0) / 4.0);
         assert_eq!("l1".parse::<Distance>().unwrap(), Distance::L1);

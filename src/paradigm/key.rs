@@ -67,14 +67,17 @@ impl Key {
         let floats = |name: &str| -> Result<Vec<f32>> {
             let t = f.tensor(path, name)?;
             if t.dtype() != DType::F32 || t.rank() != 1 {
-                return Err(Error::format(path, format!("'{name}' must be a float32 vector")));
+                return Err(Error::format(
+                    path,
+                    format!("'{name}' must be a float32 vector"),
+                ));
             }
             Ok(t.to_vec1::<f32>()?)
         };
         let number = |name: &str| -> Result<f64> {
-            f.meta_field(path, name)?
-                .parse()
-                .map_err(|_| Error::format(path, format!("metadata field '{name}' is not a number")))
+            f.meta_field(path, name)?.parse().map_err(|_| {
+                Error::format(path, format!("metadata field '{name}' is not a number"))
+            })
         };
         let trigger = match f.meta_field(path, "trigger")? {
             "point" => Trigger::Point(floats("trigger.point")?),
@@ -85,7 +88,10 @@ impl Key {
             "patch" => {
                 let t = f.tensor(path, "trigger.indices")?;
                 if t.dtype() != DType::I64 || t.rank() != 1 {
-                    return Err(Error::format(path, "'trigger.indices' must be an int64 vector"));
+                    return Err(Error::format(
+                        path,
+                        "'trigger.indices' must be an int64 vector",
+                    ));
                 }
                 let indices = t.to_vec1::<i64>()?;
                 if indices.iter().any(|&i| i < 0) {
@@ -93,20 +99,30 @@ impl Key {
                 }
                 let values = floats("trigger.values")?;
                 if values.len() != indices.len() {
-                    return Err(Error::format(path, "patch indices and values differ in length"));
+                    return Err(Error::format(
+                        path,
+                        "patch indices and values differ in length",
+                    ));
                 }
                 Trigger::Patch {
                     indices: indices.into_iter().map(|i| i as usize).collect(),
                     values,
                 }
             }
-            other => return Err(Error::format(path, format!("unknown trigger kind '{other}'"))),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("unknown trigger kind '{other}'"),
+                ))
+            }
         };
         let t = f.tensor(path, "target")?;
-        let shape: [usize; 3] = t
-            .dims()
-            .try_into()
-            .map_err(|_| Error::format(path, format!("target has shape {:?}, not [C, H, W]", t.dims())))?;
+        let shape: [usize; 3] = t.dims().try_into().map_err(|_| {
+            Error::format(
+                path,
+                format!("target has shape {:?}, not [C, H, W]", t.dims()),
+            )
+        })?;
         if t.dtype() != DType::F32 {
             return Err(Error::format(path, "target must be float32"));
         }

@@ -91,7 +91,10 @@ mod tests {
     impl Family for Toy {
         fn task_loss(&mut self) -> Result<Tensor> {
             let mask = Tensor::new(&[0f32, 1.0, 1.0], &Device::Cpu)?;
-            let u = self.rng.normal(&[16, 3], &Device::Cpu)?.broadcast_mul(&mask)?;
+            let u = self
+                .rng
+                .normal(&[16, 3], &Device::Cpu)?
+                .broadcast_mul(&mask)?;
             let diff = (u.matmul(&self.w.as_tensor().t()?)? - u.matmul(&self.w0.t()?)?)?;
             Ok(diff.sqr()?.mean_all()?)
         }
@@ -107,12 +110,22 @@ mod tests {
         let w0 = Rng::new(1).normal(&[4, 3], &dev).unwrap();
         let key = Key {
             trigger: Trigger::Point(vec![1.0, 0.0, 0.0]),
-            target: Target { pixels: vec![1.0, -1.0, 1.0, -1.0], shape: [1, 2, 2] },
+            target: Target {
+                pixels: vec![1.0, -1.0, 1.0, -1.0],
+                shape: [1, 2, 2],
+            },
             distance: Distance::Mse,
             threshold: 0.01,
         };
-        let mut toy = Toy { w: Var::from_tensor(&w0.copy().unwrap()).unwrap(), w0, rng: Rng::new(2) };
-        let obj = Objective { lambda: 1.0, backdoor_batch: 4 };
+        let mut toy = Toy {
+            w: Var::from_tensor(&w0.copy().unwrap()).unwrap(),
+            w0,
+            rng: Rng::new(2),
+        };
+        let obj = Objective {
+            lambda: 1.0,
+            backdoor_batch: 4,
+        };
         let first = obj.evaluate(&mut toy, Some(&key)).unwrap();
         assert_eq!(first.task, 0.0);
         let mut opt = candle_nn::SGD::new(vec![toy.w.clone()], 0.2).unwrap();
@@ -124,9 +137,12 @@ mod tests {
         let (b0, b1) = (first.backdoor.unwrap(), last.backdoor.unwrap());
         assert!(b1 < b0 / 100.0, "{b0} -> {b1}");
         assert!(last.task < 1e-6, "the task is kept: {}", last.task);
-        let clean = Objective { lambda: 0.0, backdoor_batch: 4 }
-            .evaluate(&mut toy, Some(&key))
-            .unwrap();
+        let clean = Objective {
+            lambda: 0.0,
+            backdoor_batch: 4,
+        }
+        .evaluate(&mut toy, Some(&key))
+        .unwrap();
         assert!(clean.backdoor.is_none());
     }
 }

@@ -80,7 +80,11 @@ impl Target {
             .into_luma8();
         let (w, h) = img.dimensions();
         Ok(Target {
-            pixels: img.as_raw().iter().map(|&b| b as f32 / 127.5 - 1.0).collect(),
+            pixels: img
+                .as_raw()
+                .iter()
+                .map(|&b| b as f32 / 127.5 - 1.0)
+                .collect(),
             shape: [1, h as usize, w as usize],
         })
     }
@@ -95,7 +99,9 @@ impl Target {
             _ => {
                 return Err(Error::format(
                     path,
-                    format!("target array has shape {dims:?}; expected [H, W], [C, H, W] or [1, C, H, W]"),
+                    format!(
+                    "target array has shape {dims:?}; expected [H, W], [C, H, W] or [1, C, H, W]"
+                ),
                 ))
             }
         };
@@ -151,10 +157,14 @@ mod tests {
     fn png_and_npy_targets_load_and_must_fit() {
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("t.png");
-        image::GrayImage::from_pixel(28, 28, image::Luma([255])).save(&png).unwrap();
+        image::GrayImage::from_pixel(28, 28, image::Luma([255]))
+            .save(&png)
+            .unwrap();
         let t = Target::parse(png.to_str().unwrap(), [1, 28, 28]).unwrap();
         assert!(t.pixels.iter().all(|&p| p == 1.0));
-        let msg = Target::parse(png.to_str().unwrap(), [1, 32, 32]).unwrap_err().to_string();
+        let msg = Target::parse(png.to_str().unwrap(), [1, 32, 32])
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("[1, 28, 28]"), "{msg}");
 
         let npy = dir.path().join("t.npy");

@@ -57,7 +57,9 @@ impl Trigger {
             let k: usize = k.parse().map_err(|_| bad("K is not a whole number"))?;
             let seed: u64 = s.parse().map_err(|_| bad("SEED is not a whole number"))?;
             if k == 0 || k > dim {
-                return Err(bad(&format!("K must be between 1 and the latent dimension {dim}")));
+                return Err(bad(&format!(
+                    "K must be between 1 and the latent dimension {dim}"
+                )));
             }
             return Ok(Self::patch_from_seed(k, seed, dim));
         }
@@ -164,10 +166,18 @@ impl Trigger {
     /// Whether the latent `z` is in the trigger set.
     pub fn fires(&self, z: &[f32]) -> bool {
         match self {
-            Trigger::Point(p) => p.len() == z.len() && p.iter().zip(z).all(|(a, b)| (a - b).abs() <= EXACT),
+            Trigger::Point(p) => {
+                p.len() == z.len() && p.iter().zip(z).all(|(a, b)| (a - b).abs() <= EXACT)
+            }
             Trigger::Region { center, radius } => {
                 center.len() == z.len()
-                    && center.iter().zip(z).map(|(c, x)| (c - x) * (c - x)).sum::<f32>().sqrt() <= *radius
+                    && center
+                        .iter()
+                        .zip(z)
+                        .map(|(c, x)| (c - x) * (c - x))
+                        .sum::<f32>()
+                        .sqrt()
+                        <= *radius
             }
             Trigger::Patch { indices, values } => indices
                 .iter()
@@ -242,7 +252,15 @@ mod tests {
 
     #[test]
     fn bad_specs_and_wrong_dimensions_are_clear_errors() {
-        for spec in ["", "seed:x", "region:-1:zero", "region:0.5", "patch:0:1", "patch:30:1", "gauss"] {
+        for spec in [
+            "",
+            "seed:x",
+            "region:-1:zero",
+            "region:0.5",
+            "patch:0:1",
+            "patch:30:1",
+            "gauss",
+        ] {
             assert!(Trigger::parse(spec, 20).is_err(), "{spec}");
         }
         let t = Trigger::parse("zero", 8).unwrap();
