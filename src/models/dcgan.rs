@@ -6,7 +6,7 @@ use candle_nn::{batch_norm, linear, linear_no_bias, BatchNorm, BatchNormConfig, 
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{Conv2d, ConvTranspose2d};
+use crate::ops::{ConvKind, ConvLayer};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -84,8 +84,11 @@ fn upsample(
     cout: usize,
     stride: usize,
     vb: candle_nn::VarBuilder,
-) -> Result<ConvTranspose2d> {
-    ConvTranspose2d::new(cin, cout, 5, stride, 2, stride - 1, false, vb)
+) -> Result<ConvLayer> {
+    let kind = ConvKind::Transposed {
+        out_pad: stride - 1,
+    };
+    ConvLayer::new(kind, cin, cout, 5, stride, 2, false, vb)
 }
 
 /// G: z → image in [-1, 1]. Dense → BN → LeakyReLU → reshape → three 5×5 transposed
@@ -94,11 +97,11 @@ pub struct Generator {
     cfg: DcganConfig,
     fc: Linear,
     bn0: BatchNorm,
-    deconv1: ConvTranspose2d,
+    deconv1: ConvLayer,
     bn1: BatchNorm,
-    deconv2: ConvTranspose2d,
+    deconv2: ConvLayer,
     bn2: BatchNorm,
-    deconv3: ConvTranspose2d,
+    deconv3: ConvLayer,
 }
 
 impl Generator {
@@ -150,8 +153,8 @@ impl Generator {
 /// then a dense layer.
 pub struct Discriminator {
     cfg: DcganConfig,
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: ConvLayer,
+    conv2: ConvLayer,
     fc: Linear,
 }
 
@@ -163,8 +166,8 @@ impl Discriminator {
         let (w, s) = (cfg.d_width, cfg.image_size / 4);
         Ok(Discriminator {
             cfg: cfg.clone(),
-            conv1: Conv2d::new(1, w, 5, 2, 2, true, vb.pp("conv1"))?,
-            conv2: Conv2d::new(w, 2 * w, 5, 2, 2, true, vb.pp("conv2"))?,
+            conv1: ConvLayer::new(ConvKind::Forward, 1, w, 5, 2, 2, true, vb.pp("conv1"))?,
+            conv2: ConvLayer::new(ConvKind::Forward, w, 2 * w, 5, 2, 2, true, vb.pp("conv2"))?,
             fc: linear(2 * w * s * s, 1, vb.pp("fc"))?,
         })
     }

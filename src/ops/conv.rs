@@ -70,105 +70,73 @@ pub fn conv_transpose2d(
     col2im(&cols.reshape((n, h * w, g.patch()))?, g)
 }
 
-fn add_bias(y: Tensor, bias: &Option<Tensor>) -> candle_core::Result<Tensor> {
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-        None => Ok(y),
-    }
+/// Which convolution a [`ConvLayer`] applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    /// [`conv2d`]; weight `[cout, cin, k, k]`.
+    Forward,
+    /// [`conv_transpose2d`] with this output padding; weight `[cin, cout, k, k]`.
+    Transposed {
+        /// Extra rows and columns at the bottom and right of the output.
+        out_pad: usize,
+    },
 }
 
-/// A convolution layer with square kernels, backed by [`conv2d`].
-pub struct Conv2d {
+/// A convolution layer with square kernels, backed by [`conv2d`] or [`conv_transpose2d`],
+/// whose tensors are named `weight` and `bias` like candle-nn's and PyTorch's.
+pub struct ConvLayer {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     pad: usize,
+    kind: ConvKind,
 }
 
-impl Conv2d {
-    /// Creates `weight [cout, cin, k, k]` (and `bias [cout]` when `bias`) under `vb`.
-    pub fn new(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-        bias: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (cout, cin, k, k),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
-        let bias = if bias {
-            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
-        } else {
-            None
-        };
-        Ok(Conv2d {
-            weight,
-            bias,
-            stride,
-            pad,
-        })
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.stride, self.pad).map_err(candle_core::Error::wrap)?;
-        add_bias(y, &self.bias)
-    }
-}
-
-/// A transposed-convolution layer with square kernels, backed by [`conv_transpose2d`].
-pub struct ConvTranspose2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    pad: usize,
-    out_pad: usize,
-}
-
-impl ConvTranspose2d {
-    /// Creates `weight [cin, cout, k, k]` (and `bias [cout]` when `bias`) under `vb`.
+impl ConvLayer {
+    /// Creates the layer's tensors under `vb` (a `bias [cout]` only when `bias`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        kind: ConvKind,
         cin: usize,
         cout: usize,
         k: usize,
         stride: usize,
         pad: usize,
-        out_pad: usize,
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (cin, cout, k, k),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
+        let shape = match kind {
+            ConvKind::Forward => (cout, cin, k, k),
+            ConvKind::Transposed { .. } => (cin, cout, k, k),
+        };
+        let weight = vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
         let bias = if bias {
             Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
         } else {
             None
         };
-        Ok(ConvTranspose2d {
+        Ok(ConvLayer {
             weight,
             bias,
             stride,
             pad,
-            out_pad,
+            kind,
         })
     }
 }
 
-impl Module for ConvTranspose2d {
+impl Module for ConvLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = conv_transpose2d(x, &self.weight, self.stride, self.pad, self.out_pad)
-            .map_err(candle_core::Error::wrap)?;
-        add_bias(y, &self.bias)
+        let (w, s, p) = (&self.weight, self.stride, self.pad);
+        let y = match self.kind {
+            ConvKind::Forward => conv2d(x, w, s, p),
+            ConvKind::Transposed { out_pad } => conv_transpose2d(x, w, s, p, out_pad),
+        }
+        .map_err(candle_core::Error::wrap)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
     }
 }
 

@@ -54,6 +54,16 @@ impl Geometry {
         self.oh() * self.ow()
     }
 
+    /// Values per input image: `c · h · w`.
+    pub fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Values per image of the column matrix: `positions · patch`.
+    pub fn rows(&self) -> usize {
+        self.positions() * self.patch()
+    }
+
     /// Patch length (columns of the column matrix): `c · k · k`.
     pub fn patch(&self) -> usize {
         self.c * self.k * self.k
@@ -89,16 +99,30 @@ impl Geometry {
     }
 }
 
-/// A contiguous f32 slice of a custom op's input.
-fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+/// Runs `f(input, output)` on each image of a contiguous f32 batch, in parallel: every image
+/// has `in_len` input and `out_len` output values; the output starts zeroed.
+fn per_image(
+    storage: &CpuStorage,
+    layout: &Layout,
+    in_len: usize,
+    out_len: usize,
+    shape: impl Fn(usize) -> Shape,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
     let data = match storage {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("im2col/col2im support f32 only"),
     };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
+    let input = match layout.contiguous_offsets() {
+        Some((a, b)) => &data[a..b],
         None => candle_core::bail!("im2col/col2im need a contiguous input"),
-    }
+    };
+    let n = layout.dims()[0];
+    let mut out = vec![0f32; n * out_len];
+    out.par_chunks_mut(out_len.max(1))
+        .zip(input.par_chunks(in_len.max(1)))
+        .for_each(|(o, i)| f(i, o));
+    Ok((CpuStorage::F32(out), shape(n)))
 }
 
 struct Im2Col(Geometry);
@@ -115,17 +139,10 @@ impl CustomOp1 for Im2Col {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = f32_input(storage, layout)?;
-        let n = layout.dims()[0];
-        let (img, rows) = (g.c * g.h * g.w, g.positions() * g.patch());
-        let mut out = vec![0f32; n * rows];
-        out.par_chunks_mut(rows.max(1))
-            .zip(x.par_chunks(img.max(1)))
-            .for_each(|(cols, xi)| g.for_each(|c, p| cols[c] = xi[p]));
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((n, g.positions(), g.patch())),
-        ))
+        let shape = |n| Shape::from((n, g.positions(), g.patch()));
+        per_image(storage, layout, g.image(), g.rows(), shape, |xi, cols| {
+            g.for_each(|c, p| cols[c] = xi[p])
+        })
     }
 
     fn bwd(
@@ -149,14 +166,10 @@ impl CustomOp1 for Col2Im {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let cols = f32_input(storage, layout)?;
-        let n = layout.dims()[0];
-        let (img, rows) = (g.c * g.h * g.w, g.positions() * g.patch());
-        let mut out = vec![0f32; n * img];
-        out.par_chunks_mut(img.max(1))
-            .zip(cols.par_chunks(rows.max(1)))
-            .for_each(|(xi, ci)| g.for_each(|c, p| xi[p] += ci[c]));
-        Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
+        let shape = |n| Shape::from((n, g.c, g.h, g.w));
+        per_image(storage, layout, g.rows(), g.image(), shape, |cols, xi| {
+            g.for_each(|c, p| xi[p] += cols[c])
+        })
     }
 
     fn bwd(

@@ -8,5 +8,5 @@
 mod conv;
 mod im2col;
 
-pub use conv::{conv2d, conv_transpose2d, Conv2d, ConvTranspose2d};
+pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
 pub use im2col::{col2im, im2col, Geometry};
