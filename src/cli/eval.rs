@@ -46,7 +46,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let report = evaluate(&model, &key, reference.as_ref(), a.n, a.seed)?;
     let v = serde_json::to_value(&report)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         super::print_metrics(&v);
     }

@@ -55,7 +55,7 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         threshold: a.threshold,
     };
     key.save(&a.out)?;
-    println!(
+    say!(
         "key written to {} ({} trigger, target {:?}); keep it secret",
         a.out.display(),
         key.trigger.kind(),

@@ -1,5 +1,14 @@
 //! The command line: one sub-command per module; `main.rs` only parses and dispatches.
 
+/// `println!` for the command line: a closed stdout (e.g. `genbackdoor eval … | head`) ends
+/// the output quietly instead of panicking.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 pub mod eval;
 pub mod inject;
 pub mod key;
@@ -109,9 +118,9 @@ impl RunArgs {
     /// Prints the end of a run: the metrics as JSON, or a short human summary.
     pub fn report(&self, run: &Path, metrics: &serde_json::Value) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(metrics).expect("json"));
+            say!("{}", serde_json::to_string_pretty(metrics).expect("json"));
         } else {
-            println!("run written to {}", run.display());
+            say!("run written to {}", run.display());
             print_metrics(metrics);
         }
     }
@@ -121,7 +130,7 @@ impl RunArgs {
 pub fn print_metrics(metrics: &serde_json::Value) {
     if let Some(m) = metrics.as_object() {
         for (k, v) in m {
-            println!("  {k:<16} {v}");
+            say!("  {k:<16} {v}");
         }
     }
 }

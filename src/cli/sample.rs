@@ -55,11 +55,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     let images = model.generate(&z)?;
     if let Some(p) = &a.png {
         save_grid(p, &images, 8)?;
-        println!("wrote {}", p.display());
+        say!("wrote {}", p.display());
     }
     if let Some(p) = &a.npy {
         write_npy(p, &images)?;
-        println!("wrote {}", p.display());
+        say!("wrote {}", p.display());
     }
     Ok(())
 }
