@@ -106,7 +106,7 @@ pub struct InjectConfig {
 impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {
-            steps: 2000,
+            steps: 4000,
             batch_size: 64,
             lr: 1e-3,
             lr_schedule: LrSchedule::Cosine,
