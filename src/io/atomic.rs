@@ -6,6 +6,14 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// The folder a file lives in (`.` for a bare file name): where its temporary twin goes.
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
@@ -16,10 +24,7 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(path, e))?;
     fill(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
@@ -30,10 +35,7 @@ pub fn write_atomic_with(
 /// Writes to `path` atomically through a callback that writes a file by name (for
 /// libraries that only write to paths); the temporary name keeps `path`'s extension.
 pub fn write_atomic_via_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     let suffix = path
         .extension()
         .map(|e| format!(".{}", e.to_string_lossy()))
