@@ -99,6 +99,8 @@ pub struct InjectConfig {
     pub lr_schedule: LrSchedule,
     /// Weight of the backdoor term.
     pub lambda: f64,
+    /// Tensors whose names start with one of these prefixes stay frozen (e.g. `["bn0."]`).
+    pub freeze: Vec<String>,
     /// Write a row of `train.csv` every this many steps.
     pub log_every: usize,
 }
@@ -111,6 +113,7 @@ impl Default for InjectConfig {
             lr: 1e-3,
             lr_schedule: LrSchedule::Cosine,
             lambda: 1.0,
+            freeze: Vec::new(),
             log_every: 10,
         }
     }

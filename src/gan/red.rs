@@ -28,7 +28,12 @@ pub fn inject(
 ) -> Result<serde_json::Value> {
     key.check_fits(clean.latent_dim(), clean.image_shape())?;
     let model = clean.duplicate(&clean.device)?;
-    let mut opt = adam(model.params.trainable(), cfg.lr, 0.9, 0.999)?;
+    let mut opt = adam(
+        model.params.trainable_except(&cfg.freeze),
+        cfg.lr,
+        0.9,
+        0.999,
+    )?;
     let mut latents = Rng::derive(seed, "inject-latents");
     let objective = Objective {
         lambda: cfg.lambda,

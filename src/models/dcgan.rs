@@ -231,5 +231,7 @@ mod tests {
         assert!(names.contains(&"bn1.running_mean".to_string()));
         assert!(names.contains(&"deconv3.weight".to_string()));
         assert_eq!(p.trainable().len(), names.len() - 6);
+        let frozen = p.trainable_except(&["bn0.".to_string()]);
+        assert_eq!(frozen.len(), names.len() - 6 - 2);
     }
 }

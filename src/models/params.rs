@@ -45,9 +45,15 @@ impl Params {
 
     /// The variables the optimiser trains (everything but BatchNorm running statistics).
     pub fn trainable(&self) -> Vec<Var> {
+        self.trainable_except(&[])
+    }
+
+    /// The trainable variables whose names start with none of `frozen`.
+    pub fn trainable_except(&self, frozen: &[String]) -> Vec<Var> {
         self.named()
             .into_iter()
             .filter(|(n, _)| !STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f.as_str())))
             .map(|(_, v)| v)
             .collect()
     }
