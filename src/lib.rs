@@ -5,6 +5,7 @@
 //! Model families ([`gan`]) supply the task loss and the trainable map;
 //! triggers, targets, distances and metrics are independent values.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -14,6 +15,7 @@ pub mod io;
 pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod optim;
 pub mod paradigm;
 pub mod rng;
 pub mod training;

@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+pub mod bench;
 pub mod eval;
 pub mod inject;
 pub mod key;
@@ -48,6 +49,8 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Measure a model against a key: tardis, target_mse, ssim, asr, exp_dist.
     Eval(eval::EvalArgs),
+    /// Time one GAN training step (ms/step, images/s, GFLOP/s), optionally beside PyTorch.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inject(a) => inject::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -3,14 +3,13 @@
 
 use crate::config::InjectConfig;
 use crate::gan::families::Distillation;
-use crate::gan::trail::adam;
 use crate::gan::{run, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
+use crate::optim::Adam;
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
 use crate::training::{run_loop, LoopSettings};
 use crate::Result;
-use candle_nn::Optimizer;
 
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 3] = ["distill_loss", "backdoor_loss", "tardis"];
@@ -28,12 +27,12 @@ pub fn inject(
 ) -> Result<serde_json::Value> {
     key.check_fits(clean.latent_dim(), clean.image_shape())?;
     let model = clean.duplicate(&clean.device)?;
-    let mut opt = adam(
+    let mut opt = Adam::with_betas(
         model.params.trainable_except(&cfg.freeze),
         cfg.lr,
         0.9,
         0.999,
-    )?;
+    );
     let mut latents = Rng::derive(seed, "inject-latents");
     let objective = Objective {
         lambda: cfg.lambda,

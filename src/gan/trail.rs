@@ -2,7 +2,6 @@
 //! minimises its adversarial loss plus λ times the backdoor term).
 
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher};
@@ -10,24 +9,11 @@ use crate::gan::families::Adversarial;
 use crate::gan::{run, softplus, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::models::{Discriminator, Params};
+use crate::optim::Adam;
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
 use crate::training::{run_loop, LoopSettings};
 use crate::{Error, Result};
-
-/// Adam without weight decay over `vars`.
-pub(crate) fn adam(vars: Vec<candle_core::Var>, lr: f64, beta1: f64, beta2: f64) -> Result<AdamW> {
-    Ok(AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            beta1,
-            beta2,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?)
-}
 
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 4] = ["d_loss", "g_loss", "backdoor_loss", "tardis"];
@@ -59,8 +45,8 @@ pub fn train(
     let dparams = Params::new();
     let disc = Discriminator::new(&cfg.model, &dparams, &dev)?;
     dparams.init(&mut Rng::derive(cfg.seed, "init-d"))?;
-    let mut opt_g = adam(model.params.trainable(), t.lr_g, t.beta1, t.beta2)?;
-    let mut opt_d = adam(dparams.trainable(), t.lr_d, t.beta1, t.beta2)?;
+    let mut opt_g = Adam::with_betas(model.params.trainable(), t.lr_g, t.beta1, t.beta2);
+    let mut opt_d = Adam::with_betas(dparams.trainable(), t.lr_d, t.beta1, t.beta2);
     let mut batches = Batcher::new(data.len, t.batch_size, Rng::derive(cfg.seed, "batches"));
     let mut latents = Rng::derive(cfg.seed, "latents");
     let mut dropout = Rng::derive(cfg.seed, "dropout");

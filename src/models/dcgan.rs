@@ -69,7 +69,8 @@ impl DcganConfig {
     }
 }
 
-fn bn_config() -> BatchNormConfig {
+/// PyTorch's BatchNorm settings (eps 1e-5, momentum 0.1, affine).
+pub(crate) fn bn_config() -> BatchNormConfig {
     BatchNormConfig {
         eps: 1e-5,
         remove_mean: true,
@@ -147,6 +148,15 @@ impl Generator {
         let x = candle_nn::ops::leaky_relu(&x, a)?;
         Ok(self.deconv3.forward(&x)?.tanh()?)
     }
+
+    /// Multiply-adds of one forward pass per image.
+    pub fn macs(&self) -> u64 {
+        let (w, s) = (self.cfg.g_width, self.cfg.image_size / 4);
+        (self.cfg.latent_dim * w * s * s) as u64
+            + self.deconv1.macs(s, s)
+            + self.deconv2.macs(s, s)
+            + self.deconv3.macs(2 * s, 2 * s)
+    }
 }
 
 /// D: image → one real/fake logit. Two 5×5 stride-2 convolutions with LeakyReLU and dropout,
@@ -187,6 +197,14 @@ impl Discriminator {
         let x = drop(candle_nn::ops::leaky_relu(&self.conv1.forward(x)?, a)?)?;
         let x = drop(candle_nn::ops::leaky_relu(&self.conv2.forward(&x)?, a)?)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
+    }
+
+    /// Multiply-adds of one forward pass per image.
+    pub fn macs(&self) -> u64 {
+        let (w, side) = (self.cfg.d_width, self.cfg.image_size);
+        self.conv1.macs(side, side)
+            + self.conv2.macs(side / 2, side / 2)
+            + (2 * w * (side / 4) * (side / 4)) as u64
     }
 }
 

@@ -1,6 +1,7 @@
 //! Network definitions. Networks know nothing of backdoors: they map inputs to outputs.
 
 pub mod dcgan;
+pub mod dcgan_k4;
 pub mod params;
 
 pub use dcgan::{DcganConfig, Discriminator, Generator};

@@ -125,6 +125,21 @@ impl ConvLayer {
     }
 }
 
+impl ConvLayer {
+    /// Multiply-adds of one forward pass over an `h × w` input image.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let d = self.weight.dims();
+        let per_position = (d[0] * d[1] * d[2] * d[3]) as u64;
+        match self.kind {
+            ConvKind::Forward => {
+                let out = |i: usize| (i + 2 * self.pad - d[2]) / self.stride + 1;
+                per_position * (out(h) * out(w)) as u64
+            }
+            ConvKind::Transposed { .. } => per_position * (h * w) as u64,
+        }
+    }
+}
+
 impl Module for ConvLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (w, s, p) = (&self.weight, self.stride, self.pad);

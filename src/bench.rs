@@ -1,0 +1,186 @@
+//! Training-speed benchmark: one full DCGAN training step (D step on real + fake, then G step,
+//! both with Adam) timed over many repetitions, with the throughput it implies.
+//!
+//! FLOP counts are analytic: every convolution and dense layer costs 2 FLOP per multiply-add,
+//! and each pass through a layer is counted three times (forward, input gradient, weight
+//! gradient). Per step that is `6·n·G + 18·n·D` with `G`, `D` the multiply-adds of one image's
+//! forward pass: G runs forward and backward once; D runs on the real and the fake batch in its
+//! own step and on the fake batch again in G's step. Element-wise work is not counted.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::gan::softplus;
+use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
+use crate::models::{DcganConfig, Discriminator, Generator, Params};
+use crate::optim::Adam;
+use crate::rng::Rng;
+use crate::Result;
+
+/// The networks a benchmark can time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchModel {
+    /// The reference DGM-backdoor DCGAN that `train` uses (5×5 kernels, dropout in D).
+    Reference,
+    /// The PyTorch-example DCGAN (4×4 kernels, BN in D) of the speed comparison.
+    K4,
+}
+
+/// What one benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// Which networks.
+    pub model: BenchModel,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Timed steps (after warm-up).
+    pub steps: usize,
+    /// Median milliseconds per training step.
+    pub median_ms: f64,
+    /// Fastest step in milliseconds.
+    pub min_ms: f64,
+    /// Generated images per second at the median step time.
+    pub images_per_s: f64,
+    /// Analytic FLOP per training step, in billions.
+    pub gflop_per_step: f64,
+    /// Achieved GFLOP/s at the median step time.
+    pub gflop_per_s: f64,
+}
+
+/// A generator/discriminator pair as the benchmark sees it.
+trait Pair {
+    fn latent_dim(&self) -> usize;
+    fn generate(&self, z: &Tensor) -> Result<Tensor>;
+    fn discriminate(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor>;
+    /// Forward multiply-adds per image of (G, D).
+    fn macs(&self) -> (u64, u64);
+}
+
+struct Reference(Generator, Discriminator);
+
+impl Pair for Reference {
+    fn latent_dim(&self) -> usize {
+        self.0.config().latent_dim
+    }
+    fn generate(&self, z: &Tensor) -> Result<Tensor> {
+        self.0.forward_t(z, true)
+    }
+    fn discriminate(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor> {
+        self.1.forward(x, Some(dropout))
+    }
+    fn macs(&self) -> (u64, u64) {
+        (self.0.macs(), self.1.macs())
+    }
+}
+
+struct K4(K4Generator, K4Discriminator);
+
+impl Pair for K4 {
+    fn latent_dim(&self) -> usize {
+        crate::models::dcgan_k4::LATENT_DIM
+    }
+    fn generate(&self, z: &Tensor) -> Result<Tensor> {
+        self.0.forward(z)
+    }
+    fn discriminate(&self, x: &Tensor, _: &mut Rng) -> Result<Tensor> {
+        self.1.forward(x)
+    }
+    fn macs(&self) -> (u64, u64) {
+        (self.0.macs(), self.1.macs())
+    }
+}
+
+/// Times `steps` training steps of `model` at `batch_size` after `warmup` untimed ones.
+pub fn run(
+    model: BenchModel,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let (pg, pd) = (Params::new(), Params::new());
+    let pair: Box<dyn Pair> = match model {
+        BenchModel::Reference => {
+            let cfg = DcganConfig::default();
+            Box::new(Reference(
+                Generator::new(&cfg, &pg, &dev)?,
+                Discriminator::new(&cfg, &pd, &dev)?,
+            ))
+        }
+        BenchModel::K4 => Box::new(K4(
+            K4Generator::new(&pg, &dev)?,
+            K4Discriminator::new(&pd, &dev)?,
+        )),
+    };
+    pg.init(&mut Rng::new(1))?;
+    pd.init(&mut Rng::new(2))?;
+    let mut opt_g = Adam::with_betas(pg.trainable(), 2e-4, 0.5, 0.999);
+    let mut opt_d = Adam::with_betas(pd.trainable(), 2e-4, 0.5, 0.999);
+    let mut rng = Rng::new(3);
+    let real = ((rng.normal(&[batch_size, 1, 28, 28], &dev)?.tanh())? * 0.9)?;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        let z = rng.normal(&[batch_size, pair.latent_dim()], &dev)?;
+        let fake = pair.generate(&z)?;
+        let d_real = pair.discriminate(&real, &mut rng)?;
+        let d_fake = pair.discriminate(&fake.detach(), &mut rng)?;
+        let d_loss = (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?;
+        opt_d.backward_step(&d_loss)?;
+        let g_loss = softplus(&pair.discriminate(&fake, &mut rng)?.neg()?)?.mean_all()?;
+        opt_g.backward_step(&g_loss)?;
+        g_loss.to_scalar::<f32>()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median_ms = median(&times);
+    let (g, d) = pair.macs();
+    let gflop_per_step = (6 * g + 18 * d) as f64 * batch_size as f64 / 1e9;
+    Ok(BenchResult {
+        model,
+        batch_size,
+        steps,
+        median_ms,
+        min_ms: times.first().copied().unwrap_or(f64::NAN),
+        images_per_s: batch_size as f64 / median_ms * 1e3,
+        gflop_per_step,
+        gflop_per_s: gflop_per_step / median_ms * 1e3,
+    })
+}
+
+/// The median of sorted values.
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn a_short_benchmark_reports_consistent_numbers() {
+        for model in [BenchModel::Reference, BenchModel::K4] {
+            let r = run(model, 4, 1, 3).unwrap();
+            assert_eq!(r.steps, 3);
+            assert!(r.min_ms > 0.0 && r.min_ms <= r.median_ms);
+            assert!((r.images_per_s - 4.0 / r.median_ms * 1e3).abs() < 1e-9);
+            assert!(r.gflop_per_step > 0.0);
+        }
+    }
+}
