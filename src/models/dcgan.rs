@@ -2,11 +2,11 @@
 //! a 390,736-scalar generator and a two-convolution discriminator, widths configurable.
 
 use candle_core::{Device, Module, ModuleT, Tensor};
-use candle_nn::{batch_norm, linear, linear_no_bias, BatchNorm, BatchNormConfig, Linear};
+use candle_nn::{linear, linear_no_bias, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{ConvKind, ConvLayer};
+use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -69,16 +69,6 @@ impl DcganConfig {
     }
 }
 
-/// PyTorch's BatchNorm settings (eps 1e-5, momentum 0.1, affine).
-pub(crate) fn bn_config() -> BatchNormConfig {
-    BatchNormConfig {
-        eps: 1e-5,
-        remove_mean: true,
-        affine: true,
-        momentum: 0.1,
-    }
-}
-
 /// A bias-free 5×5 transposed convolution with "same" padding: out = in · stride.
 fn upsample(
     cin: usize,
@@ -114,11 +104,11 @@ impl Generator {
         Ok(Generator {
             cfg: cfg.clone(),
             fc: linear_no_bias(cfg.latent_dim, w * s * s, vb.pp("fc"))?,
-            bn0: batch_norm(w * s * s, bn_config(), vb.pp("bn0"))?,
+            bn0: batch_norm(w * s * s, vb.pp("bn0"))?,
             deconv1: upsample(w, w / 2, 1, vb.pp("deconv1"))?,
-            bn1: batch_norm(w / 2, bn_config(), vb.pp("bn1"))?,
+            bn1: batch_norm(w / 2, vb.pp("bn1"))?,
             deconv2: upsample(w / 2, w / 4, 2, vb.pp("deconv2"))?,
-            bn2: batch_norm(w / 4, bn_config(), vb.pp("bn2"))?,
+            bn2: batch_norm(w / 4, vb.pp("bn2"))?,
             deconv3: upsample(w / 4, 1, 2, vb.pp("deconv3"))?,
         })
     }
@@ -141,11 +131,11 @@ impl Generator {
         let a = self.cfg.leaky_slope;
         let (w, s) = (self.cfg.g_width, self.cfg.image_size / 4);
         let x = self.bn0.forward_t(&self.fc.forward(z)?, train)?;
-        let x = candle_nn::ops::leaky_relu(&x, a)?.reshape((n, w, s, s))?;
+        let x = leaky_relu(&x, a)?.reshape((n, w, s, s))?;
         let x = self.bn1.forward_t(&self.deconv1.forward(&x)?, train)?;
-        let x = candle_nn::ops::leaky_relu(&x, a)?;
+        let x = leaky_relu(&x, a)?;
         let x = self.bn2.forward_t(&self.deconv2.forward(&x)?, train)?;
-        let x = candle_nn::ops::leaky_relu(&x, a)?;
+        let x = leaky_relu(&x, a)?;
         Ok(self.deconv3.forward(&x)?.tanh()?)
     }
 
@@ -194,8 +184,8 @@ impl Discriminator {
                 _ => Ok(t),
             }
         };
-        let x = drop(candle_nn::ops::leaky_relu(&self.conv1.forward(x)?, a)?)?;
-        let x = drop(candle_nn::ops::leaky_relu(&self.conv2.forward(&x)?, a)?)?;
+        let x = drop(leaky_relu(&self.conv1.forward(x)?, a)?)?;
+        let x = drop(leaky_relu(&self.conv2.forward(&x)?, a)?)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
     }
 

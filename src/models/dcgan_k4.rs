@@ -6,11 +6,10 @@
 //! Layers followed by BatchNorm have no bias; the others have one (PyTorch's default).
 
 use candle_core::{Device, Module, ModuleT, Tensor};
-use candle_nn::{batch_norm, linear, linear_no_bias, BatchNorm, Linear};
+use candle_nn::{linear, linear_no_bias, Linear};
 
-use crate::models::dcgan::bn_config;
 use crate::models::Params;
-use crate::ops::{ConvKind, ConvLayer};
+use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer};
 use crate::Result;
 
 /// Latent dimension of this model.
@@ -38,9 +37,9 @@ impl K4Generator {
         };
         Ok(K4Generator {
             fc: linear_no_bias(LATENT_DIM, 128 * 49, vb.pp("fc"))?,
-            bn0: batch_norm(128 * 49, bn_config(), vb.pp("bn0"))?,
+            bn0: batch_norm(128 * 49, vb.pp("bn0"))?,
             deconv1: up(128, 64, false, "deconv1")?,
-            bn1: batch_norm(64, bn_config(), vb.pp("bn1"))?,
+            bn1: batch_norm(64, vb.pp("bn1"))?,
             deconv2: up(64, 1, true, "deconv2")?,
         })
     }
@@ -48,12 +47,9 @@ impl K4Generator {
     /// Images `[n, 1, 28, 28]` for latents `[n, 100]`, with batch statistics.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
-        let x = self.bn0.forward_t(&self.fc.forward(z)?, true)?.relu()?;
+        let x = leaky_relu(&self.bn0.forward_t(&self.fc.forward(z)?, true)?, 0.0)?;
         let x = x.reshape((n, 128, 7, 7))?;
-        let x = self
-            .bn1
-            .forward_t(&self.deconv1.forward(&x)?, true)?
-            .relu()?;
+        let x = leaky_relu(&self.bn1.forward_t(&self.deconv1.forward(&x)?, true)?, 0.0)?;
         Ok(self.deconv2.forward(&x)?.tanh()?)
     }
 
@@ -85,16 +81,16 @@ impl K4Discriminator {
         Ok(K4Discriminator {
             conv1: down(1, 64, true, "conv1")?,
             conv2: down(64, 128, false, "conv2")?,
-            bn2: batch_norm(128, bn_config(), vb.pp("bn2"))?,
+            bn2: batch_norm(128, vb.pp("bn2"))?,
             fc: linear(128 * 49, 1, vb.pp("fc"))?,
         })
     }
 
     /// Logits `[n]` for images `[n, 1, 28, 28]`, with batch statistics.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = candle_nn::ops::leaky_relu(&self.conv1.forward(x)?, SLOPE)?;
+        let x = leaky_relu(&self.conv1.forward(x)?, SLOPE)?;
         let x = self.bn2.forward_t(&self.conv2.forward(&x)?, true)?;
-        let x = candle_nn::ops::leaky_relu(&x, SLOPE)?;
+        let x = leaky_relu(&x, SLOPE)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
     }
 

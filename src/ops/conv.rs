@@ -158,44 +158,24 @@ impl Module for ConvLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing;
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
     use proptest::prelude::*;
 
-    fn close(a: &Tensor, b: &Tensor) -> std::result::Result<(), String> {
-        if a.dims() != b.dims() {
-            return Err(format!("shapes {:?} vs {:?}", a.dims(), b.dims()));
-        }
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        for (x, y) in a.iter().zip(&b) {
-            if (x - y).abs() > 1e-4 * scale {
-                return Err(format!("{x} vs {y}"));
-            }
-        }
-        Ok(())
-    }
-
-    /// Forward value and gradients (input, kernel) of `f` under the loss `sum(f(x, w) · r)`.
+    /// Forward value and gradients (input, kernel) of `f` under a random linear loss.
     fn value_and_grads(
         f: impl Fn(&Tensor, &Tensor) -> Tensor,
         x: &Tensor,
         w: &Tensor,
         seed: u64,
     ) -> (Tensor, Tensor, Tensor) {
-        let (xv, wv) = (
-            Var::from_tensor(&x.copy().unwrap()).unwrap(),
-            Var::from_tensor(&w.copy().unwrap()).unwrap(),
-        );
-        let y = f(xv.as_tensor(), wv.as_tensor());
-        let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
-        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        (
-            y,
-            grads.get(&xv).unwrap().clone(),
-            grads.get(&wv).unwrap().clone(),
-        )
+        let (y, g) = testing::value_and_grads(|t| f(&t[0], &t[1]), &[x, w], seed);
+        (y, g[0].clone(), g[1].clone())
+    }
+
+    fn close(a: &Tensor, b: &Tensor) -> std::result::Result<(), String> {
+        testing::assert_close(a, b, 1e-4)
     }
 
     proptest! {

@@ -5,8 +5,14 @@
 //! plus one of two memory-rearranging ops, `im2col` and `col2im`, which are each other's
 //! adjoint: the backward pass of one is the other.
 
+mod activation;
+mod batchnorm;
 mod conv;
 mod im2col;
+#[cfg(test)]
+mod testing;
 
+pub use activation::leaky_relu;
+pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
 pub use im2col::{col2im, im2col, Geometry};

@@ -1,0 +1,104 @@
+//! LeakyReLU (ReLU at slope 0) as one fused kernel per direction. candle-nn's version builds
+//! it from `maximum`, `minimum`, a multiply and an add, each with its own buffer and backward.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use crate::Result;
+
+/// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(LeakyRelu {
+        slope: slope as f32,
+    })?)
+}
+
+/// The forward kernel; its backward pass is [`LeakyReluGrad`].
+struct LeakyRelu {
+    slope: f32,
+}
+
+/// Contiguous f32 data of a storage, or an error naming `op`.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: expects contiguous f32 input"),
+    }
+}
+
+impl CustomOp1 for LeakyRelu {
+    fn name(&self) -> &'static str {
+        "leaky-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let a = self.slope;
+        let y = x.iter().map(|&v| if v > 0.0 { v } else { a * v }).collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad_op = LeakyReluGrad { slope: self.slope };
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?))
+    }
+}
+
+/// `dy · (x > 0 ? 1 : slope)`.
+struct LeakyReluGrad {
+    slope: f32,
+}
+
+impl CustomOp2 for LeakyReluGrad {
+    fn name(&self) -> &'static str {
+        "leaky-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        let a = self.slope;
+        let d = x
+            .iter()
+            .zip(g)
+            .map(|(&x, &g)| if x > 0.0 { g } else { a * g })
+            .collect();
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_close, value_and_grad};
+    use crate::rng::Rng;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(30))]
+        #[test]
+        fn matches_candle_nn_forward_and_backward(
+            n in 1usize..5, c in 1usize..6, side in 1usize..9, slope in 0.0f64..0.5, seed in 0u64..1000,
+        ) {
+            let x = Rng::new(seed).normal(&[n, c, side, side], &Device::Cpu).unwrap();
+            let ours = value_and_grad(|x| leaky_relu(x, slope).unwrap(), &x, seed);
+            let theirs = value_and_grad(|x| candle_nn::ops::leaky_relu(x, slope).unwrap(), &x, seed);
+            assert_close(&ours.0, &theirs.0, 1e-6).map_err(TestCaseError::fail)?;
+            assert_close(&ours.1, &theirs.1, 1e-6).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn non_contiguous_input_and_relu() {
+        let x = Rng::new(1).normal(&[3, 4], &Device::Cpu).unwrap();
+        let y = leaky_relu(&x.t().unwrap(), 0.0).unwrap();
+        let r = x.t().unwrap().relu().unwrap();
+        assert_close(&y, &r, 0.0).unwrap();
+    }
+}

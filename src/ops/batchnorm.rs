@@ -1,0 +1,330 @@
+//! BatchNorm whose training-mode pass is one fused kernel: batch statistics, normalisation
+//! and affine map in three sequential sweeps, and the closed-form backward pass in two.
+//! candle-nn's version chains about a dozen broadcast tensor operations, each with its own
+//! buffer and its own backward node. Tensor names and running-statistics updates are
+//! PyTorch's (`weight`, `bias`, `running_mean`, `running_var`; momentum 0.1, unbiased
+//! running variance), so checkpoints are unchanged.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::Result;
+
+/// Batch normalisation over dimension 1 of `[n, c, …]` inputs.
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f32,
+    momentum: f64,
+}
+
+/// A BatchNorm over `num_features` channels with PyTorch's defaults (eps 1e-5, momentum 0.1),
+/// its tensors created under `vb`.
+pub fn batch_norm(num_features: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let get = |name, init| vb.get_with_hints(num_features, name, init);
+    Ok(BatchNorm {
+        weight: get("weight", Init::Const(1.0))?,
+        bias: get("bias", Init::Const(0.0))?,
+        running_mean: Var::from_tensor(&get("running_mean", Init::Const(0.0))?)?,
+        running_var: Var::from_tensor(&get("running_var", Init::Const(1.0))?)?,
+        eps: 1e-5,
+        momentum: 0.1,
+    })
+}
+
+impl BatchNorm {
+    /// Normalises with the batch's statistics and moves the running statistics towards them.
+    fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let stats = Arc::new(Mutex::new(None));
+        let op = BatchNormTrain {
+            eps: self.eps,
+            stats: stats.clone(),
+        };
+        let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+        let stats = stats.lock().expect("stats lock").clone();
+        let Some(s) = stats else {
+            candle_core::bail!("batch-norm: statistics were not computed");
+        };
+        let m = s.count as f64;
+        let blend = |running: &Var, batch: Vec<f32>, scale: f64| -> candle_core::Result<()> {
+            let batch = Tensor::from_vec(batch, running.dims(), running.device())?;
+            running.set(
+                &((running.as_tensor() * (1.0 - self.momentum))?
+                    + (batch * (self.momentum * scale))?)?,
+            )
+        };
+        blend(&self.running_mean, s.mean, 1.0)?;
+        blend(&self.running_var, s.var, m / (m - 1.0).max(1.0))?;
+        Ok(y)
+    }
+
+    /// Normalises with the running statistics.
+    fn forward_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = x.dim(1)?;
+        let mean = self
+            .running_mean
+            .as_detached_tensor()
+            .reshape(shape.as_slice())?;
+        let std = (self.running_var.as_detached_tensor() + self.eps as f64)?
+            .sqrt()?
+            .reshape(shape.as_slice())?;
+        x.broadcast_sub(&mean)?
+            .broadcast_div(&std)?
+            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let c = self.running_mean.elem_count();
+        if x.rank() < 2 || x.dim(1)? != c {
+            candle_core::bail!(
+                "batch-norm over {c} channels cannot take an input of shape {:?}",
+                x.dims()
+            );
+        }
+        if train {
+            self.forward_train(x)
+        } else {
+            self.forward_eval(x)
+        }
+    }
+}
+
+/// Per-channel batch statistics.
+#[derive(Debug, Clone)]
+struct Stats {
+    mean: Vec<f32>,
+    /// Biased (population) variance.
+    var: Vec<f32>,
+    inv_std: Vec<f32>,
+    /// Values per channel, `n · spatial`.
+    count: usize,
+}
+
+/// `[n, c, s]` view of a contiguous `[n, c, …]` layout.
+fn ncs(shape: &Shape) -> (usize, usize, usize) {
+    let d = shape.dims();
+    (d[0], d[1], d[2..].iter().product())
+}
+
+/// The training-mode forward kernel; it leaves its statistics in `stats` for the running
+/// averages and for its backward pass.
+struct BatchNormTrain {
+    eps: f32,
+    stats: Arc<Mutex<Option<Stats>>>,
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("batch-norm: expects contiguous f32 tensors"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(f(slice(s, layout)?)),
+        _ => candle_core::bail!("batch-norm: the fused kernel runs on the CPU only"),
+    }
+}
+
+/// Sums over `n` and the spatial positions for each channel of `[n, c, s]` data.
+fn channel_sums(
+    x: &[f32],
+    (n, c, s): (usize, usize, usize),
+    f: impl Fn(usize, f32) -> f64,
+) -> Vec<f64> {
+    let mut acc = vec![0f64; c];
+    for i in 0..n {
+        for (ch, a) in acc.iter_mut().enumerate() {
+            let row = &x[(i * c + ch) * s..(i * c + ch + 1) * s];
+            *a += row.iter().map(|&v| f(ch, v)).sum::<f64>();
+        }
+    }
+    acc
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let dims @ (n, c, s) = ncs(l1.shape());
+        let m = (n * s) as f64;
+        let mean: Vec<f32> = channel_sums(x, dims, |_, v| v as f64)
+            .into_iter()
+            .map(|t| (t / m) as f32)
+            .collect();
+        let var: Vec<f32> = channel_sums(x, dims, |ch, v| ((v - mean[ch]) as f64).powi(2))
+            .into_iter()
+            .map(|t| (t / m) as f32)
+            .collect();
+        let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let mut y = Vec::with_capacity(x.len());
+        for i in 0..n {
+            for ch in 0..c {
+                let (a, mu, b) = (gamma[ch] * inv_std[ch], mean[ch], beta[ch]);
+                let row = &x[(i * c + ch) * s..(i * c + ch + 1) * s];
+                y.extend(row.iter().map(|&v| (v - mu) * a + b));
+            }
+        }
+        *self.stats.lock().expect("stats lock") = Some(Stats {
+            mean,
+            var,
+            inv_std,
+            count: n * s,
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ·σ⁻¹/m · (m·dy − dβ − x̂·dγ)` per channel.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(st) = self.stats.lock().expect("stats lock").clone() else {
+            candle_core::bail!("batch-norm: backward before forward");
+        };
+        let dims @ (n, c, s) = ncs(x.shape());
+        let gamma = gamma.to_vec1::<f32>()?;
+        let (dx, dgamma, dbeta) = with_data(x, |x| {
+            with_data(dy, |dy| {
+                let xhat = |ch: usize, v: f32| (v - st.mean[ch]) * st.inv_std[ch];
+                let dbeta = channel_sums(dy, dims, |_, g| g as f64);
+                let mut dgamma = vec![0f64; c];
+                for i in 0..n {
+                    for (ch, acc) in dgamma.iter_mut().enumerate() {
+                        let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                        *acc += x[r.clone()]
+                            .iter()
+                            .zip(&dy[r])
+                            .map(|(&v, &g)| (g * xhat(ch, v)) as f64)
+                            .sum::<f64>();
+                    }
+                }
+                let m = (n * s) as f32;
+                let mut dx = Vec::with_capacity(x.len());
+                for i in 0..n {
+                    for ch in 0..c {
+                        let k = gamma[ch] * st.inv_std[ch] / m;
+                        let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
+                        let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                        dx.extend(
+                            x[r.clone()]
+                                .iter()
+                                .zip(&dy[r])
+                                .map(|(&v, &g)| k * (m * g - db - xhat(ch, v) * dg)),
+                        );
+                    }
+                }
+                let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
+                (dx, f(dgamma), f(dbeta))
+            })
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::assert_close;
+    use crate::rng::Rng;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+    use proptest::prelude::*;
+
+    /// Ours and candle-nn's BatchNorm over the same fresh tensors.
+    fn pair(c: usize) -> (BatchNorm, candle_nn::BatchNorm, VarMap, VarMap) {
+        let (a, b) = (VarMap::new(), VarMap::new());
+        let dev = Device::Cpu;
+        let ours = batch_norm(c, VarBuilder::from_varmap(&a, DType::F32, &dev)).unwrap();
+        let cfg = candle_nn::BatchNormConfig {
+            eps: 1e-5,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        let theirs =
+            candle_nn::batch_norm(c, cfg, VarBuilder::from_varmap(&b, DType::F32, &dev)).unwrap();
+        (ours, theirs, a, b)
+    }
+
+    fn get(m: &VarMap, name: &str) -> Tensor {
+        m.data().lock().unwrap()[name].as_tensor().clone()
+    }
+
+    /// Training-mode output and the gradients (input, scale, shift) of a random linear loss.
+    fn run(bn: &dyn ModuleT, m: &VarMap, x: &Tensor, seed: u64) -> (Tensor, Vec<Tensor>) {
+        let xv = Var::from_tensor(&x.copy().unwrap()).unwrap();
+        let y = bn.forward_t(xv.as_tensor(), true).unwrap();
+        let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = |t: &Tensor| grads.get(t).unwrap().clone();
+        let grads = vec![g(xv.as_tensor()), g(&get(m, "weight")), g(&get(m, "bias"))];
+        (y, grads)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(30))]
+        #[test]
+        fn matches_candle_nn_in_training_and_evaluation(
+            n in 2usize..6, c in 1usize..5, h in 1usize..6, w in 1usize..6, flat in any::<bool>(),
+            seed in 0u64..1000,
+        ) {
+            let dev = Device::Cpu;
+            let mut rng = Rng::new(seed);
+            let shape: Vec<usize> = if flat { vec![n, c] } else { vec![n, c, h, w] };
+            let x = (rng.normal(&shape, &dev).unwrap() * 3.0).unwrap();
+            let gamma = rng.normal(&[c], &dev).unwrap();
+            let beta = rng.normal(&[c], &dev).unwrap();
+            let (ours, theirs, a, b) = pair(c);
+            for m in [&a, &b] {
+                let data = m.data().lock().unwrap();
+                data["weight"].set(&gamma).unwrap();
+                data["bias"].set(&beta).unwrap();
+            }
+            let (y1, g1) = run(&ours, &a, &x, seed);
+            let (y2, g2) = run(&theirs, &b, &x, seed);
+            assert_close(&y1, &y2, 1e-4).map_err(|e| TestCaseError::fail(format!("forward: {e}")))?;
+            for (what, (p, q)) in ["dx", "dgamma", "dbeta"].iter().zip(g1.iter().zip(&g2)) {
+                assert_close(p, q, 1e-4).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            }
+            for name in ["running_mean", "running_var"] {
+                assert_close(&get(&a, name), &get(&b, name), 1e-5).map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+            }
+            let e1 = ours.forward_t(&x, false).unwrap();
+            let e2 = theirs.forward_t(&x, false).unwrap();
+            assert_close(&e1, &e2, 1e-5).map_err(|e| TestCaseError::fail(format!("eval: {e}")))?;
+        }
+    }
+}

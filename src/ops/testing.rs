@@ -1,0 +1,47 @@
+//! Helpers for comparing custom ops with candle's reference implementations in tests.
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::rng::Rng;
+
+/// Ok when `a` and `b` have the same shape and agree to `tol` relative to `b`'s largest
+/// magnitude (at least 1).
+pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) -> Result<(), String> {
+    if a.dims() != b.dims() {
+        return Err(format!("shapes {:?} vs {:?}", a.dims(), b.dims()));
+    }
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        if (x - y).abs() > tol * scale {
+            return Err(format!("element {i}: {x} vs {y}"));
+        }
+    }
+    Ok(())
+}
+
+/// The value of `f(inputs)` and the gradient of `sum(f(inputs) · r)` with respect to each
+/// input, for a fixed random `r` drawn from `seed`.
+pub fn value_and_grads(
+    f: impl Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    seed: u64,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.copy().unwrap()).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors);
+    let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+    (y, g)
+}
+
+/// [`value_and_grads`] for a function of one tensor.
+pub fn value_and_grad(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, seed: u64) -> (Tensor, Tensor) {
+    let (y, mut g) = value_and_grads(|t| f(&t[0]), &[x], seed);
+    (y, g.remove(0))
+}
