@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
+use crate::ops::cpu::f32_slice;
 use crate::Result;
 
 /// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
@@ -15,14 +16,6 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 /// The forward kernel; its backward pass is [`LeakyReluGrad`].
 struct LeakyRelu {
     slope: f32,
-}
-
-/// Contiguous f32 data of a storage, or an error naming `op`.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: expects contiguous f32 input"),
-    }
 }
 
 impl CustomOp1 for LeakyRelu {

@@ -7,10 +7,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use crate::ops::cpu::{f32_slice, with_f32};
 use crate::Result;
+
+const NAME: &str = "batch-norm-train";
 
 /// Batch normalisation over dimension 1 of `[n, c, …]` inputs.
 pub struct BatchNorm {
@@ -121,23 +124,6 @@ struct BatchNormTrain {
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("batch-norm: expects contiguous f32 tensors"),
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(f(slice(s, layout)?)),
-        _ => candle_core::bail!("batch-norm: the fused kernel runs on the CPU only"),
-    }
-}
-
 /// Sums over `n` and the spatial positions for each channel of `[n, c, s]` data.
 fn channel_sums(
     x: &[f32],
@@ -156,7 +142,7 @@ fn channel_sums(
 
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
-        "batch-norm-train"
+        NAME
     }
 
     fn cpu_fwd(
@@ -168,7 +154,11 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            f32_slice(s1, l1, NAME)?,
+            f32_slice(s2, l2, NAME)?,
+            f32_slice(s3, l3, NAME)?,
+        );
         let dims @ (n, c, s) = ncs(l1.shape());
         let m = (n * s) as f64;
         let mean: Vec<f32> = channel_sums(x, dims, |_, v| v as f64)
@@ -211,8 +201,8 @@ impl CustomOp3 for BatchNormTrain {
         };
         let dims @ (n, c, s) = ncs(x.shape());
         let gamma = gamma.to_vec1::<f32>()?;
-        let (dx, dgamma, dbeta) = with_data(x, |x| {
-            with_data(dy, |dy| {
+        let (dx, dgamma, dbeta) = with_f32(x, NAME, |x| {
+            with_f32(dy, NAME, |dy| {
                 let xhat = |ch: usize, v: f32| (v - st.mean[ch]) * st.inv_std[ch];
                 let dbeta = channel_sums(dy, dims, |_, g| g as f64);
                 let mut dgamma = vec![0f64; c];

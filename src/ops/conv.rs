@@ -1,15 +1,35 @@
-//! Convolution and transposed convolution as `im2col`/`col2im` plus one gemm, with layers
-//! whose tensor names match candle-nn's (and PyTorch's): `weight`, `bias`.
+//! Convolution and transposed convolution as single candle custom ops: per image, an
+//! `im2col`/`col2im` rearrangement plus one gemm call (the `gemm` crate that candle itself
+//! uses), with the bias folded in and a backward pass that returns all three gradients.
+//! One graph node per layer, where composing candle operations costs about eight, each with
+//! its own buffers in both directions.
+//!
+//! Both kinds share three per-image primitives over a weight viewed as `W [c2, K]`
+//! (`K = c·k·k`, `c2` the channels on the other side): `gather` (`W · im2col(image)ᵀ`),
+//! its adjoint `scatter` (`col2im((·)ᵀ · W)`), and the weight gradient
+//! `Σ other · im2col(image)`. A convolution gathers forward and scatters backward; a
+//! transposed convolution does the opposite.
 
-use candle_core::{Module, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
 
-use crate::ops::im2col::{col2im, im2col, Geometry};
+use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::im2col::{col2im_add, im2col, Geometry};
 use crate::{Error, Result};
 
-/// `conv2d(x [n, c, h, w], weight [cout, c, k, k])` with `stride` and zero `pad`.
-pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
+const NAME: &str = "genbackdoor-conv";
+
+/// `conv2d(x [n, c, h, w], weight [cout, c, k, k]) + bias [cout]` with `stride` and zero
+/// `pad`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
     let (cout, wc, k, k2) = weight.dims4()?;
     if wc != c || k != k2 {
         return Err(Error::Mismatch(format!(
@@ -26,23 +46,26 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
         stride,
         pad,
     };
-    let cols = im2col(x, g)?.reshape((n * g.positions(), g.patch()))?;
-    let y = cols.matmul(&weight.reshape((cout, g.patch()))?.t()?)?;
-    Ok(y.reshape((n, g.positions(), cout))?
-        .transpose(1, 2)?
-        .reshape((n, cout, g.oh(), g.ow()))?)
+    g.validate()?;
+    let op = Conv {
+        g,
+        c2: cout,
+        transposed: false,
+    };
+    op.apply(x, weight, bias)
 }
 
-/// `conv_transpose2d(x [n, cin, h, w], weight [cin, cout, k, k])`: the adjoint of
-/// [`conv2d`], output side `(h − 1)·stride − 2·pad + k + out_pad`.
+/// `conv_transpose2d(x [n, cin, h, w], weight [cin, cout, k, k]) + bias [cout]`: the adjoint
+/// of [`conv2d`] (plus bias), output side `(h − 1)·stride − 2·pad + k + out_pad`.
 pub fn conv_transpose2d(
     x: &Tensor,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     stride: usize,
     pad: usize,
     out_pad: usize,
 ) -> Result<Tensor> {
-    let (n, cin, h, w) = x.dims4()?;
+    let (_, cin, h, w) = x.dims4()?;
     let (wc, cout, k, k2) = weight.dims4()?;
     if wc != cin || k != k2 || out_pad >= stride.max(1) || (h - 1) * stride + k + out_pad < 2 * pad
     {
@@ -62,12 +85,253 @@ pub fn conv_transpose2d(
         pad,
     };
     g.validate()?;
-    let rows = x
-        .reshape((n, cin, h * w))?
-        .transpose(1, 2)?
-        .reshape((n * h * w, cin))?;
-    let cols = rows.matmul(&weight.reshape((cin, g.patch()))?)?;
-    col2im(&cols.reshape((n, h * w, g.patch()))?, g)
+    let op = Conv {
+        g,
+        c2: cin,
+        transposed: true,
+    };
+    op.apply(x, weight, bias)
+}
+
+/// `dst [m × n] (row stride n) = (accumulate ? dst : 0) + lhs · rhs`, where `lhs [m × k]` and
+/// `rhs [k × n]` are read through (row, column) strides. Panics if a stride reaches outside a
+/// slice, which keeps the unchecked gemm call sound.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    assert!(dst.len() >= m * n);
+    assert!(m * k == 0 || last(m, k, lhs_rs, lhs_cs) < lhs.len());
+    assert!(k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len());
+    // SAFETY: the assertions above keep every index gemm computes inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// One convolution (`transposed` or not) of geometry `g` (over the image side) with `c2`
+/// channels on the other side; applied to `(x, weight [c2, …], bias)`.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    g: Geometry,
+    c2: usize,
+    transposed: bool,
+}
+
+impl Conv {
+    fn apply(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let cout = if self.transposed { self.g.c } else { self.c2 };
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(cout, x.dtype(), x.device())?;
+                &zeros
+            }
+        };
+        if bias.dims() != [cout] {
+            return Err(Error::Mismatch(format!(
+                "convolution bias {:?} does not fit {cout} output channels",
+                bias.dims()
+            )));
+        }
+        Ok(x.contiguous()?
+            .apply_op3(&weight.contiguous()?, bias, self)?)
+    }
+
+    /// Values per image on the other side, `c2 · positions`.
+    fn other(&self) -> usize {
+        self.c2 * self.g.positions()
+    }
+
+    /// Values per image of the input and the output.
+    fn sizes(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.other(), self.g.image())
+        } else {
+            (self.g.image(), self.other())
+        }
+    }
+
+    /// `other [c2, P] = W [c2, K] · im2col(image)ᵀ`.
+    fn gather(&self, w: &[f32], image: &[f32], other: &mut [f32], cols: &mut [f32]) {
+        let (p, k) = (self.g.positions(), self.g.patch());
+        im2col(&self.g, image, cols);
+        matmul((self.c2, p, k), other, w, (k, 1), cols, (1, k), false);
+    }
+
+    /// `image = col2im(otherᵀ [P, c2] · W [c2, K])`.
+    fn scatter(&self, w: &[f32], other: &[f32], image: &mut [f32], cols: &mut [f32]) {
+        let (p, k) = (self.g.positions(), self.g.patch());
+        matmul((p, k, self.c2), cols, other, (1, p), w, (k, 1), false);
+        image.fill(0.0);
+        col2im_add(&self.g, cols, image);
+    }
+
+    /// `dw [c2, K] += other [c2, P] · im2col(image) [P, K]`.
+    fn weight_grad(&self, other: &[f32], image: &[f32], dw: &mut [f32], cols: &mut [f32]) {
+        let (p, k) = (self.g.positions(), self.g.patch());
+        im2col(&self.g, image, cols);
+        matmul((self.c2, k, p), dw, other, (p, 1), cols, (k, 1), true);
+    }
+
+    /// The forward map of one image (without bias).
+    fn forward_one(&self, w: &[f32], x: &[f32], y: &mut [f32], cols: &mut [f32]) {
+        if self.transposed {
+            self.scatter(w, x, y, cols)
+        } else {
+            self.gather(w, x, y, cols)
+        }
+    }
+
+    /// The input gradient of one image: the adjoint of [`Conv::forward_one`].
+    fn input_grad_one(&self, w: &[f32], dy: &[f32], dx: &mut [f32], cols: &mut [f32]) {
+        if self.transposed {
+            self.gather(w, dy, dx, cols)
+        } else {
+            self.scatter(w, dy, dx, cols)
+        }
+    }
+
+    fn out_shape(&self, n: usize) -> Shape {
+        if self.transposed {
+            Shape::from((n, self.g.c, self.g.h, self.g.w))
+        } else {
+            Shape::from((n, self.c2, self.g.oh(), self.g.ow()))
+        }
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            f32_slice(s1, l1, NAME)?,
+            f32_slice(s2, l2, NAME)?,
+            f32_slice(s3, l3, NAME)?,
+        );
+        let (in_len, out_len) = self.sizes();
+        let n = l1.dims()[0];
+        if x.len() != n * in_len || w.len() != self.c2 * self.g.patch() {
+            candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
+        }
+        let mut y = vec![0f32; n * out_len];
+        let plane = out_len / b.len();
+        y.par_chunks_mut(out_len)
+            .zip(x.par_chunks(in_len))
+            .for_each_init(
+                || vec![0f32; self.g.rows()],
+                |cols, (yi, xi)| {
+                    self.forward_one(w, xi, yi, cols);
+                    for (row, &bias) in yi.chunks_mut(plane).zip(b) {
+                        row.iter_mut().for_each(|v| *v += bias);
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(y), self.out_shape(n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (in_len, out_len) = self.sizes();
+        let n = x.dim(0)?;
+        let rows = self.g.rows();
+        let (dx, dw, db) = with_f32(x, NAME, |x| {
+            with_f32(weight, NAME, |w| {
+                with_f32(dy, NAME, |dy| {
+                    let mut dx = vec![0f32; n * in_len];
+                    dx.par_chunks_mut(in_len)
+                        .zip(dy.par_chunks(out_len))
+                        .for_each_init(
+                            || vec![0f32; rows],
+                            |cols, (dxi, dyi)| self.input_grad_one(w, dyi, dxi, cols),
+                        );
+                    let dw = x
+                        .par_chunks(in_len)
+                        .zip(dy.par_chunks(out_len))
+                        .fold(
+                            || (vec![0f32; w.len()], vec![0f32; rows]),
+                            |(mut dw, mut cols), (xi, dyi)| {
+                                let (other, image) = if self.transposed {
+                                    (xi, dyi)
+                                } else {
+                                    (dyi, xi)
+                                };
+                                self.weight_grad(other, image, &mut dw, &mut cols);
+                                (dw, cols)
+                            },
+                        )
+                        .map(|(dw, _)| dw)
+                        .reduce_with(|mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                            a
+                        })
+                        .unwrap_or_else(|| vec![0f32; w.len()]);
+                    let channels = bias.elem_count();
+                    let plane = out_len / channels;
+                    let mut db = vec![0f32; channels];
+                    for dyi in dy.chunks(out_len) {
+                        for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
+                            *acc += row.iter().sum::<f32>();
+                        }
+                    }
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, weight.shape(), dev)?),
+            Some(Tensor::from_vec(db, bias.shape(), dev)?),
+        ))
+    }
 }
 
 /// Which convolution a [`ConvLayer`] applies.
@@ -142,16 +406,12 @@ impl ConvLayer {
 
 impl Module for ConvLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (w, s, p) = (&self.weight, self.stride, self.pad);
-        let y = match self.kind {
-            ConvKind::Forward => conv2d(x, w, s, p),
-            ConvKind::Transposed { out_pad } => conv_transpose2d(x, w, s, p, out_pad),
+        let (w, b, s, p) = (&self.weight, self.bias.as_ref(), self.stride, self.pad);
+        match self.kind {
+            ConvKind::Forward => conv2d(x, w, b, s, p),
+            ConvKind::Transposed { out_pad } => conv_transpose2d(x, w, b, s, p, out_pad),
         }
-        .map_err(candle_core::Error::wrap)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            None => Ok(y),
-        }
+        .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -174,8 +434,34 @@ mod tests {
         (y, g[0].clone(), g[1].clone())
     }
 
-    fn close(a: &Tensor, b: &Tensor) -> std::result::Result<(), String> {
-        testing::assert_close(a, b, 1e-4)
+    /// Compares forward value and the gradients of input, kernel and bias of our layer
+    /// (`ours(x, w, b)`) with candle's convolution plus a broadcast bias (`theirs(x, w)`).
+    fn compare(
+        ours: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+        theirs: impl Fn(&Tensor, &Tensor) -> Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        seed: u64,
+    ) -> std::result::Result<(), TestCaseError> {
+        let (y1, g1) = testing::value_and_grads(|t| ours(&t[0], &t[1], &t[2]), &[x, w, b], seed);
+        let with_bias = |t: &[Tensor]| {
+            theirs(&t[0], &t[1])
+                .broadcast_add(&t[2].reshape((1, (), 1, 1)).unwrap())
+                .unwrap()
+        };
+        let (y2, g2) = testing::value_and_grads(with_bias, &[x, w, b], seed);
+        let names = ["forward", "input grad", "kernel grad", "bias grad"];
+        for (name, (p, q)) in names.iter().zip(
+            [&y1]
+                .into_iter()
+                .chain(&g1)
+                .zip([&y2].into_iter().chain(&g2)),
+        ) {
+            testing::assert_close(p, q, 1e-4)
+                .map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+        }
+        Ok(())
     }
 
     proptest! {
@@ -192,11 +478,12 @@ mod tests {
             let mut rng = Rng::new(seed);
             let x = rng.normal(&[n, c, h, w], &Device::Cpu).unwrap();
             let wt = rng.normal(&[cout, c, k, k], &Device::Cpu).unwrap();
-            let ours = value_and_grads(|x, w| conv2d(x, w, stride, pad).unwrap(), &x, &wt, seed);
-            let theirs = value_and_grads(|x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(), &x, &wt, seed);
-            close(&ours.0, &theirs.0).map_err(|e| TestCaseError::fail(format!("forward: {e}")))?;
-            close(&ours.1, &theirs.1).map_err(|e| TestCaseError::fail(format!("input grad: {e}")))?;
-            close(&ours.2, &theirs.2).map_err(|e| TestCaseError::fail(format!("kernel grad: {e}")))?;
+            let b = rng.normal(&[cout], &Device::Cpu).unwrap();
+            compare(
+                |x, w, b| conv2d(x, w, Some(b), stride, pad).unwrap(),
+                |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
+                &x, &wt, &b, seed,
+            )?;
         }
 
         #[test]
@@ -208,11 +495,12 @@ mod tests {
             let mut rng = Rng::new(seed);
             let x = rng.normal(&[n, cin, h, w], &Device::Cpu).unwrap();
             let wt = rng.normal(&[cin, cout, k, k], &Device::Cpu).unwrap();
-            let ours = value_and_grads(|x, w| conv_transpose2d(x, w, stride, pad, out_pad).unwrap(), &x, &wt, seed);
-            let theirs = value_and_grads(|x, w| x.conv_transpose2d(w, pad, out_pad, stride, 1).unwrap(), &x, &wt, seed);
-            close(&ours.0, &theirs.0).map_err(|e| TestCaseError::fail(format!("forward: {e}")))?;
-            close(&ours.1, &theirs.1).map_err(|e| TestCaseError::fail(format!("input grad: {e}")))?;
-            close(&ours.2, &theirs.2).map_err(|e| TestCaseError::fail(format!("kernel grad: {e}")))?;
+            let b = rng.normal(&[cout], &Device::Cpu).unwrap();
+            compare(
+                |x, w, b| conv_transpose2d(x, w, Some(b), stride, pad, out_pad).unwrap(),
+                |x, w| x.conv_transpose2d(w, pad, out_pad, stride, 1).unwrap(),
+                &x, &wt, &b, seed,
+            )?;
         }
     }
 
@@ -222,7 +510,7 @@ mod tests {
         let mut rng = Rng::new(3);
         let x = rng.normal(&[1, 2, 5, 5], &dev).unwrap();
         let wt = rng.normal(&[2, 3, 3, 3], &dev).unwrap();
-        let f = |x: &Tensor, w: &Tensor| conv_transpose2d(x, w, 2, 1, 1).unwrap();
+        let f = |x: &Tensor, w: &Tensor| conv_transpose2d(x, w, None, 2, 1, 1).unwrap();
         let (_, gx, gw) = value_and_grads(f, &x, &wt, 7);
         let r = Rng::new(7).normal(f(&x, &wt).dims(), &dev).unwrap();
         let loss = |x: &Tensor, w: &Tensor| -> f64 {

@@ -1,8 +1,5 @@
-//! `im2col` (image patches → rows) and its adjoint `col2im` (rows → summed image), as candle
-//! custom ops.
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
+//! `im2col` (image patches → rows) and its adjoint `col2im` (rows → summed image) on one
+//! image's plain f32 data; the convolution kernels in `conv` call them per image.
 
 use crate::{Error, Result};
 
@@ -99,130 +96,29 @@ impl Geometry {
     }
 }
 
-/// Runs `f(input, output)` on each image of a contiguous f32 batch, in parallel: every image
-/// has `in_len` input and `out_len` output values; the output starts zeroed.
-fn per_image(
-    storage: &CpuStorage,
-    layout: &Layout,
-    in_len: usize,
-    out_len: usize,
-    shape: impl Fn(usize) -> Shape,
-    f: impl Fn(&[f32], &mut [f32]) + Sync,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let data = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("im2col/col2im support f32 only"),
-    };
-    let input = match layout.contiguous_offsets() {
-        Some((a, b)) => &data[a..b],
-        None => candle_core::bail!("im2col/col2im need a contiguous input"),
-    };
-    let n = layout.dims()[0];
-    let mut out = vec![0f32; n * out_len];
-    out.par_chunks_mut(out_len.max(1))
-        .zip(input.par_chunks(in_len.max(1)))
-        .for_each(|(o, i)| f(i, o));
-    Ok((CpuStorage::F32(out), shape(n)))
+/// Writes the patches of one image `[c, h, w]` as rows of `cols` `[positions, c·k·k]`
+/// (zero where a patch overhangs the padding).
+pub fn im2col(g: &Geometry, image: &[f32], cols: &mut [f32]) {
+    debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
+    cols.fill(0.0);
+    g.for_each(|c, p| cols[c] = image[p]);
 }
 
-struct Im2Col(Geometry);
-struct Col2Im(Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "genbackdoor-im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let shape = |n| Shape::from((n, g.positions(), g.patch()));
-        per_image(storage, layout, g.image(), g.rows(), shape, |xi, cols| {
-            g.for_each(|c, p| cols[c] = xi[p])
-        })
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "genbackdoor-col2im"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let shape = |n| Shape::from((n, g.c, g.h, g.w));
-        per_image(storage, layout, g.rows(), g.image(), shape, |cols, xi| {
-            g.for_each(|c, p| xi[p] += cols[c])
-        })
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
-    }
-}
-
-/// Patches of `x` `[n, c, h, w]` as rows: `[n, positions, c·k·k]`. Differentiable.
-pub fn im2col(x: &Tensor, g: Geometry) -> Result<Tensor> {
-    g.validate()?;
-    let (_, c, h, w) = x.dims4()?;
-    if (c, h, w) != (g.c, g.h, g.w) {
-        return Err(Error::Mismatch(format!(
-            "im2col input {:?} does not match {g:?}",
-            x.dims()
-        )));
-    }
-    Ok(x.contiguous()?.apply_op1(Im2Col(g))?)
-}
-
-/// The adjoint of [`im2col`]: rows `[n, positions, c·k·k]` summed back into `[n, c, h, w]`.
-/// Differentiable.
-pub fn col2im(cols: &Tensor, g: Geometry) -> Result<Tensor> {
-    g.validate()?;
-    let (_, l, p) = cols.dims3()?;
-    if (l, p) != (g.positions(), g.patch()) {
-        return Err(Error::Mismatch(format!(
-            "col2im input {:?} does not match {g:?}",
-            cols.dims()
-        )));
-    }
-    Ok(cols.contiguous()?.apply_op1(Col2Im(g))?)
+/// The adjoint of [`im2col`]: adds every row of `cols` back onto the pixels its patch
+/// covers.
+pub fn col2im_add(g: &Geometry, cols: &[f32], image: &mut [f32]) {
+    debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
+    g.for_each(|c, p| image[p] += cols[c]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::Device;
     use proptest::prelude::*;
 
-    fn dot(a: &Tensor, b: &Tensor) -> f64 {
-        (a * b)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum()
     }
 
     proptest! {
@@ -231,24 +127,26 @@ mod tests {
         /// makes each the other's backward pass.
         #[test]
         fn col2im_is_the_adjoint_of_im2col(
-            n in 1usize..3, c in 1usize..4, h in 1usize..9, w in 1usize..9,
+            c in 1usize..4, h in 1usize..9, w in 1usize..9,
             k in 1usize..6, stride in 1usize..4, pad in 0usize..3, seed in 0u64..1000,
         ) {
             let g = Geometry { c, h, w, k, stride, pad };
             prop_assume!(g.validate().is_ok());
-            let dev = Device::Cpu;
             let mut rng = Rng::new(seed);
-            let x = rng.normal(&[n, c, h, w], &dev).unwrap();
-            let cols = rng.normal(&[n, g.positions(), g.patch()], &dev).unwrap();
-            let lhs = dot(&im2col(&x, g).unwrap(), &cols);
-            let rhs = dot(&x, &col2im(&cols, g).unwrap());
+            let x = rng.normal_vec(g.image());
+            let cols = rng.normal_vec(g.rows());
+            let mut x_cols = vec![0f32; g.rows()];
+            im2col(&g, &x, &mut x_cols);
+            let mut back = vec![0f32; g.image()];
+            col2im_add(&g, &cols, &mut back);
+            let (lhs, rhs) = (dot(&x_cols, &cols), dot(&x, &back));
             prop_assert!((lhs - rhs).abs() <= 1e-3 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
         }
     }
 
     #[test]
     fn im2col_on_a_known_image() {
-        let x = Tensor::new(&[[[[1f32, 2.0], [3.0, 4.0]]]], &Device::Cpu).unwrap();
+        let x = [1f32, 2.0, 3.0, 4.0];
         let g = Geometry {
             c: 1,
             h: 2,
@@ -257,17 +155,16 @@ mod tests {
             stride: 1,
             pad: 1,
         };
-        let cols = im2col(&x, g).unwrap().to_vec3::<f32>().unwrap();
-        assert_eq!(cols[0].len(), 9);
-        assert_eq!(cols[0][0], vec![0.0, 0.0, 0.0, 1.0]);
-        assert_eq!(cols[0][4], vec![1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(cols[0][8], vec![4.0, 0.0, 0.0, 0.0]);
-        let back = col2im(&im2col(&x, g).unwrap(), g).unwrap();
+        let mut cols = vec![f32::NAN; g.rows()];
+        im2col(&g, &x, &mut cols);
+        assert_eq!(g.positions(), 9);
+        assert_eq!(cols[0..4], [0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(cols[16..20], [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(cols[32..36], [4.0, 0.0, 0.0, 0.0]);
+        let mut back = vec![0f32; 4];
+        col2im_add(&g, &cols, &mut back);
         // Every pixel appears in 4 of the 9 padded patches.
-        assert_eq!(
-            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            vec![4.0, 8.0, 12.0, 16.0]
-        );
-        assert!(im2col(&x, Geometry { k: 5, ..g }).is_err());
+        assert_eq!(back, vec![4.0, 8.0, 12.0, 16.0]);
+        assert!(Geometry { k: 5, ..g }.validate().is_err());
     }
 }

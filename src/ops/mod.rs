@@ -8,6 +8,7 @@
 mod activation;
 mod batchnorm;
 mod conv;
+mod cpu;
 mod im2col;
 #[cfg(test)]
 mod testing;
@@ -15,4 +16,4 @@ mod testing;
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
-pub use im2col::{col2im, im2col, Geometry};
+pub use im2col::Geometry;
