@@ -66,29 +66,32 @@ impl Geometry {
         self.c * self.k * self.k
     }
 
-    /// Calls `f(row, column, pixel)` for every in-bounds (patch element, input pixel) pair
-    /// of one image; `row` and `pixel` index the column matrix and the image plane stack.
+    /// Calls `f(column, pixel, len)` for every run of in-bounds kernel columns: `len` patch
+    /// entries starting at `column` of the column matrix match `len` consecutive input pixels
+    /// starting at `pixel` of the image plane stack.
     #[inline]
-    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
-        let (k, s, p) = (self.k, self.stride as isize, self.pad as isize);
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (k, s, p) = (self.k as isize, self.stride as isize, self.pad as isize);
+        let (h, w) = (self.h as isize, self.w as isize);
         let (oh, ow, patch) = (self.oh(), self.ow(), self.patch());
         for oy in 0..oh {
             for ox in 0..ow {
                 let base = (oy * ow + ox) * patch;
+                let ix0 = ox as isize * s - p;
+                let lo = (-ix0).max(0);
+                let hi = (w - ix0).min(k);
+                if lo >= hi {
+                    continue;
+                }
                 for ci in 0..self.c {
                     for ky in 0..k {
-                        let iy = oy as isize * s - p + ky as isize;
-                        if iy < 0 || iy >= self.h as isize {
+                        let iy = oy as isize * s - p + ky;
+                        if iy < 0 || iy >= h {
                             continue;
                         }
-                        let plane = (ci * self.h + iy as usize) * self.w;
-                        let col = base + (ci * k + ky) * k;
-                        for kx in 0..k {
-                            let ix = ox as isize * s - p + kx as isize;
-                            if ix >= 0 && ix < self.w as isize {
-                                f(col + kx, plane + ix as usize);
-                            }
-                        }
+                        let plane = (ci as isize * h + iy) * w;
+                        let col = base as isize + (ci as isize * k + ky) * k + lo;
+                        f(col as usize, (plane + ix0 + lo) as usize, (hi - lo) as usize);
                     }
                 }
             }
@@ -101,14 +104,18 @@ impl Geometry {
 pub fn im2col(g: &Geometry, image: &[f32], cols: &mut [f32]) {
     debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
     cols.fill(0.0);
-    g.for_each(|c, p| cols[c] = image[p]);
+    g.for_each_run(|c, p, len| cols[c..c + len].copy_from_slice(&image[p..p + len]));
 }
 
 /// The adjoint of [`im2col`]: adds every row of `cols` back onto the pixels its patch
 /// covers.
 pub fn col2im_add(g: &Geometry, cols: &[f32], image: &mut [f32]) {
     debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
-    g.for_each(|c, p| image[p] += cols[c]);
+    g.for_each_run(|c, p, len| {
+        for (x, v) in image[p..p + len].iter_mut().zip(&cols[c..c + len]) {
+            *x += v;
+        }
+    });
 }
 
 #[cfg(test)]
