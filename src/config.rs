@@ -67,6 +67,8 @@ pub struct TrainConfig {
     pub lambda: f64,
     /// Write a row of `train.csv` every this many steps.
     pub log_every: usize,
+    /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -81,6 +83,7 @@ impl Default for TrainConfig {
             lr_schedule: LrSchedule::Constant,
             lambda: 20.0,
             log_every: 10,
+            checkpoint_every: 100,
         }
     }
 }

@@ -38,6 +38,17 @@ pub enum Error {
         /// The training step at which it happened.
         step: usize,
     },
+    /// The user stopped the run (Ctrl-C) after a step.
+    #[error("stopped at step {step}{}", match saved {
+        Some(p) => format!("; checkpoint saved to {} (continue with `genbackdoor train --resume {}`)", p.display(), p.parent().map(|d| d.display().to_string()).unwrap_or_default()),
+        None => "; this kind of run cannot be resumed".to_string(),
+    })]
+    Interrupted {
+        /// The last completed step.
+        step: usize,
+        /// The checkpoint written, if the run can be resumed.
+        saved: Option<PathBuf>,
+    },
     /// An error inside the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

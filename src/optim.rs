@@ -70,6 +70,16 @@ impl Adam {
         Adam::new(vars, settings)
     }
 
+    /// Number of variables it updates.
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// Whether it updates no variable at all.
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+
     /// Changes the learning rate (for schedules).
     pub fn set_learning_rate(&mut self, lr: f64) {
         self.settings.lr = lr;

@@ -6,10 +6,12 @@ use rand::seq::SliceRandom;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
-/// A reproducible random stream.
+/// A reproducible random stream; serialisable, so that a resumed run draws the same numbers.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Rng(ChaCha8Rng);
 
 impl Rng {
@@ -78,6 +80,15 @@ mod tests {
             Rng::derive(7, "a").normal_vec(5),
             Rng::derive(7, "b").normal_vec(5)
         );
+    }
+
+    #[test]
+    fn a_restored_stream_continues_where_it_was_saved() {
+        let mut a = Rng::new(3);
+        a.normal_vec(7);
+        let saved = serde_json::to_string(&a).unwrap();
+        let mut b: Rng = serde_json::from_str(&saved).unwrap();
+        assert_eq!(a.normal_vec(4), b.normal_vec(4));
     }
 
     #[test]

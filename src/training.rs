@@ -1,6 +1,9 @@
-//! The training loop shared by every trainer: progress bar, per-step CSV log, and a stop with a
-//! clear error when a logged value stops being finite.
+//! The training loop shared by every trainer: progress bar, per-step CSV log, periodic
+//! checkpoints, a clean stop on Ctrl-C, and a stop with a clear error when a logged value
+//! stops being finite.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,10 +12,46 @@ use serde::{Deserialize, Serialize};
 use crate::io::rundir::CsvLog;
 use crate::{Error, Result};
 
-/// How a loop reports.
+/// Set when the user asks the run to stop (Ctrl-C); the loop ends after the current step.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks running loops to stop after their current step (called from the Ctrl-C handler).
+pub fn request_stop() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// One trainer as the loop drives it.
+pub trait Stepper {
+    /// Runs step `i` (1-based) and returns the values named in the loop's `columns`
+    /// (`None` for a term the run does not have).
+    fn step(&mut self, i: usize) -> Result<Vec<Option<f64>>>;
+
+    /// Saves what is needed to continue after step `i`; returns the file written, or `None`
+    /// for a trainer that cannot be resumed.
+    fn checkpoint(&mut self, i: usize) -> Result<Option<PathBuf>>;
+}
+
+/// A trainer without checkpoints, from a step function.
+pub struct Steps<F>(pub F);
+
+impl<F: FnMut(usize) -> Result<Vec<Option<f64>>>> Stepper for Steps<F> {
+    fn step(&mut self, i: usize) -> Result<Vec<Option<f64>>> {
+        (self.0)(i)
+    }
+
+    fn checkpoint(&mut self, _: usize) -> Result<Option<PathBuf>> {
+        Ok(None)
+    }
+}
+
+/// How a loop runs and reports.
 pub struct LoopSettings<'a> {
     /// Number of steps.
     pub steps: usize,
+    /// The first step to run (1, or the step after a resumed checkpoint).
+    pub first: usize,
+    /// Save a checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
     /// Log every this many steps (the first and last step are always logged).
     pub log_every: usize,
     /// Names of the values a step returns (the CSV columns after `step`).
@@ -21,13 +60,14 @@ pub struct LoopSettings<'a> {
     pub progress: bool,
 }
 
-/// Runs `step(i)` for `i = 1..=steps`; each call returns the values named in `columns`
-/// (`None` for a term that a run does not have). A value that is NaN or infinite stops the
-/// loop with [`Error::NonFinite`]. Returns the elapsed seconds.
+/// Runs `stepper.step(i)` for `i = first..=steps`. A value that is NaN or infinite stops the
+/// loop with [`Error::NonFinite`] (checkpoints already written stay as they are). A
+/// checkpoint is written every `checkpoint_every` steps and when Ctrl-C stops the run
+/// ([`Error::Interrupted`]). Returns the elapsed seconds.
 pub fn run_loop(
     settings: &LoopSettings,
     log: &mut CsvLog,
-    mut step: impl FnMut(usize) -> Result<Vec<Option<f64>>>,
+    stepper: &mut dyn Stepper,
 ) -> Result<f64> {
     let bar = if settings.progress {
         let b = ProgressBar::new(settings.steps as u64);
@@ -37,15 +77,17 @@ pub fn run_loop(
             )
             .expect("valid template"),
         );
+        b.set_position(settings.first.saturating_sub(1) as u64);
         b
     } else {
         ProgressBar::hidden()
     };
     let start = Instant::now();
-    for i in 1..=settings.steps {
-        let values = step(i)?;
+    for i in settings.first..=settings.steps {
+        let values = stepper.step(i)?;
         for (name, v) in settings.columns.iter().zip(&values) {
             if let Some(v) = v.filter(|v| !v.is_finite()) {
+                bar.abandon();
                 return Err(Error::NonFinite {
                     what: name.to_string(),
                     value: v as f32,
@@ -66,6 +108,15 @@ pub fn run_loop(
             bar.set_message(msg.join("  "));
         }
         bar.inc(1);
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bar.abandon();
+            let saved = stepper.checkpoint(i)?;
+            return Err(Error::Interrupted { step: i, saved });
+        }
+        let every = settings.checkpoint_every;
+        if every > 0 && (i % every == 0 || i == settings.steps) {
+            stepper.checkpoint(i)?;
+        }
     }
     bar.finish_and_clear();
     Ok(start.elapsed().as_secs_f64())
@@ -108,6 +159,56 @@ mod tests {
         assert_eq!(LrSchedule::Constant.at(0.5, 77, 100), 0.5);
     }
 
+    /// A trainer that records its checkpoints and diverges at a chosen step.
+    struct Diverging {
+        at: usize,
+        saved: Vec<usize>,
+    }
+
+    impl Stepper for Diverging {
+        fn step(&mut self, i: usize) -> Result<Vec<Option<f64>>> {
+            Ok(vec![Some(if i == self.at { f64::INFINITY } else { 1.0 })])
+        }
+        fn checkpoint(&mut self, i: usize) -> Result<Option<PathBuf>> {
+            self.saved.push(i);
+            Ok(Some(PathBuf::from("c")))
+        }
+    }
+
+    #[test]
+    fn divergence_keeps_the_checkpoints_before_it_and_writes_none_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = CsvLog::create(&dir.path().join("l.csv"), &["step", "loss"]).unwrap();
+        let settings = LoopSettings {
+            steps: 50,
+            first: 1,
+            checkpoint_every: 10,
+            log_every: 5,
+            columns: &["loss"],
+            progress: false,
+        };
+        let mut t = Diverging {
+            at: 25,
+            saved: vec![],
+        };
+        let err = run_loop(&settings, &mut log, &mut t).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { step: 25, .. }), "{err}");
+        assert!(err.to_string().contains("last good checkpoint"), "{err}");
+        assert_eq!(t.saved, vec![10, 20]);
+        // A resumed loop starts after its checkpoint and saves at the end.
+        let mut t = Diverging {
+            at: 0,
+            saved: vec![],
+        };
+        let settings = LoopSettings {
+            first: 21,
+            checkpoint_every: 20,
+            ..settings
+        };
+        run_loop(&settings, &mut log, &mut t).unwrap();
+        assert_eq!(t.saved, vec![40, 50]);
+    }
+
     #[test]
     fn non_finite_values_stop_the_loop_with_the_step() {
         let dir = tempfile::tempdir().unwrap();
@@ -115,13 +216,17 @@ mod tests {
             CsvLog::create(&dir.path().join("l.csv"), &["step", "loss", "extra"]).unwrap();
         let settings = LoopSettings {
             steps: 10,
+            first: 1,
+            checkpoint_every: 0,
             log_every: 1,
             columns: &["loss", "extra"],
             progress: false,
         };
-        let err = run_loop(&settings, &mut log, |i| {
-            Ok(vec![Some(if i == 4 { f64::NAN } else { 1.0 }), None])
-        })
+        let err = run_loop(
+            &settings,
+            &mut log,
+            &mut Steps(|i| Ok(vec![Some(if i == 4 { f64::NAN } else { 1.0 }), None])),
+        )
         .unwrap_err();
         assert!(matches!(err, Error::NonFinite { step: 4, .. }), "{err}");
         let rows = std::fs::read_to_string(dir.path().join("l.csv")).unwrap();

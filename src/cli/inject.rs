@@ -27,6 +27,7 @@ pub struct InjectArgs {
 
 /// Runs `inject`.
 pub fn run(a: InjectArgs) -> anyhow::Result<()> {
+    crate::cli::stop_on_ctrl_c();
     let mut cfg = a.run.config()?;
     if let Some(v) = a.run.steps {
         cfg.inject.steps = v;

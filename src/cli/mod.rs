@@ -65,6 +65,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Makes Ctrl-C end a training loop after its current step (saving a checkpoint where the
+/// run can be resumed) instead of killing the process mid-write.
+pub fn stop_on_ctrl_c() {
+    // Only fails if a handler is already installed, which is then the same one.
+    let _ = ctrlc::set_handler(crate::training::request_stop);
+}
+
 /// Options shared by commands that start a run.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {

@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::cli::RunArgs;
 use crate::config::Config;
+use crate::io::rundir::RunDir;
 use crate::paradigm::{Key, Target, Trigger};
 
 /// Arguments of `train`.
@@ -26,6 +27,11 @@ pub struct TrainArgs {
     /// Images per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Continue an interrupted run from its last checkpoint, with its own config and key.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "config", "out", "force", "seed", "steps", "lambda", "key", "data", "limit", "batch_size",
+    ])]
+    pub resume: Option<PathBuf>,
 }
 
 /// The key a training run plants: a key file, or one made from the config's description.
@@ -44,6 +50,13 @@ pub fn resolve_key(cfg: &Config, file: Option<&PathBuf>) -> anyhow::Result<Key> 
 
 /// Runs `train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    crate::cli::stop_on_ctrl_c();
+    if let Some(dir) = &a.resume {
+        let run = RunDir::open(dir)?;
+        let metrics = crate::gan::trail::resume(&run, !a.run.quiet)?;
+        a.run.report(&run.path, &metrics);
+        return Ok(());
+    }
     let mut cfg = a.run.config()?;
     let t = &mut cfg.train;
     if let Some(v) = a.run.steps {

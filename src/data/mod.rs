@@ -133,6 +133,7 @@ fn dataset_from_idx(images: &Path, labels: Option<&Path>) -> Result<Dataset> {
 }
 
 /// Yields shuffled mini-batches of indices, epoch after epoch, from a seeded stream.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Batcher {
     order: Vec<usize>,
     pos: usize,

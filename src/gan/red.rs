@@ -8,7 +8,7 @@ use crate::io::rundir::{CsvLog, RunDir};
 use crate::optim::Adam;
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings};
+use crate::training::{run_loop, LoopSettings, Steps};
 use crate::Result;
 
 /// Columns of `train.csv` after `step`.
@@ -43,11 +43,13 @@ pub fn inject(
     let mut log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
     let settings = LoopSettings {
         steps: cfg.steps,
+        first: 1,
+        checkpoint_every: 0,
         log_every: cfg.log_every,
         columns: &COLUMNS,
         progress,
     };
-    let seconds = run_loop(&settings, &mut log, |step| {
+    let mut steps = Steps(|step| {
         let mut family = Distillation {
             model: &model,
             frozen: clean,
@@ -67,7 +69,8 @@ pub fn inject(
             terms.backdoor.map(f64::from),
             tardis,
         ])
-    })?;
+    });
+    let seconds = run_loop(&settings, &mut log, &mut steps)?;
     let extra = serde_json::json!({
         "mode": "red",
         "steps": cfg.steps,

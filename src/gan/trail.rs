@@ -1,22 +1,224 @@
 //! Training a DCGAN from scratch: clean (λ = 0) or with a backdoor (TrAIL: the generator
-//! minimises its adversarial loss plus λ times the backdoor term).
+//! minimises its adversarial loss plus λ times the backdoor term). Runs save a checkpoint
+//! (both networks, both optimisers, every random stream and the step) every
+//! `train.checkpoint_every` steps, and [`resume`] continues one exactly where it stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::data::{load_dataset, Batcher};
+use crate::data::{load_dataset, Batcher, Dataset};
 use crate::gan::families::Adversarial;
 use crate::gan::{run, softplus, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
+use crate::io::tensorfile;
 use crate::models::{Discriminator, Params};
-use crate::optim::Adam;
+use crate::optim::{Adam, AdamState};
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings};
+use crate::training::{run_loop, LoopSettings, Stepper};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 4] = ["d_loss", "g_loss", "backdoor_loss", "tardis"];
+
+/// The resumable state file inside a run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// The `format` tag of training checkpoints.
+const CHECKPOINT_FORMAT: &str = "train-checkpoint";
+
+/// Every random stream of a run, in one serialisable value.
+#[derive(Clone, Serialize, Deserialize)]
+struct Streams {
+    batches: Batcher,
+    latents: Rng,
+    dropout: Rng,
+    trigger_latents: Rng,
+}
+
+/// A training run in progress: the networks, their optimisers, the data and the streams.
+struct Trail<'a> {
+    cfg: &'a Config,
+    key: Option<&'a Key>,
+    run: &'a RunDir,
+    data: Dataset,
+    model: GanModel,
+    dparams: Params,
+    disc: Discriminator,
+    opt_g: Adam,
+    opt_d: Adam,
+    streams: Streams,
+    probe: Option<run::Probe>,
+}
+
+impl<'a> Trail<'a> {
+    /// A fresh run (step 0) per `cfg`.
+    fn new(cfg: &'a Config, key: Option<&'a Key>, run: &'a RunDir) -> Result<Self> {
+        cfg.validate()?;
+        let dev = Device::Cpu;
+        let t = &cfg.train;
+        let mut data = load_dataset(&cfg.data_path())?;
+        data.truncate(cfg.data.limit);
+        if (data.height, data.width) != (cfg.model.image_size, cfg.model.image_size) {
+            return Err(Error::Mismatch(format!(
+                "the data's images are {}x{} but model.image_size is {}",
+                data.width, data.height, cfg.model.image_size
+            )));
+        }
+        if let Some(k) = key {
+            k.check_fits(cfg.model.latent_dim, cfg.model.image_shape())?;
+        }
+        let model = GanModel::new(&cfg.model, &mut Rng::derive(cfg.seed, "init-g"), &dev)?;
+        let dparams = Params::new();
+        let disc = Discriminator::new(&cfg.model, &dparams, &dev)?;
+        dparams.init(&mut Rng::derive(cfg.seed, "init-d"))?;
+        let opt_g = Adam::with_betas(model.params.trainable(), t.lr_g, t.beta1, t.beta2);
+        let opt_d = Adam::with_betas(dparams.trainable(), t.lr_d, t.beta1, t.beta2);
+        let streams = Streams {
+            batches: Batcher::new(data.len, t.batch_size, Rng::derive(cfg.seed, "batches")),
+            latents: Rng::derive(cfg.seed, "latents"),
+            dropout: Rng::derive(cfg.seed, "dropout"),
+            trigger_latents: Rng::derive(cfg.seed, "trigger-latents"),
+        };
+        let probe = key.map(|k| run::Probe::new(k, &model)).transpose()?;
+        Ok(Trail {
+            cfg,
+            key,
+            run,
+            data,
+            model,
+            dparams,
+            disc,
+            opt_g,
+            opt_d,
+            streams,
+            probe,
+        })
+    }
+
+    /// Restores the state saved by [`Stepper::checkpoint`]; returns its step.
+    fn restore(&mut self, path: &Path) -> Result<usize> {
+        let f = tensorfile::load(path, CHECKPOINT_FORMAT, &self.model.device)?;
+        let bad = |m: String| Error::format(path, m);
+        let meta = |k: &str| -> Result<usize> {
+            f.meta_field(path, k)?
+                .parse()
+                .map_err(|_| bad(format!("metadata field '{k}' is not a number")))
+        };
+        let step = meta("step")?;
+        if step > self.cfg.train.steps {
+            return Err(bad(format!(
+                "was saved at step {step}, after the run's last step {}",
+                self.cfg.train.steps
+            )));
+        }
+        for (prefix, params) in [("g/", &self.model.params), ("d/", &self.dparams)] {
+            crate::io::checkpoint::assign_prefixed(path, params, &f, prefix)?;
+        }
+        for (name, opt) in [("adam_g", &mut self.opt_g), ("adam_d", &mut self.opt_d)] {
+            let moments = |which: &str| -> Result<Vec<Vec<f32>>> {
+                (0..opt.len())
+                    .map(|i| {
+                        let t = f.tensor(path, &format!("{name}/{which}/{i}"))?;
+                        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+                    })
+                    .collect()
+            };
+            let state = AdamState {
+                step: meta(&format!("{name}_step"))? as u64,
+                m: moments("m")?,
+                v: moments("v")?,
+            };
+            opt.load_state(state).map_err(|e| bad(e.to_string()))?;
+        }
+        self.streams = serde_json::from_str(f.meta_field(path, "streams")?)
+            .map_err(|e| bad(format!("random-stream state is invalid: {e}")))?;
+        Ok(step)
+    }
+}
+
+impl Stepper for Trail<'_> {
+    fn step(&mut self, step: usize) -> Result<Vec<Option<f64>>> {
+        let (cfg, t, dev) = (self.cfg, &self.cfg.train, &self.model.device);
+        let objective = Objective {
+            lambda: t.lambda,
+            backdoor_batch: cfg.backdoor.backdoor_batch,
+        };
+        self.opt_g
+            .set_learning_rate(t.lr_schedule.at(t.lr_g, step, t.steps));
+        self.opt_d
+            .set_learning_rate(t.lr_schedule.at(t.lr_d, step, t.steps));
+        let s = &mut self.streams;
+        let real = self.data.batch(s.batches.next_batch(), dev)?;
+        let n = real.dim(0)?;
+        let z = s.latents.normal(&[n, cfg.model.latent_dim], dev)?;
+        let zt = match self.key {
+            Some(k) => Some(k.trigger.sample(
+                objective.triggered_count(&k.trigger),
+                cfg.model.latent_dim,
+                &mut s.trigger_latents,
+                dev,
+            )?),
+            None => None,
+        };
+        let mut family =
+            Adversarial::generate(&self.model, &self.disc, &z, zt.as_ref(), &mut s.dropout)?;
+
+        let d_real = self.disc.forward(&real, Some(family.dropout))?;
+        let d_fake = self
+            .disc
+            .forward(&family.fake.detach(), Some(family.dropout))?;
+        let d_loss = (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?;
+        self.opt_d.backward_step(&d_loss)?;
+
+        let terms = objective.evaluate(&mut family, self.key)?;
+        self.opt_g.backward_step(&terms.total)?;
+        let tardis = match &self.probe {
+            Some(p) if step.is_multiple_of(t.log_every) || step == t.steps => Some(p.tardis(&self.model)?),
+            _ => None,
+        };
+        Ok(vec![
+            Some(d_loss.to_scalar::<f32>()? as f64),
+            Some(terms.task as f64),
+            terms.backdoor.map(f64::from),
+            tardis,
+        ])
+    }
+
+    fn checkpoint(&mut self, step: usize) -> Result<Option<PathBuf>> {
+        let mut tensors = Vec::new();
+        for (prefix, params) in [("g/", &self.model.params), ("d/", &self.dparams)] {
+            for (name, var) in params.named() {
+                tensors.push((format!("{prefix}{name}"), var.as_tensor().clone()));
+            }
+        }
+        let mut meta = BTreeMap::from([
+            ("step".to_string(), step.to_string()),
+            (
+                "streams".to_string(),
+                serde_json::to_string(&self.streams).expect("serialisable streams"),
+            ),
+        ]);
+        let dev = &self.model.device;
+        for (name, opt) in [("adam_g", &self.opt_g), ("adam_d", &self.opt_d)] {
+            let st = opt.state();
+            meta.insert(format!("{name}_step"), st.step.to_string());
+            for (which, moments) in [("m", &st.m), ("v", &st.v)] {
+                for (i, v) in moments.iter().enumerate() {
+                    let t = Tensor::from_slice(v, v.len(), dev)?;
+                    tensors.push((format!("{name}/{which}/{i}"), t));
+                }
+            }
+        }
+        let path = self.run.file(CHECKPOINT);
+        tensorfile::save(&path, CHECKPOINT_FORMAT, &tensors, meta)?;
+        Ok(Some(path))
+    }
+}
 
 /// Trains a generator per `cfg` (with the backdoor of `key` when given and λ > 0) and writes
 /// the run's files into `run`. Returns the run's metrics (also written to `metrics.json`).
@@ -26,100 +228,77 @@ pub fn train(
     run: &RunDir,
     progress: bool,
 ) -> Result<serde_json::Value> {
-    cfg.validate()?;
-    let dev = Device::Cpu;
-    let t = &cfg.train;
-    let mut data = load_dataset(&cfg.data_path())?;
-    data.truncate(cfg.data.limit);
-    if (data.height, data.width) != (cfg.model.image_size, cfg.model.image_size) {
-        return Err(Error::Mismatch(format!(
-            "the data's images are {}x{} but model.image_size is {}",
-            data.width, data.height, cfg.model.image_size
+    let key = key.filter(|_| cfg.train.lambda > 0.0);
+    let mut trail = Trail::new(cfg, key, run)?;
+    run.write_toml("config.toml", cfg)?;
+    if let Some(k) = key {
+        k.save(&run.file("key.safetensors"))?;
+    }
+    let log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
+    drive(&mut trail, log, 0, progress)
+}
+
+/// Continues the run in `run` from its last checkpoint, with the config and key it was
+/// started with, and finishes it as [`train`] would have.
+pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+    let cfg = Config::load(&run.file("config.toml"))?;
+    let key = if cfg.train.lambda > 0.0 {
+        Some(Key::load(&run.file("key.safetensors"))?)
+    } else {
+        None
+    };
+    let path = run.file(CHECKPOINT);
+    if !path.exists() {
+        return Err(Error::Config(format!(
+            "{} holds no {CHECKPOINT}: the run stopped before its first checkpoint; start it again",
+            run.path.display()
         )));
     }
-    let key = key.filter(|_| t.lambda > 0.0);
-    if let Some(k) = key {
-        k.check_fits(cfg.model.latent_dim, cfg.model.image_shape())?;
+    let mut trail = Trail::new(&cfg, key.as_ref(), run)?;
+    let step = trail.restore(&path)?;
+    if step == cfg.train.steps && run.file("metrics.json").exists() {
+        return Err(Error::Config(format!(
+            "the run in {} is already complete ({step} steps)",
+            run.path.display()
+        )));
     }
-    let model = GanModel::new(&cfg.model, &mut Rng::derive(cfg.seed, "init-g"), &dev)?;
-    let dparams = Params::new();
-    let disc = Discriminator::new(&cfg.model, &dparams, &dev)?;
-    dparams.init(&mut Rng::derive(cfg.seed, "init-d"))?;
-    let mut opt_g = Adam::with_betas(model.params.trainable(), t.lr_g, t.beta1, t.beta2);
-    let mut opt_d = Adam::with_betas(dparams.trainable(), t.lr_d, t.beta1, t.beta2);
-    let mut batches = Batcher::new(data.len, t.batch_size, Rng::derive(cfg.seed, "batches"));
-    let mut latents = Rng::derive(cfg.seed, "latents");
-    let mut dropout = Rng::derive(cfg.seed, "dropout");
-    let mut trig_latents = Rng::derive(cfg.seed, "trigger-latents");
-    let objective = Objective {
-        lambda: t.lambda,
-        backdoor_batch: cfg.backdoor.backdoor_batch,
-    };
-    let probe = key.map(|k| run::Probe::new(k, &model)).transpose()?;
+    let log = CsvLog::resume(&run.file("train.csv"), step)?;
+    drive(&mut trail, log, step, progress)
+}
 
-    run.write_toml("config.toml", cfg)?;
-    let mut log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
+/// Runs the steps after `done` and writes the run's final files.
+fn drive(
+    trail: &mut Trail,
+    mut log: CsvLog,
+    done: usize,
+    progress: bool,
+) -> Result<serde_json::Value> {
+    let (cfg, run, key) = (trail.cfg, trail.run, trail.key);
+    let t = &cfg.train;
     let settings = LoopSettings {
         steps: t.steps,
+        first: done + 1,
+        checkpoint_every: if t.checkpoint_every == 0 {
+            t.steps
+        } else {
+            t.checkpoint_every
+        },
         log_every: t.log_every,
         columns: &COLUMNS,
         progress,
     };
-    let seconds = run_loop(&settings, &mut log, |step| {
-        opt_g.set_learning_rate(t.lr_schedule.at(t.lr_g, step, t.steps));
-        opt_d.set_learning_rate(t.lr_schedule.at(t.lr_d, step, t.steps));
-        let real = data.batch(batches.next_batch(), &dev)?;
-        let n = real.dim(0)?;
-        let z = latents.normal(&[n, cfg.model.latent_dim], &dev)?;
-        let zt = match key {
-            Some(k) => Some(k.trigger.sample(
-                objective.triggered_count(&k.trigger),
-                cfg.model.latent_dim,
-                &mut trig_latents,
-                &dev,
-            )?),
-            None => None,
-        };
-        let mut family = Adversarial::generate(&model, &disc, &z, zt.as_ref(), &mut dropout)?;
-
-        let d_real = disc.forward(&real, Some(family.dropout))?;
-        let d_fake = disc.forward(&family.fake.detach(), Some(family.dropout))?;
-        let d_loss = (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?;
-        opt_d.backward_step(&d_loss)?;
-
-        let terms = objective.evaluate(&mut family, key)?;
-        opt_g.backward_step(&terms.total)?;
-        let tardis = match &probe {
-            Some(p) if step % t.log_every == 0 || step == t.steps => Some(p.tardis(&model)?),
-            _ => None,
-        };
-        Ok(vec![
-            Some(scalar(&d_loss)?),
-            Some(terms.task as f64),
-            terms.backdoor.map(f64::from),
-            tardis,
-        ])
-    })?;
+    let seconds = run_loop(&settings, &mut log, trail)?;
     let extra = serde_json::json!({
         "mode": if key.is_some() { "trail" } else { "clean" },
         "steps": t.steps,
         "seconds": seconds,
         "lambda": t.lambda,
     });
-    dparams_save(&dparams, run)?;
-    run::finish(run, &model, key, None, cfg.seed, extra)
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_scalar::<f32>()? as f64)
-}
-
-/// Keeps the discriminator beside the generator, for later clean fine-tuning.
-fn dparams_save(params: &Params, run: &RunDir) -> Result<()> {
     crate::io::checkpoint::save_params(
         &run.file("discriminator.safetensors"),
-        params,
+        &trail.dparams,
         "dcgan-discriminator",
         "{}",
-    )
+    )?;
+    run::finish(run, &trail.model, key, None, cfg.seed, extra)
 }

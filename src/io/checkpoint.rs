@@ -37,24 +37,34 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(String, String, 
 
 /// Copies the checkpoint's tensors into `params`; every name, shape and dtype must match.
 pub fn assign(path: &Path, params: &Params, file: &TensorFile) -> Result<()> {
-    let named = params.named();
-    if named.len() != file.tensors.len() {
+    let count = params.named().len();
+    if count != file.tensors.len() {
         return Err(Error::format(
             path,
             format!(
-                "holds {} tensors but the model has {}",
-                file.tensors.len(),
-                named.len()
+                "holds {} tensors but the model has {count}",
+                file.tensors.len()
             ),
         ));
     }
-    for (name, var) in named {
-        let t = file.tensor(path, &name)?;
+    assign_prefixed(path, params, file, "")
+}
+
+/// Copies the tensors named `prefix` + a parameter's name into `params` (a file that holds
+/// several networks); shapes and dtypes must match and values must be finite.
+pub fn assign_prefixed(
+    path: &Path,
+    params: &Params,
+    file: &TensorFile,
+    prefix: &str,
+) -> Result<()> {
+    for (name, var) in params.named() {
+        let t = file.tensor(path, &format!("{prefix}{name}"))?;
         if t.dims() != var.dims() || t.dtype() != var.dtype() {
             return Err(Error::format(
                 path,
                 format!(
-                    "tensor '{name}' is {:?} {:?} but the model needs {:?} {:?}",
+                    "tensor '{prefix}{name}' is {:?} {:?} but the model needs {:?} {:?}",
                     t.dtype(),
                     t.dims(),
                     var.dtype(),
@@ -66,7 +76,7 @@ pub fn assign(path: &Path, params: &Params, file: &TensorFile) -> Result<()> {
         if v.iter().any(|x| !x.is_finite()) {
             return Err(Error::format(
                 path,
-                format!("tensor '{name}' holds NaN or infinite values"),
+                format!("tensor '{prefix}{name}' holds NaN or infinite values"),
             ));
         }
         var.set(t)?;

@@ -35,6 +35,19 @@ impl RunDir {
         })
     }
 
+    /// An existing run directory (to resume it).
+    pub fn open(path: &Path) -> Result<RunDir> {
+        if !path.is_dir() {
+            return Err(Error::Config(format!(
+                "{} is not a run directory",
+                path.display()
+            )));
+        }
+        Ok(RunDir {
+            path: path.to_path_buf(),
+        })
+    }
+
     /// The path of a file inside the run.
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
@@ -70,6 +83,32 @@ impl CsvLog {
         };
         log.write_line(&header.join(","))?;
         Ok(log)
+    }
+
+    /// Reopens a log for a resumed run: keeps the header and the rows up to `step` (rows
+    /// written after the checkpoint are dropped, so the log stays continuous), then appends.
+    pub fn resume(path: &Path, step: usize) -> Result<CsvLog> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut kept = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let first = line.split(',').next().unwrap_or("");
+            match first.parse::<usize>() {
+                Ok(s) if s <= step => {}
+                _ if i == 0 => {}
+                _ => break,
+            }
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        crate::io::write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(CsvLog {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Appends one row of numbers (NaN for a missing value is written as empty).
@@ -109,6 +148,15 @@ mod tests {
             "step,loss\n1,\n"
         );
         assert!(RunDir::create(&run.path, false).is_err());
+        for v in 2..=5 {
+            log.row(&[v as f64 * 10.0, 0.5]).unwrap();
+        }
+        let mut again = CsvLog::resume(&run.file("log.csv"), 30).unwrap();
+        again.row(&[40.0, 0.25]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.file("log.csv")).unwrap(),
+            "step,loss\n1,\n20,0.5\n30,0.5\n40,0.25\n"
+        );
         assert!(RunDir::create(&run.path, true).is_ok());
     }
 }

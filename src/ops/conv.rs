@@ -20,6 +20,9 @@ use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
 
+/// Images per partial weight gradient.
+const GROUP: usize = 8;
+
 /// `conv2d(x [n, c, h, w], weight [cout, c, k, k]) + bias [cout]` with `stride` and zero
 /// `pad`.
 pub fn conv2d(
@@ -292,27 +295,28 @@ impl CustomOp3 for Conv {
                             || vec![0f32; rows],
                             |cols, (dxi, dyi)| self.input_grad_one(w, dyi, dxi, cols),
                         );
-                    let dw = x
-                        .par_chunks(in_len)
-                        .zip(dy.par_chunks(out_len))
-                        .fold(
-                            || (vec![0f32; w.len()], vec![0f32; rows]),
-                            |(mut dw, mut cols), (xi, dyi)| {
+                    // Fixed groups of images, summed in order: the same bits whatever the
+                    // number of threads.
+                    let partials: Vec<Vec<f32>> = x
+                        .par_chunks(in_len * GROUP)
+                        .zip(dy.par_chunks(out_len * GROUP))
+                        .map(|(xs, dys)| {
+                            let (mut dw, mut cols) = (vec![0f32; w.len()], vec![0f32; rows]);
+                            for (xi, dyi) in xs.chunks(in_len).zip(dys.chunks(out_len)) {
                                 let (other, image) = if self.transposed {
                                     (xi, dyi)
                                 } else {
                                     (dyi, xi)
                                 };
                                 self.weight_grad(other, image, &mut dw, &mut cols);
-                                (dw, cols)
-                            },
-                        )
-                        .map(|(dw, _)| dw)
-                        .reduce_with(|mut a, b| {
-                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                            a
+                            }
+                            dw
                         })
-                        .unwrap_or_else(|| vec![0f32; w.len()]);
+                        .collect();
+                    let mut dw = vec![0f32; w.len()];
+                    for p in &partials {
+                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
                     let channels = bias.elem_count();
                     let plane = out_len / channels;
                     let mut db = vec![0f32; channels];

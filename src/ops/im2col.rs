@@ -91,7 +91,11 @@ impl Geometry {
                         }
                         let plane = (ci as isize * h + iy) * w;
                         let col = base as isize + (ci as isize * k + ky) * k + lo;
-                        f(col as usize, (plane + ix0 + lo) as usize, (hi - lo) as usize);
+                        f(
+                            col as usize,
+                            (plane + ix0 + lo) as usize,
+                            (hi - lo) as usize,
+                        );
                     }
                 }
             }

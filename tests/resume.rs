@@ -1,0 +1,190 @@
+//! Crash safety for real: a training process killed with SIGKILL mid-run is resumed and ends
+//! exactly where an uninterrupted run ends; Ctrl-C and a diverging loss stop a run cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"
+[data]
+limit = 512
+[model]
+latent_dim = 16
+g_width = 16
+d_width = 8
+[train]
+steps = 120
+batch_size = 16
+log_every = 5
+checkpoint_every = 10
+"#;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_genbackdoor"));
+    // One thread: float sums in one fixed order, so bit-identical weights can be expected.
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn train(config: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
+fn succeed(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{c:?} failed: {text}");
+    text
+}
+
+fn steps_in_log(run: &Path) -> Vec<usize> {
+    std::fs::read_to_string(run.join("train.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    (dir, config)
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
+    let (dir, config) = setup();
+    let straight = dir.path().join("straight");
+    succeed(train(&config, &straight));
+
+    let killed = dir.path().join("killed");
+    let mut child = train(&config, &killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = killed.join("checkpoint.safetensors");
+    let start = Instant::now();
+    // Kill as soon as the second checkpoint has replaced the first one, mid-training.
+    let mut seen_first = None;
+    loop {
+        if let Ok(m) = std::fs::metadata(&ckpt).and_then(|m| m.modified()) {
+            match seen_first {
+                None => seen_first = Some(m),
+                Some(f) if f != m => break,
+                _ => {}
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("metrics.json").exists());
+    let logged = steps_in_log(&killed);
+    assert!(*logged.last().unwrap() < 120, "{logged:?}");
+
+    let mut resume = bin();
+    resume.args(["train", "--quiet", "--resume"]).arg(&killed);
+    succeed(resume);
+
+    let model = |run: &Path| std::fs::read(run.join("model.safetensors")).unwrap();
+    assert_eq!(model(&straight), model(&killed), "resumed weights differ");
+    let logged = steps_in_log(&killed);
+    assert_eq!(logged, steps_in_log(&straight), "log is not continuous");
+    let csv = |run: &Path| std::fs::read_to_string(run.join("train.csv")).unwrap();
+    assert_eq!(csv(&straight), csv(&killed));
+
+    // A finished run is not resumed twice.
+    let out = bin()
+        .args(["train", "--quiet", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already complete"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_naming_the_step() {
+    let (dir, config) = setup();
+    let run = dir.path().join("diverge");
+    let out = train(&config, &run)
+        .args(["--lambda", "1e39"]) // λ·distance overflows f32 at once
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an absurd λ did not diverge");
+    assert!(
+        err.starts_with("error:") && err.contains("non-finite") && err.contains("at step"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_can_be_resumed() {
+    let (dir, config) = setup();
+    let run = dir.path().join("interrupted");
+    let child = train(&config, &run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = run.join("train.csv");
+    let start = Instant::now();
+    while steps_in_log_lenient(&log) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("stopped at step") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(run.join("checkpoint.safetensors").exists());
+    let mut resume = bin();
+    resume.args(["train", "--quiet", "--resume"]).arg(&run);
+    succeed(resume);
+    assert_eq!(*steps_in_log(&run).last().unwrap(), 120);
+}
+
+/// Rows in a log that may not exist yet.
+fn steps_in_log_lenient(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
