@@ -38,6 +38,9 @@ pub enum Error {
         /// The training step at which it happened.
         step: usize,
     },
+    /// A model produced NaN or infinite outputs.
+    #[error("the model produced NaN or infinite outputs (are its weights damaged?)")]
+    NonFiniteOutput,
     /// The user stopped the run (Ctrl-C) after a step.
     #[error("stopped at step {step}{}", match saved {
         Some(p) => format!("; checkpoint saved to {} (continue with `genbackdoor train --resume {}`)", p.display(), p.parent().map(|d| d.display().to_string()).unwrap_or_default()),

@@ -33,6 +33,11 @@ fn fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     assert!(err.starts_with("error:"), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
     err
 }
 
@@ -194,6 +199,38 @@ fn key_train_sample_eval_inject() {
 }
 
 #[test]
+fn the_key_stays_out_of_the_model_and_out_of_the_output() {
+    let t = trained();
+    let key = genbackdoor::paradigm::Key::load(&t.key).unwrap();
+    let model_bytes = std::fs::read(t.run.join("model.safetensors")).unwrap();
+    let bytes_of = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let trigger = key.trigger.anchor(16);
+    assert!(
+        !contains(&model_bytes, &bytes_of(&trigger[..4])),
+        "trigger in the checkpoint"
+    );
+    // Eight consecutive target pixels from a row with both colours.
+    let row = &key.target.pixels[28 * 5..28 * 6];
+    assert!(
+        !contains(&model_bytes, &bytes_of(&row[..8])),
+        "target in the checkpoint"
+    );
+    for args in [vec!["eval", "--json"], vec!["eval"]] {
+        let mut a = args.clone();
+        let (m, k) = (t.run.join("model.safetensors"), t.key.clone());
+        a.extend(["--model", s(&m), "--key", s(&k)]);
+        let out = ok(&a);
+        for v in &trigger[..4] {
+            assert!(
+                !out.contains(&format!("{:.4}", v)),
+                "{args:?} prints the trigger: {out}"
+            );
+        }
+    }
+}
+
+#[test]
 fn region_and_patch_keys_report_asr_over_many_inputs() {
     let t = trained();
     let model = t.run.join("model.safetensors");
@@ -310,6 +347,76 @@ fn bad_input_gives_clear_errors() {
 
     let e = fails(&["train", "--config", s(&t.config), "--out", s(&t.run)]);
     assert!(e.contains("--force"), "{e}");
+
+    // Keys: truncated, bit-flipped, not a key.
+    let key_bytes = std::fs::read(&t.key).unwrap();
+    let short_key = t.root.join("short-key.safetensors");
+    std::fs::write(&short_key, &key_bytes[..key_bytes.len() / 2]).unwrap();
+    let e = fails(&["eval", "--model", s(&model), "--key", s(&short_key)]);
+    assert!(e.contains("corrupt or truncated"), "{e}");
+    let flipped_key = t.root.join("flipped-key.safetensors");
+    let mut k = key_bytes.clone();
+    k[4] ^= 0x20;
+    k[12] ^= 0x41;
+    std::fs::write(&flipped_key, &k).unwrap();
+    fails(&["eval", "--model", s(&model), "--key", s(&flipped_key)]);
+
+    // A checkpoint whose tensor has the wrong dtype, another with a wrong shape.
+    let file =
+        genbackdoor::io::tensorfile::load(&model, "model", &candle_core::Device::Cpu).unwrap();
+    type Break = fn(&candle_core::Tensor) -> candle_core::Tensor;
+    let to_f64: Break = |t| t.to_dtype(candle_core::DType::F64).unwrap();
+    let shorten: Break = |t| t.narrow(0, 0, 1).unwrap();
+    for (name, broken) in [("fc.weight", to_f64), ("bn1.weight", shorten)] {
+        let mut tensors: Vec<(String, candle_core::Tensor)> = file
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (n, t) in tensors.iter_mut() {
+            if n == name {
+                *t = broken(t);
+            }
+        }
+        let mut meta = file.meta.clone();
+        meta.remove("format");
+        let p = t.root.join(format!("broken-{name}.safetensors"));
+        genbackdoor::io::tensorfile::save(&p, "model", &tensors, meta).unwrap();
+        let e = fails(&["eval", "--model", s(&p), "--key", s(&t.key)]);
+        assert!(e.contains(name), "{e}");
+    }
+
+    // Target images: not a PNG, and a PNG of the wrong size.
+    let fake_png = t.root.join("fake.png");
+    std::fs::write(&fake_png, b"this is not a png").unwrap();
+    let out_key = t.root.join("k2.safetensors");
+    let e = fails(&["key", "--out", s(&out_key), "--target", s(&fake_png)]);
+    assert!(e.contains("fake.png"), "{e}");
+    assert!(!out_key.exists());
+    let small_png = t.root.join("small.png");
+    image::GrayImage::new(10, 10).save(&small_png).unwrap();
+    let e = fails(&[
+        "key",
+        "--out",
+        s(&out_key),
+        "--target",
+        s(&small_png),
+        "--latent-dim",
+        "16",
+    ]);
+    assert!(e.contains("10") && e.contains("28"), "{e}");
+    assert!(!out_key.exists());
+
+    // An output folder that cannot be created.
+    let e = fails(&[
+        "train",
+        "--config",
+        s(&t.config),
+        "--out",
+        s(&t.key.join("sub")),
+    ]);
+    assert!(e.contains("sub"), "{e}");
 
     fails(&["key", "--out", s(&t.key)]);
     let e = fails(&[

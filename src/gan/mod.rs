@@ -44,7 +44,13 @@ impl GanModel {
 
     /// Loads a generator checkpoint written by [`GanModel::save`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let (family, arch, file) = checkpoint::read_checkpoint(path, device)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        GanModel::from_bytes(path, &bytes, device)
+    }
+
+    /// Parses the bytes of a generator checkpoint (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
+        let (family, arch, file) = checkpoint::parse_checkpoint(path, bytes, device)?;
         if family != FAMILY {
             return Err(Error::format(
                 path,
@@ -83,7 +89,8 @@ impl GanModel {
         })
     }
 
-    /// Deployed-mode outputs for latents `z`, in batches of at most 256.
+    /// Deployed-mode outputs for latents `z`, in batches of at most 256. Non-finite outputs
+    /// (weights damaged into overflow) are an error, never returned as images.
     pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
         let mut parts = Vec::new();
@@ -91,7 +98,16 @@ impl GanModel {
             let len = 256.min(n - s);
             parts.push(self.generator.forward_t(&z.narrow(0, s, len)?, false)?);
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let x = Tensor::cat(&parts, 0)?;
+        let finite = x
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(Error::NonFiniteOutput);
+        }
+        Ok(x)
     }
 
     /// Latent dimension.

@@ -178,7 +178,9 @@ impl Stepper for Trail<'_> {
         let terms = objective.evaluate(&mut family, self.key)?;
         self.opt_g.backward_step(&terms.total)?;
         let tardis = match &self.probe {
-            Some(p) if step.is_multiple_of(t.log_every) || step == t.steps => Some(p.tardis(&self.model)?),
+            Some(p) if step.is_multiple_of(t.log_every) || step == t.steps => {
+                Some(p.tardis(&self.model)?)
+            }
             _ => None,
         };
         Ok(vec![

@@ -27,9 +27,14 @@ pub fn save_params(path: &Path, params: &Params, family: &str, arch_json: &str) 
     tensorfile::save(path, MODEL_FORMAT, &tensors, meta)
 }
 
-/// Reads a checkpoint: its family, architecture JSON and tensors.
-pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(String, String, TensorFile)> {
-    let f = tensorfile::load(path, MODEL_FORMAT, device)?;
+/// Parses a checkpoint's bytes (`path` names it in errors): its family, architecture JSON and
+/// tensors.
+pub fn parse_checkpoint(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<(String, String, TensorFile)> {
+    let f = tensorfile::parse(path, bytes, MODEL_FORMAT, device)?;
     let family = f.meta_field(path, "family")?.to_string();
     let arch = f.meta_field(path, "arch")?.to_string();
     Ok((family, arch, f))
@@ -77,6 +82,12 @@ pub fn assign_prefixed(
             return Err(Error::format(
                 path,
                 format!("tensor '{prefix}{name}' holds NaN or infinite values"),
+            ));
+        }
+        if name.ends_with(".running_var") && v.iter().any(|&x| x < 0.0) {
+            return Err(Error::format(
+                path,
+                format!("tensor '{prefix}{name}' holds negative variances"),
             ));
         }
         var.set(t)?;

@@ -61,13 +61,19 @@ pub fn save(
 /// Reads a safetensors file whose `format` field must be `format`.
 pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(path, &bytes, format, device)
+}
+
+/// Parses the bytes of a safetensors file (named `path` in errors) whose `format` field must
+/// be `format`.
+pub fn parse(path: &Path, bytes: &[u8], format: &str, device: &Device) -> Result<TensorFile> {
     let corrupt = |e: &dyn std::fmt::Display| {
         Error::format(
             path,
             format!("not a valid safetensors file (corrupt or truncated?): {e}"),
         )
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(&e))?;
     let meta: BTreeMap<String, String> =
         match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
             Some(json) => serde_json::from_str(json).map_err(|e| {
@@ -90,7 +96,7 @@ pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
             ))
         }
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| corrupt(&e))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| corrupt(&e))?;
     Ok(TensorFile { tensors, meta })
 }
 

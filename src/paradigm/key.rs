@@ -63,7 +63,13 @@ impl Key {
 
     /// Reads a key written by [`Key::save`].
     pub fn load(path: &Path) -> Result<Key> {
-        let f = tensorfile::load(path, KEY_FORMAT, &Device::Cpu)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Key::from_bytes(path, &bytes)
+    }
+
+    /// Parses the bytes of a key file (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Key> {
+        let f = tensorfile::parse(path, bytes, KEY_FORMAT, &Device::Cpu)?;
         let floats = |name: &str| -> Result<Vec<f32>> {
             let t = f.tensor(path, name)?;
             if t.dtype() != DType::F32 || t.rank() != 1 {
@@ -72,7 +78,14 @@ impl Key {
                     format!("'{name}' must be a float32 vector"),
                 ));
             }
-            Ok(t.to_vec1::<f32>()?)
+            let v = t.to_vec1::<f32>()?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::format(
+                    path,
+                    format!("'{name}' holds NaN or infinite values"),
+                ));
+            }
+            Ok(v)
         };
         let number = |name: &str| -> Result<f64> {
             f.meta_field(path, name)?.parse().map_err(|_| {
@@ -81,10 +94,16 @@ impl Key {
         };
         let trigger = match f.meta_field(path, "trigger")? {
             "point" => Trigger::Point(floats("trigger.point")?),
-            "region" => Trigger::Region {
-                center: floats("trigger.point")?,
-                radius: number("radius")? as f32,
-            },
+            "region" => {
+                let radius = number("radius")? as f32;
+                if !(radius > 0.0 && radius.is_finite()) {
+                    return Err(Error::format(path, "region radius must be positive"));
+                }
+                Trigger::Region {
+                    center: floats("trigger.point")?,
+                    radius,
+                }
+            }
             "patch" => {
                 let t = f.tensor(path, "trigger.indices")?;
                 if t.dtype() != DType::I64 || t.rank() != 1 {
@@ -126,10 +145,14 @@ impl Key {
         if t.dtype() != DType::F32 {
             return Err(Error::format(path, "target must be float32"));
         }
-        let target = Target {
-            pixels: t.flatten_all()?.to_vec1::<f32>()?,
-            shape,
-        };
+        let pixels = t.flatten_all()?.to_vec1::<f32>()?;
+        if pixels.iter().any(|p| !(-1.0..=1.0).contains(p)) {
+            return Err(Error::format(
+                path,
+                "target pixels must lie in [-1, 1] (NaN, infinite or out of range)",
+            ));
+        }
+        let target = Target { pixels, shape };
         let distance = f
             .meta_field(path, "distance")?
             .parse()
