@@ -12,15 +12,14 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
-use rayon::prelude::*;
 
-use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, parallel_pieces, with_f32};
 use crate::ops::im2col::{col2im_add, im2col, Geometry};
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
 
-/// Images per partial weight gradient.
+/// Images per parallel task (and per partial weight gradient).
 const GROUP: usize = 8;
 
 /// `conv2d(x [n, c, h, w], weight [cout, c, k, k]) + bias [cout]` with `stride` and zero
@@ -187,8 +186,13 @@ impl Conv {
 
     /// `other [c2, P] = W [c2, K] · im2col(image)ᵀ`.
     fn gather(&self, w: &[f32], image: &[f32], other: &mut [f32], cols: &mut [f32]) {
-        let (p, k) = (self.g.positions(), self.g.patch());
         im2col(&self.g, image, cols);
+        self.gather_cols(w, cols, other);
+    }
+
+    /// `other [c2, P] = W [c2, K] · colsᵀ` for columns already extracted.
+    fn gather_cols(&self, w: &[f32], cols: &[f32], other: &mut [f32]) {
+        let (p, k) = (self.g.positions(), self.g.patch());
         matmul((self.c2, p, k), other, w, (k, 1), cols, (1, k), false);
     }
 
@@ -200,10 +204,9 @@ impl Conv {
         col2im_add(&self.g, cols, image);
     }
 
-    /// `dw [c2, K] += other [c2, P] · im2col(image) [P, K]`.
-    fn weight_grad(&self, other: &[f32], image: &[f32], dw: &mut [f32], cols: &mut [f32]) {
+    /// `dw [c2, K] += other [c2, P] · cols [P, K]`.
+    fn weight_grad_cols(&self, other: &[f32], cols: &[f32], dw: &mut [f32]) {
         let (p, k) = (self.g.positions(), self.g.patch());
-        im2col(&self.g, image, cols);
         matmul((self.c2, k, p), dw, other, (p, 1), cols, (k, 1), true);
     }
 
@@ -216,12 +219,26 @@ impl Conv {
         }
     }
 
-    /// The input gradient of one image: the adjoint of [`Conv::forward_one`].
-    fn input_grad_one(&self, w: &[f32], dy: &[f32], dx: &mut [f32], cols: &mut [f32]) {
+    /// The backward pass of one image: writes the input gradient (the adjoint of
+    /// [`Conv::forward_one`]) and adds the weight gradient to `dw`. A transposed convolution
+    /// extracts the columns of `dy` once for both.
+    fn backward_one(
+        &self,
+        w: &[f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        cols: &mut [f32],
+    ) {
         if self.transposed {
-            self.gather(w, dy, dx, cols)
+            im2col(&self.g, dy, cols);
+            self.gather_cols(w, cols, dx);
+            self.weight_grad_cols(x, cols, dw);
         } else {
-            self.scatter(w, dy, dx, cols)
+            self.scatter(w, dy, dx, cols);
+            im2col(&self.g, x, cols);
+            self.weight_grad_cols(dy, cols, dw);
         }
     }
 
@@ -260,17 +277,16 @@ impl CustomOp3 for Conv {
         }
         let mut y = vec![0f32; n * out_len];
         let plane = out_len / b.len();
-        y.par_chunks_mut(out_len)
-            .zip(x.par_chunks(in_len))
-            .for_each_init(
-                || vec![0f32; self.g.rows()],
-                |cols, (yi, xi)| {
-                    self.forward_one(w, xi, yi, cols);
-                    for (row, &bias) in yi.chunks_mut(plane).zip(b) {
-                        row.iter_mut().for_each(|v| *v += bias);
-                    }
-                },
-            );
+        parallel_pieces(&mut y, out_len * GROUP, |g, ys| {
+            let mut cols = vec![0f32; self.g.rows()];
+            let xs = &x[g * GROUP * in_len..];
+            for (yi, xi) in ys.chunks_mut(out_len).zip(xs.chunks(in_len)) {
+                self.forward_one(w, xi, yi, &mut cols);
+                for (row, &bias) in yi.chunks_mut(plane).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bias);
+                }
+            }
+        });
         Ok((CpuStorage::F32(y), self.out_shape(n)))
     }
 
@@ -289,30 +305,20 @@ impl CustomOp3 for Conv {
             with_f32(weight, NAME, |w| {
                 with_f32(dy, NAME, |dy| {
                     let mut dx = vec![0f32; n * in_len];
-                    dx.par_chunks_mut(in_len)
-                        .zip(dy.par_chunks(out_len))
-                        .for_each_init(
-                            || vec![0f32; rows],
-                            |cols, (dxi, dyi)| self.input_grad_one(w, dyi, dxi, cols),
-                        );
-                    // Fixed groups of images, summed in order: the same bits whatever the
-                    // number of threads.
-                    let partials: Vec<Vec<f32>> = x
-                        .par_chunks(in_len * GROUP)
-                        .zip(dy.par_chunks(out_len * GROUP))
-                        .map(|(xs, dys)| {
-                            let (mut dw, mut cols) = (vec![0f32; w.len()], vec![0f32; rows]);
-                            for (xi, dyi) in xs.chunks(in_len).zip(dys.chunks(out_len)) {
-                                let (other, image) = if self.transposed {
-                                    (xi, dyi)
-                                } else {
-                                    (dyi, xi)
-                                };
-                                self.weight_grad(other, image, &mut dw, &mut cols);
-                            }
-                            dw
-                        })
-                        .collect();
+                    // Weight gradients of fixed groups of images, summed in order: the same
+                    // bits whatever the number of threads.
+                    let partials = parallel_pieces(&mut dx, in_len * GROUP, |g, dxs| {
+                        let (mut dw, mut cols) = (vec![0f32; w.len()], vec![0f32; rows]);
+                        let (xs, dys) = (&x[g * GROUP * in_len..], &dy[g * GROUP * out_len..]);
+                        let images = dxs
+                            .chunks_mut(in_len)
+                            .zip(xs.chunks(in_len))
+                            .zip(dys.chunks(out_len));
+                        for ((dxi, xi), dyi) in images {
+                            self.backward_one(w, xi, dyi, dxi, &mut dw, &mut cols);
+                        }
+                        dw
+                    });
                     let mut dw = vec![0f32; w.len()];
                     for p in &partials {
                         dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);

@@ -1,5 +1,7 @@
 //! Access to the f32 data of CPU tensors for the custom kernels.
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 /// The contiguous f32 data behind a storage and layout, or an error naming `op`.
@@ -25,5 +27,61 @@ pub(crate) fn with_f32<R>(
     match &*storage {
         Storage::Cpu(s) => Ok(f(f32_slice(s, layout, op)?)),
         _ => candle_core::bail!("{op}: this kernel runs on the CPU only"),
+    }
+}
+
+/// Splits `out` into consecutive pieces of `len` values (the last may be shorter) and runs
+/// `f(piece index, piece)` for all pieces in parallel on candle's CPU worker pool: the threads
+/// candle's own kernels use, so that our kernels and candle's never compete for the cores
+/// (rayon's pool beside candle's would put four busy threads on two cores). Returns the
+/// results in piece order, so that summing them gives the same bits whatever the number of
+/// threads.
+pub(crate) fn parallel_pieces<T: Send>(
+    out: &mut [f32],
+    len: usize,
+    f: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> Vec<T> {
+    assert!(len > 0);
+    let total = out.len();
+    let n = total.div_ceil(len);
+    let base = SharedPtr(out.as_mut_ptr());
+    parallel_map(n, |i| {
+        let (start, end) = (i * len, total.min((i + 1) * len));
+        // SAFETY: `parallel_map` runs each index once, so the slices built here never overlap;
+        // each lies inside `out`, which outlives the call.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+        f(i, piece)
+    })
+}
+
+/// Runs `f(i)` for `i` in `0..n` in parallel on candle's CPU worker pool and returns the
+/// results in index order.
+pub(crate) fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(n, |indices| {
+        for i in indices {
+            let v = f(i);
+            *slots[i].lock().expect("slot lock") = Some(v);
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("slot lock").expect("every index ran"))
+        .collect()
+}
+
+/// The start of the buffer [`parallel_pieces`] splits, shared by the workers.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+
+// SAFETY: only used to build disjoint slices, see `parallel_pieces`.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// The pointer `offset` values further (a method, so closures capture the whole wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the allocation (see `parallel_pieces`).
+        unsafe { self.0.add(offset) }
     }
 }
