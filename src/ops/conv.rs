@@ -10,6 +10,8 @@
 //! `Σ other · im2col(image)`. A convolution gathers forward and scatters backward; a
 //! transposed convolution does the opposite.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -140,6 +142,27 @@ fn matmul(
     }
 }
 
+/// Per-thread working memory of the kernels, kept between calls so that the column matrices
+/// are not allocated (and their pages faulted in) again at every layer and step. Every user
+/// overwrites the part it reads.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    mat: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The first `len` values of `buf`, grown if needed (stale contents: callers overwrite them).
+fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
 /// One convolution (`transposed` or not) of geometry `g` (over the image side) with `c2`
 /// channels on the other side; applied to `(x, weight [c2, …], bias)`.
 #[derive(Debug, Clone, Copy)]
@@ -184,62 +207,103 @@ impl Conv {
         }
     }
 
-    /// `other [c2, P] = W [c2, K] · im2col(image)ᵀ`.
-    fn gather(&self, w: &[f32], image: &[f32], other: &mut [f32], cols: &mut [f32]) {
-        im2col(&self.g, image, cols);
-        self.gather_cols(w, cols, other);
+    /// The columns of `g` images (`[c, h, w]` each) stacked into `cols`: `[g·P, K]`.
+    fn columns<'s>(&self, images: &[f32], g: usize, cols: &'s mut Vec<f32>) -> &'s [f32] {
+        let (rows, len) = (self.g.rows(), self.g.image());
+        let cols = resized(cols, g * rows);
+        for (c, img) in cols.chunks_mut(rows).zip(images.chunks(len)) {
+            im2col(&self.g, img, c);
+        }
+        cols
     }
 
-    /// `other [c2, P] = W [c2, K] · colsᵀ` for columns already extracted.
-    fn gather_cols(&self, w: &[f32], cols: &[f32], other: &mut [f32]) {
-        let (p, k) = (self.g.positions(), self.g.patch());
-        matmul((self.c2, p, k), other, w, (k, 1), cols, (1, k), false);
+    /// `g` images of the other side (`[c2, P]` each) as one `[c2, g·P]` matrix in `m`.
+    fn join<'s>(&self, per_image: &[f32], g: usize, m: &'s mut Vec<f32>) -> &'s [f32] {
+        let p = self.g.positions();
+        let m = resized(m, self.c2 * g * p);
+        for (i, img) in per_image.chunks(self.c2 * p).take(g).enumerate() {
+            for (c, row) in img.chunks(p).enumerate() {
+                m[(c * g + i) * p..(c * g + i + 1) * p].copy_from_slice(row);
+            }
+        }
+        m
     }
 
-    /// `image = col2im(otherᵀ [P, c2] · W [c2, K])`.
-    fn scatter(&self, w: &[f32], other: &[f32], image: &mut [f32], cols: &mut [f32]) {
-        let (p, k) = (self.g.positions(), self.g.patch());
-        matmul((p, k, self.c2), cols, other, (1, p), w, (k, 1), false);
-        image.fill(0.0);
-        col2im_add(&self.g, cols, image);
-    }
-
-    /// `dw [c2, K] += other [c2, P] · cols [P, K]`.
-    fn weight_grad_cols(&self, other: &[f32], cols: &[f32], dw: &mut [f32]) {
-        let (p, k) = (self.g.positions(), self.g.patch());
-        matmul((self.c2, k, p), dw, other, (p, 1), cols, (k, 1), true);
-    }
-
-    /// The forward map of one image (without bias).
-    fn forward_one(&self, w: &[f32], x: &[f32], y: &mut [f32], cols: &mut [f32]) {
-        if self.transposed {
-            self.scatter(w, x, y, cols)
-        } else {
-            self.gather(w, x, y, cols)
+    /// The inverse of [`Conv::join`]: a `[c2, g·P]` matrix back into `g` images.
+    fn split(&self, m: &[f32], g: usize, per_image: &mut [f32]) {
+        let p = self.g.positions();
+        for (i, img) in per_image.chunks_mut(self.c2 * p).take(g).enumerate() {
+            for (c, row) in img.chunks_mut(p).enumerate() {
+                row.copy_from_slice(&m[(c * g + i) * p..(c * g + i + 1) * p]);
+            }
         }
     }
 
-    /// The backward pass of one image: writes the input gradient (the adjoint of
-    /// [`Conv::forward_one`]) and adds the weight gradient to `dw`. A transposed convolution
-    /// extracts the columns of `dy` once for both.
-    fn backward_one(
+    /// Other side of `g` images from their columns: `split(W [c2, K] · colsᵀ)`.
+    fn gather(&self, w: &[f32], cols: &[f32], g: usize, other: &mut [f32], m: &mut Vec<f32>) {
+        let (gp, k) = (g * self.g.positions(), self.g.patch());
+        let m = resized(m, self.c2 * gp);
+        matmul((self.c2, gp, k), m, w, (k, 1), cols, (1, k), false);
+        self.split(m, g, other);
+    }
+
+    /// Images of `g` other-side blocks: `col2im(join(other)ᵀ · W)` per image.
+    fn scatter(&self, w: &[f32], other: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
+        let (gp, k) = (g * self.g.positions(), self.g.patch());
+        let m = self.join(other, g, &mut s.mat);
+        let cols = resized(&mut s.cols, gp * k);
+        matmul((gp, k, self.c2), cols, m, (1, gp), w, (k, 1), false);
+        images.fill(0.0);
+        for (c, img) in cols
+            .chunks(self.g.rows())
+            .zip(images.chunks_mut(self.g.image()))
+        {
+            col2im_add(&self.g, c, img);
+        }
+    }
+
+    /// `dw [c2, K] += join(other) [c2, g·P] · cols [g·P, K]`.
+    fn weight_grad(&self, other: &[f32], cols: &[f32], g: usize, dw: &mut [f32], m: &mut Vec<f32>) {
+        let (gp, k) = (g * self.g.positions(), self.g.patch());
+        let m = self.join(other, g, m);
+        matmul((self.c2, k, gp), dw, m, (gp, 1), cols, (k, 1), true);
+    }
+
+    /// The forward map of `g` images (without bias), with one gemm for all of them.
+    fn forward_group(&self, w: &[f32], x: &[f32], g: usize, y: &mut [f32]) {
+        SCRATCH.with_borrow_mut(|s| {
+            if self.transposed {
+                self.scatter(w, x, g, y, s)
+            } else {
+                let cols = self.columns(x, g, &mut s.cols);
+                self.gather(w, cols, g, y, &mut s.mat)
+            }
+        })
+    }
+
+    /// The backward pass of `g` images: writes their input gradient (the adjoint of
+    /// [`Conv::forward_group`]) and adds their weight gradient to `dw`. A transposed
+    /// convolution extracts the columns of `dy` once for both.
+    fn backward_group(
         &self,
         w: &[f32],
         x: &[f32],
         dy: &[f32],
+        g: usize,
         dx: &mut [f32],
         dw: &mut [f32],
-        cols: &mut [f32],
     ) {
-        if self.transposed {
-            im2col(&self.g, dy, cols);
-            self.gather_cols(w, cols, dx);
-            self.weight_grad_cols(x, cols, dw);
-        } else {
-            self.scatter(w, dy, dx, cols);
-            im2col(&self.g, x, cols);
-            self.weight_grad_cols(dy, cols, dw);
-        }
+        SCRATCH.with_borrow_mut(|s| {
+            if self.transposed {
+                let cols = self.columns(dy, g, &mut s.cols);
+                self.gather(w, cols, g, dx, &mut s.mat);
+                self.weight_grad(x, cols, g, dw, &mut s.mat);
+            } else {
+                self.scatter(w, dy, g, dx, s);
+                let cols = self.columns(x, g, &mut s.cols);
+                self.weight_grad(dy, cols, g, dw, &mut s.mat);
+            }
+        })
     }
 
     fn out_shape(&self, n: usize) -> Shape {
@@ -277,11 +341,10 @@ impl CustomOp3 for Conv {
         }
         let mut y = vec![0f32; n * out_len];
         let plane = out_len / b.len();
-        parallel_pieces(&mut y, out_len * GROUP, |g, ys| {
-            let mut cols = vec![0f32; self.g.rows()];
-            let xs = &x[g * GROUP * in_len..];
-            for (yi, xi) in ys.chunks_mut(out_len).zip(xs.chunks(in_len)) {
-                self.forward_one(w, xi, yi, &mut cols);
+        parallel_pieces(&mut y, out_len * GROUP, |i, ys| {
+            let g = ys.len() / out_len;
+            self.forward_group(w, &x[i * GROUP * in_len..], g, ys);
+            for yi in ys.chunks_mut(out_len) {
                 for (row, &bias) in yi.chunks_mut(plane).zip(b) {
                     row.iter_mut().for_each(|v| *v += bias);
                 }
@@ -300,23 +363,16 @@ impl CustomOp3 for Conv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (in_len, out_len) = self.sizes();
         let n = x.dim(0)?;
-        let rows = self.g.rows();
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
                 with_f32(dy, NAME, |dy| {
                     let mut dx = vec![0f32; n * in_len];
                     // Weight gradients of fixed groups of images, summed in order: the same
                     // bits whatever the number of threads.
-                    let partials = parallel_pieces(&mut dx, in_len * GROUP, |g, dxs| {
-                        let (mut dw, mut cols) = (vec![0f32; w.len()], vec![0f32; rows]);
-                        let (xs, dys) = (&x[g * GROUP * in_len..], &dy[g * GROUP * out_len..]);
-                        let images = dxs
-                            .chunks_mut(in_len)
-                            .zip(xs.chunks(in_len))
-                            .zip(dys.chunks(out_len));
-                        for ((dxi, xi), dyi) in images {
-                            self.backward_one(w, xi, dyi, dxi, &mut dw, &mut cols);
-                        }
+                    let partials = parallel_pieces(&mut dx, in_len * GROUP, |i, dxs| {
+                        let mut dw = vec![0f32; w.len()];
+                        let (xs, dys) = (&x[i * GROUP * in_len..], &dy[i * GROUP * out_len..]);
+                        self.backward_group(w, xs, dys, dxs.len() / in_len, dxs, &mut dw);
                         dw
                     });
                     let mut dw = vec![0f32; w.len()];
@@ -512,6 +568,36 @@ mod tests {
                 &x, &wt, &b, seed,
             )?;
         }
+    }
+
+    #[test]
+    fn batches_of_several_groups_match_candle() {
+        // 19 images: two full groups of GROUP = 8 and a partial one.
+        let mut rng = Rng::new(11);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
+        let w = rng.normal(&[4, 3, 3, 3], &dev).unwrap();
+        let b = rng.normal(&[4], &dev).unwrap();
+        compare(
+            |x, w, b| conv2d(x, w, Some(b), 2, 1).unwrap(),
+            |x, w| x.conv2d(w, 1, 2, 1, 1).unwrap(),
+            &x,
+            &w,
+            &b,
+            5,
+        )
+        .unwrap();
+        let wt = rng.normal(&[3, 2, 4, 4], &dev).unwrap();
+        let bt = rng.normal(&[2], &dev).unwrap();
+        compare(
+            |x, w, b| conv_transpose2d(x, w, Some(b), 2, 1, 0).unwrap(),
+            |x, w| x.conv_transpose2d(w, 1, 0, 2, 1).unwrap(),
+            &x,
+            &wt,
+            &bt,
+            6,
+        )
+        .unwrap();
     }
 
     #[test]
