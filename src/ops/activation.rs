@@ -88,6 +88,19 @@ mod tests {
     }
 
     #[test]
+    fn finite_differences_agree_with_the_gradient() {
+        // Values away from the kink at 0, where the derivative jumps.
+        let x = Rng::new(2).normal(&[3, 7], &Device::Cpu).unwrap();
+        let x = (x.sign().unwrap() * 0.2 + &x).unwrap();
+        crate::ops::testing::check_finite_differences(
+            |t| leaky_relu(&t[0], 0.3).unwrap(),
+            &[&x],
+            3,
+            1,
+        );
+    }
+
+    #[test]
     fn non_contiguous_input_and_relu() {
         let x = Rng::new(1).normal(&[3, 4], &Device::Cpu).unwrap();
         let y = leaky_relu(&x.t().unwrap(), 0.0).unwrap();

@@ -284,6 +284,25 @@ mod tests {
         (y, grads)
     }
 
+    #[test]
+    fn finite_differences_agree_with_the_gradient() {
+        let x = Rng::new(4).normal(&[4, 3, 2, 2], &Device::Cpu).unwrap();
+        let gamma = Rng::new(5).normal(&[3], &Device::Cpu).unwrap();
+        // The kernel itself, with the scale and shift as explicit inputs.
+        crate::ops::testing::check_finite_differences(
+            |t| {
+                let op = BatchNormTrain {
+                    eps: 1e-5,
+                    stats: Arc::new(Mutex::new(None)),
+                };
+                t[0].apply_op3(&t[1], &t[2], op).unwrap()
+            },
+            &[&x, &gamma, &gamma.affine(0.5, 0.1).unwrap()],
+            6,
+            1,
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(30))]
         #[test]

@@ -45,3 +45,39 @@ pub fn value_and_grad(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, seed: u64) -> (
     let (y, mut g) = value_and_grads(|t| f(&t[0]), &[x], seed);
     (y, g.remove(0))
 }
+
+/// Checks every `stride`-th partial derivative of `sum(f(inputs) · r)` (random `r` from `seed`)
+/// against central finite differences, for each input in turn.
+pub fn check_finite_differences(
+    f: impl Fn(&[Tensor]) -> Tensor,
+    inputs: &[&Tensor],
+    seed: u64,
+    stride: usize,
+) {
+    let (y, grads) = value_and_grads(&f, inputs, seed);
+    let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
+    let loss = |ts: &[Tensor]| -> f64 {
+        let l = (f(ts) * &r).unwrap().sum_all().unwrap();
+        l.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    };
+    let eps = 1e-2;
+    for (k, (t, g)) in inputs.iter().zip(&grads).enumerate() {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in (0..v.len()).step_by(stride) {
+            let shifted = |d: f32| -> f64 {
+                let mut w = v.clone();
+                w[i] += d;
+                let mut ts: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+                ts[k] = Tensor::from_vec(w, t.dims(), &Device::Cpu).unwrap();
+                loss(&ts)
+            };
+            let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+            assert!(
+                (fd - gv[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()),
+                "input {k}, element {i}: finite difference {fd} vs gradient {}",
+                gv[i]
+            );
+        }
+    }
+}
