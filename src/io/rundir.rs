@@ -89,16 +89,20 @@ impl CsvLog {
     /// written after the checkpoint are dropped, so the log stays continuous), then appends.
     pub fn resume(path: &Path, step: usize) -> Result<CsvLog> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut kept = String::new();
-        for (i, line) in text.lines().enumerate() {
+        let mut lines = text.lines();
+        let header = lines.next().unwrap_or("");
+        let cells = header.split(',').count();
+        let mut kept = format!("{header}\n");
+        // Rows up to the checkpoint; a row cut short by a crash mid-write ends the log.
+        for line in lines {
             let first = line.split(',').next().unwrap_or("");
             match first.parse::<usize>() {
-                Ok(s) if s <= step => {}
-                _ if i == 0 => {}
+                Ok(s) if s <= step && line.split(',').count() == cells => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
                 _ => break,
             }
-            kept.push_str(line);
-            kept.push('\n');
         }
         crate::io::write_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
@@ -151,8 +155,21 @@ mod tests {
         for v in 2..=5 {
             log.row(&[v as f64 * 10.0, 0.5]).unwrap();
         }
+        // Rows after the checkpoint go.
         let mut again = CsvLog::resume(&run.file("log.csv"), 30).unwrap();
         again.row(&[40.0, 0.25]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.file("log.csv")).unwrap(),
+            "step,loss\n1,\n20,0.5\n30,0.5\n40,0.25\n"
+        );
+        // So does half a row left by a crash in the middle of a write.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run.file("log.csv"))
+            .unwrap();
+        write!(f, "50").unwrap();
+        drop(f);
+        CsvLog::resume(&run.file("log.csv"), 50).unwrap();
         assert_eq!(
             std::fs::read_to_string(run.file("log.csv")).unwrap(),
             "step,loss\n1,\n20,0.5\n30,0.5\n40,0.25\n"

@@ -58,7 +58,10 @@ pub fn check_finite_differences(
     let r = Rng::new(seed).normal(y.dims(), &Device::Cpu).unwrap();
     let loss = |ts: &[Tensor]| -> f64 {
         let l = (f(ts) * &r).unwrap().sum_all().unwrap();
-        l.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        l.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let eps = 1e-2;
     for (k, (t, g)) in inputs.iter().zip(&grads).enumerate() {
