@@ -60,6 +60,12 @@ pub struct LoopSettings<'a> {
     pub progress: bool,
 }
 
+/// Whether step `i` of `steps` writes a log row: every `log_every`-th, the first and the last.
+/// Trainers use it to compute costly logged values (such as `tardis`) only when they are kept.
+pub fn is_logged(i: usize, log_every: usize, steps: usize) -> bool {
+    i.is_multiple_of(log_every) || i == 1 || i == steps
+}
+
 /// Runs `stepper.step(i)` for `i = first..=steps`. A value that is NaN or infinite stops the
 /// loop with [`Error::NonFinite`] (checkpoints already written stay as they are). A
 /// checkpoint is written every `checkpoint_every` steps and when Ctrl-C stops the run
@@ -95,7 +101,7 @@ pub fn run_loop(
                 });
             }
         }
-        if i % settings.log_every == 0 || i == 1 || i == settings.steps {
+        if is_logged(i, settings.log_every, settings.steps) {
             let mut row = vec![i as f64];
             row.extend(values.iter().map(|v| v.unwrap_or(f64::NAN)));
             log.row(&row)?;

@@ -8,7 +8,7 @@ use crate::io::rundir::{CsvLog, RunDir};
 use crate::optim::Adam;
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings, Steps};
+use crate::training::{is_logged, run_loop, LoopSettings, Steps};
 use crate::Result;
 
 /// Columns of `train.csv` after `step`.
@@ -59,7 +59,7 @@ pub fn inject(
         let terms = objective.evaluate(&mut family, Some(key))?;
         opt.set_learning_rate(cfg.lr_schedule.at(cfg.lr, step, cfg.steps));
         opt.backward_step(&terms.total)?;
-        let tardis = if step % cfg.log_every == 0 || step == cfg.steps {
+        let tardis = if is_logged(step, cfg.log_every, cfg.steps) {
             Some(probe.tardis(&model)?)
         } else {
             None

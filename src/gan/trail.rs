@@ -19,7 +19,7 @@ use crate::models::{Discriminator, Params};
 use crate::optim::{Adam, AdamState};
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings, Stepper};
+use crate::training::{is_logged, run_loop, LoopSettings, Stepper};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -178,7 +178,7 @@ impl Stepper for Trail<'_> {
         let terms = objective.evaluate(&mut family, self.key)?;
         self.opt_g.backward_step(&terms.total)?;
         let tardis = match &self.probe {
-            Some(p) if step.is_multiple_of(t.log_every) || step == t.steps => {
+            Some(p) if is_logged(step, t.log_every, t.steps) => {
                 Some(p.tardis(&self.model)?)
             }
             _ => None,
