@@ -90,7 +90,14 @@ pub fn run_loop(
     };
     let start = Instant::now();
     for i in settings.first..=settings.steps {
-        let values = stepper.step(i)?;
+        let values = stepper.step(i).map_err(|e| match e {
+            Error::NonFiniteOutput => Error::NonFinite {
+                what: "the model's output".into(),
+                value: f32::NAN,
+                step: i,
+            },
+            e => e,
+        })?;
         for (name, v) in settings.columns.iter().zip(&values) {
             if let Some(v) = v.filter(|v| !v.is_finite()) {
                 bar.abandon();

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,10 @@ struct Trail<'a> {
     opt_d: Adam,
     streams: Streams,
     probe: Option<run::Probe>,
+    /// Training seconds before this process took over (from the checkpoint it resumed).
+    earlier_seconds: f64,
+    /// When this process started training.
+    started: Instant,
 }
 
 impl<'a> Trail<'a> {
@@ -97,6 +102,8 @@ impl<'a> Trail<'a> {
             opt_d,
             streams,
             probe,
+            earlier_seconds: 0.0,
+            started: Instant::now(),
         })
     }
 
@@ -137,6 +144,10 @@ impl<'a> Trail<'a> {
         }
         self.streams = serde_json::from_str(f.meta_field(path, "streams")?)
             .map_err(|e| bad(format!("random-stream state is invalid: {e}")))?;
+        self.earlier_seconds = f
+            .meta_field(path, "seconds")?
+            .parse()
+            .map_err(|_| bad("metadata field 'seconds' is not a number".into()))?;
         Ok(step)
     }
 }
@@ -178,9 +189,7 @@ impl Stepper for Trail<'_> {
         let terms = objective.evaluate(&mut family, self.key)?;
         self.opt_g.backward_step(&terms.total)?;
         let tardis = match &self.probe {
-            Some(p) if is_logged(step, t.log_every, t.steps) => {
-                Some(p.tardis(&self.model)?)
-            }
+            Some(p) if is_logged(step, t.log_every, t.steps) => Some(p.tardis(&self.model)?),
             _ => None,
         };
         Ok(vec![
@@ -198,8 +207,10 @@ impl Stepper for Trail<'_> {
                 tensors.push((format!("{prefix}{name}"), var.as_tensor().clone()));
             }
         }
+        let seconds = self.earlier_seconds + self.started.elapsed().as_secs_f64();
         let mut meta = BTreeMap::from([
             ("step".to_string(), step.to_string()),
+            ("seconds".to_string(), format!("{seconds:.3}")),
             (
                 "streams".to_string(),
                 serde_json::to_string(&self.streams).expect("serialisable streams"),
@@ -289,7 +300,10 @@ fn drive(
         columns: &COLUMNS,
         progress,
     };
-    let seconds = run_loop(&settings, &mut log, trail)?;
+    trail.started = Instant::now();
+    run_loop(&settings, &mut log, trail)?;
+    // Across interruptions: the seconds before the resumed checkpoint plus this process's.
+    let seconds = trail.earlier_seconds + trail.started.elapsed().as_secs_f64();
     let extra = serde_json::json!({
         "mode": if key.is_some() { "trail" } else { "clean" },
         "steps": t.steps,
