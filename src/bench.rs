@@ -140,17 +140,39 @@ pub fn run(
     times.sort_by(f64::total_cmp);
     let median_ms = median(&times);
     let (g, d) = pair.macs();
-    let gflop_per_step = (6 * g + 18 * d) as f64 * batch_size as f64 / 1e9;
-    Ok(BenchResult {
+    let min_ms = times.first().copied().unwrap_or(f64::NAN);
+    Ok(BenchResult::new(
         model,
         batch_size,
         steps,
-        median_ms,
-        min_ms: times.first().copied().unwrap_or(f64::NAN),
-        images_per_s: batch_size as f64 / median_ms * 1e3,
-        gflop_per_step,
-        gflop_per_s: gflop_per_step / median_ms * 1e3,
-    })
+        (median_ms, min_ms),
+        (g as f64, d as f64),
+    ))
+}
+
+impl BenchResult {
+    /// The derived numbers (images/s, FLOP per step and per second, see the module docs) of a
+    /// measurement: `(median, min)` ms per step and the forward multiply-adds per image of
+    /// `(G, D)`. Used for our measurement and for PyTorch's alike.
+    pub fn new(
+        model: BenchModel,
+        batch_size: usize,
+        steps: usize,
+        (median_ms, min_ms): (f64, f64),
+        (g_macs, d_macs): (f64, f64),
+    ) -> Self {
+        let gflop_per_step = (6.0 * g_macs + 18.0 * d_macs) * batch_size as f64 / 1e9;
+        BenchResult {
+            model,
+            batch_size,
+            steps,
+            median_ms,
+            min_ms,
+            images_per_s: batch_size as f64 / median_ms * 1e3,
+            gflop_per_step,
+            gflop_per_s: gflop_per_step / median_ms * 1e3,
+        }
+    }
 }
 
 /// The median of sorted values.

@@ -128,20 +128,10 @@ fn torch_reference(a: &BenchArgs, model: BenchModel) -> anyhow::Result<TorchRun>
         v[k].as_f64()
             .with_context(|| format!("{} output lacks '{k}'", script.display()))
     };
-    let median_ms = num("median_ms")?;
-    let (g, d) = (num("g_macs")?, num("d_macs")?);
-    let gflop_per_step = (6.0 * g + 18.0 * d) * a.batch_size as f64 / 1e9;
+    let times = (num("median_ms")?, num("min_ms")?);
+    let macs = (num("g_macs")?, num("d_macs")?);
     Ok(TorchRun {
-        result: BenchResult {
-            model,
-            batch_size: a.batch_size,
-            steps: a.steps,
-            median_ms,
-            min_ms: num("min_ms")?,
-            images_per_s: a.batch_size as f64 / median_ms * 1e3,
-            gflop_per_step,
-            gflop_per_s: gflop_per_step / median_ms * 1e3,
-        },
+        result: BenchResult::new(model, a.batch_size, a.steps, times, macs),
         threads: num("threads")? as usize,
         version: v["torch"].as_str().unwrap_or("?").to_string(),
     })
