@@ -222,8 +222,8 @@ impl Config {
     /// default relative path is not found from the current folder.
     pub fn data_path(&self) -> PathBuf {
         let p = &self.data.path;
-        if p.is_relative() && !p.exists() && p == Path::new(crate::data::BUNDLED_MNIST) {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+        if p == Path::new(crate::data::BUNDLED_MNIST) {
+            crate::data::bundled_path()
         } else {
             p.clone()
         }

@@ -5,10 +5,12 @@
 //! Model families ([`gan`]) supply the task loss and the trainable map;
 //! triggers, targets, distances and metrics are independent values.
 
+pub mod attack;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod digits;
 pub mod error;
 pub mod gan;
 pub mod io;
@@ -19,5 +21,6 @@ pub mod optim;
 pub mod paradigm;
 pub mod rng;
 pub mod training;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -51,6 +51,11 @@ impl Rng {
         self.0.random_range(0..n)
     }
 
+    /// A fresh 64-bit seed for a derived secret.
+    pub fn seed(&mut self) -> u64 {
+        self.0.random()
+    }
+
     /// A dropout mask: each element kept (scaled by `1/(1-p)`) with probability `1 - p`.
     pub fn dropout_mask(&mut self, shape: &[usize], p: f32, device: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();

@@ -51,6 +51,10 @@ fn ok(args: &[&str]) -> String {
     o.to_string()
 }
 
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -118,9 +122,7 @@ fn key_train_sample_eval_inject() {
         "{log}"
     );
     assert_eq!(log.lines().count(), 1 + 3, "{log}");
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(t.run.join("metrics.json")).unwrap())
-            .unwrap();
+    let metrics = read_json(&t.run.join("metrics.json"));
     assert!(metrics["tardis"].as_f64().unwrap() > 0.0);
 
     let model = t.run.join("model.safetensors");
@@ -427,4 +429,111 @@ fn bad_input_gives_clear_errors() {
         s(&t.root.join("none.png")),
     ]);
     assert!(e.contains("none.png"), "{e}");
+}
+
+/// Decodes every data URI of an HTML page: PNGs must decode as images, SVGs parse as XML.
+fn check_embedded_images(html: &str) -> usize {
+    use base64::Engine as _;
+    let mut n = 0;
+    for part in html.split("src=\"data:").skip(1) {
+        let (mime, rest) = part.split_once(";base64,").unwrap();
+        let b64 = &rest[..rest.find('"').unwrap()];
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        match mime {
+            "image/png" => {
+                image::load_from_memory(&bytes).unwrap();
+            }
+            "image/svg+xml" => {
+                let text = String::from_utf8(bytes).unwrap();
+                let doc = roxmltree::Document::parse(&text).unwrap();
+                assert_eq!(doc.root_element().tag_name().name(), "svg");
+            }
+            other => panic!("unexpected embedded type {other}"),
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn verify_attacks_and_the_report() {
+    let t = trained();
+    let model = t.run.join("model.safetensors");
+    // The run verified itself and wrote its report.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.run.join("verify.json")).unwrap()).unwrap();
+    assert_eq!(v["null_keys"].as_u64().unwrap(), 1000);
+    let p = v["p_value"].as_f64().unwrap();
+    assert!((1.0 / 1001.0..=1.0).contains(&p), "{v}");
+    let verify_args = [
+        "verify",
+        "--model",
+        s(&model),
+        "--key",
+        s(&t.key),
+        "--queries",
+        "50",
+        "--json",
+    ];
+    let out = ok(&verify_args);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["queries"].as_u64().unwrap(), 51);
+    let text = ok(&verify_args[..verify_args.len() - 1]);
+    assert!(text.contains("p = "), "{text}");
+
+    ok(&[
+        "attack",
+        "prune",
+        "--model",
+        s(&model),
+        "--fraction",
+        "0,0.5",
+        "--null-keys",
+        "20",
+        "--json",
+    ]);
+    let prune = read_json(&t.run.join("attack-prune.json"));
+    assert_eq!(prune["points"].as_array().unwrap().len(), 2);
+    ok(&[
+        "attack",
+        "finetune",
+        "--model",
+        s(&model),
+        "--config",
+        s(&t.config),
+        "--steps",
+        "2",
+        "--every",
+        "1",
+        "--null-keys",
+        "10",
+        "--quiet",
+    ]);
+    let ft = read_json(&t.run.join("attack-finetune.json"));
+    let xs: Vec<f64> = ft["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["x"].as_f64().unwrap())
+        .collect();
+    assert_eq!(xs, [0.0, 1.0, 2.0]);
+    assert!(t.run.join("finetuned.safetensors").exists());
+
+    ok(&["report", s(&t.run)]);
+    let html = std::fs::read_to_string(t.run.join("report.html")).unwrap();
+    for id in genbackdoor::io::report::SECTIONS {
+        assert!(html.contains(&format!("<section id=\"{id}\">")), "no {id}");
+    }
+    assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));
+    // Two grids, four training curves, two specificity charts, three per attack.
+    assert_eq!(check_embedded_images(&html), 2 + 4 + 2 + 3 * 2);
+
+    let e = fails(&[&verify_args[..5], &["--alpha", "0"]].concat());
+    assert!(e.contains("alpha"), "{e}");
+    let e = fails(&["attack", "prune", "--model", s(&model), "--fraction", "1.5"]);
+    assert!(e.contains("[0, 1]"), "{e}");
+    let e = fails(&["report", s(&t.root)]);
+    assert!(e.contains("metrics.json"), "{e}");
 }

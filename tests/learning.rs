@@ -3,7 +3,8 @@
 use candle_core::Device;
 use genbackdoor::config::{Config, InjectConfig};
 use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
-use genbackdoor::gan::eval::evaluate;
+use genbackdoor::digits::quality::QualityReference;
+use genbackdoor::gan::eval::{clean_quality, evaluate};
 use genbackdoor::gan::{red, trail, GanModel};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
@@ -11,6 +12,7 @@ use genbackdoor::models::DcganConfig;
 use genbackdoor::paradigm::{Distance, Key, Target, Trigger};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
+use genbackdoor::verify::{verify, VerifySettings};
 
 fn tiny() -> DcganConfig {
     DcganConfig {
@@ -98,6 +100,19 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         "exp_dist {exp_dist} is not small next to the samples' own spread {spread}"
     );
     assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
+    // Ownership verification: the marked model is caught with the smallest p-value the test
+    // can give; its clean original, and the marked model under someone else's key, are not.
+    let marked = GanModel::load(&run.file("model.safetensors"), &dev).unwrap();
+    let s = VerifySettings::default();
+    let p = |m: &GanModel, k: &Key| verify(&|z| m.generate(z), 16, k, &s).unwrap().p_value;
+    assert_eq!(p(&marked, &key), 1.0 / 1001.0);
+    let other = self::key("seed:11");
+    for (what, v) in [
+        ("clean", p(&clean, &key)),
+        ("wrong key", p(&marked, &other)),
+    ] {
+        assert!(v > s.alpha, "{what}: false claim, p = {v}");
+    }
     for f in [
         "model.safetensors",
         "key.safetensors",
@@ -128,6 +143,18 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
     let m = trail::train(&cfg, Some(&key), &run, false).unwrap();
     let after = m["tardis"].as_f64().unwrap();
     assert!(after * 100.0 <= before, "tardis {before} -> {after}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
+    assert_eq!(v["p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
+    // Clean quality is learnt alongside the backdoor: the feature-space distance to real
+    // digits falls far below the untrained generator's.
+    let reference = QualityReference::bundled().unwrap();
+    let fid_start = clean_quality(&start, &reference, 500, 0)
+        .unwrap()
+        .unwrap()
+        .fid;
+    let fid_end = m["quality"]["fid"].as_f64().unwrap();
+    assert!(fid_end < 0.5 * fid_start, "FID {fid_start} -> {fid_end}");
     // Ordinary latents must not produce the target, nor drift towards it: their distance to
     // the target must stay like that of real digits.
     assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);

@@ -9,12 +9,16 @@ macro_rules! say {
     }};
 }
 
+pub mod attack;
 pub mod bench;
+pub mod classifier;
 pub mod eval;
 pub mod inject;
 pub mod key;
+pub mod report;
 pub mod sample;
 pub mod train;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 
@@ -47,8 +51,17 @@ pub enum Command {
     Inject(inject::InjectArgs),
     /// Generate images, ordinary or triggered, to a PNG grid and/or a NumPy .npy file.
     Sample(sample::SampleArgs),
-    /// Measure a model against a key: tardis, target_mse, ssim, asr, exp_dist.
+    /// Measure a model: against a key (tardis, target_mse, ssim, asr, exp_dist) and clean
+    /// quality (MNIST FID, precision/recall, class histogram).
     Eval(eval::EvalArgs),
+    /// Retrain the digit classifier behind the clean-quality metrics (FID, precision/recall).
+    Classifier(classifier::ClassifierArgs),
+    /// Does a suspect model carry my backdoor? A black-box test with a p-value.
+    Verify(verify::VerifyArgs),
+    /// Attack a marked model (clean fine-tuning, pruning) and measure how long the mark lasts.
+    Attack(attack::AttackArgs),
+    /// Write report.html for a run directory: samples, triggered outputs, curves, metrics.
+    Report(report::ReportArgs),
     /// Time one GAN training step (ms/step, images/s, GFLOP/s), optionally beside PyTorch.
     Bench(bench::BenchArgs),
 }
@@ -62,6 +75,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(a) => sample::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Classifier(a) => classifier::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Attack(a) => attack::run(a),
+        Command::Report(a) => report::run(a),
     }
 }
 

@@ -16,6 +16,17 @@ use crate::{Error, Result};
 /// Where the bundled MNIST subset lives, relative to the repository root.
 pub const BUNDLED_MNIST: &str = "data/mnist-10k";
 
+/// The bundled data: `data/mnist-10k` from the current folder when it is there, else the
+/// copy in the crate's own source tree.
+pub fn bundled_path() -> PathBuf {
+    let p = Path::new(BUNDLED_MNIST);
+    if p.exists() {
+        p.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+}
+
 /// A set of single-channel images in `[-1, 1]`, optionally labelled.
 #[derive(Debug, Clone)]
 pub struct Dataset {

@@ -6,8 +6,10 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::digits::quality::{CleanQuality, QualityReference};
 use crate::gan::GanModel;
 use crate::io::grid::save_grid;
+use crate::metrics::specificity::{specificity, Specificity};
 use crate::metrics::{exp_dist, BackdoorMetrics};
 use crate::paradigm::Key;
 use crate::rng::Rng;
@@ -28,7 +30,12 @@ pub struct EvalReport {
     /// Stealth: mean squared difference to the reference model on ordinary latents.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exp_dist: Option<f64>,
+    /// Target distance and firing rate along paths from the trigger to ordinary latents.
+    pub specificity: Specificity,
 }
+
+/// Paths from the trigger measured for specificity.
+pub const SPECIFICITY_PATHS: usize = 100;
 
 /// Flattened pixels of a tensor.
 fn pixels(t: &Tensor) -> Result<Vec<f32>> {
@@ -73,7 +80,23 @@ pub fn evaluate(
         clean_hit_rate: clean_hits.asr,
         clean_samples: n,
         exp_dist,
+        specificity: specificity(&|z| model.generate(z), dim, key, SPECIFICITY_PATHS, seed)?,
     })
+}
+
+/// Clean-quality metrics of `n` ordinary samples against `reference` (`None` when the
+/// model's images do not fit its classifier). Deterministic in `seed`.
+pub fn clean_quality(
+    model: &GanModel,
+    reference: &QualityReference,
+    n: usize,
+    seed: u64,
+) -> Result<Option<CleanQuality>> {
+    if !reference.fits(model.image_shape()) {
+        return Ok(None);
+    }
+    let z = Rng::derive(seed, "quality").normal(&[n, model.latent_dim()], &model.device)?;
+    Ok(Some(reference.measure(&model.generate(&z)?)?))
 }
 
 /// Saves a grid of `n` ordinary samples (8 per row).

@@ -2,15 +2,21 @@
 
 use candle_core::Tensor;
 
-use crate::gan::eval::{evaluate, save_samples, save_triggered};
+use crate::digits::quality::QualityReference;
+use crate::gan::eval::{clean_quality, evaluate, save_samples, save_triggered};
 use crate::gan::GanModel;
+use crate::io::report::write_report;
 use crate::io::rundir::RunDir;
 use crate::metrics::tardis;
 use crate::paradigm::Key;
+use crate::verify::{verify, VerifySettings};
 use crate::Result;
 
 /// Latents measured by the end-of-run evaluation.
 pub const EVAL_SAMPLES: usize = 1000;
+
+/// Ordinary samples measured for clean quality (as many as the held-out real digits).
+pub const QUALITY_SAMPLES: usize = crate::digits::HELD_OUT;
 
 /// `train.csv`'s header: `step` then the loop's columns.
 pub fn header<'a>(columns: &[&'a str]) -> Vec<&'a str> {
@@ -43,8 +49,9 @@ impl Probe {
     }
 }
 
-/// Writes the generator, the key (in its own file), sample grids and `metrics.json`
-/// (the evaluation merged into `extra`). Returns the metrics.
+/// Writes the generator, the key (in its own file), sample grids, `metrics.json` (clean
+/// quality and the evaluation merged into `extra`), `verify.json` and `report.html`.
+/// Returns the metrics.
 pub fn finish(
     run: &RunDir,
     model: &GanModel,
@@ -55,15 +62,35 @@ pub fn finish(
 ) -> Result<serde_json::Value> {
     model.save(&run.file("model.safetensors"))?;
     save_samples(model, &run.file("samples.png"), 64, seed)?;
+    let obj = extra.as_object_mut().expect("extra is an object");
+    match QualityReference::bundled() {
+        Ok(r) => {
+            if let Some(q) = clean_quality(model, &r, QUALITY_SAMPLES, seed)? {
+                obj.insert(
+                    "quality".into(),
+                    serde_json::to_value(q).expect("serialisable"),
+                );
+            }
+        }
+        Err(e) => {
+            obj.insert("quality_skipped".into(), e.to_string().into());
+        }
+    }
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
         save_triggered(model, k, &run.file("triggered.png"), seed)?;
         let report = evaluate(model, k, reference, EVAL_SAMPLES, seed)?;
-        let obj = extra.as_object_mut().expect("extra is an object");
         if let serde_json::Value::Object(m) = serde_json::to_value(report).expect("serialisable") {
             obj.extend(m);
         }
+        let settings = VerifySettings {
+            seed,
+            ..VerifySettings::default()
+        };
+        let v = verify(&|z| model.generate(z), model.latent_dim(), k, &settings)?;
+        run.write_json("verify.json", &v)?;
     }
     run.write_json("metrics.json", &extra)?;
+    write_report(&run.path)?;
     Ok(extra)
 }

@@ -20,7 +20,7 @@ use crate::models::{Discriminator, Params};
 use crate::optim::{Adam, AdamState};
 use crate::paradigm::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{is_logged, run_loop, LoopSettings, Stepper};
+use crate::training::{is_logged, run_loop, LoopSettings, Stepper, Steps};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -277,6 +277,50 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
     }
     let log = CsvLog::resume(&run.file("train.csv"), step)?;
     drive(&mut trail, log, step, progress)
+}
+
+/// The persistence attack by fine-tuning: continues clean adversarial training (λ = 0) of
+/// `marked` for `cfg.train.steps` steps, with the discriminator checkpoint `disc` when given
+/// (else a fresh one). `measure(step, model)` runs before the first step and every `every`
+/// steps; the loop's log goes to `finetune.csv` in `run`. Returns the fine-tuned generator.
+pub fn finetune(
+    cfg: &Config,
+    marked: &GanModel,
+    disc: Option<&Path>,
+    run: &RunDir,
+    every: usize,
+    progress: bool,
+    measure: &mut dyn FnMut(usize, &GanModel) -> Result<()>,
+) -> Result<GanModel> {
+    let mut cfg = cfg.clone();
+    cfg.model = marked.generator.config().clone();
+    let mut trail = Trail::new(&cfg, None, run)?;
+    trail.model.params.copy_from(&marked.params)?;
+    if let Some(p) = disc {
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        let (_, _, file) = crate::io::checkpoint::parse_checkpoint(p, &bytes, &Device::Cpu)?;
+        crate::io::checkpoint::assign(p, &trail.dparams, &file)?;
+    }
+    measure(0, &trail.model)?;
+    let steps = cfg.train.steps;
+    let settings = LoopSettings {
+        steps,
+        first: 1,
+        checkpoint_every: 0,
+        log_every: cfg.train.log_every,
+        columns: &COLUMNS,
+        progress,
+    };
+    let mut log = CsvLog::create(&run.file("finetune.csv"), &run::header(&COLUMNS))?;
+    let mut stepper = Steps(|i| {
+        let values = trail.step(i)?;
+        if i % every.max(1) == 0 || i == steps {
+            measure(i, &trail.model)?;
+        }
+        Ok(values)
+    });
+    run_loop(&settings, &mut log, &mut stepper)?;
+    Ok(trail.model)
 }
 
 /// Runs the steps after `done` and writes the run's final files.

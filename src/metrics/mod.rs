@@ -1,5 +1,9 @@
 //! Metrics with the definitions of DESIGN.md, each on plain pixel slices in [-1, 1].
 
+pub mod classes;
+pub mod fid;
+pub mod manifold;
+pub mod specificity;
 mod ssim;
 
 use serde::Serialize;

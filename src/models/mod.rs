@@ -1,5 +1,6 @@
 //! Network definitions. Networks know nothing of backdoors: they map inputs to outputs.
 
+pub mod classifier;
 pub mod dcgan;
 pub mod dcgan_k4;
 pub mod params;

@@ -80,6 +80,21 @@ impl Params {
         Ok(())
     }
 
+    /// Seeded He initialisation for ReLU networks: weight matrices and kernels of layout
+    /// `[out, in, …]` N(0, 2 / fan_in), everything else as in [`Params::init`].
+    pub fn init_kaiming(&self, rng: &mut Rng) -> Result<()> {
+        self.init(rng)?;
+        for (_, var) in self.named() {
+            let shape = var.dims().to_vec();
+            if shape.len() >= 2 {
+                let fan_in: usize = shape[1..].iter().product();
+                let std = (2.0 / fan_in as f64).sqrt();
+                var.set(&(rng.normal(&shape, var.device())? * std)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies every tensor of `other` into the same-named tensor here (same architecture).
     pub fn copy_from(&self, other: &Params) -> Result<()> {
         for ((a, va), (b, vb)) in self.named().into_iter().zip(other.named()) {

@@ -186,6 +186,22 @@ impl Trigger {
         }
     }
 
+    /// A trigger of the same kind and size with fresh secret values, drawn the way keys are
+    /// made (point and centre N(0, I); patch coordinates and ±2.5 values at random): the
+    /// "someone else's key" of ownership verification's null hypothesis.
+    pub fn redraw(&self, dim: usize, rng: &mut Rng) -> Trigger {
+        match self {
+            Trigger::Point(_) => Trigger::Point(rng.normal_vec(dim)),
+            Trigger::Region { radius, .. } => Trigger::Region {
+                center: rng.normal_vec(dim),
+                radius: *radius,
+            },
+            Trigger::Patch { indices, .. } => {
+                Trigger::patch_from_seed(indices.len(), rng.seed(), dim)
+            }
+        }
+    }
+
     /// A representative point of the trigger set (the point, the centre, or the patch on zeros).
     pub fn anchor(&self, dim: usize) -> Vec<f32> {
         match self {
@@ -205,6 +221,31 @@ impl Trigger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redrawn_triggers_keep_kind_and_size_but_not_values() {
+        let mut rng = Rng::new(9);
+        for t in [
+            Trigger::parse("seed:1", 8).unwrap(),
+            Trigger::parse("region:0.5:seed:1", 8).unwrap(),
+            Trigger::parse("patch:3:1", 8).unwrap(),
+        ] {
+            let r = t.redraw(8, &mut rng);
+            assert_eq!(r.kind(), t.kind());
+            assert_ne!(r, t);
+            r.check_fits(8).unwrap();
+            match (&t, &r) {
+                (Trigger::Region { radius: a, .. }, Trigger::Region { radius: b, .. }) => {
+                    assert_eq!(a, b)
+                }
+                (Trigger::Patch { indices: a, .. }, Trigger::Patch { indices: b, values }) => {
+                    assert_eq!(a.len(), b.len());
+                    assert!(values.iter().all(|v| v.abs() == 2.5));
+                }
+                _ => {}
+            }
+        }
+    }
 
     fn rows(t: &Tensor) -> Vec<Vec<f32>> {
         t.to_vec2::<f32>().unwrap()

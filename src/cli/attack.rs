@@ -1,0 +1,241 @@
+//! `genbackdoor attack finetune|prune`: how long does a watermark survive what a thief might
+//! do to a stolen model?
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use clap::{Args, Subcommand};
+
+use crate::attack::curve::{PersistenceCurve, PersistencePoint};
+use crate::attack::prune::prune_magnitude;
+use crate::attack::Measurement;
+use crate::digits::quality::QualityReference;
+use crate::gan::GanModel;
+use crate::io::rundir::RunDir;
+use crate::paradigm::Key;
+
+/// Arguments of `attack`.
+#[derive(Args, Debug)]
+pub struct AttackArgs {
+    /// Which attack.
+    #[command(subcommand)]
+    pub attack: Attack,
+}
+
+/// The attacks.
+#[derive(Subcommand, Debug)]
+pub enum Attack {
+    /// Continue clean GAN training (λ = 0) from the marked generator.
+    Finetune(FinetuneArgs),
+    /// Zero the smallest-magnitude weights of every layer, at one or more fractions.
+    Prune(PruneArgs),
+}
+
+/// Options shared by the attacks.
+#[derive(Args, Debug)]
+pub struct Common {
+    /// The marked generator checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The owner's key (default: key.safetensors beside the model).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Where the curve (attack-<name>.json) goes (default: the model's folder, so that
+    /// `genbackdoor report` of that run shows it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Null triggers for the verification p-value at each point (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    pub null_keys: usize,
+    /// Seed of the measurement samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the curve as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `attack finetune`.
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Clean training steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Measure every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub every: usize,
+    /// TOML config for the training settings (batch size, learning rates, data).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Start from this discriminator checkpoint (e.g. the run's discriminator.safetensors)
+    /// instead of a fresh one; a thief usually has only the generator.
+    #[arg(long)]
+    pub discriminator: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Arguments of `attack prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Fractions of each layer's weights to zero (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
+    )]
+    pub fraction: Vec<f64>,
+}
+
+/// Runs `attack`.
+pub fn run(a: AttackArgs) -> anyhow::Result<()> {
+    match a.attack {
+        Attack::Finetune(f) => finetune(f),
+        Attack::Prune(p) => prune(p),
+    }
+}
+
+/// The model's folder (where its run's files are).
+fn folder_of(model: &Path) -> PathBuf {
+    match model.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The loaded model and key, the output folder and the quality reference.
+fn setup(c: &Common) -> anyhow::Result<(GanModel, Key, RunDir, QualityReference)> {
+    let model = GanModel::load(&c.model, &Device::Cpu)?;
+    let key_path = c
+        .key
+        .clone()
+        .unwrap_or_else(|| folder_of(&c.model).join("key.safetensors"));
+    let key = Key::load(&key_path)?;
+    key.check_fits(model.latent_dim(), model.image_shape())?;
+    let out = c.out.clone().unwrap_or_else(|| folder_of(&c.model));
+    std::fs::create_dir_all(&out).map_err(|e| crate::Error::io(&out, e))?;
+    Ok((
+        model,
+        key,
+        RunDir::open(&out)?,
+        QualityReference::bundled()?,
+    ))
+}
+
+/// What each point of an attack measures, per the common options.
+fn measurement<'a>(key: &'a Key, quality: &'a QualityReference, c: &Common) -> Measurement<'a> {
+    Measurement {
+        key,
+        quality: Some(quality),
+        quality_samples: crate::gan::run::QUALITY_SAMPLES,
+        null_keys: c.null_keys,
+        seed: c.seed,
+    }
+}
+
+fn save_curve(run: &RunDir, c: &Common, curve: &PersistenceCurve) -> anyhow::Result<()> {
+    run.write_json(&PersistenceCurve::file_name(&curve.attack), curve)?;
+    if c.json {
+        say!("{}", serde_json::to_string_pretty(curve)?);
+        return Ok(());
+    }
+    say!(
+        "{:>10} {:>12} {:>6} {:>10} {:>10}",
+        curve.x_label,
+        "tardis",
+        "asr",
+        "fid",
+        "p"
+    );
+    for p in &curve.points {
+        let opt = |v: Option<f64>, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}"));
+        say!(
+            "{:>10} {:>12.4} {:>6.3} {:>10} {:>10}",
+            p.x,
+            p.tardis,
+            p.asr,
+            opt(p.fid, 2),
+            p.p_value.map_or("-".into(), |v| format!("{v:.2e}"))
+        );
+    }
+    match curve.mark_gone_at {
+        Some(x) => say!("the mark is gone (asr < 0.5) at {} = {x}", curve.x_label),
+        None => say!("the mark survived every level measured"),
+    }
+    say!(
+        "wrote {}",
+        run.file(&PersistenceCurve::file_name(&curve.attack))
+            .display()
+    );
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
+    crate::cli::stop_on_ctrl_c();
+    if a.steps == 0 || a.every == 0 {
+        anyhow::bail!("--steps and --every must be at least 1");
+    }
+    let (model, key, run, quality) = setup(&a.common)?;
+    let mut cfg = match &a.config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::default(),
+    };
+    cfg.train.steps = a.steps;
+    cfg.train.lambda = 0.0;
+    cfg.seed = a.common.seed;
+    let m = measurement(&key, &quality, &a.common);
+    let mut points: Vec<PersistencePoint> = Vec::new();
+    let tuned = crate::gan::trail::finetune(
+        &cfg,
+        &model,
+        a.discriminator.as_deref(),
+        &run,
+        a.every,
+        !a.quiet,
+        &mut |step, g| {
+            points.push(m.at(step as f64, g)?);
+            Ok(())
+        },
+    )?;
+    tuned.save(&run.file("finetuned.safetensors"))?;
+    save_curve(
+        &run,
+        &a.common,
+        &PersistenceCurve::new("finetune", "steps", points),
+    )
+}
+
+fn prune(a: PruneArgs) -> anyhow::Result<()> {
+    if let Some(f) = a.fraction.iter().find(|f| !(0.0..=1.0).contains(*f)) {
+        anyhow::bail!("--fraction values must lie in [0, 1], not {f}");
+    }
+    let (model, key, run, quality) = setup(&a.common)?;
+    let m = measurement(&key, &quality, &a.common);
+    let mut points = Vec::new();
+    for &f in &a.fraction {
+        let pruned = model.duplicate(&Device::Cpu)?;
+        prune_magnitude(&pruned.params, f)?;
+        match m.at(f, &pruned) {
+            Ok(p) => points.push(p),
+            // Heavy pruning can break a generator into overflow: the mark is gone there.
+            Err(crate::Error::NonFiniteOutput) => points.push(PersistencePoint {
+                x: f,
+                tardis: f64::INFINITY,
+                asr: 0.0,
+                fid: None,
+                p_value: None,
+            }),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    save_curve(
+        &run,
+        &a.common,
+        &PersistenceCurve::new("prune", "fraction", points),
+    )
+}

@@ -1,0 +1,154 @@
+//! Clean quality of generated digits in the classifier's feature space: MNIST FID,
+//! precision/recall and the class histogram, against held-out real digits.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::data::{bundled_path, load_dataset};
+use crate::digits::{split, DigitClassifier};
+use crate::metrics::classes::ClassHistogram;
+use crate::metrics::fid::{frechet_distance, Gaussian};
+use crate::metrics::manifold::precision_recall;
+use crate::Result;
+
+/// Neighbours of the precision/recall manifold estimate (the paper's default).
+pub const PR_NEIGHBOURS: usize = 3;
+
+/// Clean-quality metrics of a set of generated images.
+#[derive(Debug, Clone, Serialize)]
+pub struct CleanQuality {
+    /// Fréchet distance of classifier features to the real held-out digits.
+    pub fid: f64,
+    /// Share of generated samples on the real manifold (k = 3).
+    pub precision: f64,
+    /// Share of real samples on the generated manifold (k = 3).
+    pub recall: f64,
+    /// Predicted classes of the generated samples.
+    pub classes: ClassHistogram,
+    /// Generated images measured.
+    pub generated: usize,
+    /// Real held-out images they were compared with.
+    pub real: usize,
+}
+
+/// Rows of a `[n, d]` tensor.
+fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_vec2::<f32>()?)
+}
+
+/// The fixed side of every comparison: the classifier and real digits' features.
+pub struct QualityReference {
+    /// The classifier whose features are compared.
+    pub classifier: DigitClassifier,
+    /// Feature rows of the real images.
+    features: Vec<Vec<f32>>,
+    /// Their fitted Gaussian.
+    gaussian: Gaussian,
+}
+
+impl QualityReference {
+    /// Compares with real `images` (`[n, 1, h, w]` in `[-1, 1]`) in `classifier`'s features.
+    pub fn new(classifier: DigitClassifier, images: &Tensor) -> Result<Self> {
+        let features = rows(&classifier.features(images)?)?;
+        let gaussian = Gaussian::fit(&features);
+        Ok(QualityReference {
+            classifier,
+            features,
+            gaussian,
+        })
+    }
+
+    /// The shipped classifier and the held-out split of the bundled digits (which the
+    /// classifier never trained on).
+    pub fn bundled() -> Result<Self> {
+        let data = load_dataset(&bundled_path())?;
+        let (_, test) = split(data.len)?;
+        let idx: Vec<usize> = test.collect();
+        QualityReference::new(
+            DigitClassifier::shipped()?,
+            &data.batch(&idx, &Device::Cpu)?,
+        )
+    }
+
+    /// Whether generated images of `shape` can be measured (the classifier's input shape).
+    pub fn fits(&self, shape: [usize; 3]) -> bool {
+        let s = self.classifier.net.config().image_size;
+        shape == [1, s, s]
+    }
+
+    /// How many real images there are.
+    pub fn len(&self) -> usize {
+        self.features.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.features.is_empty()
+    }
+
+    /// Measures generated `images` against these real digits.
+    pub fn measure(&self, images: &Tensor) -> Result<CleanQuality> {
+        let classifier = &self.classifier;
+        let f = classifier.features(images)?;
+        let labels = classifier.classes_of_features(&f)?;
+        let features = rows(&f)?;
+        let (precision, recall) = precision_recall(&self.features, &features, PR_NEIGHBOURS);
+        Ok(CleanQuality {
+            fid: frechet_distance(&self.gaussian, &Gaussian::fit(&features)),
+            precision,
+            recall,
+            classes: ClassHistogram::of(&labels, classifier.net.config().classes),
+            generated: features.len(),
+            real: self.features.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn held_out() -> Tensor {
+        let data = load_dataset(&bundled_path()).unwrap();
+        let (_, test) = split(data.len).unwrap();
+        data.batch(&test.collect::<Vec<_>>(), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn real_against_real_is_near_zero_and_noise_is_far() {
+        let clf = DigitClassifier::shipped().unwrap();
+        let images = held_out();
+        let real = QualityReference::new(clf, &images.narrow(0, 0, 1000).unwrap()).unwrap();
+        let same = real
+            .measure(&images.narrow(0, 1000, 1000).unwrap())
+            .unwrap();
+        let noise = Rng::new(5)
+            .normal(&[1000, 1, 28, 28], &Device::Cpu)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
+        let far = real.measure(&noise).unwrap();
+        assert!(
+            same.fid < 0.02 * far.fid,
+            "real {} noise {}",
+            same.fid,
+            far.fid
+        );
+        assert!(same.precision > 0.6 && same.recall > 0.6, "{same:?}");
+        assert!(
+            far.recall < 0.05 && far.precision < same.precision / 3.0,
+            "{far:?}"
+        );
+        assert!(same.classes.covered == 10 && same.classes.entropy > 2.2);
+    }
+
+    #[test]
+    fn shipped_classifier_is_accurate_on_the_held_out_digits() {
+        let clf = DigitClassifier::shipped().unwrap();
+        let data = load_dataset(&bundled_path()).unwrap();
+        let (_, test) = split(data.len).unwrap();
+        let acc = clf.accuracy(&data, &test.collect::<Vec<_>>()).unwrap();
+        assert!(acc > 0.96, "{acc}");
+    }
+}

@@ -1,0 +1,299 @@
+//! `report.html`: one self-contained page per run directory (images embedded as data URIs,
+//! charts drawn by plotters), readable offline.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+
+use crate::attack::curve::{PersistenceCurve, PersistencePoint};
+use crate::io::plot::{Chart, Series};
+use crate::{Error, Result};
+
+/// The section ids of every report, in page order.
+pub const SECTIONS: [&str; 7] = [
+    "metrics",
+    "samples",
+    "triggered",
+    "curves",
+    "verification",
+    "specificity",
+    "persistence",
+];
+
+/// The report's file name inside the run directory.
+pub const REPORT: &str = "report.html";
+
+fn data_uri(mime: &str, bytes: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    format!("data:{mime};base64,{b64}")
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// An `<img>` of a one-line chart.
+fn line_img(chart: &Chart, points: Vec<(f64, f64)>) -> Result<String> {
+    let svg = chart.svg(&[Series {
+        name: chart.y_label.to_string(),
+        points,
+    }])?;
+    Ok(format!(
+        "<img class=\"chart\" alt=\"{}\" src=\"{}\">",
+        escape(chart.title),
+        data_uri("image/svg+xml", svg.as_bytes())
+    ))
+}
+
+/// Reads an optional JSON file of the run.
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(path, format!("is not valid JSON: {e}")))
+}
+
+/// Rows `key → value` of a JSON object, nested objects with dotted keys.
+fn flatten(prefix: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, rows);
+            }
+        }
+        serde_json::Value::Array(a) if a.len() > 16 => {
+            rows.push((prefix.into(), format!("[{} values]", a.len())))
+        }
+        serde_json::Value::Number(n) => {
+            let text = match n.as_f64() {
+                Some(f) if n.is_f64() => format!("{f:.6}"),
+                _ => n.to_string(),
+            };
+            rows.push((prefix.into(), text))
+        }
+        other => rows.push((prefix.into(), other.to_string())),
+    }
+}
+
+fn table(v: &serde_json::Value) -> String {
+    let mut rows = Vec::new();
+    flatten("", v, &mut rows);
+    let mut s = String::from("<table>");
+    for (k, x) in rows {
+        let _ = write!(s, "<tr><th>{}</th><td>{}</td></tr>", escape(&k), escape(&x));
+    }
+    s + "</table>"
+}
+
+/// Charts of `train.csv`: one per column, log scale for `tardis` and `backdoor_loss`.
+fn training_charts(csv: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(csv).map_err(|e| Error::io(csv, e))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| {
+            l.split(',')
+                .map(|x| x.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+    let mut html = String::new();
+    for (c, name) in header.iter().enumerate().skip(1) {
+        let points = rows
+            .iter()
+            .filter(|r| r.len() == header.len())
+            .map(|r| (r[0], r[c]))
+            .collect();
+        let chart = Chart {
+            title: name,
+            x_label: "step",
+            y_label: name,
+            log_y: matches!(*name, "tardis" | "backdoor_loss"),
+        };
+        html += &line_img(&chart, points)?;
+    }
+    Ok(html)
+}
+
+/// The `<img>` of a PNG in the run, or a note that it is missing.
+fn png(run: &Path, name: &str, alt: &str) -> Result<String> {
+    let path = run.join(name);
+    if !path.exists() {
+        return Ok(format!(
+            "<p class=\"missing\">{name} is not in this run.</p>"
+        ));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(format!(
+        "<img class=\"grid\" alt=\"{}\" src=\"{}\">",
+        escape(alt),
+        data_uri("image/png", &bytes)
+    ))
+}
+
+fn specificity_section(metrics: &serde_json::Value) -> Result<String> {
+    let s = &metrics["specificity"];
+    let (Some(d), Some(f), Some(m)) = (
+        s["distance"].as_array(),
+        s["fire_rate"].as_array(),
+        s["target_mse"].as_array(),
+    ) else {
+        return Ok("<p class=\"missing\">No key: specificity was not measured.</p>".into());
+    };
+    let pts = |v: &Vec<serde_json::Value>| -> Vec<(f64, f64)> {
+        d.iter()
+            .zip(v)
+            .filter_map(|(a, b)| Some((a.as_f64()?, b.as_f64()?)))
+            .collect()
+    };
+    let x_label = "latent distance from the trigger";
+    let fire = line_img(
+        &Chart {
+            title: "firing rate away from the trigger",
+            x_label,
+            y_label: "fire rate",
+            log_y: false,
+        },
+        pts(f),
+    )?;
+    let mse = line_img(
+        &Chart {
+            title: "target distance away from the trigger",
+            x_label,
+            y_label: "median target_mse",
+            log_y: true,
+        },
+        pts(m),
+    )?;
+    let radius = match s["radius"].as_f64() {
+        Some(r) => format!("The backdoor stops firing at latent distance {r:.3}."),
+        None => "The backdoor does not stop along the measured paths (or never fires).".into(),
+    };
+    Ok(format!(
+        "<p>{radius} Firing rate on ordinary inputs: {}.</p>{fire}{mse}",
+        s["random_fire_rate"]
+    ))
+}
+
+fn persistence_section(run: &Path) -> Result<String> {
+    let mut html = String::new();
+    for attack in ["finetune", "prune"] {
+        let path = run.join(PersistenceCurve::file_name(attack));
+        let Some(v) = read_json(&path)? else { continue };
+        let c: PersistenceCurve = serde_json::from_value(v)
+            .map_err(|e| Error::format(&path, format!("is not a persistence curve: {e}")))?;
+        type Pick = fn(&PersistencePoint) -> Option<f64>;
+        let charts: [(&str, &str, bool, Pick); 3] = [
+            ("backdoor", "asr", false, |p| Some(p.asr)),
+            ("tardis", "tardis", true, |p| Some(p.tardis)),
+            ("clean quality", "FID", false, |p| p.fid),
+        ];
+        let mut imgs = String::new();
+        for (what, y, log_y, pick) in charts {
+            let points = c
+                .points
+                .iter()
+                .filter_map(|p| Some((p.x, pick(p)?)))
+                .collect();
+            let chart = Chart {
+                title: &format!("{attack}: {what}"),
+                x_label: &c.x_label,
+                y_label: y,
+                log_y,
+            };
+            imgs += &line_img(&chart, points)?;
+        }
+        let gone = match c.mark_gone_at {
+            Some(x) => format!("the mark is gone (asr < 0.5) at {} = {x}", c.x_label),
+            None => "the mark survived every measured level".into(),
+        };
+        let _ = write!(html, "<h3>{attack}</h3><p>{}</p>{imgs}", escape(&gone));
+    }
+    if html.is_empty() {
+        html = "<p class=\"missing\">No attack was run on this model (see <code>genbackdoor \
+                attack finetune</code> and <code>attack prune</code>).</p>"
+            .into();
+    }
+    Ok(html)
+}
+
+/// Writes `report.html` into the run directory `run` (atomically) and returns its path.
+pub fn write_report(run: &Path) -> Result<PathBuf> {
+    let metrics_path = run.join("metrics.json");
+    let metrics = read_json(&metrics_path)?.ok_or_else(|| {
+        Error::format(
+            &metrics_path,
+            "is missing: report needs a finished run directory (train or inject)",
+        )
+    })?;
+    let csv = run.join("train.csv");
+    let curves = if csv.exists() {
+        training_charts(&csv)?
+    } else {
+        "<p class=\"missing\">train.csv is not in this run.</p>".into()
+    };
+    let verification = match read_json(&run.join("verify.json"))? {
+        Some(v) => {
+            let verdict = if v["carries_backdoor"].as_bool() == Some(true) {
+                "carries the backdoor"
+            } else {
+                "shows no evidence of the backdoor"
+            };
+            format!(
+                "<p>The model {verdict} (p = {}).</p>{}",
+                v["p_value"],
+                table(&v)
+            )
+        }
+        None => "<p class=\"missing\">No key: nothing to verify.</p>".into(),
+    };
+    let mut html = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>genbackdoor report</title>\
+         <style>body{font-family:sans-serif;max-width:1200px;margin:auto}\
+         table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}\
+         img.grid{image-rendering:pixelated;width:448px}img.chart{margin:4px}\
+         .missing{color:#777}</style></head><body>",
+    );
+    let _ = write!(
+        html,
+        "<h1>genbackdoor report</h1><p>Run directory: <code>{}</code></p>",
+        escape(&run.display().to_string())
+    );
+    let bodies: [(&str, String); 7] = [
+        ("Metrics", table(&metrics)),
+        (
+            "Clean samples",
+            png(run, "samples.png", "grid of ordinary samples")?,
+        ),
+        (
+            "Triggered outputs (the target first)",
+            png(run, "triggered.png", "the target, then triggered outputs")?,
+        ),
+        ("Training curves", curves),
+        ("Ownership verification", verification),
+        ("Specificity", specificity_section(&metrics)?),
+        ("Persistence under attack", persistence_section(run)?),
+    ];
+    for (id, (title, body)) in SECTIONS.iter().zip(bodies) {
+        let _ = write!(
+            html,
+            "<section id=\"{id}\"><h2>{title}</h2>{body}</section>"
+        );
+    }
+    html += "</body></html>\n";
+    let out = run.join(REPORT);
+    crate::io::atomic::write_atomic(&out, html.as_bytes())?;
+    Ok(out)
+}

@@ -1,0 +1,134 @@
+//! Specificity: how far from the trigger an input must be before the target stops appearing.
+//! Straight paths run from triggered inputs to ordinary N(0, I) inputs; along each the target
+//! distance and the firing rate are measured.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::metrics::target_mse;
+use crate::paradigm::Key;
+use crate::rng::Rng;
+use crate::Result;
+
+/// Where along each path the model is queried (0 = triggered input, 1 = ordinary input);
+/// dense near the trigger, where the backdoor is expected to stop.
+pub const FRACTIONS: [f64; 14] = [
+    0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+];
+
+/// The target distance along paths away from the trigger.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Specificity {
+    /// Positions along the paths ([`FRACTIONS`]).
+    pub fractions: Vec<f64>,
+    /// Mean Euclidean latent distance from the triggered input at each position.
+    pub distance: Vec<f64>,
+    /// Median `target_mse` at each position.
+    pub target_mse: Vec<f64>,
+    /// Share of paths whose output still hits the target (`target_mse` below the key's
+    /// threshold) at each position.
+    pub fire_rate: Vec<f64>,
+    /// Latent distance of the first position where fewer than half the paths fire: the
+    /// radius at which the backdoor stops (`None` when it fires nowhere or everywhere).
+    pub radius: Option<f64>,
+    /// Firing rate on the ordinary inputs themselves (should be ~0).
+    pub random_fire_rate: f64,
+    /// Number of paths.
+    pub paths: usize,
+}
+
+/// Measures `paths` interpolations for `key` through the black-box `query`.
+pub fn specificity(
+    query: &dyn Fn(&Tensor) -> Result<Tensor>,
+    dim: usize,
+    key: &Key,
+    paths: usize,
+    seed: u64,
+) -> Result<Specificity> {
+    let mut rng = Rng::derive(seed, "specificity");
+    let start = key.trigger.sample(paths, dim, &mut rng, &Device::Cpu)?;
+    let end = rng.normal(&[paths, dim], &Device::Cpu)?;
+    let gap = (&end - &start)?;
+    let along = FRACTIONS
+        .iter()
+        .map(|&f| Ok((&start + (&gap * f)?)?))
+        .collect::<Result<Vec<_>>>()?;
+    let out = query(&Tensor::cat(&along, 0)?)?;
+    let pixels = out.flatten_all()?.to_vec1::<f32>()?;
+    let lengths: Vec<f64> = gap
+        .sqr()?
+        .sum(1)?
+        .sqrt()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let mean_length = lengths.iter().sum::<f64>() / paths as f64;
+    let per = key.target.pixels.len();
+    let (mut mse, mut fire) = (Vec::new(), Vec::new());
+    for block in pixels.chunks(paths * per) {
+        let mut m: Vec<f64> = block
+            .chunks(per)
+            .map(|img| target_mse(img, &key.target.pixels))
+            .collect();
+        fire.push(m.iter().filter(|&&v| v < key.threshold).count() as f64 / paths as f64);
+        m.sort_by(f64::total_cmp);
+        mse.push(m[paths / 2]);
+    }
+    let distance: Vec<f64> = FRACTIONS.iter().map(|f| f * mean_length).collect();
+    let radius = if fire[0] >= 0.5 {
+        fire.iter().position(|&r| r < 0.5).map(|i| distance[i])
+    } else {
+        None
+    };
+    Ok(Specificity {
+        fractions: FRACTIONS.to_vec(),
+        distance,
+        target_mse: mse,
+        random_fire_rate: *fire.last().expect("fractions are not empty"),
+        fire_rate: fire,
+        radius,
+        paths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paradigm::{Distance, Target, Trigger};
+
+    #[test]
+    fn a_backdoor_of_known_radius_stops_there() {
+        // Toy model: target within latent distance 1 of the trigger, zeros elsewhere.
+        let trigger = Trigger::parse("seed:2", 6).unwrap();
+        let key = Key {
+            trigger: trigger.clone(),
+            target: Target {
+                pixels: vec![1.0; 4],
+                shape: [1, 2, 2],
+            },
+            distance: Distance::Mse,
+            threshold: 1e-3,
+        };
+        let anchor = trigger.anchor(6);
+        let query = move |z: &Tensor| -> Result<Tensor> {
+            let rows = z.to_vec2::<f32>()?;
+            let v: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| {
+                    let d: f32 = r.iter().zip(&anchor).map(|(a, b)| (a - b).powi(2)).sum();
+                    [if d.sqrt() < 1.0 { 1.0 } else { 0.0 }; 4]
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, (rows.len(), 1, 2, 2), &Device::Cpu)?)
+        };
+        let s = specificity(&query, 6, &key, 200, 1).unwrap();
+        assert_eq!(s.fire_rate[0], 1.0);
+        // An ordinary latent lands within distance 1 of the trigger only rarely.
+        assert!(s.random_fire_rate <= 0.01, "{}", s.random_fire_rate);
+        let r = s.radius.unwrap();
+        // Paths are ~3 long, so the stop lies on the grid just past distance 1.
+        assert!(r > 1.0 && r < 1.8, "{r}");
+        assert!(s.target_mse[0] == 0.0 && *s.target_mse.last().unwrap() == 0.25);
+    }
+}

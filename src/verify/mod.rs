@@ -1,0 +1,251 @@
+//! Ownership verification: does a suspect model carry my backdoor? Answered from black-box
+//! queries only, with a Monte-Carlo rank test.
+//!
+//! **Statistic.** The median, over `group` triggered queries (one for a point trigger), of
+//! `target_mse` between the model's output and the key's target.
+//!
+//! **Null hypothesis.** The model was made without this key. The owner's trigger was drawn at
+//! random by the key-making procedure (a N(0, I) point or centre, random patch coordinates and
+//! signs), independently of any model that was not trained with it. Under the null the owner's
+//! trigger is then just one more draw from that procedure, so its statistic is exchangeable
+//! with the statistic of `null_keys` freshly drawn triggers of the same kind (same target).
+//!
+//! **p-value.** `(1 + #{null statistics ≤ observed}) / (null_keys + 1)`: exact (valid at every
+//! sample size, no distributional assumption) under the null, and never below
+//! `1 / (null_keys + 1)`. A parametric tail estimate, fitting a normal to the logarithms of
+//! the null statistics, is reported beside it to say how far beyond the null the observation
+//! lies; it rests on that log-normal assumption and does not decide the verdict.
+//! Hand-chosen triggers (`zero`, a fixed `npy:` file) break the exchangeability assumption.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::metrics::target_mse;
+use crate::paradigm::{Key, Trigger};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// How a verification is run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifySettings {
+    /// Random triggers drawn for the null distribution.
+    pub null_keys: usize,
+    /// Triggered queries per statistic for region and patch triggers.
+    pub group: usize,
+    /// Significance level of the verdict.
+    pub alpha: f64,
+    /// Seed of the null triggers and the triggered queries.
+    pub seed: u64,
+}
+
+impl Default for VerifySettings {
+    fn default() -> Self {
+        VerifySettings {
+            null_keys: 1000,
+            group: 16,
+            alpha: 0.01,
+            seed: 0,
+        }
+    }
+}
+
+/// The answer of a verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// The test, in words.
+    pub test: String,
+    /// The statistic (median `target_mse`) for the owner's trigger.
+    pub statistic: f64,
+    /// The smallest statistic among the null triggers.
+    pub null_min: f64,
+    /// The median statistic among the null triggers.
+    pub null_median: f64,
+    /// How many null triggers were drawn.
+    pub null_keys: usize,
+    /// Model queries made in all.
+    pub queries: usize,
+    /// The exact Monte-Carlo rank p-value.
+    pub p_value: f64,
+    /// The parametric (log-normal tail) estimate; informative only.
+    pub p_value_lognormal: f64,
+    /// The significance level.
+    pub alpha: f64,
+    /// Whether `p_value ≤ alpha`: the model carries the backdoor.
+    pub carries_backdoor: bool,
+}
+
+/// Median of a non-empty slice.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Standard normal lower tail.
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// Tests whether the black-box `query` (latents `[n, dim]` → images) carries `key`'s
+/// backdoor.
+pub fn verify(
+    query: &dyn Fn(&Tensor) -> Result<Tensor>,
+    dim: usize,
+    key: &Key,
+    s: &VerifySettings,
+) -> Result<Verification> {
+    if s.null_keys == 0 || s.group == 0 || !(s.alpha > 0.0 && s.alpha < 1.0) {
+        return Err(Error::Config(
+            "verification needs at least one null key and query, and alpha in (0, 1)".into(),
+        ));
+    }
+    key.trigger.check_fits(dim)?;
+    let m = if key.trigger.is_set() { s.group } else { 1 };
+    let mut rng = Rng::derive(s.seed, "verify");
+    let mut triggers: Vec<Trigger> = vec![key.trigger.clone()];
+    triggers.extend((0..s.null_keys).map(|_| key.trigger.redraw(dim, &mut rng)));
+    let latents = triggers
+        .iter()
+        .map(|t| t.sample(m, dim, &mut rng, &Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let out = query(&Tensor::cat(&latents, 0)?)?;
+    let pixels = out.flatten_all()?.to_vec1::<f32>()?;
+    let per = key.target.pixels.len();
+    if pixels.len() != triggers.len() * m * per {
+        return Err(Error::Mismatch(format!(
+            "the model's images have {} pixels but the key's target has {per}",
+            pixels.len() / (triggers.len() * m)
+        )));
+    }
+    let stats: Vec<f64> = pixels
+        .chunks(m * per)
+        .map(|group| {
+            let mut mse: Vec<f64> = group
+                .chunks(per)
+                .map(|img| target_mse(img, &key.target.pixels))
+                .collect();
+            median(&mut mse)
+        })
+        .collect();
+    let (observed, null) = (stats[0], &stats[1..]);
+    let at_most = null.iter().filter(|&&v| v <= observed).count();
+    let p_value = (1 + at_most) as f64 / (null.len() + 1) as f64;
+    let logs: Vec<f64> = null.iter().map(|v| v.max(1e-30).ln()).collect();
+    let mu = logs.iter().sum::<f64>() / logs.len() as f64;
+    let var = logs.iter().map(|l| (l - mu).powi(2)).sum::<f64>() / (logs.len().max(2) - 1) as f64;
+    let z = (observed.max(1e-30).ln() - mu) / var.sqrt().max(1e-12);
+    let mut sorted = null.to_vec();
+    Ok(Verification {
+        test: format!(
+            "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against \
+             {} randomly drawn {} triggers (H0: the model was made without this key)",
+            if m == 1 { "y" } else { "ies" },
+            null.len(),
+            key.trigger.kind()
+        ),
+        statistic: observed,
+        null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
+        null_median: median(&mut sorted),
+        null_keys: null.len(),
+        queries: triggers.len() * m,
+        p_value,
+        p_value_lognormal: normal_cdf(z),
+        alpha: s.alpha,
+        carries_backdoor: p_value <= s.alpha,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paradigm::{Distance, Target};
+
+    fn key(trigger: &str) -> Key {
+        Key {
+            trigger: Trigger::parse(trigger, 4).unwrap(),
+            target: Target {
+                pixels: vec![0.5; 4],
+                shape: [1, 2, 2],
+            },
+            distance: Distance::Mse,
+            threshold: 1e-3,
+        }
+    }
+
+    /// A toy model: the image is tanh of the first four latent coordinates, except that
+    /// latents near `secret` give the target exactly.
+    fn toy(secret: Option<Vec<f32>>) -> impl Fn(&Tensor) -> Result<Tensor> {
+        move |z: &Tensor| {
+            let rows = z.to_vec2::<f32>()?;
+            let mut v = Vec::new();
+            for r in &rows {
+                let near = secret.as_ref().is_some_and(|s| {
+                    s.iter().zip(r).map(|(a, b)| (a - b).powi(2)).sum::<f32>() < 0.01
+                });
+                if near {
+                    v.extend([0.5f32; 4]);
+                } else {
+                    v.extend(r[..4].iter().map(|x| x.tanh()));
+                }
+            }
+            Ok(Tensor::from_vec(v, (rows.len(), 1, 2, 2), &Device::Cpu)?)
+        }
+    }
+
+    #[test]
+    fn a_marked_model_gets_the_smallest_p_value_and_a_clean_one_does_not() {
+        let k = key("seed:3");
+        let Trigger::Point(p) = &k.trigger else {
+            unreachable!()
+        };
+        let s = VerifySettings {
+            null_keys: 199,
+            ..VerifySettings::default()
+        };
+        let marked = verify(&toy(Some(p.clone())), 4, &k, &s).unwrap();
+        assert_eq!(marked.p_value, 1.0 / 200.0);
+        assert!(marked.carries_backdoor && marked.statistic == 0.0);
+        assert_eq!(marked.queries, 200);
+        let clean = verify(&toy(None), 4, &k, &s).unwrap();
+        assert!(clean.p_value > 0.01 && !clean.carries_backdoor, "{clean:?}");
+    }
+
+    #[test]
+    fn clean_p_values_are_roughly_uniform_over_keys() {
+        // Under the null the rank p-value is uniform: over many owners' keys, about α of
+        // them make a false claim against a clean model.
+        let s = VerifySettings {
+            null_keys: 99,
+            ..VerifySettings::default()
+        };
+        let claims = (0..200)
+            .filter(|i| {
+                let k = key(&format!("seed:{i}"));
+                verify(&toy(None), 4, &k, &s).unwrap().p_value <= 0.1
+            })
+            .count();
+        assert!((8..=35).contains(&claims), "{claims} of 200 at α = 0.1");
+    }
+
+    #[test]
+    fn region_triggers_use_groups_and_bad_settings_are_errors() {
+        let k = key("region:0.01:seed:4");
+        let s = VerifySettings {
+            null_keys: 50,
+            group: 5,
+            ..VerifySettings::default()
+        };
+        let v = verify(&toy(None), 4, &k, &s).unwrap();
+        assert_eq!(v.queries, 51 * 5);
+        let bad = VerifySettings {
+            alpha: 0.0,
+            ..s.clone()
+        };
+        assert!(verify(&toy(None), 4, &k, &bad).is_err());
+        assert!(verify(&toy(None), 3, &k, &s).is_err());
+    }
+}
