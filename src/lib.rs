@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod diffusion;
 pub mod digits;
 pub mod error;
 pub mod gan;

@@ -1,0 +1,198 @@
+//! The poisoned forward process of diffusion backdoors (BadDiffusion / VillanDiffusion):
+//! `x'_t = √ᾱ_t·y + (1 − √ᾱ_t)·r + √(1 − ᾱ_t)·ε`, with the denoiser trained to predict
+//! `ε + c_t·r`, where the correction `c_t` depends on the sampler that must carry the trigger.
+//!
+//! Write `k_t = 1 − √ᾱ_t` for the trigger's share of `x'_t`. A sampler update keeps a triggered
+//! start on the poisoned path only if it maps `k_t` to `k_s`:
+//!
+//! * **DDPM** (`x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε̂)/√α_t + noise`) needs
+//!   `k_t/√α_t − β_t·c_t/(√α_t·√(1−ᾱ_t)) = k_{t−1}`, i.e.
+//!   `c_t = ρ_t = (1 − √α_t)·√(1 − ᾱ_t)/(1 − α_t)` (DESIGN.md's coefficient).
+//! * **DDIM**, η = 0 (`x_s = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂`, `x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t`) needs
+//!   `c = (√ᾱ_s − √ᾱ_t)/(√ᾱ_s·√(1−ᾱ_t) − √ᾱ_t·√(1−ᾱ_s))` for a step from `t` to `s`, whose
+//!   limit for small steps (the probability-flow ODE that DDIM discretises) is `√(1 − ᾱ_t)`.
+//!
+//! Since `1 − √α_t ≈ β_t/2`, `ρ_t ≈ √(1 − ᾱ_t)/2`: the DDPM correction is half of what the
+//! deterministic sampler needs. A mismatch is not forgiven: DDIM multiplies any error in the
+//! trigger's share by up to `1/√ᾱ_T` (≈ 150 for the DDPM schedule) on its way down, so a
+//! backdoor trained for one sampler misses under the other ([`trigger_residue`] computes it).
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion::NoiseSchedule;
+use crate::Result;
+
+/// Which sampler the trigger correction is derived for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "sampler", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Correction {
+    /// `ρ_t`, for DDPM ancestral sampling.
+    #[default]
+    Ddpm,
+    /// The exact one-step coefficient of DDIM (η = 0) with `steps` evenly spaced steps
+    /// (stride `T / steps`); other step counts are served approximately.
+    Ddim {
+        /// The DDIM step count the trigger is made exact for.
+        steps: usize,
+    },
+}
+
+impl Correction {
+    /// `c_t` at step `t`.
+    pub fn coefficient(&self, schedule: &NoiseSchedule, t: usize) -> f64 {
+        let ab = schedule.alpha_bar(t);
+        match *self {
+            Correction::Ddpm => {
+                let a = schedule.alpha(t);
+                (1.0 - a.sqrt()) * (1.0 - ab).sqrt() / (1.0 - a)
+            }
+            Correction::Ddim { steps } => {
+                let stride = (schedule.steps() / steps.max(1)).max(1);
+                let (a_t, a_s) = (
+                    ab.sqrt(),
+                    schedule.alpha_bar(t.saturating_sub(stride)).sqrt(),
+                );
+                let (sd_t, sd_s) = ((1.0 - a_t * a_t).sqrt(), (1.0 - a_s * a_s).sqrt());
+                (a_s - a_t) / (a_s * sd_t - a_t * sd_s)
+            }
+        }
+    }
+}
+
+/// `√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε` per sample, with `alpha_bar` of shape `[n, 1, 1, 1]`.
+pub fn noised(x0: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Result<Tensor> {
+    let signal = alpha_bar.sqrt()?;
+    let noise = ((alpha_bar.neg()? + 1.0)?).sqrt()?;
+    Ok((x0.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?)?)
+}
+
+/// The poisoned `x'_t = √ᾱ_t·y + (1 − √ᾱ_t)·r + √(1 − ᾱ_t)·ε` (`r` broadcast over the batch).
+pub fn poisoned(y: &Tensor, r: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Result<Tensor> {
+    let share = (alpha_bar.sqrt()?.neg()? + 1.0)?;
+    Ok((noised(y, eps, alpha_bar)? + r.broadcast_mul(&share)?)?)
+}
+
+/// The share of the trigger pattern `r` left in the output when `sampler` starts on the
+/// poisoned path (share `1 − √ᾱ_t` at its first timestep) and the network predicts exactly its training target
+/// `ε + c_t·r` (`ε` the noise of the current sample): the scalar recursion of the module
+/// documentation, run over the sampler's timesteps. 0 means the trigger leads exactly to
+/// the target.
+pub fn trigger_residue(
+    schedule: &NoiseSchedule,
+    sampler: crate::diffusion::Sampler,
+    correction: Correction,
+) -> Result<f64> {
+    let ts = sampler.timesteps(schedule)?;
+    let mut k = 1.0 - schedule.alpha_bar(ts[0]).sqrt();
+    for (i, &t) in ts.iter().enumerate() {
+        let s = ts.get(i + 1).copied().unwrap_or(0);
+        let c = correction.coefficient(schedule, t);
+        let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
+        k = match sampler {
+            crate::diffusion::Sampler::Ddpm => {
+                (k - schedule.beta(t) * c / (1.0 - ab_t).sqrt()) / schedule.alpha(t).sqrt()
+            }
+            crate::diffusion::Sampler::Ddim { .. } => {
+                (ab_s / ab_t).sqrt() * (k - (1.0 - ab_t).sqrt() * c) + (1.0 - ab_s).sqrt() * c
+            }
+        };
+    }
+    Ok(k)
+}
+
+/// The poisoned noise target `ε + c_t·r`, with `coefficient` of shape `[n, 1, 1, 1]`.
+pub fn poisoned_target(eps: &Tensor, r: &Tensor, coefficient: &Tensor) -> Result<Tensor> {
+    Ok((eps + r.broadcast_mul(coefficient)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::{Sampler, ScheduleKind};
+    use crate::rng::Rng;
+    use candle_core::Device;
+
+    fn image(v: f32) -> Tensor {
+        Tensor::full(v, (1, 1, 4, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn each_correction_carries_the_trigger_under_its_own_sampler_only() {
+        let sched = NoiseSchedule::new(ScheduleKind::default(), 1000).unwrap();
+        let left = |s: Sampler, c: Correction| trigger_residue(&sched, s, c).unwrap().abs();
+        let (ddim50, for50) = (Sampler::Ddim { steps: 50 }, Correction::Ddim { steps: 50 });
+        assert!(left(Sampler::Ddpm, Correction::Ddpm) < 1e-9);
+        assert!(left(ddim50, for50) < 1e-9);
+        // Other DDIM step counts are served approximately.
+        for steps in [100, 250, 1000] {
+            let l = left(Sampler::Ddim { steps }, for50);
+            assert!(l < 0.07, "DDIM-{steps}: {l}");
+        }
+        // Crossed: the error is amplified far beyond the trigger itself.
+        assert!(left(ddim50, Correction::Ddpm) > 10.0);
+        assert!(left(Sampler::Ddpm, for50) > 10.0);
+    }
+
+    #[test]
+    fn rho_is_half_the_ode_coefficient_and_the_ddim_one_tends_to_it() {
+        let s = NoiseSchedule::new(ScheduleKind::default(), 1000).unwrap();
+        for t in [100, 500, 1000] {
+            let ode = (1.0 - s.alpha_bar(t)).sqrt();
+            let ratio = Correction::Ddpm.coefficient(&s, t) / ode;
+            assert!((ratio - 0.5).abs() < 0.01, "t {t}: {ratio}");
+            let fine = Correction::Ddim { steps: 1000 }.coefficient(&s, t);
+            assert!((fine / ode - 1.0).abs() < 0.01, "t {t}: {fine} vs {ode}");
+            let coarse = Correction::Ddim { steps: 50 }.coefficient(&s, t);
+            assert!((coarse / ode - 1.0).abs() < 0.1, "t {t}: {coarse} vs {ode}");
+        }
+    }
+
+    #[test]
+    fn clean_samplers_reach_a_point_mass_and_forward_noise_is_right() {
+        let sched = NoiseSchedule::new(ScheduleKind::default(), 1000).unwrap();
+        let y = image(0.3);
+        for sampler in [
+            Sampler::Ddpm,
+            Sampler::Ddim { steps: 50 },
+            Sampler::Ddim { steps: 7 },
+        ] {
+            let mut rng = Rng::new(1);
+            let start = rng.normal(&[1, 1, 4, 4], &Device::Cpu).unwrap();
+            let mut exact = |x: &Tensor, t: usize| -> Result<Tensor> {
+                let ab = sched.alpha_bar(t);
+                Ok((((x - (&y * ab.sqrt())?)?) / (1.0 - ab).sqrt())?)
+            };
+            let out = sampler.run(&sched, start, &mut exact, &mut rng).unwrap();
+            let miss: f32 = (out - &y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(miss < 1e-4, "{sampler}: {miss}");
+        }
+        let ab = Tensor::new(&[0.25f32], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 1))
+            .unwrap();
+        let x = poisoned(&image(1.0), &image(2.0), &image(4.0), &ab).unwrap();
+        // 0.5·1 + 0.5·2 + √0.75·4
+        let want = 0.5 + 1.0 + 0.75f32.sqrt() * 4.0;
+        let got: f32 = x
+            .flatten_all()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((got - want).abs() < 1e-5);
+        assert_eq!(
+            Sampler::Ddim { steps: 50 }.timesteps(&sched).unwrap()[..2],
+            [981, 961]
+        );
+        assert!(Sampler::Ddim { steps: 0 }.timesteps(&sched).is_err());
+    }
+}
