@@ -78,5 +78,8 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
         v.p_value_lognormal
     );
     say!("  test             {}", v.test);
+    if let Some(c) = &v.caveat {
+        say!("  caveat           {c}");
+    }
     Ok(())
 }

@@ -164,14 +164,7 @@ mod tests {
                 Ok((((x - (&y * ab.sqrt())?)?) / (1.0 - ab).sqrt())?)
             };
             let out = sampler.run(&sched, start, &mut exact, &mut rng).unwrap();
-            let miss: f32 = (out - &y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let miss = crate::ops::testing::max_abs_diff(&out, &y);
             assert!(miss < 1e-4, "{sampler}: {miss}");
         }
         let ab = Tensor::new(&[0.25f32], &Device::Cpu)

@@ -4,6 +4,7 @@ pub mod classifier;
 pub mod dcgan;
 pub mod dcgan_k4;
 pub mod params;
+pub mod unet;
 
 pub use dcgan::{DcganConfig, Discriminator, Generator};
 pub use params::Params;

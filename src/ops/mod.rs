@@ -11,7 +11,7 @@ mod conv;
 mod cpu;
 mod im2col;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};

@@ -21,6 +21,18 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) -> Result<(), String> {
     Ok(())
 }
 
+/// The largest absolute elementwise difference of two same-shaped tensors.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// The value of `f(inputs)` and the gradient of `sum(f(inputs) · r)` with respect to each
 /// input, for a fixed random `r` drawn from `seed`.
 pub fn value_and_grads(

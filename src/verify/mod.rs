@@ -72,6 +72,9 @@ pub struct Verification {
     pub alpha: f64,
     /// Whether `p_value ≤ alpha`: the model carries the backdoor.
     pub carries_backdoor: bool,
+    /// Why the p-value's assumption may not hold for this key, if it visibly does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caveat: Option<String>,
 }
 
 /// Median of a non-empty slice.
@@ -156,6 +159,11 @@ pub fn verify(
         p_value_lognormal: normal_cdf(z),
         alpha: s.alpha,
         carries_backdoor: p_value <= s.alpha,
+        caveat: key.trigger.anchor(dim).iter().all(|&v| v == 0.0).then(|| {
+            "the trigger is the zero vector, not a random draw: the null hypothesis's \
+             exchangeability does not hold, and clean models can reach small p-values"
+                .to_string()
+        }),
     })
 }
 
@@ -212,6 +220,11 @@ mod tests {
         assert_eq!(marked.queries, 200);
         let clean = verify(&toy(None), 4, &k, &s).unwrap();
         assert!(clean.p_value > 0.01 && !clean.carries_backdoor, "{clean:?}");
+        assert!(clean.caveat.is_none());
+        assert!(verify(&toy(None), 4, &key("zero"), &s)
+            .unwrap()
+            .caveat
+            .is_some());
     }
 
     #[test]

@@ -1,0 +1,340 @@
+//! A small denoising U-Net ε_θ(x_t, t) for diffusion models: sinusoidal time embedding,
+//! residual blocks with GroupNorm and SiLU, a down and an up path joined by skip connections,
+//! and optional self-attention at the lowest resolution. It knows nothing of backdoors.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::models::Params;
+use crate::ops::{ConvKind, ConvLayer};
+use crate::{Error, Result};
+
+/// Shape of a U-Net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnetConfig {
+    /// Side of the square grey images (divisible by 2^(levels − 1)).
+    pub image_size: usize,
+    /// Channels of the first level.
+    pub base: usize,
+    /// Channel multiplier of each level (the number of levels).
+    pub mults: Vec<usize>,
+    /// Self-attention at the lowest resolution.
+    pub attention: bool,
+    /// GroupNorm groups (must divide every level's channels).
+    pub groups: usize,
+}
+
+impl Default for UnetConfig {
+    fn default() -> Self {
+        UnetConfig {
+            image_size: 28,
+            base: 32,
+            mults: vec![1, 2, 2],
+            attention: true,
+            groups: 8,
+        }
+    }
+}
+
+impl UnetConfig {
+    /// Checks that the numbers describe a buildable network.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.mults.is_empty() || self.base == 0 || self.groups == 0 {
+            return bad("U-Net needs at least one level, base > 0 and groups > 0".into());
+        }
+        let down = 1 << (self.mults.len() - 1);
+        if self.image_size == 0 || !self.image_size.is_multiple_of(down) {
+            return bad(format!(
+                "image_size {} must be a positive multiple of {down} for {} levels",
+                self.image_size,
+                self.mults.len()
+            ));
+        }
+        if let Some(m) = self
+            .mults
+            .iter()
+            .find(|&&m| m == 0 || !(m * self.base).is_multiple_of(self.groups))
+        {
+            return bad(format!(
+                "every level's channels (base × mult, here {} × {m}) must be a positive multiple of groups {}",
+                self.base, self.groups
+            ));
+        }
+        Ok(())
+    }
+
+    /// Width of the time embedding.
+    fn time_dim(&self) -> usize {
+        4 * self.base
+    }
+}
+
+/// Sinusoidal embedding `[n, dim]` of timesteps `t` (`[n]`, f32), as in the DDPM code.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10_000f32.ln()) * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Ok(Tensor::cat(&[args.sin()?, args.cos()?], D::Minus1)?)
+}
+
+fn conv3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<ConvLayer> {
+    ConvLayer::new(ConvKind::Forward, cin, cout, 3, stride, 1, true, vb)
+}
+
+/// GroupNorm → SiLU → conv, twice, with the time embedding added in between; a 1×1
+/// convolution on the skip path when the width changes.
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: ConvLayer,
+    time: Linear,
+    norm2: GroupNorm,
+    conv2: ConvLayer,
+    skip: Option<ConvLayer>,
+}
+
+impl ResBlock {
+    fn new(cin: usize, cout: usize, cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.groups;
+        let skip = if cin == cout {
+            None
+        } else {
+            Some(ConvLayer::new(
+                ConvKind::Forward,
+                cin,
+                cout,
+                1,
+                1,
+                0,
+                true,
+                vb.pp("skip"),
+            )?)
+        };
+        Ok(ResBlock {
+            norm1: group_norm(g.min(cin), cin, 1e-5, vb.pp("norm1"))?,
+            conv1: conv3(cin, cout, 1, vb.pp("conv1"))?,
+            time: linear(cfg.time_dim(), cout, vb.pp("time"))?,
+            norm2: group_norm(g, cout, 1e-5, vb.pp("norm2"))?,
+            conv2: conv3(cout, cout, 1, vb.pp("conv2"))?,
+            skip,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.skip {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((h + skip)?)
+    }
+}
+
+/// Single-head self-attention over the pixels of a feature map, with a residual connection.
+struct Attention {
+    norm: GroupNorm,
+    qkv: Linear,
+    out: Linear,
+}
+
+impl Attention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Attention {
+            norm: group_norm(groups, c, 1e-5, vb.pp("norm"))?,
+            qkv: linear(c, 3 * c, vb.pp("qkv"))?,
+            out: linear(c, c, vb.pp("out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let tokens = self.norm.forward(x)?.flatten_from(2)?.transpose(1, 2)?; // [n, hw, c]
+        let qkv = self.qkv.forward(&tokens)?;
+        let q = qkv.narrow(2, 0, c)?.contiguous()?;
+        let k = qkv.narrow(2, c, c)?.contiguous()?;
+        let v = qkv.narrow(2, 2 * c, c)?.contiguous()?;
+        let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (c as f64).sqrt())?;
+        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = self.out.forward(&attn.matmul(&v)?)?; // [n, hw, c]
+        let y = y.transpose(1, 2)?.reshape((n, c, h, w))?;
+        Ok((x + y)?)
+    }
+}
+
+/// The U-Net.
+pub struct Unet {
+    cfg: UnetConfig,
+    time1: Linear,
+    time2: Linear,
+    conv_in: ConvLayer,
+    down: Vec<(ResBlock, Option<ConvLayer>)>,
+    mid1: ResBlock,
+    mid_attn: Option<Attention>,
+    mid2: ResBlock,
+    up: Vec<(ResBlock, Option<ConvLayer>)>,
+    norm_out: GroupNorm,
+    conv_out: ConvLayer,
+}
+
+impl Unet {
+    /// Creates the U-Net's variables in `params` (`down.0.res.conv1.weight`, …).
+    pub fn new(cfg: &UnetConfig, params: &Params, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let vb = params.builder(device);
+        let widths: Vec<usize> = cfg.mults.iter().map(|m| m * cfg.base).collect();
+        let levels = widths.len();
+        let mut down = Vec::new();
+        let mut prev = cfg.base;
+        for (i, &c) in widths.iter().enumerate() {
+            let p = vb.pp(format!("down.{i}"));
+            let res = ResBlock::new(prev, c, cfg, p.pp("res"))?;
+            let sample = if i + 1 < levels {
+                Some(conv3(c, c, 2, p.pp("downsample"))?)
+            } else {
+                None
+            };
+            down.push((res, sample));
+            prev = c;
+        }
+        let last = widths[levels - 1];
+        let mut up = Vec::new();
+        for (i, &c) in widths.iter().enumerate().rev() {
+            let p = vb.pp(format!("up.{i}"));
+            let res = ResBlock::new(prev + c, c, cfg, p.pp("res"))?;
+            let sample = if i > 0 {
+                Some(conv3(c, c, 1, p.pp("upsample"))?)
+            } else {
+                None
+            };
+            up.push((res, sample));
+            prev = c;
+        }
+        Ok(Unet {
+            cfg: cfg.clone(),
+            time1: linear(cfg.base, cfg.time_dim(), vb.pp("time.0"))?,
+            time2: linear(cfg.time_dim(), cfg.time_dim(), vb.pp("time.1"))?,
+            conv_in: conv3(1, cfg.base, 1, vb.pp("conv_in"))?,
+            down,
+            mid1: ResBlock::new(last, last, cfg, vb.pp("mid.res1"))?,
+            mid_attn: if cfg.attention {
+                Some(Attention::new(last, cfg.groups, vb.pp("mid.attn"))?)
+            } else {
+                None
+            },
+            mid2: ResBlock::new(last, last, cfg, vb.pp("mid.res2"))?,
+            up,
+            norm_out: group_norm(cfg.groups, cfg.base, 1e-5, vb.pp("norm_out"))?,
+            conv_out: conv3(cfg.base, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &UnetConfig {
+        &self.cfg
+    }
+
+    /// ε̂ `[n, 1, s, s]` for noisy images `x` `[n, 1, s, s]` at timesteps `t` (`[n]`, f32).
+    pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let s = self.cfg.image_size;
+        if (c, h, w) != (1, s, s) || t.dims() != [n] {
+            return Err(Error::Mismatch(format!(
+                "the U-Net takes [n, 1, {s}, {s}] images with [n] timesteps, not {:?} with {:?}",
+                x.dims(),
+                t.dims()
+            )));
+        }
+        let temb = timestep_embedding(t, self.cfg.base)?;
+        let temb = self.time2.forward(&self.time1.forward(&temb)?.silu()?)?;
+        let mut h = self.conv_in.forward(x)?;
+        let mut skips = Vec::new();
+        for (res, sample) in &self.down {
+            h = res.forward(&h, &temb)?;
+            skips.push(h.clone());
+            if let Some(d) = sample {
+                h = d.forward(&h)?;
+            }
+        }
+        h = self.mid1.forward(&h, &temb)?;
+        if let Some(a) = &self.mid_attn {
+            h = a.forward(&h)?;
+        }
+        h = self.mid2.forward(&h, &temb)?;
+        for (res, sample) in &self.up {
+            let skip = skips.pop().expect("one skip per level");
+            h = res.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb)?;
+            if let Some(u) = sample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+            }
+        }
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn shapes_names_and_gradients() {
+        let cfg = UnetConfig {
+            base: 8,
+            groups: 4,
+            ..UnetConfig::default()
+        };
+        let params = Params::new();
+        let net = Unet::new(&cfg, &params, &Device::Cpu).unwrap();
+        params.init_kaiming(&mut Rng::new(1)).unwrap();
+        let names: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
+        for n in [
+            "down.0.res.conv1.weight",
+            "mid.attn.qkv.weight",
+            "up.2.upsample.bias",
+            "conv_out.weight",
+        ] {
+            assert!(names.iter().any(|x| x == n), "no {n} in {names:?}");
+        }
+        let x = Rng::new(2).normal(&[3, 1, 28, 28], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[1f32, 500.0, 999.0], &Device::Cpu).unwrap();
+        let y = net.forward(&x, &t).unwrap();
+        assert_eq!(y.dims(), &[3, 1, 28, 28]);
+        // Every parameter receives a gradient.
+        let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        for v in params.trainable() {
+            assert!(
+                grads.get(v.as_tensor()).is_some(),
+                "a parameter gets no gradient"
+            );
+        }
+        // The time embedding matters.
+        let t2 = Tensor::new(&[900f32, 10.0, 3.0], &Device::Cpu).unwrap();
+        let y2 = net.forward(&x, &t2).unwrap();
+        assert!(crate::ops::testing::max_abs_diff(&y, &y2) > 1e-4);
+        assert!(net.forward(&x.narrow(2, 0, 14).unwrap(), &t).is_err());
+        assert!(UnetConfig {
+            groups: 5,
+            ..cfg.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(UnetConfig {
+            image_size: 30,
+            ..cfg
+        }
+        .validate()
+        .is_err());
+    }
+}
