@@ -154,11 +154,12 @@ impl RunArgs {
     }
 }
 
-/// Prints the numeric fields of a metrics object, one per line.
+/// Prints a metrics object one field per line (nested fields with dotted names, long
+/// arrays as their length; `--json` gives everything).
 pub fn print_metrics(metrics: &serde_json::Value) {
-    if let Some(m) = metrics.as_object() {
-        for (k, v) in m {
-            say!("  {k:<16} {v}");
-        }
+    let mut rows = Vec::new();
+    crate::io::report::flatten("", metrics, &mut rows);
+    for (k, v) in rows {
+        say!("  {k:<24} {v}");
     }
 }

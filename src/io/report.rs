@@ -60,8 +60,9 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         .map_err(|e| Error::format(path, format!("is not valid JSON: {e}")))
 }
 
-/// Rows `key → value` of a JSON object, nested objects with dotted keys.
-fn flatten(prefix: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) {
+/// Rows `key → value` of a JSON object, nested objects with dotted keys and long arrays
+/// summarised by their length.
+pub fn flatten(prefix: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, x) in m {
@@ -73,11 +74,12 @@ fn flatten(prefix: &str, v: &serde_json::Value, rows: &mut Vec<(String, String)>
                 flatten(&key, x, rows);
             }
         }
-        serde_json::Value::Array(a) if a.len() > 16 => {
+        serde_json::Value::Array(a) if a.len() > 10 => {
             rows.push((prefix.into(), format!("[{} values]", a.len())))
         }
         serde_json::Value::Number(n) => {
             let text = match n.as_f64() {
+                Some(f) if n.is_f64() && f != 0.0 && f.abs() < 1e-3 => format!("{f:.4e}"),
                 Some(f) if n.is_f64() => format!("{f:.6}"),
                 _ => n.to_string(),
             };
