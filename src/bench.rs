@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::gan::softplus;
+use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
 use crate::models::{DcganConfig, Discriminator, Generator, Params};
 use crate::optim::Adam;
@@ -137,8 +138,7 @@ pub fn run(
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median_ms = median(&times);
+    let median_ms = median(&mut times);
     let (g, d) = pair.macs();
     let min_ms = times.first().copied().unwrap_or(f64::NAN);
     Ok(BenchResult::new(
@@ -175,25 +175,9 @@ impl BenchResult {
     }
 }
 
-/// The median of sorted values.
-fn median(sorted: &[f64]) -> f64 {
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
-        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
-        assert!(median(&[]).is_nan());
-    }
 
     #[test]
     fn a_short_benchmark_reports_consistent_numbers() {

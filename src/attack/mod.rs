@@ -7,9 +7,10 @@ pub mod prune;
 
 use crate::attack::curve::PersistencePoint;
 use crate::digits::quality::QualityReference;
-use crate::gan::eval::{clean_quality, evaluate};
+use crate::gan::eval::{clean_quality, triggered_metrics};
 use crate::gan::GanModel;
 use crate::paradigm::Key;
+use crate::rng::Rng;
 use crate::verify::{verify, VerifySettings};
 use crate::Result;
 
@@ -30,7 +31,10 @@ pub struct Measurement<'a> {
 impl Measurement<'_> {
     /// Measures `model` after `x` units of attack.
     pub fn at(&self, x: f64, model: &GanModel) -> Result<PersistencePoint> {
-        let e = evaluate(model, self.key, None, 200, self.seed)?;
+        // The triggered part of `evaluate` alone: the same draws, without its ordinary
+        // samples and specificity paths.
+        let mut rng = Rng::derive(self.seed, "eval");
+        let b = triggered_metrics(model, self.key, 200, &mut rng)?;
         let fid = match self.quality {
             Some(q) => clean_quality(model, q, self.quality_samples, self.seed)?.map(|c| c.fid),
             None => None,
@@ -47,8 +51,8 @@ impl Measurement<'_> {
         };
         Ok(PersistencePoint {
             x,
-            tardis: e.backdoor.tardis,
-            asr: e.backdoor.asr,
+            tardis: b.tardis,
+            asr: b.asr,
             fid,
             p_value,
         })

@@ -56,7 +56,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             .transpose()?;
         v = serde_json::to_value(evaluate(&model, &key, reference.as_ref(), a.n, a.seed)?)?;
     }
-    if a.quality_samples > 1 {
+    if a.quality_samples > 0 {
         let reference = QualityReference::bundled()?;
         if let Some(q) = clean_quality(&model, &reference, a.quality_samples, a.seed)? {
             v["quality"] = serde_json::to_value(q)?;

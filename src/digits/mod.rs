@@ -59,23 +59,10 @@ impl DigitClassifier {
         DigitClassifier::from_bytes(Path::new(SHIPPED_PATH), SHIPPED)
     }
 
-    /// Loads a classifier checkpoint written by [`DigitClassifier::save`].
-    pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        DigitClassifier::from_bytes(path, &bytes)
-    }
-
     /// Parses the bytes of a classifier checkpoint (`path` names it in errors).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let (family, arch, file) = checkpoint::parse_checkpoint(path, bytes, &Device::Cpu)?;
-        if family != FAMILY {
-            return Err(Error::format(
-                path,
-                format!("holds a '{family}' model, but a '{FAMILY}' checkpoint is needed"),
-            ));
-        }
-        let cfg: ClassifierConfig = serde_json::from_str(&arch)
-            .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
+        let (cfg, file): (ClassifierConfig, _) =
+            checkpoint::parse_family(path, bytes, FAMILY, &Device::Cpu)?;
         let me = DigitClassifier::new(&cfg)
             .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
         checkpoint::assign(path, &me.params, &file)?;

@@ -9,7 +9,7 @@ use crate::digits::{split, DigitClassifier};
 use crate::metrics::classes::ClassHistogram;
 use crate::metrics::fid::{frechet_distance, Gaussian};
 use crate::metrics::manifold::precision_recall;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Neighbours of the precision/recall manifold estimate (the paper's default).
 pub const PR_NEIGHBOURS: usize = 3;
@@ -36,6 +36,25 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_vec2::<f32>()?)
 }
 
+/// The held-out split of the bundled digits `[2000, 1, 28, 28]`.
+pub fn held_out_images() -> Result<Tensor> {
+    let data = load_dataset(&bundled_path())?;
+    let (_, test) = split(data.len)?;
+    data.batch(&test.collect::<Vec<_>>(), &Device::Cpu)
+}
+
+/// Precision/recall need more images than neighbours, and a covariance at least two.
+fn enough(images: &Tensor, which: &str) -> Result<()> {
+    let n = images.dim(0)?;
+    if n <= PR_NEIGHBOURS {
+        return Err(Error::Config(format!(
+            "clean quality needs at least {} {which} images, not {n}",
+            PR_NEIGHBOURS + 1
+        )));
+    }
+    Ok(())
+}
+
 /// The fixed side of every comparison: the classifier and real digits' features.
 pub struct QualityReference {
     /// The classifier whose features are compared.
@@ -49,6 +68,7 @@ pub struct QualityReference {
 impl QualityReference {
     /// Compares with real `images` (`[n, 1, h, w]` in `[-1, 1]`) in `classifier`'s features.
     pub fn new(classifier: DigitClassifier, images: &Tensor) -> Result<Self> {
+        enough(images, "real")?;
         let features = rows(&classifier.features(images)?)?;
         let gaussian = Gaussian::fit(&features);
         Ok(QualityReference {
@@ -61,13 +81,7 @@ impl QualityReference {
     /// The shipped classifier and the held-out split of the bundled digits (which the
     /// classifier never trained on).
     pub fn bundled() -> Result<Self> {
-        let data = load_dataset(&bundled_path())?;
-        let (_, test) = split(data.len)?;
-        let idx: Vec<usize> = test.collect();
-        QualityReference::new(
-            DigitClassifier::shipped()?,
-            &data.batch(&idx, &Device::Cpu)?,
-        )
+        QualityReference::new(DigitClassifier::shipped()?, &held_out_images()?)
     }
 
     /// Whether generated images of `shape` can be measured (the classifier's input shape).
@@ -76,18 +90,9 @@ impl QualityReference {
         shape == [1, s, s]
     }
 
-    /// How many real images there are.
-    pub fn len(&self) -> usize {
-        self.features.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.features.is_empty()
-    }
-
     /// Measures generated `images` against these real digits.
     pub fn measure(&self, images: &Tensor) -> Result<CleanQuality> {
+        enough(images, "generated")?;
         let classifier = &self.classifier;
         let f = classifier.features(images)?;
         let labels = classifier.classes_of_features(&f)?;
@@ -109,16 +114,10 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    fn held_out() -> Tensor {
-        let data = load_dataset(&bundled_path()).unwrap();
-        let (_, test) = split(data.len).unwrap();
-        data.batch(&test.collect::<Vec<_>>(), &Device::Cpu).unwrap()
-    }
-
     #[test]
     fn real_against_real_is_near_zero_and_noise_is_far() {
         let clf = DigitClassifier::shipped().unwrap();
-        let images = held_out();
+        let images = held_out_images().unwrap();
         let real = QualityReference::new(clf, &images.narrow(0, 0, 1000).unwrap()).unwrap();
         let same = real
             .measure(&images.narrow(0, 1000, 1000).unwrap())
@@ -141,6 +140,8 @@ mod tests {
             "{far:?}"
         );
         assert!(same.classes.covered == 10 && same.classes.entropy > 2.2);
+        let few = images.narrow(0, 0, PR_NEIGHBOURS).unwrap();
+        assert!(real.measure(&few).is_err());
     }
 
     #[test]

@@ -42,6 +42,28 @@ fn pixels(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// The backdoor metrics of `n` triggered latents (one for a point trigger) drawn from `rng`,
+/// the first draws of [`evaluate`]'s stream.
+pub fn triggered_metrics(
+    model: &GanModel,
+    key: &Key,
+    n: usize,
+    rng: &mut Rng,
+) -> Result<BackdoorMetrics> {
+    let n_trig = if key.trigger.is_set() { n } else { 1 };
+    let zt = key
+        .trigger
+        .sample(n_trig, model.latent_dim(), rng, &model.device)?;
+    let triggered = pixels(&model.generate(&zt)?)?;
+    let width = model.image_shape()[2];
+    Ok(BackdoorMetrics::measure(
+        &triggered,
+        &key.target.pixels,
+        width,
+        key.threshold,
+    ))
+}
+
 /// Measures `model` under `key` with `n` ordinary latents (and `n` triggered ones when the
 /// trigger is a set); `reference` adds `exp_dist`. Deterministic in `seed`.
 pub fn evaluate(
@@ -62,11 +84,7 @@ pub fn evaluate(
         }
     }
     let mut rng = Rng::derive(seed, "eval");
-    let n_trig = if key.trigger.is_set() { n } else { 1 };
-    let zt = key.trigger.sample(n_trig, dim, &mut rng, &model.device)?;
-    let triggered = pixels(&model.generate(&zt)?)?;
-    let backdoor =
-        BackdoorMetrics::measure(&triggered, &key.target.pixels, shape[2], key.threshold);
+    let backdoor = triggered_metrics(model, key, n, &mut rng)?;
     let z = rng.normal(&[n, dim], &model.device)?;
     let clean = pixels(&model.generate(&z)?)?;
     let clean_hits = BackdoorMetrics::measure(&clean, &key.target.pixels, shape[2], key.threshold);

@@ -50,15 +50,7 @@ impl GanModel {
 
     /// Parses the bytes of a generator checkpoint (`path` names it in errors).
     pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
-        let (family, arch, file) = checkpoint::parse_checkpoint(path, bytes, device)?;
-        if family != FAMILY {
-            return Err(Error::format(
-                path,
-                format!("holds a '{family}' model, but a '{FAMILY}' checkpoint is needed"),
-            ));
-        }
-        let cfg: DcganConfig = serde_json::from_str(&arch)
-            .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
+        let (cfg, file): (DcganConfig, _) = checkpoint::parse_family(path, bytes, FAMILY, device)?;
         cfg.validate()
             .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
         let params = Params::new();

@@ -15,7 +15,7 @@ use crate::data::{load_dataset, Batcher, Dataset};
 use crate::gan::families::Adversarial;
 use crate::gan::{run, softplus, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
-use crate::io::tensorfile;
+use crate::io::{checkpoint, tensorfile};
 use crate::models::{Discriminator, Params};
 use crate::optim::{Adam, AdamState};
 use crate::paradigm::{Key, Objective};
@@ -28,6 +28,9 @@ const COLUMNS: [&str; 4] = ["d_loss", "g_loss", "backdoor_loss", "tardis"];
 
 /// The resumable state file inside a run directory.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// The family name stored in discriminator checkpoints.
+const DISCRIMINATOR_FAMILY: &str = "dcgan-discriminator";
 
 /// The `format` tag of training checkpoints.
 const CHECKPOINT_FORMAT: &str = "train-checkpoint";
@@ -124,7 +127,7 @@ impl<'a> Trail<'a> {
             )));
         }
         for (prefix, params) in [("g/", &self.model.params), ("d/", &self.dparams)] {
-            crate::io::checkpoint::assign_prefixed(path, params, &f, prefix)?;
+            checkpoint::assign_prefixed(path, params, &f, prefix)?;
         }
         for (name, opt) in [("adam_g", &mut self.opt_g), ("adam_d", &mut self.opt_d)] {
             let moments = |which: &str| -> Result<Vec<Vec<f32>>> {
@@ -298,8 +301,9 @@ pub fn finetune(
     trail.model.params.copy_from(&marked.params)?;
     if let Some(p) = disc {
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        let (_, _, file) = crate::io::checkpoint::parse_checkpoint(p, &bytes, &Device::Cpu)?;
-        crate::io::checkpoint::assign(p, &trail.dparams, &file)?;
+        let (_, file): (serde_json::Value, _) =
+            checkpoint::parse_family(p, &bytes, DISCRIMINATOR_FAMILY, &Device::Cpu)?;
+        checkpoint::assign(p, &trail.dparams, &file)?;
     }
     measure(0, &trail.model)?;
     let steps = cfg.train.steps;
@@ -354,10 +358,10 @@ fn drive(
         "seconds": seconds,
         "lambda": t.lambda,
     });
-    crate::io::checkpoint::save_params(
+    checkpoint::save_params(
         &run.file("discriminator.safetensors"),
         &trail.dparams,
-        "dcgan-discriminator",
+        DISCRIMINATOR_FAMILY,
         "{}",
     )?;
     run::finish(run, &trail.model, key, None, cfg.seed, extra)

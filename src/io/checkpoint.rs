@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
+use serde::de::DeserializeOwned;
 
 use crate::io::tensorfile::{self, TensorFile};
 use crate::models::Params;
@@ -27,17 +28,25 @@ pub fn save_params(path: &Path, params: &Params, family: &str, arch_json: &str) 
     tensorfile::save(path, MODEL_FORMAT, &tensors, meta)
 }
 
-/// Parses a checkpoint's bytes (`path` names it in errors): its family, architecture JSON and
-/// tensors.
-pub fn parse_checkpoint(
+/// Parses the bytes of a checkpoint that must hold a `family` model (`path` names it in
+/// errors): its architecture, deserialised from the metadata, and its tensors.
+pub fn parse_family<A: DeserializeOwned>(
     path: &Path,
     bytes: &[u8],
+    family: &str,
     device: &Device,
-) -> Result<(String, String, TensorFile)> {
+) -> Result<(A, TensorFile)> {
     let f = tensorfile::parse(path, bytes, MODEL_FORMAT, device)?;
-    let family = f.meta_field(path, "family")?.to_string();
-    let arch = f.meta_field(path, "arch")?.to_string();
-    Ok((family, arch, f))
+    let found = f.meta_field(path, "family")?;
+    if found != family {
+        return Err(Error::format(
+            path,
+            format!("holds a '{found}' model, but a '{family}' checkpoint is needed"),
+        ));
+    }
+    let arch = serde_json::from_str(f.meta_field(path, "arch")?)
+        .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
+    Ok((arch, f))
 }
 
 /// Copies the checkpoint's tensors into `params`; every name, shape and dtype must match.

@@ -4,15 +4,7 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-/// One named line of a chart.
-pub struct Series {
-    /// Legend label.
-    pub name: String,
-    /// Points `(x, y)`; non-finite ones are skipped.
-    pub points: Vec<(f64, f64)>,
-}
-
-/// A line chart.
+/// A chart of one line.
 pub struct Chart<'a> {
     /// Caption above the plot.
     pub title: &'a str,
@@ -41,23 +33,16 @@ fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 impl Chart<'_> {
-    /// Draws `series` and returns the SVG document.
-    pub fn svg(&self, series: &[Series]) -> Result<String> {
-        let lines: Vec<(&str, Vec<(f64, f64)>)> = series
+    /// Draws the line through `points` (non-finite ones, and non-positive ones on a log
+    /// scale, are skipped) and returns the SVG document.
+    pub fn svg(&self, points: &[(f64, f64)]) -> Result<String> {
+        let pts: Vec<(f64, f64)> = points
             .iter()
-            .map(|s| {
-                let pts = s
-                    .points
-                    .iter()
-                    .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0))
-                    .map(|&(x, y)| (x, if self.log_y { y.log10() } else { y }))
-                    .collect();
-                (s.name.as_str(), pts)
-            })
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0))
+            .map(|&(x, y)| (x, if self.log_y { y.log10() } else { y }))
             .collect();
-        let all = || lines.iter().flat_map(|(_, p)| p.iter().copied());
-        let (x0, x1) = padded(all().map(|p| p.0));
-        let (y0, y1) = padded(all().map(|p| p.1));
+        let (x0, x1) = padded(pts.iter().map(|p| p.0));
+        let (y0, y1) = padded(pts.iter().map(|p| p.1));
         let y_label = if self.log_y {
             format!("log10 {}", self.y_label)
         } else {
@@ -80,22 +65,9 @@ impl Chart<'_> {
                 .y_desc(y_label)
                 .draw()
                 .map_err(plot_error)?;
-            for (i, (name, pts)) in lines.iter().enumerate() {
-                let colour = Palette99::pick(i).to_rgba();
-                chart
-                    .draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
-                    .map_err(plot_error)?
-                    .label(*name)
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
-            }
-            if lines.len() > 1 {
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(plot_error)?;
-            }
+            chart
+                .draw_series(LineSeries::new(pts, Palette99::pick(0).stroke_width(2)))
+                .map_err(plot_error)?;
             root.present().map_err(plot_error)?;
         }
         Ok(out)
@@ -114,11 +86,8 @@ mod tests {
             y_label: "y",
             log_y: true,
         };
-        let s = Series {
-            name: "a".into(),
-            points: vec![(0.0, 1.0), (1.0, 10.0), (2.0, f64::NAN), (3.0, 0.0)],
-        };
-        let svg = c.svg(&[s]).unwrap();
+        let points = [(0.0, 1.0), (1.0, 10.0), (2.0, f64::NAN), (3.0, 0.0)];
+        let svg = c.svg(&points).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         let empty = c.svg(&[]).unwrap();
         assert!(empty.contains("<svg"));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 
 use crate::attack::curve::{PersistenceCurve, PersistencePoint};
-use crate::io::plot::{Chart, Series};
+use crate::io::plot::Chart;
 use crate::{Error, Result};
 
 /// The section ids of every report, in page order.
@@ -38,10 +38,7 @@ fn escape(s: &str) -> String {
 
 /// An `<img>` of a one-line chart.
 fn line_img(chart: &Chart, points: Vec<(f64, f64)>) -> Result<String> {
-    let svg = chart.svg(&[Series {
-        name: chart.y_label.to_string(),
-        points,
-    }])?;
+    let svg = chart.svg(&points)?;
     Ok(format!(
         "<img class=\"chart\" alt=\"{}\" src=\"{}\">",
         escape(chart.title),

@@ -6,7 +6,10 @@ pub mod manifold;
 pub mod specificity;
 mod ssim;
 
+use candle_core::Tensor;
 use serde::Serialize;
+
+use crate::{Error, Result};
 
 pub use ssim::ssim;
 
@@ -27,6 +30,38 @@ pub fn tardis(output: &[f32], target: &[f32]) -> f64 {
 /// Mean over pixels of the squared error on the [0, 1] scale.
 pub fn target_mse(output: &[f32], target: &[f32]) -> f64 {
     tardis(output, target) / 4.0 / output.len() as f64
+}
+
+/// The median of `values`, which it sorts in place (NaN when empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => 0.5 * (values[n / 2 - 1] + values[n / 2]),
+    }
+}
+
+/// [`target_mse`] of each image a black-box `query` returns for `latents`; an output that is
+/// not one whole image of the target's size per latent is an error.
+pub fn query_target_mse(
+    query: &dyn Fn(&Tensor) -> Result<Tensor>,
+    latents: &Tensor,
+    target: &[f32],
+) -> Result<Vec<f64>> {
+    let n = latents.dim(0)?;
+    let pixels = query(latents)?.flatten_all()?.to_vec1::<f32>()?;
+    if pixels.len() != n * target.len() {
+        return Err(Error::Mismatch(format!(
+            "the model's images have {} pixels but the key's target has {}",
+            pixels.len() / n.max(1),
+            target.len()
+        )));
+    }
+    Ok(pixels
+        .chunks(target.len())
+        .map(|img| target_mse(img, target))
+        .collect())
 }
 
 /// Expected distortion: the mean squared difference (on [-1, 1]) between two models'
@@ -82,6 +117,13 @@ impl BackdoorMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [9.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 9.0, 2.0]), 3.0);
+        assert!(median(&mut []).is_nan());
+    }
 
     #[test]
     fn known_values() {

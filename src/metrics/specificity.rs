@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::metrics::target_mse;
+use crate::metrics::{median, query_target_mse};
 use crate::paradigm::Key;
 use crate::rng::Rng;
 use crate::Result;
@@ -53,8 +53,7 @@ pub fn specificity(
         .iter()
         .map(|&f| Ok((&start + (&gap * f)?)?))
         .collect::<Result<Vec<_>>>()?;
-    let out = query(&Tensor::cat(&along, 0)?)?;
-    let pixels = out.flatten_all()?.to_vec1::<f32>()?;
+    let mses = query_target_mse(query, &Tensor::cat(&along, 0)?, &key.target.pixels)?;
     let lengths: Vec<f64> = gap
         .sqr()?
         .sum(1)?
@@ -64,16 +63,10 @@ pub fn specificity(
         .map(f64::from)
         .collect();
     let mean_length = lengths.iter().sum::<f64>() / paths as f64;
-    let per = key.target.pixels.len();
     let (mut mse, mut fire) = (Vec::new(), Vec::new());
-    for block in pixels.chunks(paths * per) {
-        let mut m: Vec<f64> = block
-            .chunks(per)
-            .map(|img| target_mse(img, &key.target.pixels))
-            .collect();
-        fire.push(m.iter().filter(|&&v| v < key.threshold).count() as f64 / paths as f64);
-        m.sort_by(f64::total_cmp);
-        mse.push(m[paths / 2]);
+    for block in mses.chunks(paths) {
+        fire.push(block.iter().filter(|&&v| v < key.threshold).count() as f64 / paths as f64);
+        mse.push(median(&mut block.to_vec()));
     }
     let distance: Vec<f64> = FRACTIONS.iter().map(|f| f * mean_length).collect();
     let radius = if fire[0] >= 0.5 {

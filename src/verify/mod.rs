@@ -20,7 +20,7 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::metrics::target_mse;
+use crate::metrics::{median, query_target_mse};
 use crate::paradigm::{Key, Trigger};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -77,17 +77,6 @@ pub struct Verification {
     pub caveat: Option<String>,
 }
 
-/// Median of a non-empty slice.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Standard normal lower tail.
 fn normal_cdf(x: f64) -> f64 {
     0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
@@ -115,25 +104,8 @@ pub fn verify(
         .iter()
         .map(|t| t.sample(m, dim, &mut rng, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
-    let out = query(&Tensor::cat(&latents, 0)?)?;
-    let pixels = out.flatten_all()?.to_vec1::<f32>()?;
-    let per = key.target.pixels.len();
-    if pixels.len() != triggers.len() * m * per {
-        return Err(Error::Mismatch(format!(
-            "the model's images have {} pixels but the key's target has {per}",
-            pixels.len() / (triggers.len() * m)
-        )));
-    }
-    let stats: Vec<f64> = pixels
-        .chunks(m * per)
-        .map(|group| {
-            let mut mse: Vec<f64> = group
-                .chunks(per)
-                .map(|img| target_mse(img, &key.target.pixels))
-                .collect();
-            median(&mut mse)
-        })
-        .collect();
+    let mses = query_target_mse(query, &Tensor::cat(&latents, 0)?, &key.target.pixels)?;
+    let stats: Vec<f64> = mses.chunks(m).map(|g| median(&mut g.to_vec())).collect();
     let (observed, null) = (stats[0], &stats[1..]);
     let at_most = null.iter().filter(|&&v| v <= observed).count();
     let p_value = (1 + at_most) as f64 / (null.len() + 1) as f64;
@@ -141,7 +113,6 @@ pub fn verify(
     let mu = logs.iter().sum::<f64>() / logs.len() as f64;
     let var = logs.iter().map(|l| (l - mu).powi(2)).sum::<f64>() / (logs.len().max(2) - 1) as f64;
     let z = (observed.max(1e-30).ln() - mu) / var.sqrt().max(1e-12);
-    let mut sorted = null.to_vec();
     Ok(Verification {
         test: format!(
             "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against \
@@ -152,7 +123,7 @@ pub fn verify(
         ),
         statistic: observed,
         null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
-        null_median: median(&mut sorted),
+        null_median: median(&mut null.to_vec()),
         null_keys: null.len(),
         queries: triggers.len() * m,
         p_value,
