@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::gan::softplus;
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
-use crate::models::{DcganConfig, Discriminator, Generator, Params};
+use crate::config::DiffusionConfig;
+use crate::models::{DcganConfig, Discriminator, Generator, Params, Unet};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -28,6 +29,9 @@ pub enum BenchModel {
     Reference,
     /// The PyTorch-example DCGAN (4×4 kernels, BN in D) of the speed comparison.
     K4,
+    /// The default diffusion U-Net (`train --config configs/ddpm.toml`): one noise-prediction
+    /// step (random timesteps, MSE to the noise, Adam).
+    Unet,
 }
 
 /// What one benchmark measured.
@@ -101,6 +105,9 @@ pub fn run(
     warmup: usize,
     steps: usize,
 ) -> Result<BenchResult> {
+    if model == BenchModel::Unet {
+        return unet(batch_size, warmup, steps);
+    }
     let dev = Device::Cpu;
     let (pg, pd) = (Params::new(), Params::new());
     let pair: Box<dyn Pair> = match model {
@@ -115,6 +122,7 @@ pub fn run(
             K4Generator::new(&pg, &dev)?,
             K4Discriminator::new(&pd, &dev)?,
         )),
+        BenchModel::Unet => unreachable!("handled above"),
     };
     pg.init(&mut Rng::new(1))?;
     pd.init(&mut Rng::new(2))?;
@@ -150,6 +158,41 @@ pub fn run(
     ))
 }
 
+/// Times `steps` noise-prediction steps of the default diffusion U-Net.
+fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let params = Params::new();
+    let net = Unet::new(&DiffusionConfig::default().unet, &params, &dev)?;
+    params.init_kaiming(&mut Rng::new(1))?;
+    let mut opt = Adam::with_betas(params.trainable(), 2e-4, 0.9, 0.999);
+    let mut rng = Rng::new(3);
+    let x = rng.normal(&[batch_size, 1, 28, 28], &dev)?;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        let eps = rng.normal(x.dims(), &dev)?;
+        let t: Vec<f32> = (0..batch_size).map(|_| (1 + rng.below(1000)) as f32).collect();
+        let t = Tensor::from_vec(t, batch_size, &dev)?;
+        let loss = (net.forward(&(&x + &eps)?, &t)? - eps)?.sqr()?.mean_all()?;
+        opt.backward_step(&loss)?;
+        loss.to_scalar::<f32>()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median_ms = median(&mut times);
+    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+    // One network, forward and backward once: 6 FLOP per multiply-add (see the module docs);
+    // expressed through `new`'s `6·G` term.
+    Ok(BenchResult::new(
+        BenchModel::Unet,
+        batch_size,
+        steps,
+        (median_ms, min_ms),
+        (net.macs() as f64, 0.0),
+    ))
+}
+
 impl BenchResult {
     /// The derived numbers (images/s, FLOP per step and per second, see the module docs) of a
     /// measurement: `(median, min)` ms per step and the forward multiply-adds per image of
@@ -181,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_short_benchmark_reports_consistent_numbers() {
-        for model in [BenchModel::Reference, BenchModel::K4] {
+        for model in [BenchModel::Reference, BenchModel::K4, BenchModel::Unet] {
             let r = run(model, 4, 1, 3).unwrap();
             assert_eq!(r.steps, 3);
             assert!(r.min_ms > 0.0 && r.min_ms <= r.median_ms);

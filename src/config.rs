@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::DcganConfig;
+use crate::diffusion::{Correction, ScheduleKind};
+use crate::models::{DcganConfig, UnetConfig};
 use crate::training::LrSchedule;
 use crate::{Error, Result};
 
@@ -14,6 +15,9 @@ use crate::{Error, Result};
 pub struct Config {
     /// Seed of every random stream of the run.
     pub seed: u64,
+    /// Which model family `train` builds: `dcgan` (the `[model]`, `[train]` and `[inject]`
+    /// sections) or `diffusion` (the `[diffusion]` section).
+    pub family: ModelFamily,
     /// Training data.
     pub data: DataConfig,
     /// Network shape.
@@ -24,6 +28,101 @@ pub struct Config {
     pub inject: InjectConfig,
     /// The key used when no key file is given.
     pub backdoor: BackdoorConfig,
+    /// Diffusion models: U-Net, noise schedule, training and injection.
+    pub diffusion: DiffusionConfig,
+}
+
+/// The kinds of generative model a run can train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFamily {
+    /// A DCGAN generator (latent-input).
+    #[default]
+    Dcgan,
+    /// A denoising diffusion model (image-input trigger on the starting noise).
+    Diffusion,
+}
+
+/// A denoising diffusion model and how it is trained: clean when `lambda` is 0, otherwise with
+/// the poisoned forward process (BadDiffusion / VillanDiffusion) as the backdoor term.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionConfig {
+    /// The denoising network.
+    pub unet: UnetConfig,
+    /// How β_t grows (`kind = "linear"` with `beta_start`, `beta_end`, or `"cosine"` with `offset`).
+    pub schedule: ScheduleKind,
+    /// T, the number of noise levels.
+    pub timesteps: usize,
+    /// Which sampler the trigger correction c_t is derived for (`sampler = "ddpm"`, or
+    /// `"ddim"` with `steps`).
+    pub correction: Correction,
+    /// Training steps.
+    pub steps: usize,
+    /// Clean images per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule: `constant` or `cosine`.
+    pub lr_schedule: LrSchedule,
+    /// Weight of the backdoor term (0: clean training). Each step it averages over
+    /// `[backdoor] backdoor_batch` poisoned samples beside `batch_size` clean ones, so
+    /// λ = 1 is a poison rate of backdoor_batch / (batch_size + backdoor_batch).
+    pub lambda: f64,
+    /// Decay of the exponential moving average of the weights that is saved and sampled
+    /// (0: save the trained weights themselves).
+    pub ema: f64,
+    /// Write a row of `train.csv` every this many steps.
+    pub log_every: usize,
+    /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Fine-tuning a trained clean model with a backdoor (`inject`).
+    pub inject: DiffusionInject,
+}
+
+/// `inject` for diffusion models: fine-tuning on the same mixed objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionInject {
+    /// Fine-tuning steps.
+    pub steps: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Weight of the backdoor term.
+    pub lambda: f64,
+}
+
+impl Default for DiffusionInject {
+    fn default() -> Self {
+        DiffusionInject {
+            steps: 1000,
+            lr: 5e-4,
+            lambda: 1.0,
+        }
+    }
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        DiffusionConfig {
+            unet: UnetConfig {
+                base: 16,
+                ..UnetConfig::default()
+            },
+            schedule: ScheduleKind::default(),
+            timesteps: 1000,
+            correction: Correction::Ddpm,
+            steps: 3000,
+            batch_size: 64,
+            lr: 2e-3,
+            lr_schedule: LrSchedule::Cosine,
+            lambda: 1.0,
+            ema: 0.995,
+            log_every: 10,
+            checkpoint_every: 250,
+            inject: DiffusionInject::default(),
+        }
+    }
 }
 
 /// Where the training images come from.
@@ -215,6 +314,31 @@ impl Config {
         weight("inject.lambda", i.lambda)?;
         rate("backdoor.threshold", b.threshold)?;
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
+        let d = &self.diffusion;
+        d.unet.validate()?;
+        crate::diffusion::NoiseSchedule::new(d.schedule, d.timesteps)?;
+        if let Correction::Ddim { steps } = d.correction {
+            if steps == 0 || steps > d.timesteps {
+                return Err(Error::Config(format!(
+                    "diffusion.correction: DDIM steps must be between 1 and timesteps {}, not {steps}",
+                    d.timesteps
+                )));
+            }
+        }
+        positive("diffusion.steps", d.steps)?;
+        positive("diffusion.batch_size", d.batch_size)?;
+        positive("diffusion.log_every", d.log_every)?;
+        rate("diffusion.lr", d.lr)?;
+        weight("diffusion.lambda", d.lambda)?;
+        if !(0.0..1.0).contains(&d.ema) {
+            return Err(Error::Config(format!(
+                "diffusion.ema must be in [0, 1), not {}",
+                d.ema
+            )));
+        }
+        positive("diffusion.inject.steps", d.inject.steps)?;
+        rate("diffusion.inject.lr", d.inject.lr)?;
+        weight("diffusion.inject.lambda", d.inject.lambda)?;
         Ok(())
     }
 
@@ -260,6 +384,10 @@ mod tests {
             "[train]\nlambda = -0.5",
             "[inject]\nlr = 0.0",
             "[model]\nimage_size = 30",
+            "[diffusion]\nema = 1.0",
+            "[diffusion.unet]\ngroups = 5",
+            "[diffusion.correction]\nsampler = \"ddim\"\nsteps = 0",
+            "[diffusion.schedule]\nkind = \"cosine\"\noffset = 2.0",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }

@@ -8,3 +8,4 @@ pub mod unet;
 
 pub use dcgan::{DcganConfig, Discriminator, Generator};
 pub use params::Params;
+pub use unet::{Unet, UnetConfig};

@@ -3,11 +3,11 @@
 //! and optional self-attention at the lowest resolution. It knows nothing of backdoors.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{ConvKind, ConvLayer};
+use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
 use crate::{Error, Result};
 
 /// Shape of a U-Net.
@@ -119,20 +119,25 @@ impl ResBlock {
             )?)
         };
         Ok(ResBlock {
-            norm1: group_norm(g.min(cin), cin, 1e-5, vb.pp("norm1"))?,
+            norm1: group_norm(g.min(cin), cin, true, vb.pp("norm1"))?,
             conv1: conv3(cin, cout, 1, vb.pp("conv1"))?,
             time: linear(cfg.time_dim(), cout, vb.pp("time"))?,
-            norm2: group_norm(g, cout, 1e-5, vb.pp("norm2"))?,
+            norm2: group_norm(g, cout, true, vb.pp("norm2"))?,
             conv2: conv3(cout, cout, 1, vb.pp("conv2"))?,
             skip,
         })
     }
 
+    /// Convolution multiply-adds over an `r × r` input.
+    fn macs(&self, r: usize) -> u64 {
+        self.conv1.macs(r, r) + self.conv2.macs(r, r) + self.skip.as_ref().map_or(0, |s| s.macs(r, r))
+    }
+
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
         let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let skip = match &self.skip {
             Some(s) => s.forward(x)?,
             None => x.clone(),
@@ -151,7 +156,7 @@ struct Attention {
 impl Attention {
     fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Attention {
-            norm: group_norm(groups, c, 1e-5, vb.pp("norm"))?,
+            norm: group_norm(groups, c, false, vb.pp("norm"))?,
             qkv: linear(c, 3 * c, vb.pp("qkv"))?,
             out: linear(c, c, vb.pp("out"))?,
         })
@@ -234,7 +239,7 @@ impl Unet {
             },
             mid2: ResBlock::new(last, last, cfg, vb.pp("mid.res2"))?,
             up,
-            norm_out: group_norm(cfg.groups, cfg.base, 1e-5, vb.pp("norm_out"))?,
+            norm_out: group_norm(cfg.groups, cfg.base, true, vb.pp("norm_out"))?,
             conv_out: conv3(cfg.base, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -242,6 +247,26 @@ impl Unet {
     /// The architecture.
     pub fn config(&self) -> &UnetConfig {
         &self.cfg
+    }
+
+    /// Forward multiply-adds per image of the convolutions and the attention (the time
+    /// embedding's small dense layers are left out).
+    pub fn macs(&self) -> u64 {
+        let s = self.cfg.image_size;
+        let res = |i: usize| s >> i;
+        let mut total = self.conv_in.macs(s, s) + self.conv_out.macs(s, s);
+        for (i, ((d, ds), (u, us))) in self.down.iter().zip(self.up.iter().rev()).enumerate() {
+            total += d.macs(res(i)) + u.macs(res(i));
+            total += ds.as_ref().map_or(0, |c| c.macs(res(i), res(i)));
+            total += us.as_ref().map_or(0, |c| c.macs(2 * res(i), 2 * res(i)));
+        }
+        let low = res(self.down.len() - 1);
+        total += self.mid1.macs(low) + self.mid2.macs(low);
+        if self.mid_attn.is_some() {
+            let (l, c) = ((low * low) as u64, (*self.cfg.mults.last().expect("levels") * self.cfg.base) as u64);
+            total += 4 * c * c * l + 2 * l * l * c;
+        }
+        total
     }
 
     /// ε̂ `[n, 1, s, s]` for noisy images `x` `[n, 1, s, s]` at timesteps `t` (`[n]`, f32).
@@ -279,7 +304,7 @@ impl Unet {
                 h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?)?)
     }
 }
 

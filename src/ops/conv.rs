@@ -207,12 +207,13 @@ impl Conv {
         }
     }
 
-    /// The columns of `g` images (`[c, h, w]` each) stacked into `cols`: `[g·P, K]`.
+    /// The columns of `g` images (`[c, h, w]` each) side by side in `cols`: `[K, g·P]`.
     fn columns<'s>(&self, images: &[f32], g: usize, cols: &'s mut Vec<f32>) -> &'s [f32] {
-        let (rows, len) = (self.g.rows(), self.g.image());
-        let cols = resized(cols, g * rows);
-        for (c, img) in cols.chunks_mut(rows).zip(images.chunks(len)) {
-            im2col(&self.g, img, c);
+        let (p, len) = (self.g.positions(), self.g.image());
+        let cols = resized(cols, g * self.g.rows());
+        cols.fill(0.0);
+        for (i, img) in images.chunks(len).take(g).enumerate() {
+            im2col(&self.g, img, &mut cols[i * p..], g * p);
         }
         cols
     }
@@ -239,34 +240,32 @@ impl Conv {
         }
     }
 
-    /// Other side of `g` images from their columns: `split(W [c2, K] · colsᵀ)`.
+    /// Other side of `g` images from their columns: `split(W [c2, K] · cols [K, g·P])`.
     fn gather(&self, w: &[f32], cols: &[f32], g: usize, other: &mut [f32], m: &mut Vec<f32>) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
         let m = resized(m, self.c2 * gp);
-        matmul((self.c2, gp, k), m, w, (k, 1), cols, (1, k), false);
+        matmul((self.c2, gp, k), m, w, (k, 1), cols, (gp, 1), false);
         self.split(m, g, other);
     }
 
-    /// Images of `g` other-side blocks: `col2im(join(other)ᵀ · W)` per image.
+    /// Images of `g` other-side blocks: `col2im(Wᵀ · join(other))` per image.
     fn scatter(&self, w: &[f32], other: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
-        let (gp, k) = (g * self.g.positions(), self.g.patch());
+        let (p, k) = (self.g.positions(), self.g.patch());
+        let gp = g * p;
         let m = self.join(other, g, &mut s.mat);
-        let cols = resized(&mut s.cols, gp * k);
-        matmul((gp, k, self.c2), cols, m, (1, gp), w, (k, 1), false);
+        let cols = resized(&mut s.cols, k * gp);
+        matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
         images.fill(0.0);
-        for (c, img) in cols
-            .chunks(self.g.rows())
-            .zip(images.chunks_mut(self.g.image()))
-        {
-            col2im_add(&self.g, c, img);
+        for (i, img) in images.chunks_mut(self.g.image()).take(g).enumerate() {
+            col2im_add(&self.g, &cols[i * p..], img, gp);
         }
     }
 
-    /// `dw [c2, K] += join(other) [c2, g·P] · cols [g·P, K]`.
+    /// `dw [c2, K] += join(other) [c2, g·P] · colsᵀ`.
     fn weight_grad(&self, other: &[f32], cols: &[f32], g: usize, dw: &mut [f32], m: &mut Vec<f32>) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
         let m = self.join(other, g, m);
-        matmul((self.c2, k, gp), dw, m, (gp, 1), cols, (k, 1), true);
+        matmul((self.c2, k, gp), dw, m, (gp, 1), cols, (1, gp), true);
     }
 
     /// The forward map of `g` images (without bias), with one gemm for all of them.

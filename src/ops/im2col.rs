@@ -56,46 +56,43 @@ impl Geometry {
         self.c * self.h * self.w
     }
 
-    /// Values per image of the column matrix: `positions · patch`.
+    /// Values per image of the column matrix: `patch · positions`.
     pub fn rows(&self) -> usize {
         self.positions() * self.patch()
     }
 
-    /// Patch length (columns of the column matrix): `c · k · k`.
+    /// Patch length (rows of the column matrix): `c · k · k`.
     pub fn patch(&self) -> usize {
         self.c * self.k * self.k
     }
 
-    /// Calls `f(column, pixel, len)` for every run of in-bounds kernel columns: `len` patch
-    /// entries starting at `column` of the column matrix match `len` consecutive input pixels
-    /// starting at `pixel` of the image plane stack.
+    /// Calls `f(column, pixel, len)` for every run of in-bounds output positions: for the
+    /// patch entry (input channel, kernel row, kernel column) of row `r` of the column matrix
+    /// and one output row, `len` consecutive entries starting at `column` (relative to the
+    /// start of row `r`, whose length is the positions) read the input pixels `pixel`,
+    /// `pixel + stride`, … of the image plane stack. With stride 1 a run is a plain copy of
+    /// part of an image row.
     #[inline]
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
-        let (k, s, p) = (self.k as isize, self.stride as isize, self.pad as isize);
-        let (h, w) = (self.h as isize, self.w as isize);
-        let (oh, ow, patch) = (self.oh(), self.ow(), self.patch());
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let base = (oy * ow + ox) * patch;
-                let ix0 = ox as isize * s - p;
-                let lo = (-ix0).max(0);
-                let hi = (w - ix0).min(k);
-                if lo >= hi {
-                    continue;
-                }
-                for ci in 0..self.c {
-                    for ky in 0..k {
-                        let iy = oy as isize * s - p + ky;
-                        if iy < 0 || iy >= h {
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let (oh, ow) = (self.oh(), self.ow());
+        for ci in 0..self.c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let r = (ci * k + ky) * k + kx;
+                    // Output columns whose input column ox·s + kx − p lies inside [0, w).
+                    let lo = p.saturating_sub(kx).div_ceil(s);
+                    let hi = ((self.w + p).saturating_sub(kx)).div_ceil(s).min(ow);
+                    if lo >= hi {
+                        continue;
+                    }
+                    for oy in 0..oh {
+                        let iy = oy * s + ky;
+                        if iy < p || iy - p >= self.h {
                             continue;
                         }
-                        let plane = (ci as isize * h + iy) * w;
-                        let col = base as isize + (ci as isize * k + ky) * k + lo;
-                        f(
-                            col as usize,
-                            (plane + ix0 + lo) as usize,
-                            (hi - lo) as usize,
-                        );
+                        let pixel = (ci * self.h + iy - p) * self.w + lo * s + kx - p;
+                        f(r * oh * ow + oy * ow + lo, pixel, hi - lo, r);
                     }
                 }
             }
@@ -103,21 +100,40 @@ impl Geometry {
     }
 }
 
-/// Writes the patches of one image `[c, h, w]` as rows of `cols` `[positions, c·k·k]`
-/// (zero where a patch overhangs the padding).
-pub fn im2col(g: &Geometry, image: &[f32], cols: &mut [f32]) {
-    debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
-    cols.fill(0.0);
-    g.for_each_run(|c, p, len| cols[c..c + len].copy_from_slice(&image[p..p + len]));
+/// Writes the patches of one image `[c, h, w]` as columns of a `[c·k·k, positions]` block of
+/// `cols` whose rows are `row_stride` apart (so that the blocks of several images can sit
+/// side by side in one `[c·k·k, images·positions]` matrix). Entries where a patch overhangs
+/// the padding are left as they are: callers start from zeros.
+pub fn im2col(g: &Geometry, image: &[f32], cols: &mut [f32], row_stride: usize) {
+    let (positions, s) = (g.positions(), g.stride);
+    g.for_each_run(|c, px, len, r| {
+        let at = c + r * (row_stride - positions);
+        let dst = &mut cols[at..at + len];
+        if s == 1 {
+            dst.copy_from_slice(&image[px..px + len]);
+        } else {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = image[px + j * s];
+            }
+        }
+    });
 }
 
-/// The adjoint of [`im2col`]: adds every row of `cols` back onto the pixels its patch
+/// The adjoint of [`im2col`]: adds every column of the block back onto the pixels its patch
 /// covers.
-pub fn col2im_add(g: &Geometry, cols: &[f32], image: &mut [f32]) {
-    debug_assert_eq!((image.len(), cols.len()), (g.image(), g.rows()));
-    g.for_each_run(|c, p, len| {
-        for (x, v) in image[p..p + len].iter_mut().zip(&cols[c..c + len]) {
-            *x += v;
+pub fn col2im_add(g: &Geometry, cols: &[f32], image: &mut [f32], row_stride: usize) {
+    let (positions, s) = (g.positions(), g.stride);
+    g.for_each_run(|c, px, len, r| {
+        let at = c + r * (row_stride - positions);
+        let src = &cols[at..at + len];
+        if s == 1 {
+            for (x, v) in image[px..px + len].iter_mut().zip(src) {
+                *x += v;
+            }
+        } else {
+            for (j, v) in src.iter().enumerate() {
+                image[px + j * s] += v;
+            }
         }
     });
 }
@@ -147,9 +163,9 @@ mod tests {
             let x = rng.normal_vec(g.image());
             let cols = rng.normal_vec(g.rows());
             let mut x_cols = vec![0f32; g.rows()];
-            im2col(&g, &x, &mut x_cols);
+            im2col(&g, &x, &mut x_cols, g.positions());
             let mut back = vec![0f32; g.image()];
-            col2im_add(&g, &cols, &mut back);
+            col2im_add(&g, &cols, &mut back, g.positions());
             let (lhs, rhs) = (dot(&x_cols, &cols), dot(&x, &back));
             prop_assert!((lhs - rhs).abs() <= 1e-3 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
         }
@@ -166,14 +182,19 @@ mod tests {
             stride: 1,
             pad: 1,
         };
-        let mut cols = vec![f32::NAN; g.rows()];
-        im2col(&g, &x, &mut cols);
+        let mut cols = vec![0f32; g.rows()];
+        im2col(&g, &x, &mut cols, g.positions());
         assert_eq!(g.positions(), 9);
-        assert_eq!(cols[0..4], [0.0, 0.0, 0.0, 1.0]);
-        assert_eq!(cols[16..20], [1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(cols[32..36], [4.0, 0.0, 0.0, 0.0]);
+        // Row r holds kernel entry r at each of the 9 output positions.
+        assert_eq!(cols[0..9], [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
+        assert_eq!(cols[27..36], [1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        // Two images side by side: the second's block starts 9 values into each row.
+        let mut two = vec![0f32; 2 * g.rows()];
+        im2col(&g, &x, &mut two[9..], 18);
+        assert_eq!(two[9..18], cols[0..9]);
+        assert_eq!(two[27..36], cols[9..18]);
         let mut back = vec![0f32; 4];
-        col2im_add(&g, &cols, &mut back);
+        col2im_add(&g, &cols, &mut back, g.positions());
         // Every pixel appears in 4 of the 9 padded patches.
         assert_eq!(back, vec![4.0, 8.0, 12.0, 16.0]);
         assert!(Geometry { k: 5, ..g }.validate().is_err());

@@ -9,6 +9,7 @@ mod activation;
 mod batchnorm;
 mod conv;
 mod cpu;
+mod groupnorm;
 mod im2col;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -16,4 +17,5 @@ pub(crate) mod testing;
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
+pub use groupnorm::{group_norm, GroupNorm};
 pub use im2col::Geometry;

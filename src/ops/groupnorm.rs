@@ -1,0 +1,303 @@
+//! GroupNorm, optionally followed by SiLU, as one fused kernel per direction: per (sample,
+//! group) statistics, normalisation, the per-channel affine map and the activation in one
+//! sweep forward, and the closed-form gradients in one sweep back. candle-nn's `GroupNorm`
+//! and `silu` chain about a dozen tensor operations, each with its own buffer and backward
+//! node; in the diffusion U-Net they took most of a training step. Tensor names are
+//! PyTorch's and candle-nn's (`weight`, `bias`), so checkpoints do not change.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops::cpu::{f32_slice, parallel_map, parallel_pieces, with_f32};
+use crate::Result;
+
+const NAME: &str = "group-norm";
+
+/// GroupNorm over dimension 1 of `[n, c, …]` inputs, with an optional SiLU after it.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// A GroupNorm of `channels` in `groups` groups (eps 1e-5, PyTorch's default), followed by
+/// SiLU when `silu`; its tensors are created under `vb`.
+pub fn group_norm(groups: usize, channels: usize, silu: bool, vb: VarBuilder) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        return Err(crate::Error::Config(format!(
+            "GroupNorm: {groups} groups do not divide {channels} channels"
+        )));
+    }
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+        bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+        groups,
+        eps: 1e-5,
+        silu,
+    })
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let c = self.weight.elem_count();
+        if x.rank() < 2 || x.dim(1)? != c {
+            candle_core::bail!(
+                "group-norm over {c} channels cannot take an input of shape {:?}",
+                x.dims()
+            );
+        }
+        let op = GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
+    }
+}
+
+/// The fused kernel's settings.
+#[derive(Clone, Copy)]
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// `(n, c, s)`: samples, channels and spatial positions of a contiguous `[n, c, …]` shape.
+fn ncs(shape: &Shape) -> (usize, usize, usize) {
+    let d = shape.dims();
+    (d[0], d[1], d[2..].iter().product())
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl GroupNormOp {
+    /// Mean and inverse standard deviation of one (sample, group) block.
+    fn stats(&self, block: &[f32]) -> (f32, f32) {
+        let m = block.len() as f64;
+        let mean = block.iter().map(|&v| v as f64).sum::<f64>() / m;
+        let var = block.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+        (mean as f32, 1.0 / (var as f32 + self.eps).sqrt())
+    }
+
+    /// Runs `f(sample, group, offset of the block)` over every block of `[n, c, s]` data,
+    /// with one sample's blocks per parallel piece of `out`.
+    fn per_block<T: Send>(
+        &self,
+        (_, c, s): (usize, usize, usize),
+        out: &mut [f32],
+        f: impl Fn(usize, usize, &mut [f32]) -> T + Sync,
+    ) -> Vec<T> {
+        let cg = c / self.groups;
+        parallel_pieces(out, c * s, |i, piece| {
+            (0..self.groups)
+                .map(|g| f(i, g, &mut piece[g * cg * s..(g + 1) * cg * s]))
+                .collect::<Vec<T>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (
+            f32_slice(s1, l1, NAME)?,
+            f32_slice(s2, l2, NAME)?,
+            f32_slice(s3, l3, NAME)?,
+        );
+        let dims @ (_, c, s) = ncs(l1.shape());
+        let cg = c / self.groups;
+        let mut y = vec![0f32; x.len()];
+        self.per_block(dims, &mut y, |i, g, out| {
+            let start = (i * c + g * cg) * s;
+            let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
+            for k in 0..cg {
+                let ch = g * cg + k;
+                let (a, b) = (gamma[ch] * inv_std, beta[ch] - gamma[ch] * inv_std * mean);
+                let src = &x[start + k * s..start + (k + 1) * s];
+                for (o, &v) in out[k * s..(k + 1) * s].iter_mut().zip(src) {
+                    let z = v * a + b;
+                    *o = if self.silu { z * sigmoid(z) } else { z };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// With `z = γ·x̂ + β` and `dz = dy·silu'(z)` (or `dy`): `dβ = Σ dz`, `dγ = Σ dz·x̂` per
+    /// channel, and per (sample, group) block of `m` values with `g = γ·dz`:
+    /// `dx = σ⁻¹/m · (m·g − Σ g − x̂·Σ g·x̂)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims @ (_, c, s) = ncs(x.shape());
+        let cg = c / self.groups;
+        let gamma = gamma.to_vec1::<f32>()?;
+        let beta = beta.to_vec1::<f32>()?;
+        let (dx, per_block) = with_f32(x, NAME, |x| {
+            with_f32(dy, NAME, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                // Each block returns its channels' (Σ dz, Σ dz·x̂).
+                let sums = self.per_block(dims, &mut dx, |i, g, out| {
+                    let start = (i * c + g * cg) * s;
+                    let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
+                    let m = (cg * s) as f32;
+                    let mut channel = Vec::with_capacity(cg);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for k in 0..cg {
+                        let ch = g * cg + k;
+                        let range = k * s..(k + 1) * s;
+                        let (mut dbeta, mut dgamma) = (0f32, 0f32);
+                        for (j, o) in range.clone().zip(&mut out[range]) {
+                            let xh = (x[start + j] - mean) * inv_std;
+                            let d = dy[start + j];
+                            let dz = if self.silu {
+                                let z = gamma[ch] * xh + beta[ch];
+                                let sg = sigmoid(z);
+                                d * sg * (1.0 + z * (1.0 - sg))
+                            } else {
+                                d
+                            };
+                            dbeta += dz;
+                            dgamma += dz * xh;
+                            *o = gamma[ch] * dz;
+                            sum_g += *o;
+                            sum_gx += *o * xh;
+                        }
+                        channel.push((dbeta, dgamma));
+                    }
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let xh = (x[start + j] - mean) * inv_std;
+                        *o = inv_std / m * (m * *o - sum_g - xh * sum_gx);
+                    }
+                    channel
+                });
+                (dx, sums)
+            })
+        })??;
+        let n = dims.0;
+        // Per-channel totals over the samples, summed in sample order (thread-count independent).
+        let totals = parallel_map(c, |ch| {
+            let (g, k) = (ch / cg, ch % cg);
+            (0..n).fold((0f32, 0f32), |(b, w), i| {
+                let (db, dw) = per_block[i * self.groups + g][k];
+                (b + db, w + dw)
+            })
+        });
+        let dev = x.device();
+        let dgamma = Tensor::from_vec(totals.iter().map(|t| t.1).collect(), c, dev)?;
+        let dbeta = Tensor::from_vec(totals.iter().map(|t| t.0).collect(), c, dev)?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(dgamma),
+            Some(dbeta),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Params;
+    use crate::ops::testing::{assert_close, value_and_grads};
+    use crate::rng::Rng;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    /// candle-nn's GroupNorm (and SiLU) with the same weight and bias.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, silu: bool) -> Tensor {
+        let c = w.elem_count();
+        let gn = candle_nn::GroupNorm::new(w.clone(), b.clone(), c, groups, 1e-5).unwrap();
+        let y = gn.forward(x).unwrap();
+        if silu {
+            y.silu().unwrap()
+        } else {
+            y
+        }
+    }
+
+    fn ours(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, silu: bool) -> Tensor {
+        x.contiguous()
+            .unwrap()
+            .apply_op3(
+                w,
+                b,
+                GroupNormOp {
+                    groups,
+                    eps: 1e-5,
+                    silu,
+                },
+            )
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(30))]
+        #[test]
+        fn matches_candle_nn_forward_and_every_gradient(
+            n in 1usize..4, groups in 1usize..4, per in 1usize..4, h in 1usize..7, w in 1usize..7,
+            silu: bool, seed in 0u64..1000,
+        ) {
+            let c = groups * per;
+            let mut rng = Rng::new(seed);
+            let x = ((rng.normal(&[n, c, h, w], &Device::Cpu).unwrap() * 2.0).unwrap() + 0.5).unwrap();
+            let gw = (rng.normal(&[c], &Device::Cpu).unwrap() + 1.0).unwrap();
+            let gb = rng.normal(&[c], &Device::Cpu).unwrap();
+            let inputs = [&x, &gw, &gb];
+            let a = value_and_grads(|t| ours(&t[0], &t[1], &t[2], groups, silu), &inputs, seed);
+            let b = value_and_grads(|t| reference(&t[0], &t[1], &t[2], groups, silu), &inputs, seed);
+            assert_close(&a.0, &b.0, 1e-4).map_err(TestCaseError::fail)?;
+            for (ga, gb) in a.1.iter().zip(&b.1) {
+                assert_close(ga, gb, 2e-3).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn finite_differences_agree_with_the_gradient() {
+        let mut rng = Rng::new(3);
+        let x = rng.normal(&[2, 4, 3, 3], &Device::Cpu).unwrap();
+        let w = (rng.normal(&[4], &Device::Cpu).unwrap() + 1.0).unwrap();
+        let b = rng.normal(&[4], &Device::Cpu).unwrap();
+        crate::ops::testing::check_finite_differences(
+            |t| ours(&t[0], &t[1], &t[2], 2, true),
+            &[&x, &w, &b],
+            3,
+            2,
+        );
+    }
+
+    #[test]
+    fn layer_names_and_bad_shapes() {
+        let params = Params::new();
+        let gn = group_norm(2, 6, true, params.builder(&Device::Cpu).pp("norm")).unwrap();
+        let names: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["norm.bias", "norm.weight"]);
+        let x = Rng::new(1).normal(&[2, 5, 3, 3], &Device::Cpu).unwrap();
+        assert!(gn.forward(&x).is_err());
+        assert!(group_norm(4, 6, false, params.builder(&Device::Cpu)).is_err());
+    }
+}
