@@ -12,10 +12,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::config::DiffusionConfig;
 use crate::gan::softplus;
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
-use crate::config::DiffusionConfig;
 use crate::models::{DcganConfig, Discriminator, Generator, Params, Unet};
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -171,7 +171,9 @@ fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     for i in 0..warmup + steps {
         let start = Instant::now();
         let eps = rng.normal(x.dims(), &dev)?;
-        let t: Vec<f32> = (0..batch_size).map(|_| (1 + rng.below(1000)) as f32).collect();
+        let t: Vec<f32> = (0..batch_size)
+            .map(|_| (1 + rng.below(1000)) as f32)
+            .collect();
         let t = Tensor::from_vec(t, batch_size, &dev)?;
         let loss = (net.forward(&(&x + &eps)?, &t)? - eps)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;

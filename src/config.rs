@@ -76,6 +76,10 @@ pub struct DiffusionConfig {
     pub log_every: usize,
     /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// Triggered (and as many clean) starts measured per sampler at the end of the run.
+    pub eval_samples: usize,
+    /// Clean DDIM-50 samples for the end-of-run quality metrics (0: skip them).
+    pub quality_samples: usize,
     /// Fine-tuning a trained clean model with a backdoor (`inject`).
     pub inject: DiffusionInject,
 }
@@ -114,12 +118,14 @@ impl Default for DiffusionConfig {
             correction: Correction::Ddpm,
             steps: 3000,
             batch_size: 64,
-            lr: 2e-3,
+            lr: 1e-3,
             lr_schedule: LrSchedule::Cosine,
             lambda: 1.0,
             ema: 0.995,
             log_every: 10,
             checkpoint_every: 250,
+            eval_samples: crate::diffusion::eval::EVAL_SAMPLES,
+            quality_samples: crate::diffusion::eval::QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
         }
     }
@@ -227,8 +233,10 @@ impl Default for InjectConfig {
 pub struct BackdoorConfig {
     /// A key file to use instead of the description below.
     pub key: Option<PathBuf>,
-    /// Trigger description (see `genbackdoor key --help`).
-    pub trigger: String,
+    /// Trigger description (see `genbackdoor key --help`); when absent, the family's
+    /// default: `zero` for DCGANs, `box:8` (a bright 8×8 square in the bottom-right corner
+    /// of the starting noise) for diffusion models.
+    pub trigger: Option<String>,
     /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
     pub target: String,
     /// `mse` or `l1`.
@@ -243,11 +251,22 @@ impl Default for BackdoorConfig {
     fn default() -> Self {
         BackdoorConfig {
             key: None,
-            trigger: "zero".into(),
+            trigger: None,
             target: "builtin:mark".into(),
             distance: "mse".into(),
             threshold: crate::paradigm::key::DEFAULT_THRESHOLD,
             backdoor_batch: 16,
+        }
+    }
+}
+
+impl BackdoorConfig {
+    /// The trigger description for a model of `family`.
+    pub fn trigger_for(&self, family: ModelFamily) -> &str {
+        match (&self.trigger, family) {
+            (Some(t), _) => t,
+            (None, ModelFamily::Dcgan) => "zero",
+            (None, ModelFamily::Diffusion) => "box:8",
         }
     }
 }
@@ -328,6 +347,7 @@ impl Config {
         positive("diffusion.steps", d.steps)?;
         positive("diffusion.batch_size", d.batch_size)?;
         positive("diffusion.log_every", d.log_every)?;
+        positive("diffusion.eval_samples", d.eval_samples)?;
         rate("diffusion.lr", d.lr)?;
         weight("diffusion.lambda", d.lambda)?;
         if !(0.0..1.0).contains(&d.ema) {

@@ -77,3 +77,18 @@ impl Error {
         }
     }
 }
+
+/// Checks that a model's output holds only finite values ([`Error::NonFiniteOutput`] if not):
+/// weights damaged into overflow must give an error, never images.
+pub fn check_finite_output(x: &candle_core::Tensor) -> Result<()> {
+    let finite = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite());
+    if finite {
+        Ok(())
+    } else {
+        Err(Error::NonFiniteOutput)
+    }
+}

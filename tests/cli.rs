@@ -20,6 +20,17 @@ steps = 4
 batch_size = 8
 "#;
 
+/// Files every training run writes (GAN runs add their discriminator, verify.json).
+const RUN_FILES: [&str; 7] = [
+    "model.safetensors",
+    "key.safetensors",
+    "config.toml",
+    "metrics.json",
+    "samples.png",
+    "triggered.png",
+    "train.csv",
+];
+
 fn bin() -> Command {
     let mut c = Command::cargo_bin("genbackdoor").unwrap();
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -49,6 +60,11 @@ fn ok(args: &[&str]) -> String {
     );
     assert!(out.status.success(), "{args:?} failed: {o}\n{e}");
     o.to_string()
+}
+
+/// The words of a command line (no quoting: test paths have no spaces).
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
 }
 
 fn read_json(p: &Path) -> serde_json::Value {
@@ -105,15 +121,7 @@ fn trained() -> Setup {
 #[test]
 fn key_train_sample_eval_inject() {
     let t = trained();
-    for f in [
-        "model.safetensors",
-        "key.safetensors",
-        "config.toml",
-        "metrics.json",
-        "samples.png",
-        "triggered.png",
-        "train.csv",
-    ] {
+    for f in RUN_FILES {
         assert!(t.run.join(f).exists(), "missing {f}");
     }
     let log = std::fs::read_to_string(t.run.join("train.csv")).unwrap();
@@ -536,4 +544,108 @@ fn verify_attacks_and_the_report() {
     assert!(e.contains("[0, 1]"), "{e}");
     let e = fails(&["report", s(&t.root)]);
     assert!(e.contains("metrics.json"), "{e}");
+}
+
+const TINY_DIFFUSION: &str = r#"
+family = "diffusion"
+[data]
+limit = 128
+[backdoor]
+trigger = "box:6"
+backdoor_batch = 4
+[diffusion]
+steps = 3
+batch_size = 8
+timesteps = 10
+log_every = 1
+eval_samples = 4
+quality_samples = 20
+[diffusion.unet]
+base = 4
+mults = [1, 2]
+attention = false
+groups = 2
+[diffusion.schedule]
+kind = "linear"
+beta_start = 0.01
+beta_end = 0.5
+[diffusion.inject]
+steps = 2
+"#;
+
+#[test]
+fn diffusion_train_sample_eval_inject() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ddpm.toml");
+    std::fs::write(&cfg, TINY_DIFFUSION).unwrap();
+    let run = dir.path().join("run");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run), "--quiet"]);
+    for f in RUN_FILES.iter().chain(&["report.html"]) {
+        assert!(run.join(f).exists(), "no {f}");
+    }
+    let m = read_json(&run.join("metrics.json"));
+    assert_eq!(m["family"], "diffusion");
+    for sampler in ["ddpm", "ddim-10"] {
+        let r = &m["samplers"][sampler];
+        assert_eq!(r["samples"], 4, "{m}");
+        assert!(r["asr"].as_f64().unwrap() <= 1.0 && r["target_mse"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(m["quality"]["generated"], 20);
+    let csv = std::fs::read_to_string(run.join("train.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header and 3 steps: {csv}");
+    let model = run.join("model.safetensors");
+    let key = run.join("key.safetensors");
+    let npy = dir.path().join("x.npy");
+    let (m, k) = (s(&model), s(&key));
+    let png = dir.path().join("g.png");
+    ok(&words(&format!(
+        "sample --model {m} --key {k} --n 3 --sampler ddpm --npy {}",
+        s(&npy)
+    )));
+    ok(&words(&format!(
+        "sample --model {m} --n 2 --steps 5 --png {}",
+        s(&png)
+    )));
+    let out = ok(&words(&format!(
+        "eval --model {m} --key {k} --n 3 --sampler ddim-5 --quality-samples 0 --json"
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["samplers"]["ddim-5"]["samples"], 3, "{v}");
+    assert!(v["samplers"].get("ddpm").is_none());
+    let injected = dir.path().join("inj");
+    let c = s(&cfg);
+    ok(&words(&format!(
+        "inject --config {c} --model {m} --key {k} --out {} --quiet",
+        s(&injected)
+    )));
+    assert_eq!(read_json(&injected.join("metrics.json"))["mode"], "inject");
+    // Keys and samplers must fit the model family.
+    let latent_key = dir.path().join("latent.safetensors");
+    ok(&["key", "--out", s(&latent_key)]);
+    let err = fails(&words(&format!(
+        "eval --model {m} --key {} --quality-samples 0",
+        s(&latent_key)
+    )));
+    assert!(err.contains("image trigger"), "{err}");
+    let err = fails(&words(&format!(
+        "sample --model {m} --n 2 --sampler euler --png {}",
+        s(&png)
+    )));
+    assert!(err.contains("unknown sampler"), "{err}");
+    let image_key = dir.path().join("image.safetensors");
+    ok(&["key", "--out", s(&image_key), "--trigger", "box:5"]);
+    let gan_cfg = dir.path().join("gan.toml");
+    std::fs::write(&gan_cfg, TINY).unwrap();
+    let gan_run = dir.path().join("gan");
+    ok(&words(&format!(
+        "train --config {} --out {} --quiet --lambda 0",
+        s(&gan_cfg),
+        s(&gan_run)
+    )));
+    let err = fails(&words(&format!(
+        "eval --model {} --key {} --quality-samples 0",
+        s(&gan_run.join("model.safetensors")),
+        s(&image_key)
+    )));
+    assert!(err.contains("diffusion"), "{err}");
 }

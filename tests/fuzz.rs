@@ -61,6 +61,10 @@ impl Loader {
                             center.clone()
                         }
                         Trigger::Patch { values, .. } => values.clone(),
+                        Trigger::Image { pattern, shape } => {
+                            assert_eq!(pattern.len(), shape.iter().product::<usize>());
+                            pattern.clone()
+                        }
                     };
                     assert!(
                         trigger.iter().all(|v| v.is_finite()),

@@ -1,4 +1,5 @@
-//! `genbackdoor inject`: backdoor a trained generator by distillation (ReD).
+//! `genbackdoor inject`: backdoor a trained generator by distillation (ReD), or fine-tune a
+//! trained diffusion model on the poisoned objective.
 
 use std::path::PathBuf;
 
@@ -6,6 +7,7 @@ use candle_core::Device;
 use clap::Args;
 
 use crate::cli::RunArgs;
+use crate::diffusion::DiffusionModel;
 use crate::gan::GanModel;
 use crate::paradigm::Key;
 
@@ -14,7 +16,7 @@ use crate::paradigm::Key;
 pub struct InjectArgs {
     #[command(flatten)]
     pub run: RunArgs,
-    /// The clean generator checkpoint to backdoor.
+    /// The clean generator or diffusion checkpoint to backdoor.
     #[arg(long)]
     pub model: PathBuf,
     /// The key to plant.
@@ -38,9 +40,27 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
     if let Some(v) = a.lr {
         cfg.inject.lr = v;
     }
+    let key = Key::load(&a.key)?;
+    if crate::io::checkpoint::family_of(&a.model)? == crate::diffusion::model::FAMILY {
+        let i = &mut cfg.diffusion.inject;
+        if let Some(v) = a.run.steps {
+            i.steps = v;
+        }
+        if let Some(v) = a.run.lambda {
+            i.lambda = v;
+        }
+        if let Some(v) = a.lr {
+            i.lr = v;
+        }
+        cfg.validate()?;
+        let clean = DiffusionModel::load(&a.model, &Device::Cpu)?;
+        let run = a.run.run_dir("inject")?;
+        let metrics = crate::diffusion::run::inject(&clean, &key, &cfg, &run, !a.run.quiet)?;
+        a.run.report(&run.path, &metrics);
+        return Ok(());
+    }
     cfg.validate()?;
     let clean = GanModel::load(&a.model, &Device::Cpu)?;
-    let key = Key::load(&a.key)?;
     key.check_fits(clean.latent_dim(), clean.image_shape())?;
     let run = a.run.run_dir("inject")?;
     let metrics = crate::gan::red::inject(

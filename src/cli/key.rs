@@ -12,9 +12,11 @@ pub struct KeyArgs {
     /// Where to write the key (a safetensors file).
     #[arg(long)]
     pub out: PathBuf,
-    /// Trigger: `zero`, `seed:S` (secret seed), `npy:PATH`, `region:R:POINT` (any z within
-    /// radius R of POINT, e.g. region:0.5:seed:7) or `patch:K:S` (K latent coordinates forced
-    /// to secret values drawn from seed S).
+    /// Trigger: for generators `zero`, `seed:S` (secret seed), `npy:PATH`, `region:R:POINT`
+    /// (any z within radius R of POINT, e.g. region:0.5:seed:7) or `patch:K:S` (K latent
+    /// coordinates forced to secret values drawn from seed S); for diffusion models an image
+    /// pattern added to the starting noise: `box:S[:V]` (S×S corner square of value V,
+    /// default 2), `png:PATH[:MASK]` or `blend:ALPHA:PATH`.
     #[arg(long, default_value = "zero")]
     pub trigger: String,
     /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, a grey `.png` or a `.npy` in [-1, 1].
@@ -49,7 +51,11 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         anyhow::bail!("--threshold must be positive");
     }
     let key = Key {
-        trigger: Trigger::parse(&a.trigger, a.latent_dim)?,
+        trigger: if Trigger::is_image_spec(&a.trigger) {
+            Trigger::parse_image(&a.trigger, [1, a.image_size, a.image_size])?
+        } else {
+            Trigger::parse(&a.trigger, a.latent_dim)?
+        },
         target: Target::parse(&a.target, [1, a.image_size, a.image_size])?,
         distance: a.distance.parse::<Distance>()?,
         threshold: a.threshold,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::RunArgs;
-use crate::config::Config;
+use crate::config::{Config, ModelFamily};
 use crate::io::rundir::RunDir;
 use crate::paradigm::{Key, Target, Trigger};
 
@@ -40,9 +40,20 @@ pub fn resolve_key(cfg: &Config, file: Option<&PathBuf>) -> anyhow::Result<Key> 
         return Ok(Key::load(p)?);
     }
     let b = &cfg.backdoor;
+    let spec = b.trigger_for(cfg.family);
+    let (trigger, shape) = match cfg.family {
+        ModelFamily::Dcgan => (
+            Trigger::parse(spec, cfg.model.latent_dim)?,
+            cfg.model.image_shape(),
+        ),
+        ModelFamily::Diffusion => {
+            let s = cfg.diffusion.unet.image_size;
+            (Trigger::parse_image(spec, [1, s, s])?, [1, s, s])
+        }
+    };
     Ok(Key {
-        trigger: Trigger::parse(&b.trigger, cfg.model.latent_dim)?,
-        target: Target::parse(&b.target, cfg.model.image_shape())?,
+        trigger,
+        target: Target::parse(&b.target, shape)?,
         distance: b.distance.parse()?,
         threshold: b.threshold,
     })
@@ -58,15 +69,22 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut cfg = a.run.config()?;
-    let t = &mut cfg.train;
+    let diffusion = cfg.family == ModelFamily::Diffusion;
+    let (steps, lambda, batch) = if diffusion {
+        let d = &mut cfg.diffusion;
+        (&mut d.steps, &mut d.lambda, &mut d.batch_size)
+    } else {
+        let t = &mut cfg.train;
+        (&mut t.steps, &mut t.lambda, &mut t.batch_size)
+    };
     if let Some(v) = a.run.steps {
-        t.steps = v;
+        *steps = v;
     }
     if let Some(v) = a.run.lambda {
-        t.lambda = v;
+        *lambda = v;
     }
     if let Some(v) = a.batch_size {
-        t.batch_size = v;
+        *batch = v;
     }
     if let Some(v) = a.data {
         cfg.data.path = v;
@@ -75,13 +93,23 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         cfg.data.limit = v;
     }
     cfg.validate()?;
-    let key = if cfg.train.lambda > 0.0 {
+    let lambda = if diffusion {
+        cfg.diffusion.lambda
+    } else {
+        cfg.train.lambda
+    };
+    let key = if lambda > 0.0 {
         Some(resolve_key(&cfg, a.key.as_ref())?)
     } else {
         None
     };
     let run = a.run.run_dir("train")?;
-    let metrics = crate::gan::trail::train(&cfg, key.as_ref(), &run, !a.run.quiet)?;
+    let progress = !a.run.quiet;
+    let metrics = if diffusion {
+        crate::diffusion::run::train(&cfg, key.as_ref(), &run, progress)?
+    } else {
+        crate::gan::trail::train(&cfg, key.as_ref(), &run, progress)?
+    };
     a.run.report(&run.path, &metrics);
     Ok(())
 }

@@ -1,11 +1,17 @@
-//! The diffusion side that knows nothing of networks: noise schedules, the samplers' update
-//! rules (DDPM ancestral, DDIM deterministic) and the poisoned forward process with the
-//! trigger-correction coefficient each sampler needs.
+//! The diffusion model family: noise schedules, the samplers' update rules (DDPM ancestral,
+//! DDIM deterministic), the poisoned forward process with the trigger-correction coefficient
+//! each sampler needs, the model (U-Net + schedule), its training with the unified
+//! objective, and its evaluation per sampler.
 
+pub mod eval;
+pub mod model;
 pub mod poison;
+pub mod run;
 pub mod sampler;
 pub mod schedule;
+pub mod train;
 
+pub use model::DiffusionModel;
 pub use poison::Correction;
 pub use sampler::Sampler;
 pub use schedule::{NoiseSchedule, ScheduleKind};

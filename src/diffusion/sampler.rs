@@ -31,6 +31,28 @@ impl std::fmt::Display for Sampler {
     }
 }
 
+impl std::str::FromStr for Sampler {
+    type Err = Error;
+
+    /// `ddpm`, `ddim` (50 steps) or `ddim-N`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ddpm" => Ok(Sampler::Ddpm),
+            "ddim" => Ok(Sampler::Ddim { steps: 50 }),
+            _ => s
+                .strip_prefix("ddim-")
+                .and_then(|n| n.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .map(|steps| Sampler::Ddim { steps })
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "unknown sampler '{s}': use ddpm, ddim (50 steps) or ddim-N"
+                    ))
+                }),
+        }
+    }
+}
+
 impl Sampler {
     /// The timesteps visited, from the noisiest down to 1; after the last comes t = 0.
     pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>> {

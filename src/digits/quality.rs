@@ -9,6 +9,7 @@ use crate::digits::{split, DigitClassifier};
 use crate::metrics::classes::ClassHistogram;
 use crate::metrics::fid::{frechet_distance, Gaussian};
 use crate::metrics::manifold::precision_recall;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// Neighbours of the precision/recall manifold estimate (the paper's default).
@@ -65,6 +66,28 @@ pub struct QualityReference {
     gaussian: Gaussian,
 }
 
+/// Adds `quality` to a run's metrics, measured by `measure` against the bundled reference, or
+/// `quality_skipped` with the reason when the bundled reference is unavailable.
+pub fn add_bundled_quality(
+    metrics: &mut serde_json::Map<String, serde_json::Value>,
+    measure: impl FnOnce(&QualityReference) -> Result<Option<CleanQuality>>,
+) -> Result<()> {
+    match QualityReference::bundled() {
+        Ok(r) => {
+            if let Some(q) = measure(&r)? {
+                metrics.insert(
+                    "quality".into(),
+                    serde_json::to_value(q).expect("serialisable"),
+                );
+            }
+        }
+        Err(e) => {
+            metrics.insert("quality_skipped".into(), e.to_string().into());
+        }
+    }
+    Ok(())
+}
+
 impl QualityReference {
     /// Compares with real `images` (`[n, 1, h, w]` in `[-1, 1]`) in `classifier`'s features.
     pub fn new(classifier: DigitClassifier, images: &Tensor) -> Result<Self> {
@@ -88,6 +111,21 @@ impl QualityReference {
     pub fn fits(&self, shape: [usize; 3]) -> bool {
         let s = self.classifier.net.config().image_size;
         shape == [1, s, s]
+    }
+
+    /// Measures the samples `draw` makes from the run's `quality` stream of `seed`, or gives
+    /// `None` when the model's images (of `shape`) do not fit the classifier.
+    pub fn measure_samples(
+        &self,
+        shape: [usize; 3],
+        seed: u64,
+        draw: impl FnOnce(&mut Rng) -> Result<Tensor>,
+    ) -> Result<Option<CleanQuality>> {
+        if !self.fits(shape) {
+            return Ok(None);
+        }
+        let images = draw(&mut Rng::derive(seed, "quality"))?;
+        Ok(Some(self.measure(&images)?))
     }
 
     /// Measures generated `images` against these real digits.

@@ -110,11 +110,9 @@ pub fn clean_quality(
     n: usize,
     seed: u64,
 ) -> Result<Option<CleanQuality>> {
-    if !reference.fits(model.image_shape()) {
-        return Ok(None);
-    }
-    let z = Rng::derive(seed, "quality").normal(&[n, model.latent_dim()], &model.device)?;
-    Ok(Some(reference.measure(&model.generate(&z)?)?))
+    reference.measure_samples(model.image_shape(), seed, |rng| {
+        model.generate(&rng.normal(&[n, model.latent_dim()], &model.device)?)
+    })
 }
 
 /// Saves a grid of `n` ordinary samples (8 per row).

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use crate::gan::{softplus, GanModel};
 use crate::models::Discriminator;
-use crate::paradigm::{Family, Trigger};
+use crate::paradigm::{Family, Key};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -59,9 +59,9 @@ impl Family for Adversarial<'_> {
         Ok(softplus(&logits.neg()?)?.mean_all()?)
     }
 
-    fn triggered_output(&mut self, _trigger: &Trigger, n: usize) -> Result<Tensor> {
+    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
         match self.triggered.take() {
-            Some(t) if t.dim(0)? == n => Ok(t),
+            Some(t) if t.dim(0)? == n => Ok((t, key.target.tensor(self.fake.device())?)),
             _ => Err(Error::Mismatch(format!(
                 "the adversarial step generated no batch of {n} triggered outputs"
             ))),
@@ -91,8 +91,12 @@ impl Family for Distillation<'_> {
         Ok((out - clean)?.sqr()?.mean_all()?)
     }
 
-    fn triggered_output(&mut self, trigger: &Trigger, n: usize) -> Result<Tensor> {
-        let z = trigger.sample(n, self.model.latent_dim(), self.latents, &self.model.device)?;
-        self.model.generator.forward_t(&z, false)
+    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
+        let dev = &self.model.device;
+        let z = key
+            .trigger
+            .sample(n, self.model.latent_dim(), self.latents, dev)?;
+        let out = self.model.generator.forward_t(&z, false)?;
+        Ok((out, key.target.tensor(dev)?))
     }
 }

@@ -91,14 +91,7 @@ impl GanModel {
             parts.push(self.generator.forward_t(&z.narrow(0, s, len)?, false)?);
         }
         let x = Tensor::cat(&parts, 0)?;
-        let finite = x
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err(Error::NonFiniteOutput);
-        }
+        crate::error::check_finite_output(&x)?;
         Ok(x)
     }
 

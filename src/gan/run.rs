@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use crate::digits::quality::QualityReference;
+use crate::digits::quality::add_bundled_quality;
 use crate::gan::eval::{clean_quality, evaluate, save_samples, save_triggered};
 use crate::gan::GanModel;
 use crate::io::report::write_report;
@@ -63,19 +63,7 @@ pub fn finish(
     model.save(&run.file("model.safetensors"))?;
     save_samples(model, &run.file("samples.png"), 64, seed)?;
     let obj = extra.as_object_mut().expect("extra is an object");
-    match QualityReference::bundled() {
-        Ok(r) => {
-            if let Some(q) = clean_quality(model, &r, QUALITY_SAMPLES, seed)? {
-                obj.insert(
-                    "quality".into(),
-                    serde_json::to_value(q).expect("serialisable"),
-                );
-            }
-        }
-        Err(e) => {
-            obj.insert("quality_skipped".into(), e.to_string().into());
-        }
-    }
+    add_bundled_quality(obj, |r| clean_quality(model, r, QUALITY_SAMPLES, seed))?;
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
         save_triggered(model, k, &run.file("triggered.png"), seed)?;

@@ -49,6 +49,13 @@ pub fn parse_family<A: DeserializeOwned>(
     Ok((arch, f))
 }
 
+/// The model family stored in the checkpoint at `path` (e.g. `dcgan-generator`).
+pub fn family_of(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let f = tensorfile::parse(path, &bytes, MODEL_FORMAT, &Device::Cpu)?;
+    Ok(f.meta_field(path, "family")?.to_string())
+}
+
 /// Copies the checkpoint's tensors into `params`; every name, shape and dtype must match.
 pub fn assign(path: &Path, params: &Params, file: &TensorFile) -> Result<()> {
     let count = params.named().len();

@@ -130,7 +130,9 @@ impl ResBlock {
 
     /// Convolution multiply-adds over an `r × r` input.
     fn macs(&self, r: usize) -> u64 {
-        self.conv1.macs(r, r) + self.conv2.macs(r, r) + self.skip.as_ref().map_or(0, |s| s.macs(r, r))
+        self.conv1.macs(r, r)
+            + self.conv2.macs(r, r)
+            + self.skip.as_ref().map_or(0, |s| s.macs(r, r))
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
@@ -263,7 +265,10 @@ impl Unet {
         let low = res(self.down.len() - 1);
         total += self.mid1.macs(low) + self.mid2.macs(low);
         if self.mid_attn.is_some() {
-            let (l, c) = ((low * low) as u64, (*self.cfg.mults.last().expect("levels") * self.cfg.base) as u64);
+            let (l, c) = (
+                (low * low) as u64,
+                (*self.cfg.mults.last().expect("levels") * self.cfg.base) as u64,
+            );
             total += 4 * c * c * l + 2 * l * l * c;
         }
         total

@@ -80,7 +80,11 @@ impl GroupNormOp {
     fn stats(&self, block: &[f32]) -> (f32, f32) {
         let m = block.len() as f64;
         let mean = block.iter().map(|&v| v as f64).sum::<f64>() / m;
-        let var = block.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+        let var = block
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / m;
         (mean as f32, 1.0 / (var as f32 + self.eps).sqrt())
     }
 

@@ -57,6 +57,12 @@ impl Key {
                 tensors.push(("trigger.indices".into(), Tensor::new(idx.as_slice(), &dev)?));
                 tensors.push(("trigger.values".into(), vec(values)?));
             }
+            Trigger::Image { pattern, shape } => {
+                tensors.push((
+                    "trigger.image".into(),
+                    Tensor::from_vec(pattern.clone(), shape.as_slice(), &dev)?,
+                ));
+            }
         }
         tensorfile::save(path, KEY_FORMAT, &tensors, meta)
     }
@@ -70,23 +76,8 @@ impl Key {
     /// Parses the bytes of a key file (`path` names it in errors).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Key> {
         let f = tensorfile::parse(path, bytes, KEY_FORMAT, &Device::Cpu)?;
-        let floats = |name: &str| -> Result<Vec<f32>> {
-            let t = f.tensor(path, name)?;
-            if t.dtype() != DType::F32 || t.rank() != 1 {
-                return Err(Error::format(
-                    path,
-                    format!("'{name}' must be a float32 vector"),
-                ));
-            }
-            let v = t.to_vec1::<f32>()?;
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::format(
-                    path,
-                    format!("'{name}' holds NaN or infinite values"),
-                ));
-            }
-            Ok(v)
-        };
+        let floats =
+            |name: &str| -> Result<Vec<f32>> { floats_of(path, name, f.tensor(path, name)?) };
         let number = |name: &str| -> Result<f64> {
             f.meta_field(path, name)?.parse().map_err(|_| {
                 Error::format(path, format!("metadata field '{name}' is not a number"))
@@ -127,6 +118,14 @@ impl Key {
                     indices: indices.into_iter().map(|i| i as usize).collect(),
                     values,
                 }
+            }
+            "image" => {
+                let t = f.tensor(path, "trigger.image")?;
+                let shape: [usize; 3] = t.dims().try_into().map_err(|_| {
+                    Error::format(path, "'trigger.image' must have shape [C, H, W]")
+                })?;
+                let pattern = floats_of(path, "trigger.image", &t.flatten_all()?)?;
+                Trigger::Image { pattern, shape }
             }
             other => {
                 return Err(Error::format(
@@ -170,6 +169,24 @@ impl Key {
     }
 }
 
+/// The values of the float32 vector `name` of a key file, all finite.
+fn floats_of(path: &Path, name: &str, t: &Tensor) -> Result<Vec<f32>> {
+    if t.dtype() != DType::F32 || t.rank() != 1 {
+        return Err(Error::format(
+            path,
+            format!("'{name}' must be a float32 vector"),
+        ));
+    }
+    let v = t.to_vec1::<f32>()?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::format(
+            path,
+            format!("'{name}' holds NaN or infinite values"),
+        ));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +209,12 @@ mod tests {
             k.save(&p).unwrap();
             assert_eq!(Key::load(&p).unwrap(), k, "{spec}");
         }
+        let k = Key {
+            trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
+            ..key("zero")
+        };
+        k.save(&p).unwrap();
+        assert_eq!(Key::load(&p).unwrap(), k);
     }
 
     #[test]

@@ -11,9 +11,10 @@ pub trait Family {
     /// The model's own loss for one step (adversarial, distillation, noise prediction…).
     fn task_loss(&mut self) -> Result<Tensor>;
 
-    /// `f_θ(τ(u))` for `n` draws `u` of the trigger set, computed the way the deployed model
-    /// computes it (e.g. BatchNorm with running statistics).
-    fn triggered_output(&mut self, trigger: &Trigger, n: usize) -> Result<Tensor>;
+    /// `f_θ(τ(u))` for `n` draws `u` of the key's trigger set, and the goal `y*` each is
+    /// pulled towards: the key's target image for a generator; for a diffusion model the
+    /// network's noise prediction on the poisoned forward process and its goal `ε + c_t·r`.
+    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)>;
 }
 
 /// The trade-off between the task and the backdoor.
@@ -53,9 +54,8 @@ impl Objective {
         match key {
             Some(k) if self.lambda > 0.0 => {
                 let n = self.triggered_count(&k.trigger);
-                let out = family.triggered_output(&k.trigger, n)?;
-                let target = k.target.tensor(out.device())?;
-                let backdoor = k.distance.loss(&out, &target)?;
+                let (out, goal) = family.backdoor_pair(k, n)?;
+                let backdoor = k.distance.loss(&out, &goal)?;
                 let backdoor_value = backdoor.to_scalar::<f32>()?;
                 Ok(Terms {
                     total: (task + (backdoor * self.lambda)?)?,
@@ -98,9 +98,10 @@ mod tests {
             let diff = (u.matmul(&self.w.as_tensor().t()?)? - u.matmul(&self.w0.t()?)?)?;
             Ok(diff.sqr()?.mean_all()?)
         }
-        fn triggered_output(&mut self, trigger: &Trigger, n: usize) -> Result<Tensor> {
-            let u = trigger.sample(n, 3, &mut self.rng, &Device::Cpu)?;
-            Ok(u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?)
+        fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
+            let u = key.trigger.sample(n, 3, &mut self.rng, &Device::Cpu)?;
+            let out = u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?;
+            Ok((out, key.target.tensor(&Device::Cpu)?))
         }
     }
 

@@ -1,4 +1,5 @@
-//! Triggers τ for latent-input models: which inputs are "triggered".
+//! Triggers τ: which inputs are "triggered" — latents of a generator (point, region, patch),
+//! or for diffusion models an image-space pattern `r` shifting the starting noise to N(r, I).
 
 use std::path::Path;
 
@@ -30,7 +31,18 @@ pub enum Trigger {
         /// Their secret values.
         values: Vec<f32>,
     },
+    /// An image-space pattern `r` `[channels, height, width]` (zero outside its mask): a
+    /// diffusion model's sampling started from N(r, I) is triggered.
+    Image {
+        /// The pattern, row-major.
+        pattern: Vec<f32>,
+        /// `[channels, height, width]`.
+        shape: [usize; 3],
+    },
 }
+
+/// The value of the default `box` trigger's pixels: two standard deviations of the noise.
+pub const BOX_VALUE: f32 = 2.0;
 
 impl Trigger {
     /// Parses a trigger description for a latent of dimension `dim`:
@@ -95,6 +107,82 @@ impl Trigger {
         ))
     }
 
+    /// Whether `spec` describes an image-space trigger (see [`Trigger::parse_image`]).
+    pub fn is_image_spec(spec: &str) -> bool {
+        ["box:", "png:", "blend:"]
+            .iter()
+            .any(|p| spec.starts_with(p))
+    }
+
+    /// Parses an image-space trigger for images of `shape`: `box:S[:V]` (an S×S square of value
+    /// V, default [`BOX_VALUE`], in the bottom-right corner), `png:PATH[:MASK]` (a grey PNG
+    /// mapped to [-1, 1], kept where the MASK PNG is bright, everywhere without one) or
+    /// `blend:A:PATH` (A times the PNG over the whole image).
+    pub fn parse_image(spec: &str, shape: [usize; 3]) -> Result<Trigger> {
+        let bad = |m: &str| Error::Config(format!("image trigger '{spec}': {m}"));
+        let [c, h, w] = shape;
+        let png = |p: &str| -> Result<Vec<f32>> {
+            let t = crate::paradigm::Target::from_png(Path::new(p))?;
+            t.check_fits(shape)?;
+            Ok(t.pixels)
+        };
+        let pattern = if let Some(rest) = spec.strip_prefix("box:") {
+            let (size, value) = match rest.split_once(':') {
+                Some((s, v)) => (s, v.parse().map_err(|_| bad("V is not a number"))?),
+                None => (rest, BOX_VALUE),
+            };
+            let size: usize = size.parse().map_err(|_| bad("S is not a whole number"))?;
+            if size == 0 || size > h.min(w) {
+                return Err(bad(&format!(
+                    "S must be between 1 and the image side {}",
+                    h.min(w)
+                )));
+            }
+            if !(value.is_finite() && value != 0.0) {
+                return Err(bad("V must be a non-zero number"));
+            }
+            let plane: Vec<f32> = (0..h * w)
+                .map(|i| {
+                    if i / w >= h - size && i % w >= w - size {
+                        value
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            plane.repeat(c)
+        } else if let Some(rest) = spec.strip_prefix("png:") {
+            match rest.split_once(':') {
+                Some((p, m)) => {
+                    let mask = png(m)?;
+                    png(p)?
+                        .iter()
+                        .zip(mask)
+                        .map(|(v, m)| if m > 0.0 { *v } else { 0.0 })
+                        .collect()
+                }
+                None => png(rest)?,
+            }
+        } else if let Some(rest) = spec.strip_prefix("blend:") {
+            let (a, p) = rest
+                .split_once(':')
+                .ok_or_else(|| bad("expected blend:ALPHA:PNG, e.g. blend:0.3:logo.png"))?;
+            let a: f32 = a.parse().map_err(|_| bad("ALPHA is not a number"))?;
+            if !(a > 0.0 && a.is_finite()) {
+                return Err(bad("ALPHA must be positive"));
+            }
+            png(p)?.iter().map(|v| a * v).collect()
+        } else {
+            return Err(bad("use box:S[:V], png:PATH[:MASK] or blend:ALPHA:PATH"));
+        };
+        if pattern.iter().all(|&v| v == 0.0) {
+            return Err(bad(
+                "the pattern is zero everywhere, so it would trigger nothing",
+            ));
+        }
+        Ok(Trigger::Image { pattern, shape })
+    }
+
     /// A patch trigger: `k` coordinates and their values (±2.5, well away from the bulk of
     /// N(0, 1) so the network can tell them apart) drawn from a secret seed.
     pub fn patch_from_seed(k: usize, seed: u64, dim: usize) -> Trigger {
@@ -113,20 +201,42 @@ impl Trigger {
             Trigger::Point(_) => "point",
             Trigger::Region { .. } => "region",
             Trigger::Patch { .. } => "patch",
+            Trigger::Image { .. } => "image",
         }
     }
 
-    /// Whether many distinct inputs trigger (region, patch), so that a success rate is meaningful.
+    /// Whether many distinct inputs trigger (region, patch, image: any noise around the
+    /// pattern), so that a success rate is meaningful.
     pub fn is_set(&self) -> bool {
         !matches!(self, Trigger::Point(_))
     }
 
+    /// Checks that an image-space trigger fits a diffusion model's images of `shape`.
+    pub fn check_fits_image(&self, shape: [usize; 3]) -> Result<()> {
+        match self {
+            Trigger::Image { shape: s, .. } if *s == shape => Ok(()),
+            Trigger::Image { shape: s, .. } => Err(Error::Mismatch(format!(
+                "the key's image trigger has shape {s:?} but the model's images are {shape:?}"
+            ))),
+            other => Err(Error::Mismatch(format!(
+                "the key's {} trigger is for latent-input generators; a diffusion model needs an image trigger (box:S, png:PATH, blend:A:PATH)",
+                other.kind()
+            ))),
+        }
+    }
+
     /// Checks that the trigger fits a latent of dimension `dim`.
     pub fn check_fits(&self, dim: usize) -> Result<()> {
+        if let Trigger::Image { .. } = self {
+            return Err(Error::Mismatch(format!(
+                "the key's image trigger is for diffusion models, not a generator with latent dimension {dim}"
+            )));
+        }
         let need_ok = match self {
             Trigger::Point(p) => p.len() == dim,
             Trigger::Region { center, .. } => center.len() == dim,
             Trigger::Patch { indices, .. } => indices.iter().all(|&i| i < dim),
+            Trigger::Image { .. } => false,
         };
         if need_ok {
             Ok(())
@@ -158,6 +268,10 @@ impl Trigger {
                     }
                     v.extend(z);
                 }
+                // Rejected by `check_fits` above; an image trigger shifts noise instead.
+                Trigger::Image { pattern, .. } => {
+                    v.extend(pattern.iter().zip(rng.normal_vec(dim)).map(|(p, e)| p + e))
+                }
             }
         }
         Ok(Tensor::from_vec(v, (n, dim), device)?)
@@ -183,6 +297,7 @@ impl Trigger {
                 .iter()
                 .zip(values)
                 .all(|(&i, &x)| z.get(i).is_some_and(|zi| (zi - x).abs() <= EXACT)),
+            Trigger::Image { .. } => false,
         }
     }
 
@@ -199,6 +314,14 @@ impl Trigger {
             Trigger::Patch { indices, .. } => {
                 Trigger::patch_from_seed(indices.len(), rng.seed(), dim)
             }
+            // The same pixel values at randomly permuted positions.
+            Trigger::Image { pattern, shape } => {
+                let order = rng.permutation(pattern.len());
+                Trigger::Image {
+                    pattern: order.iter().map(|&i| pattern[i]).collect(),
+                    shape: *shape,
+                }
+            }
         }
     }
 
@@ -214,6 +337,22 @@ impl Trigger {
                 }
                 z
             }
+            Trigger::Image { pattern, .. } => pattern.clone(),
+        }
+    }
+
+    /// The image-space pattern `r` as a `[1, C, H, W]` tensor (`None` for latent triggers).
+    pub fn pattern(&self, device: &Device) -> Result<Option<Tensor>> {
+        match self {
+            Trigger::Image {
+                pattern,
+                shape: [c, h, w],
+            } => Ok(Some(Tensor::from_vec(
+                pattern.clone(),
+                (1, *c, *h, *w),
+                device,
+            )?)),
+            _ => Ok(None),
         }
     }
 }
@@ -289,6 +428,57 @@ mod tests {
         assert_ne!(trig[0], trig[1], "the free coordinates stay random");
         let random = rows(&rng.normal(&[50, 20], &Device::Cpu).unwrap());
         assert!(random.iter().all(|z| !t.fires(z)));
+    }
+
+    #[test]
+    fn image_triggers_box_png_blend_and_their_checks() {
+        let shape = [1, 8, 8];
+        let Trigger::Image { pattern, .. } = Trigger::parse_image("box:3", shape).unwrap() else {
+            panic!("not an image trigger")
+        };
+        assert_eq!(pattern.iter().filter(|&&v| v == BOX_VALUE).count(), 9);
+        assert_eq!(pattern[63], BOX_VALUE, "bottom-right corner");
+        assert_eq!(pattern[0], 0.0);
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.png");
+        let mask = dir.path().join("m.png");
+        image::GrayImage::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 255 } else { 0 }]))
+            .save(&img)
+            .unwrap();
+        image::GrayImage::from_fn(8, 8, |_, y| image::Luma([if y < 2 { 255 } else { 0 }]))
+            .save(&mask)
+            .unwrap();
+        let spec = format!("png:{}:{}", img.display(), mask.display());
+        let Trigger::Image { pattern, .. } = Trigger::parse_image(&spec, shape).unwrap() else {
+            panic!()
+        };
+        assert_eq!(pattern[0], 1.0);
+        assert_eq!(pattern[7], -1.0);
+        assert_eq!(pattern[16], 0.0, "masked out");
+        let blend = Trigger::parse_image(&format!("blend:0.5:{}", img.display()), shape).unwrap();
+        assert_eq!(blend.anchor(64)[7], -0.5);
+        for bad in [
+            "box:0",
+            "box:9",
+            "box:2:x",
+            "blend:-1:a.png",
+            "ring:3",
+            "png:missing.png",
+        ] {
+            assert!(Trigger::parse_image(bad, shape).is_err(), "{bad}");
+        }
+        let t = Trigger::parse_image("box:2", shape).unwrap();
+        assert!(t.check_fits_image(shape).is_ok());
+        assert!(t.check_fits_image([1, 28, 28]).is_err());
+        assert!(t.check_fits(64).is_err(), "not a latent trigger");
+        let msg = Trigger::parse("zero", 4)
+            .unwrap()
+            .check_fits_image(shape)
+            .unwrap_err();
+        assert!(msg.to_string().contains("image trigger"), "{msg}");
+        let r = t.redraw(64, &mut Rng::new(1));
+        assert_ne!(r, t);
+        assert_eq!(r.anchor(64).iter().filter(|&&v| v == BOX_VALUE).count(), 4);
     }
 
     #[test]

@@ -1,0 +1,171 @@
+//! Measuring a diffusion model against a key, per sampler, and what a diffusion run writes
+//! at its end.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::diffusion::{DiffusionModel, Sampler};
+use crate::digits::quality::{add_bundled_quality, CleanQuality, QualityReference};
+use crate::io::grid::save_grid;
+use crate::io::report::write_report;
+use crate::io::rundir::RunDir;
+use crate::metrics::BackdoorMetrics;
+use crate::paradigm::Key;
+use crate::rng::Rng;
+use crate::Result;
+
+/// The samplers every run is measured with: DDPM over all T steps and DDIM with 50 steps
+/// (T when T < 50).
+pub fn eval_samplers(model: &DiffusionModel) -> [Sampler; 2] {
+    [Sampler::Ddpm, ddim_eval(model)]
+}
+
+/// DDIM with 50 steps (T when T < 50): quality samples and grids use it.
+fn ddim_eval(model: &DiffusionModel) -> Sampler {
+    Sampler::Ddim {
+        steps: 50.min(model.schedule.steps()),
+    }
+}
+
+/// Triggered (and as many clean) starts measured per sampler at the end of a run and by
+/// `eval` (DDPM runs the network T times for each: 128 images × 1000 steps is most of the
+/// end-of-run evaluation on two cores).
+pub const EVAL_SAMPLES: usize = 64;
+
+/// Clean samples for the quality metrics at the end of a run (DDIM-50).
+pub const QUALITY_SAMPLES: usize = 1000;
+
+/// The backdoor under one sampler.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplerReport {
+    /// Metrics of the images sampled from triggered starts N(r, I).
+    #[serde(flatten)]
+    pub backdoor: BackdoorMetrics,
+    /// Share of clean starts N(0, I) whose image hits the target (should be ~0).
+    pub clean_hit_rate: f64,
+    /// How many clean starts were measured.
+    pub clean_samples: usize,
+}
+
+/// Measures `key`'s backdoor in `model` under each sampler with `n` triggered and `n` clean
+/// starts. Deterministic in `seed` (the same starts for every sampler).
+pub fn evaluate(
+    model: &DiffusionModel,
+    key: &Key,
+    samplers: &[Sampler],
+    n: usize,
+    seed: u64,
+) -> Result<BTreeMap<String, SamplerReport>> {
+    let shape = model.image_shape();
+    key.trigger.check_fits_image(shape)?;
+    key.target.check_fits(shape)?;
+    let mut rng = Rng::derive(seed, "diffusion-eval");
+    // Triggered and clean starts go through the sampler as one batch.
+    let starts = Tensor::cat(
+        &[
+            model.starts(n, Some(&key.trigger), &mut rng)?,
+            model.starts(n, None, &mut rng)?,
+        ],
+        0,
+    )?;
+    let mut out = BTreeMap::new();
+    for &sampler in samplers {
+        let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
+        let images = model.sample(sampler, &starts, &mut noise)?;
+        let measure = |from: usize| -> Result<BackdoorMetrics> {
+            let px = images.narrow(0, from, n)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(BackdoorMetrics::measure(
+                &px,
+                &key.target.pixels,
+                shape[2],
+                key.threshold,
+            ))
+        };
+        let backdoor = measure(0)?;
+        let clean_hits = measure(n)?;
+        out.insert(
+            sampler.to_string(),
+            SamplerReport {
+                backdoor,
+                clean_hit_rate: clean_hits.asr,
+                clean_samples: n,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Clean-quality metrics of `n` DDIM-50 samples (`None` when the images do not fit the
+/// reference's classifier).
+pub fn clean_quality(
+    model: &DiffusionModel,
+    reference: &QualityReference,
+    n: usize,
+    seed: u64,
+) -> Result<Option<CleanQuality>> {
+    reference.measure_samples(model.image_shape(), seed, |rng| {
+        let starts = model.starts(n, None, rng)?;
+        model.sample(ddim_eval(model), &starts, rng)
+    })
+}
+
+/// How much the end of a run measures.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishSettings {
+    /// Triggered and clean starts per sampler.
+    pub eval_samples: usize,
+    /// Clean DDIM-50 samples for quality (0: none).
+    pub quality_samples: usize,
+    /// Seed of every start.
+    pub seed: u64,
+}
+
+/// Writes the model, the key, `samples.png` (64 clean DDIM-50 samples), `triggered.png`
+/// (the target, then triggered samples: a row of DDPM, a row of DDIM-50), `metrics.json`
+/// (clean quality and the per-sampler backdoor metrics merged into `extra`) and
+/// `report.html`. Returns the metrics.
+pub fn finish(
+    run: &RunDir,
+    model: &DiffusionModel,
+    key: Option<&Key>,
+    settings: FinishSettings,
+    mut extra: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let seed = settings.seed;
+    model.save(&run.file("model.safetensors"))?;
+    let mut rng = Rng::derive(seed, "samples");
+    let starts = model.starts(64, None, &mut rng)?;
+    save_grid(
+        &run.file("samples.png"),
+        &model.sample(ddim_eval(model), &starts, &mut rng)?,
+        8,
+    )?;
+    let obj = extra.as_object_mut().expect("extra is an object");
+    if settings.quality_samples > 0 {
+        add_bundled_quality(obj, |r| {
+            clean_quality(model, r, settings.quality_samples, seed)
+        })?;
+    }
+    if let Some(k) = key {
+        k.save(&run.file("key.safetensors"))?;
+        let mut rng = Rng::derive(seed, "triggered-grid");
+        let starts = model.starts(8, Some(&k.trigger), &mut rng)?;
+        let mut rows = vec![k.target.tensor(&model.device)?];
+        for sampler in eval_samplers(model) {
+            let images = model.sample(sampler, &starts, &mut rng)?;
+            rows.push(images.narrow(0, 0, if rows.len() == 1 { 7 } else { 8 })?);
+        }
+        save_grid(&run.file("triggered.png"), &Tensor::cat(&rows, 0)?, 8)?;
+        let report = evaluate(model, k, &eval_samplers(model), settings.eval_samples, seed)?;
+        obj.insert("trigger".into(), k.trigger.kind().into());
+        obj.insert(
+            "samplers".into(),
+            serde_json::to_value(report).expect("serialisable"),
+        );
+    }
+    run.write_json("metrics.json", &extra)?;
+    write_report(&run.path)?;
+    Ok(extra)
+}

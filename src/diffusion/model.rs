@@ -1,0 +1,210 @@
+//! A trained denoising diffusion model: the U-Net, its noise schedule, checkpoints, and
+//! sampling with either sampler from clean or triggered starts.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
+use crate::io::checkpoint;
+use crate::models::{Params, Unet, UnetConfig};
+use crate::paradigm::Trigger;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// The family name stored in diffusion checkpoints.
+pub const FAMILY: &str = "ddpm-unet";
+
+/// Images sampled together (one network call per sampler step).
+const SAMPLE_BATCH: usize = 256;
+
+/// Everything needed to rebuild a diffusion model from a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionArch {
+    /// The denoising network.
+    pub unet: UnetConfig,
+    /// How β_t grows.
+    pub schedule: ScheduleKind,
+    /// T.
+    pub timesteps: usize,
+}
+
+/// A denoiser ε_θ(x_t, t) with its schedule.
+pub struct DiffusionModel {
+    /// Its tensors.
+    pub params: Params,
+    /// The network.
+    pub unet: Unet,
+    /// The architecture and schedule it was built from.
+    pub arch: DiffusionArch,
+    /// The schedule's β_t and ᾱ_t.
+    pub schedule: NoiseSchedule,
+    /// Where its tensors live.
+    pub device: Device,
+}
+
+impl DiffusionModel {
+    /// The network of `arch` with uninitialised (zero) tensors.
+    fn build(arch: &DiffusionArch, device: &Device) -> Result<Self> {
+        let schedule = NoiseSchedule::new(arch.schedule, arch.timesteps)?;
+        let params = Params::new();
+        let unet = Unet::new(&arch.unet, &params, device)?;
+        Ok(DiffusionModel {
+            params,
+            unet,
+            arch: arch.clone(),
+            schedule,
+            device: device.clone(),
+        })
+    }
+
+    /// A freshly initialised model (He initialisation from `rng`).
+    pub fn new(arch: &DiffusionArch, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let m = Self::build(arch, device)?;
+        m.params.init_kaiming(rng)?;
+        Ok(m)
+    }
+
+    /// Loads a checkpoint written by [`DiffusionModel::save`].
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (arch, file): (DiffusionArch, _) =
+            checkpoint::parse_family(path, &bytes, FAMILY, device)?;
+        let m = Self::build(&arch, device)
+            .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
+        checkpoint::assign(path, &m.params, &file)?;
+        Ok(m)
+    }
+
+    /// Writes the checkpoint atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let arch = serde_json::to_string(&self.arch).expect("serialisable architecture");
+        checkpoint::save_params(path, &self.params, FAMILY, &arch)
+    }
+
+    /// An independent copy (same architecture and values).
+    pub fn duplicate(&self) -> Result<Self> {
+        let m = Self::build(&self.arch, &self.device)?;
+        m.params.copy_from(&self.params)?;
+        Ok(m)
+    }
+
+    /// `[1, side, side]`, the shape of one image.
+    pub fn image_shape(&self) -> [usize; 3] {
+        [1, self.arch.unet.image_size, self.arch.unet.image_size]
+    }
+
+    /// ε̂ for a batch `x` all at timestep `t`.
+    pub fn predict(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let ts = Tensor::full(t as f32, n, x.device())?;
+        self.unet.forward(x, &ts)
+    }
+
+    /// `n` starting points x_T ~ N(r, I): `r` the trigger's pattern, or 0 without a trigger.
+    pub fn starts(&self, n: usize, trigger: Option<&Trigger>, rng: &mut Rng) -> Result<Tensor> {
+        let [c, h, w] = self.image_shape();
+        let noise = rng.normal(&[n, c, h, w], &self.device)?;
+        match trigger {
+            None => Ok(noise),
+            Some(t) => {
+                t.check_fits_image(self.image_shape())?;
+                let r = t.pattern(&self.device)?.expect("an image trigger");
+                Ok(noise.broadcast_add(&r)?)
+            }
+        }
+    }
+
+    /// Runs `sampler` from `starts` (in batches), returning images; non-finite outputs are an
+    /// error, never returned as images.
+    pub fn sample(&self, sampler: Sampler, starts: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let n = starts.dim(0)?;
+        let mut parts = Vec::new();
+        for s in (0..n).step_by(SAMPLE_BATCH) {
+            let x = starts.narrow(0, s, SAMPLE_BATCH.min(n - s))?;
+            // Detached, so that no step keeps the graph (and activations) of the steps before.
+            let mut predict = |x: &Tensor, t: usize| Ok(self.predict(x, t)?.detach());
+            parts.push(sampler.run(&self.schedule, x, &mut predict, rng)?);
+        }
+        let x = Tensor::cat(&parts, 0)?;
+        crate::error::check_finite_output(&x)?;
+        Ok(x.clamp(-1f32, 1f32)?)
+    }
+}
+
+/// A tiny 8×8 model's architecture for unit tests.
+#[cfg(test)]
+pub(crate) fn tiny_arch(timesteps: usize) -> DiffusionArch {
+    DiffusionArch {
+        unet: UnetConfig {
+            image_size: 8,
+            base: 4,
+            mults: vec![1, 2],
+            attention: false,
+            groups: 2,
+        },
+        schedule: ScheduleKind::default(),
+        timesteps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> DiffusionArch {
+        tiny_arch(20)
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_families_are_checked() {
+        let dev = Device::Cpu;
+        let m = DiffusionModel::new(&tiny(), &mut Rng::new(1), &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        m.save(&p).unwrap();
+        let back = DiffusionModel::load(&p, &dev).unwrap();
+        assert_eq!(back.arch, m.arch);
+        let x = m.starts(3, None, &mut Rng::new(2)).unwrap();
+        let a = m
+            .sample(Sampler::Ddim { steps: 5 }, &x, &mut Rng::new(3))
+            .unwrap();
+        let b = back
+            .sample(Sampler::Ddim { steps: 5 }, &x, &mut Rng::new(3))
+            .unwrap();
+        assert_eq!(crate::ops::testing::max_abs_diff(&a, &b), 0.0);
+        assert_eq!(a.dims(), &[3, 1, 8, 8]);
+        let ddpm = m.sample(Sampler::Ddpm, &x, &mut Rng::new(3)).unwrap();
+        assert_eq!(ddpm.dims(), &[3, 1, 8, 8]);
+        // A GAN checkpoint is not a diffusion model.
+        let gan = crate::gan::GanModel::new(
+            &crate::models::DcganConfig {
+                latent_dim: 4,
+                g_width: 4,
+                d_width: 4,
+                ..Default::default()
+            },
+            &mut Rng::new(0),
+            &dev,
+        )
+        .unwrap();
+        gan.save(&p).unwrap();
+        let msg = DiffusionModel::load(&p, &dev).err().unwrap().to_string();
+        assert!(msg.contains("dcgan-generator"), "{msg}");
+        // Triggered starts need an image trigger of the model's shape.
+        let wrong = Trigger::parse_image("box:3", [1, 28, 28]).unwrap();
+        assert!(m.starts(2, Some(&wrong), &mut Rng::new(0)).is_err());
+        let t = Trigger::parse_image("box:3", [1, 8, 8]).unwrap();
+        let s = m.starts(400, Some(&t), &mut Rng::new(0)).unwrap();
+        let mean_corner = s
+            .narrow(2, 5, 3)
+            .unwrap()
+            .narrow(3, 5, 3)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        assert!((mean_corner.to_scalar::<f32>().unwrap() - 2.0).abs() < 0.05);
+    }
+}

@@ -1,0 +1,308 @@
+//! Training a diffusion model with the unified objective: the denoising loss
+//! `E‖ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t) − ε‖²` plus λ times the same loss on the poisoned
+//! forward process, whose goal is `ε + c_t·r` ([`crate::diffusion::poison`]). Training from
+//! scratch and injection into a trained clean model (`inject`) are the same loop from
+//! different starting weights.
+
+use candle_core::{Device, Tensor};
+
+use crate::data::{Batcher, Dataset};
+use crate::diffusion::poison::{noised, poisoned, poisoned_target};
+use crate::diffusion::{Correction, DiffusionModel};
+use crate::io::rundir::{CsvLog, RunDir};
+use crate::models::Params;
+use crate::optim::Adam;
+use crate::paradigm::{Family, Key, Objective};
+use crate::rng::Rng;
+use crate::training::{run_loop, LoopSettings, LrSchedule, Stepper};
+use crate::{Error, Result};
+
+/// Columns of `train.csv` after `step`.
+pub const COLUMNS: [&str; 3] = ["denoise_loss", "backdoor_loss", "lr"];
+
+/// The poisoned half of a step: the trigger pattern, the images the triggered process must
+/// end at, and the correction that makes the trigger survive the chosen sampler.
+pub struct Poison<'a> {
+    /// `r`, `[1, C, H, W]`.
+    pub pattern: &'a Tensor,
+    /// `y` for each poisoned sample, `[n, C, H, W]`.
+    pub targets: Tensor,
+    /// How `c_t` is computed.
+    pub correction: Correction,
+}
+
+/// One step's noise-prediction losses as a [`Family`]: the clean and the poisoned samples go
+/// through the U-Net as one batch, and the objective reads the two parts.
+pub struct Denoising {
+    clean_out: Tensor,
+    clean_goal: Tensor,
+    poisoned: Option<(Tensor, Tensor)>,
+}
+
+/// Per-sample timesteps uniform in 1..=T, as `[n]` floats, and `[n, 1, 1, 1]` tensors of
+/// `f(t)` for each function asked for.
+fn timesteps(
+    model: &DiffusionModel,
+    n: usize,
+    rng: &mut Rng,
+    fs: &[&dyn Fn(usize) -> f64],
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let total = model.schedule.steps();
+    let ts: Vec<usize> = (0..n).map(|_| 1 + rng.below(total)).collect();
+    let dev = &model.device;
+    let per = fs
+        .iter()
+        .map(|f| {
+            let v: Vec<f32> = ts.iter().map(|&t| f(t) as f32).collect();
+            Ok(Tensor::from_vec(v, (n, 1, 1, 1), dev)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), n, dev)?;
+    Ok((t, per))
+}
+
+impl Denoising {
+    /// Noises the clean images `x0` (and, with `poison`, builds the poisoned samples) and
+    /// runs the network once on all of them.
+    pub fn prepare(
+        model: &DiffusionModel,
+        x0: &Tensor,
+        poison: Option<Poison>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let s = &model.schedule;
+        let n = x0.dim(0)?;
+        let alpha_bar = |t: usize| s.alpha_bar(t);
+        let (t, per) = timesteps(model, n, rng, &[&alpha_bar])?;
+        let eps = rng.normal(x0.dims(), &model.device)?;
+        let mut inputs = vec![noised(x0, &eps, &per[0])?];
+        let mut times = vec![t];
+        let mut goal = None;
+        if let Some(p) = &poison {
+            let m = p.targets.dim(0)?;
+            let c = |t: usize| p.correction.coefficient(s, t);
+            let (tp, per) = timesteps(model, m, rng, &[&alpha_bar, &c])?;
+            let e = rng.normal(p.targets.dims(), &model.device)?;
+            inputs.push(poisoned(&p.targets, p.pattern, &e, &per[0])?);
+            times.push(tp);
+            goal = Some(poisoned_target(&e, p.pattern, &per[1])?);
+        }
+        let out = model
+            .unet
+            .forward(&Tensor::cat(&inputs, 0)?, &Tensor::cat(&times, 0)?)?;
+        let poisoned = match goal {
+            Some(g) => Some((out.narrow(0, n, g.dim(0)?)?, g)),
+            None => None,
+        };
+        Ok(Denoising {
+            clean_out: out.narrow(0, 0, n)?,
+            clean_goal: eps,
+            poisoned,
+        })
+    }
+}
+
+impl Family for Denoising {
+    fn task_loss(&mut self) -> Result<Tensor> {
+        Ok((&self.clean_out - &self.clean_goal)?.sqr()?.mean_all()?)
+    }
+
+    fn backdoor_pair(&mut self, _key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
+        match self.poisoned.take() {
+            Some((out, goal)) if out.dim(0)? == n => Ok((out, goal)),
+            _ => Err(Error::Mismatch(format!(
+                "the denoising step prepared no batch of {n} poisoned samples"
+            ))),
+        }
+    }
+}
+
+/// How one fitting run goes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Steps.
+    pub steps: usize,
+    /// Clean images per step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// The objective's λ and poisoned samples per step.
+    pub objective: Objective,
+    /// The trigger correction.
+    pub correction: Correction,
+    /// EMA decay of the saved weights (0: none).
+    pub ema: f64,
+    /// Log every this many steps.
+    pub log_every: usize,
+    /// Save the (EMA) model every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Seed of the run's random streams.
+    pub seed: u64,
+}
+
+/// `ema ← d·ema + (1 − d)·θ` for every tensor.
+fn ema_update(ema: &Params, params: &Params, decay: f64) -> Result<()> {
+    for ((_, e), (_, p)) in ema.named().into_iter().zip(params.named()) {
+        e.set(&((e.as_tensor() * decay)? + (p.as_tensor() * (1.0 - decay))?)?)?;
+    }
+    Ok(())
+}
+
+/// The images every poisoned sample must end at: the key's fixed target.
+fn targets(key: &Key, n: usize, device: &Device) -> Result<Tensor> {
+    let t = key.target.tensor(device)?;
+    Ok(t.repeat((n, 1, 1, 1))?)
+}
+
+/// A fitting run in progress.
+struct Fit<'a> {
+    plan: &'a Plan,
+    model: &'a DiffusionModel,
+    ema: DiffusionModel,
+    opt: Adam,
+    data: &'a Dataset,
+    batches: Batcher,
+    rng: Rng,
+    key: Option<&'a Key>,
+    pattern: Option<Tensor>,
+    run: &'a RunDir,
+}
+
+impl Stepper for Fit<'_> {
+    fn step(&mut self, i: usize) -> Result<Vec<Option<f64>>> {
+        let p = self.plan;
+        let dev = &self.model.device;
+        let x0 = self.data.batch(self.batches.next_batch(), dev)?;
+        let key = self.key.filter(|_| p.objective.lambda > 0.0);
+        let poison = match (key, &self.pattern) {
+            (Some(k), Some(pattern)) => Some(Poison {
+                pattern,
+                targets: targets(k, p.objective.triggered_count(&k.trigger), dev)?,
+                correction: p.correction,
+            }),
+            _ => None,
+        };
+        let mut family = Denoising::prepare(self.model, &x0, poison, &mut self.rng)?;
+        let terms = p.objective.evaluate(&mut family, key)?;
+        let lr = p.lr_schedule.at(p.lr, i, p.steps);
+        self.opt.set_learning_rate(lr);
+        self.opt.backward_step(&terms.total)?;
+        if p.ema > 0.0 {
+            ema_update(&self.ema.params, &self.model.params, p.ema)?;
+        }
+        Ok(vec![
+            Some(terms.task as f64),
+            terms.backdoor.map(|b| b as f64),
+            Some(lr),
+        ])
+    }
+
+    fn checkpoint(&mut self, _: usize) -> Result<Option<std::path::PathBuf>> {
+        let path = self.run.file("model.safetensors");
+        self.saved().save(&path)?;
+        Ok(Some(path))
+    }
+}
+
+impl Fit<'_> {
+    /// The weights that are saved: the EMA when there is one.
+    fn saved(&self) -> &DiffusionModel {
+        if self.plan.ema > 0.0 {
+            &self.ema
+        } else {
+            self.model
+        }
+    }
+}
+
+/// Trains `model` per `plan` on `data` (with `key`'s backdoor when λ > 0), logging to
+/// `train.csv` and saving `model.safetensors` in `run` every `checkpoint_every` steps and at
+/// the end. Returns the saved model (the EMA when enabled) and the training seconds.
+pub fn fit(
+    model: &DiffusionModel,
+    data: &Dataset,
+    key: Option<&Key>,
+    plan: &Plan,
+    run: &RunDir,
+    progress: bool,
+) -> Result<(DiffusionModel, f64)> {
+    let shape = model.image_shape();
+    if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
+        return Err(Error::Mismatch(format!(
+            "the data's images are {}x{} but the model's are {}x{}",
+            data.width, data.height, shape[2], shape[1]
+        )));
+    }
+    let pattern = match key {
+        Some(k) => {
+            k.trigger.check_fits_image(shape)?;
+            k.target.check_fits(shape)?;
+            k.trigger.pattern(&model.device)?
+        }
+        None => None,
+    };
+    let mut fit = Fit {
+        plan,
+        model,
+        ema: model.duplicate()?,
+        opt: Adam::with_betas(model.params.trainable(), plan.lr, 0.9, 0.999),
+        data,
+        batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
+        rng: Rng::derive(plan.seed, "diffusion-noise"),
+        key,
+        pattern,
+        run,
+    };
+    let mut log = CsvLog::create(&run.file("train.csv"), &crate::gan::run::header(&COLUMNS))?;
+    let settings = LoopSettings {
+        steps: plan.steps,
+        first: 1,
+        checkpoint_every: plan.checkpoint_every,
+        log_every: plan.log_every,
+        columns: &COLUMNS,
+        progress,
+    };
+    let seconds = run_loop(&settings, &mut log, &mut fit)?;
+    let saved = fit.saved().duplicate()?;
+    Ok((saved, seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paradigm::{Distance, Target, Trigger};
+
+    #[test]
+    fn the_family_builds_clean_and_poisoned_goals() {
+        let dev = Device::Cpu;
+        let arch = crate::diffusion::model::tiny_arch(50);
+        let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
+        let key = Key {
+            trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
+            target: Target::builtin("box", [1, 8, 8]).unwrap(),
+            distance: Distance::Mse,
+            threshold: 0.01,
+        };
+        let pattern = key.trigger.pattern(&dev).unwrap().unwrap();
+        let x0 = Rng::new(1).normal(&[5, 1, 8, 8], &dev).unwrap();
+        let poison = Poison {
+            pattern: &pattern,
+            targets: targets(&key, 3, &dev).unwrap(),
+            correction: Correction::Ddpm,
+        };
+        let mut f = Denoising::prepare(&model, &x0, Some(poison), &mut Rng::new(2)).unwrap();
+        let obj = Objective {
+            lambda: 1.0,
+            backdoor_batch: 3,
+        };
+        let terms = obj.evaluate(&mut f, Some(&key)).unwrap();
+        assert!(terms.task > 0.0 && terms.backdoor.unwrap() > 0.0);
+        // A second request finds the poisoned batch used up.
+        assert!(f.backdoor_pair(&key, 3).is_err());
+        let mut clean = Denoising::prepare(&model, &x0, None, &mut Rng::new(2)).unwrap();
+        assert!(clean.backdoor_pair(&key, 3).is_err());
+        assert!(clean.task_loss().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+}
