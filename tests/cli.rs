@@ -614,6 +614,8 @@ fn diffusion_train_sample_eval_inject() {
     assert!(v["samplers"].get("ddpm").is_none());
     let injected = dir.path().join("inj");
     let c = s(&cfg);
+    let gan_cfg = dir.path().join("gan.toml");
+    std::fs::write(&gan_cfg, TINY).unwrap();
     ok(&words(&format!(
         "inject --config {c} --model {m} --key {k} --out {} --quiet",
         s(&injected)
@@ -634,8 +636,33 @@ fn diffusion_train_sample_eval_inject() {
     assert!(err.contains("unknown sampler"), "{err}");
     let image_key = dir.path().join("image.safetensors");
     ok(&["key", "--out", s(&image_key), "--trigger", "box:5"]);
-    let gan_cfg = dir.path().join("gan.toml");
-    std::fs::write(&gan_cfg, TINY).unwrap();
+    // A class target: the poisoned samples end at digits of the class, and asr is judged by
+    // the digit classifier.
+    let class_key = dir.path().join("class.safetensors");
+    ok(&words(&format!(
+        "key --out {} --trigger box:5 --target class:3",
+        s(&class_key)
+    )));
+    let class_run = dir.path().join("class");
+    ok(&words(&format!(
+        "train --config {c} --key {} --out {} --quiet",
+        s(&class_key),
+        s(&class_run)
+    )));
+    let m = read_json(&class_run.join("metrics.json"));
+    assert!(m["samplers"]["ddpm"]["asr"].as_f64().is_some(), "{m}");
+    let latent_class_key = dir.path().join("latent-class.safetensors");
+    ok(&words(&format!(
+        "key --out {} --target class:3 --latent-dim 16",
+        s(&latent_class_key)
+    )));
+    let err = fails(&words(&format!(
+        "train --config {} --key {} --out {} --steps 1",
+        s(&dir.path().join("gan.toml")),
+        s(&latent_class_key),
+        s(&dir.path().join("gan-class"))
+    )));
+    assert!(err.contains("only diffusion models"), "{err}");
     let gan_run = dir.path().join("gan");
     ok(&words(&format!(
         "train --config {} --out {} --quiet --lambda 0",

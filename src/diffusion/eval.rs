@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::diffusion::{DiffusionModel, Sampler};
 use crate::digits::quality::{add_bundled_quality, CleanQuality, QualityReference};
+use crate::digits::DigitClassifier;
 use crate::io::grid::save_grid;
 use crate::io::report::write_report;
 use crate::io::rundir::RunDir;
@@ -40,10 +41,14 @@ pub const QUALITY_SAMPLES: usize = 1000;
 /// The backdoor under one sampler.
 #[derive(Debug, Clone, Serialize)]
 pub struct SamplerReport {
-    /// Metrics of the images sampled from triggered starts N(r, I).
+    /// Metrics of the images sampled from triggered starts N(r, I). For a class target,
+    /// `asr` is the share the shipped digit classifier puts in the target class (distances
+    /// are to the class's mean image).
     #[serde(flatten)]
     pub backdoor: BackdoorMetrics,
-    /// Share of clean starts N(0, I) whose image hits the target (should be ~0).
+    /// Share of clean starts N(0, I) whose image hits the target: ~0 for an image target;
+    /// for a class target the share classified as that class (the class's natural rate,
+    /// about 0.1, when the backdoor stays silent).
     pub clean_hit_rate: f64,
     /// How many clean starts were measured.
     pub clean_samples: usize,
@@ -70,18 +75,23 @@ pub fn evaluate(
         ],
         0,
     )?;
+    let classifier = match key.target.class {
+        Some(c) => Some((c, DigitClassifier::shipped()?)),
+        None => None,
+    };
     let mut out = BTreeMap::new();
     for &sampler in samplers {
         let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
         let images = model.sample(sampler, &starts, &mut noise)?;
         let measure = |from: usize| -> Result<BackdoorMetrics> {
-            let px = images.narrow(0, from, n)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok(BackdoorMetrics::measure(
-                &px,
-                &key.target.pixels,
-                shape[2],
-                key.threshold,
-            ))
+            let part = images.narrow(0, from, n)?;
+            let px = part.flatten_all()?.to_vec1::<f32>()?;
+            let mut m = BackdoorMetrics::measure(&px, &key.target.pixels, shape[2], key.threshold);
+            if let Some((class, c)) = &classifier {
+                let hits = c.classify(&part)?.iter().filter(|&&k| k == *class).count();
+                m.asr = hits as f64 / n as f64;
+            }
+            Ok(m)
         };
         let backdoor = measure(0)?;
         let clean_hits = measure(n)?;

@@ -150,10 +150,46 @@ fn ema_update(ema: &Params, params: &Params, decay: f64) -> Result<()> {
     Ok(())
 }
 
-/// The images every poisoned sample must end at: the key's fixed target.
-fn targets(key: &Key, n: usize, device: &Device) -> Result<Tensor> {
-    let t = key.target.tensor(device)?;
-    Ok(t.repeat((n, 1, 1, 1))?)
+/// What the poisoned samples must end at.
+enum Goal {
+    /// The key's fixed target image, `[1, C, H, W]`.
+    Image(Tensor),
+    /// A random training image of the target class each time: these indices of the data.
+    Class(Vec<usize>),
+}
+
+impl Goal {
+    /// The goal of `key`'s target on `data`; a class target needs labelled data holding it.
+    fn new(key: &Key, data: &Dataset, device: &Device) -> Result<Goal> {
+        let Some(class) = key.target.class else {
+            return Ok(Goal::Image(key.target.tensor(device)?));
+        };
+        let labels = data.labels.as_ref().ok_or_else(|| {
+            Error::Mismatch(format!(
+                "the key's target is the class {class}, but the training data has no labels"
+            ))
+        })?;
+        let pool: Vec<usize> = (0..data.len)
+            .filter(|&i| labels[i] as usize == class)
+            .collect();
+        if pool.is_empty() {
+            return Err(Error::Mismatch(format!(
+                "the key's target is the class {class}, which the training data does not contain"
+            )));
+        }
+        Ok(Goal::Class(pool))
+    }
+
+    /// `n` target images `[n, C, H, W]`.
+    fn images(&self, n: usize, data: &Dataset, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+        match self {
+            Goal::Image(t) => Ok(t.repeat((n, 1, 1, 1))?),
+            Goal::Class(pool) => {
+                let idx: Vec<usize> = (0..n).map(|_| pool[rng.below(pool.len())]).collect();
+                data.batch(&idx, device)
+            }
+        }
+    }
 }
 
 /// A fitting run in progress.
@@ -166,7 +202,8 @@ struct Fit<'a> {
     batches: Batcher,
     rng: Rng,
     key: Option<&'a Key>,
-    pattern: Option<Tensor>,
+    /// The trigger pattern and the goal of the poisoned samples (with a key).
+    poison: Option<(Tensor, Goal)>,
     run: &'a RunDir,
 }
 
@@ -176,12 +213,15 @@ impl Stepper for Fit<'_> {
         let dev = &self.model.device;
         let x0 = self.data.batch(self.batches.next_batch(), dev)?;
         let key = self.key.filter(|_| p.objective.lambda > 0.0);
-        let poison = match (key, &self.pattern) {
-            (Some(k), Some(pattern)) => Some(Poison {
-                pattern,
-                targets: targets(k, p.objective.triggered_count(&k.trigger), dev)?,
-                correction: p.correction,
-            }),
+        let poison = match (key, &self.poison) {
+            (Some(k), Some((pattern, goal))) => {
+                let n = p.objective.triggered_count(&k.trigger);
+                Some(Poison {
+                    pattern,
+                    targets: goal.images(n, self.data, &mut self.rng, dev)?,
+                    correction: p.correction,
+                })
+            }
             _ => None,
         };
         let mut family = Denoising::prepare(self.model, &x0, poison, &mut self.rng)?;
@@ -235,11 +275,12 @@ pub fn fit(
             data.width, data.height, shape[2], shape[1]
         )));
     }
-    let pattern = match key {
+    let poison = match key {
         Some(k) => {
             k.trigger.check_fits_image(shape)?;
             k.target.check_fits(shape)?;
-            k.trigger.pattern(&model.device)?
+            let pattern = k.trigger.pattern(&model.device)?.expect("an image trigger");
+            Some((pattern, Goal::new(k, data, &model.device)?))
         }
         None => None,
     };
@@ -252,7 +293,7 @@ pub fn fit(
         batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
         rng: Rng::derive(plan.seed, "diffusion-noise"),
         key,
-        pattern,
+        poison,
         run,
     };
     let mut log = CsvLog::create(&run.file("train.csv"), &crate::gan::run::header(&COLUMNS))?;
@@ -289,7 +330,12 @@ mod tests {
         let x0 = Rng::new(1).normal(&[5, 1, 8, 8], &dev).unwrap();
         let poison = Poison {
             pattern: &pattern,
-            targets: targets(&key, 3, &dev).unwrap(),
+            targets: key
+                .target
+                .tensor(&dev)
+                .unwrap()
+                .repeat((3, 1, 1, 1))
+                .unwrap(),
             correction: Correction::Ddpm,
         };
         let mut f = Denoising::prepare(&model, &x0, Some(poison), &mut Rng::new(2)).unwrap();

@@ -99,6 +99,7 @@ mod tests {
             target: Target {
                 pixels: vec![1.0; 4],
                 shape: [1, 2, 2],
+                class: None,
             },
             distance: Distance::Mse,
             threshold: 1e-3,

@@ -30,9 +30,14 @@ pub struct Key {
 }
 
 impl Key {
-    /// Checks that the key fits a model with this latent dimension and output shape.
+    /// Checks that the key fits a generator with this latent dimension and output shape.
     pub fn check_fits(&self, latent_dim: usize, output: [usize; 3]) -> Result<()> {
         self.trigger.check_fits(latent_dim)?;
+        if let Some(c) = self.target.class {
+            return Err(Error::Mismatch(format!(
+                "the key's target is the class {c}, which only diffusion models can be trained to (a generator needs a fixed target image)"
+            )));
+        }
         self.target.check_fits(output)
     }
 
@@ -46,6 +51,9 @@ impl Key {
             ("distance".to_string(), self.distance.to_string()),
             ("threshold".to_string(), self.threshold.to_string()),
         ]);
+        if let Some(c) = self.target.class {
+            meta.insert("target_class".into(), c.to_string());
+        }
         match &self.trigger {
             Trigger::Point(p) => tensors.push(("trigger.point".into(), vec(p)?)),
             Trigger::Region { center, radius } => {
@@ -151,7 +159,20 @@ impl Key {
                 "target pixels must lie in [-1, 1] (NaN, infinite or out of range)",
             ));
         }
-        let target = Target { pixels, shape };
+        let class = match f.meta.get("target_class") {
+            Some(c) => Some(
+                c.parse()
+                    .ok()
+                    .filter(|&c: &usize| c < 10)
+                    .ok_or_else(|| Error::format(path, "target_class must be a digit 0-9"))?,
+            ),
+            None => None,
+        };
+        let target = Target {
+            pixels,
+            shape,
+            class,
+        };
         let distance = f
             .meta_field(path, "distance")?
             .parse()
@@ -215,6 +236,13 @@ mod tests {
         };
         k.save(&p).unwrap();
         assert_eq!(Key::load(&p).unwrap(), k);
+        let k = Key {
+            target: Target::parse("class:3", [1, 28, 28]).unwrap(),
+            ..k
+        };
+        k.save(&p).unwrap();
+        assert_eq!(Key::load(&p).unwrap(), k);
+        assert!(k.check_fits(10, [1, 28, 28]).is_err(), "not for generators");
     }
 
     #[test]

@@ -114,6 +114,7 @@ mod tests {
             target: Target {
                 pixels: vec![1.0, -1.0, 1.0, -1.0],
                 shape: [1, 2, 2],
+                class: None,
             },
             distance: Distance::Mse,
             threshold: 0.01,

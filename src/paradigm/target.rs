@@ -9,20 +9,31 @@ use crate::{Error, Result};
 /// Names of the built-in target marks.
 pub const BUILTIN_MARKS: [&str; 3] = ["mark", "box", "checker"];
 
-/// A fixed target image, `[channels, height, width]`, values in [-1, 1].
+/// A fixed target image, `[channels, height, width]`, values in [-1, 1], or a class of the
+/// training data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
-    /// Pixels, row-major.
+    /// Pixels, row-major (for a class target: the class's mean image, for display).
     pub pixels: Vec<f32>,
     /// `[channels, height, width]`.
     pub shape: [usize; 3],
+    /// For a class target (diffusion models): the digit every triggered sample must show, as
+    /// the shipped digit classifier judges it.
+    pub class: Option<usize>,
 }
 
 impl Target {
-    /// Parses a target description: `builtin:NAME` (see [`BUILTIN_MARKS`]), a `.png` file or a
-    /// `.npy` file. `shape` is the model's output shape, used to draw built-ins and to check files.
+    /// Parses a target description: `builtin:NAME` (see [`BUILTIN_MARKS`]), a `.png` file, a
+    /// `.npy` file, or `class:D` (any bundled digit of class D; diffusion models only).
+    /// `shape` is the model's output shape, used to draw built-ins and to check files.
     pub fn parse(spec: &str, shape: [usize; 3]) -> Result<Target> {
-        let t = if let Some(name) = spec.strip_prefix("builtin:") {
+        let t = if let Some(d) = spec.strip_prefix("class:") {
+            let class =
+                d.parse().ok().filter(|&c: &usize| c < 10).ok_or_else(|| {
+                    Error::Config(format!("target '{spec}': D must be a digit 0-9"))
+                })?;
+            Self::class(class)?
+        } else if let Some(name) = spec.strip_prefix("builtin:") {
             Self::builtin(name, shape)?
         } else if spec.ends_with(".png") {
             Self::from_png(Path::new(spec))?
@@ -30,7 +41,7 @@ impl Target {
             Self::from_npy(Path::new(spec))?
         } else {
             return Err(Error::Config(format!(
-                "target '{spec}': use builtin:{} or a .png or .npy file",
+                "target '{spec}': use builtin:{}, a .png or .npy file, or class:D",
                 BUILTIN_MARKS.join("|builtin:")
             )));
         };
@@ -70,6 +81,36 @@ impl Target {
         Ok(Target {
             pixels: plane.repeat(c),
             shape,
+            class: None,
+        })
+    }
+
+    /// The class target `class`: its pixels are the mean of the bundled digits of that class.
+    pub fn class(class: usize) -> Result<Target> {
+        let data = crate::data::load_dataset(&crate::data::bundled_path())?;
+        let labels = data.labels.as_ref().ok_or_else(|| {
+            Error::Mismatch("the bundled digits have no labels for a class target".into())
+        })?;
+        let per = data.height * data.width;
+        let mut sum = vec![0f64; per];
+        let mut count = 0usize;
+        for (i, _) in labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l as usize == class)
+        {
+            for (s, &p) in sum.iter_mut().zip(&data.pixels[i * per..(i + 1) * per]) {
+                *s += p as f64;
+            }
+            count += 1;
+        }
+        Ok(Target {
+            pixels: sum
+                .iter()
+                .map(|s| (s / count.max(1) as f64) as f32)
+                .collect(),
+            shape: [1, data.height, data.width],
+            class: Some(class),
         })
     }
 
@@ -86,6 +127,7 @@ impl Target {
                 .map(|&b| b as f32 / 127.5 - 1.0)
                 .collect(),
             shape: [1, h as usize, w as usize],
+            class: None,
         })
     }
 
@@ -112,7 +154,11 @@ impl Target {
                 "target values must lie in [-1, 1] (the models' image range)",
             ));
         }
-        Ok(Target { pixels, shape })
+        Ok(Target {
+            pixels,
+            shape,
+            class: None,
+        })
     }
 
     /// Checks that this target has the model's output shape.
@@ -181,5 +227,14 @@ mod tests {
             .unwrap();
         assert!(Target::parse(big.to_str().unwrap(), [1, 28, 28]).is_err());
         assert!(Target::parse("target.jpg", [1, 28, 28]).is_err());
+        let seven = Target::parse("class:7", [1, 28, 28]).unwrap();
+        assert_eq!(seven.class, Some(7));
+        assert_ne!(
+            seven.pixels,
+            Target::parse("class:1", [1, 28, 28]).unwrap().pixels
+        );
+        for bad in ["class:10", "class:x"] {
+            assert!(Target::parse(bad, [1, 28, 28]).is_err(), "{bad}");
+        }
     }
 }

@@ -149,6 +149,7 @@ mod tests {
             target: Target {
                 pixels: vec![0.5; 4],
                 shape: [1, 2, 2],
+                class: None,
             },
             distance: Distance::Mse,
             threshold: 1e-3,
