@@ -65,9 +65,11 @@ pub struct DiffusionConfig {
     pub lr: f64,
     /// Learning-rate schedule: `constant` or `cosine`.
     pub lr_schedule: LrSchedule,
-    /// Weight of the backdoor term (0: clean training). Each step it averages over
-    /// `[backdoor] backdoor_batch` poisoned samples beside `batch_size` clean ones, so
-    /// λ = 1 is a poison rate of backdoor_batch / (batch_size + backdoor_batch).
+    /// Weight of the backdoor term (0: clean training). Each step averages the task over
+    /// `batch_size` clean samples and the backdoor over `[backdoor] backdoor_batch` poisoned
+    /// ones, so λ = backdoor_batch / batch_size is BadDiffusion's plain mixed batch with poison
+    /// rate backdoor_batch / (batch_size + backdoor_batch), and λ = 1 gives the poisoned
+    /// samples half of the gradient's weight.
     pub lambda: f64,
     /// Decay of the exponential moving average of the weights that is saved and sampled
     /// (0: save the trained weights themselves).
@@ -383,6 +385,19 @@ mod tests {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let text = toml::to_string(&Config::default()).unwrap();
         assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            let cfg = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(cfg.family, ModelFamily::Diffusion, "{}", p.display());
+            n += 1;
+        }
+        assert!(n >= 2);
     }
 
     #[test]
