@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""PyTorch side of `genbackdoor bench --torch`: the identical DCGAN training step on the CPU.
+"""PyTorch side of `genbackdoor bench --torch`: the identical training steps on the CPU.
 
-One step: G forward on a fresh latent batch; D step on the real batch and the detached fakes
-(BCE with logits, Adam); G step through D on the same fakes (non-saturating loss, Adam).
-Adam lr 2e-4, betas (0.5, 0.999). Prints one JSON object: median and min ms per step, the
+DCGANs (reference, k4): G forward on a fresh latent batch; D step on the real batch and the
+detached fakes (BCE with logits, Adam); G step through D on the same fakes (non-saturating
+loss, Adam). Adam lr 2e-4, betas (0.5, 0.999).
+U-Net (unet): the default diffusion U-Net of configs/ddpm.toml; one noise-prediction step
+(random timesteps 1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)). Prints one JSON object: median and min ms per step, the
 forward multiply-adds per image of G and D (genbackdoor turns them into FLOP the same way),
 the thread count and the torch version.
 
@@ -13,6 +15,7 @@ the thread count and the torch version.
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -79,15 +82,156 @@ def k4_pair():
     return g, d, g_macs, d_macs
 
 
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, tdim, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time = nn.Linear(tdim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(temb)[:, :, None, None]
+        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=2)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
+        y = self.out(attn @ v).transpose(1, 2).reshape(n, c, h, w)
+        return x + y
+
+
+class Unet(nn.Module):
+    """src/models/unet.rs with UnetConfig { image_size 28, base 16, mults [1, 2, 2],
+    attention, groups 8 }."""
+
+    def __init__(self, base=16, mults=(1, 2, 2), groups=8):
+        super().__init__()
+        self.base = base
+        tdim = 4 * base
+        self.time = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(1, base, 3, padding=1)
+        widths = [m * base for m in mults]
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        prev = base
+        for i, c in enumerate(widths):
+            self.down.append(ResBlock(prev, c, tdim, groups))
+            last = i + 1 == len(widths)
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, 2, 1))
+            prev = c
+        self.mid1 = ResBlock(prev, prev, tdim, groups)
+        self.attn = Attention(prev, groups)
+        self.mid2 = ResBlock(prev, prev, tdim, groups)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, c in reversed(list(enumerate(widths))):
+            self.up.append(ResBlock(prev + c, c, tdim, groups))
+            self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
+            prev = c
+        self.norm_out = nn.GroupNorm(groups, base)
+        self.conv_out = nn.Conv2d(base, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        temb = self.time(timestep_embedding(t, self.base))
+        h = self.conv_in(x)
+        skips = []
+        for res, ds in zip(self.down, self.downsample):
+            h = res(h, temb)
+            skips.append(h)
+            h = ds(h)
+        h = self.mid2(self.attn(self.mid1(h, temb)), temb)
+        for res, us in zip(self.up, self.upsample):
+            h = res(torch.cat([h, skips.pop()], dim=1), temb)
+            if not isinstance(us, nn.Identity):
+                h = us(F.interpolate(h, scale_factor=2, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def unet_macs(net):
+    """Forward multiply-adds per image of the convolutions and the attention, counted as
+    `Unet::macs` does (by hooks on the convolutions at their actual sizes)."""
+    total = [0]
+
+    def hook(m, inp, out):
+        total[0] += out.shape[2] * out.shape[3] * m.weight.numel()
+
+    hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 28, 28), torch.ones(1))
+    for h in hs:
+        h.remove()
+    l, c = 49, 32
+    return total[0] + 4 * c * c * l + 2 * l * l * c
+
+
+def unet_step_times(a):
+    net = Unet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999))
+    x = torch.randn(a.batch_size, 1, 28, 28)
+    times = []
+    for i in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        eps = torch.randn_like(x)
+        t = torch.randint(1, 1001, (a.batch_size,)).float()
+        loss = F.mse_loss(net(x + eps, t), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+        if i >= a.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times, unet_macs(net), 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["reference", "k4"], default="k4")
+    p.add_argument("--model", choices=["reference", "k4", "unet"], default="k4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
 
     torch.manual_seed(0)
+    if a.model == "unet":
+        times, g_macs, d_macs = unet_step_times(a)
+    else:
+        times, g_macs, d_macs = gan_step_times(a)
+    print(
+        json.dumps(
+            {
+                "model": a.model,
+                "batch_size": a.batch_size,
+                "steps": a.steps,
+                "median_ms": statistics.median(times),
+                "min_ms": min(times),
+                "g_macs": g_macs,
+                "d_macs": d_macs,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+def gan_step_times(a):
     g, d, g_macs, d_macs = reference_pair() if a.model == "reference" else k4_pair()
     opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -112,21 +256,7 @@ def main():
         g_loss.item()
         if i >= a.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    print(
-        json.dumps(
-            {
-                "model": a.model,
-                "batch_size": a.batch_size,
-                "steps": a.steps,
-                "median_ms": statistics.median(times),
-                "min_ms": min(times),
-                "g_macs": g_macs,
-                "d_macs": d_macs,
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-            }
-        )
-    )
+    return times, g_macs, d_macs
 
 
 if __name__ == "__main__":
