@@ -239,10 +239,11 @@ impl Stepper for Fit<'_> {
         ])
     }
 
+    /// Saves the model so far; the run itself cannot be resumed (no optimiser state), hence
+    /// `None`.
     fn checkpoint(&mut self, _: usize) -> Result<Option<std::path::PathBuf>> {
-        let path = self.run.file("model.safetensors");
-        self.saved().save(&path)?;
-        Ok(Some(path))
+        self.saved().save(&self.run.file("model.safetensors"))?;
+        Ok(None)
     }
 }
 
