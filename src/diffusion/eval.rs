@@ -63,6 +63,19 @@ pub fn evaluate(
     n: usize,
     seed: u64,
 ) -> Result<BTreeMap<String, SamplerReport>> {
+    Ok(evaluate_keeping(model, key, samplers, n, seed, 0)?.0)
+}
+
+/// [`evaluate`], also returning the first `keep` triggered images of each sampler (for the
+/// run's `triggered.png`, so that they need not be sampled a second time).
+fn evaluate_keeping(
+    model: &DiffusionModel,
+    key: &Key,
+    samplers: &[Sampler],
+    n: usize,
+    seed: u64,
+    keep: usize,
+) -> Result<(BTreeMap<String, SamplerReport>, Vec<Tensor>)> {
     let shape = model.image_shape();
     key.trigger.check_fits_image(shape)?;
     key.target.check_fits(shape)?;
@@ -80,9 +93,11 @@ pub fn evaluate(
         None => None,
     };
     let mut out = BTreeMap::new();
+    let mut kept = Vec::new();
     for &sampler in samplers {
         let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
         let images = model.sample(sampler, &starts, &mut noise)?;
+        kept.push(images.narrow(0, 0, keep.min(n))?);
         let measure = |from: usize| -> Result<BackdoorMetrics> {
             let part = images.narrow(0, from, n)?;
             let px = part.flatten_all()?.to_vec1::<f32>()?;
@@ -104,7 +119,7 @@ pub fn evaluate(
             },
         );
     }
-    Ok(out)
+    Ok((out, kept))
 }
 
 /// Clean-quality metrics of `n` DDIM-50 samples (`None` when the images do not fit the
@@ -160,15 +175,12 @@ pub fn finish(
     }
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
-        let mut rng = Rng::derive(seed, "triggered-grid");
-        let starts = model.starts(8, Some(&k.trigger), &mut rng)?;
-        let mut rows = vec![k.target.tensor(&model.device)?];
-        for sampler in eval_samplers(model) {
-            let images = model.sample(sampler, &starts, &mut rng)?;
-            rows.push(images.narrow(0, 0, if rows.len() == 1 { 7 } else { 8 })?);
-        }
+        let samplers = eval_samplers(model);
+        let (report, kept) = evaluate_keeping(model, k, &samplers, settings.eval_samples, seed, 8)?;
+        // The target and 7 DDPM samples on the first row, 8 DDIM samples on the second.
+        let first = kept[0].narrow(0, 0, kept[0].dim(0)?.min(7))?;
+        let rows = [k.target.tensor(&model.device)?, first, kept[1].clone()];
         save_grid(&run.file("triggered.png"), &Tensor::cat(&rows, 0)?, 8)?;
-        let report = evaluate(model, k, &eval_samplers(model), settings.eval_samples, seed)?;
         obj.insert("trigger".into(), k.trigger.kind().into());
         obj.insert(
             "samplers".into(),
