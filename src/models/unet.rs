@@ -166,13 +166,23 @@ impl Attention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let tokens = self.norm.forward(x)?.flatten_from(2)?.transpose(1, 2)?; // [n, hw, c]
+        // Contiguous: candle 0.11's CPU matmul computes wrong values for a transposed 3-D
+        // left operand times a batch-broadcast right one, which is what `Linear` makes of
+        // a 3-D input.
+        let tokens = self
+            .norm
+            .forward(x)?
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .contiguous()?; // [n, hw, c]
         let qkv = self.qkv.forward(&tokens)?;
         let q = qkv.narrow(2, 0, c)?.contiguous()?;
         let k = qkv.narrow(2, c, c)?.contiguous()?;
         let v = qkv.narrow(2, 2 * c, c)?.contiguous()?;
         let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (c as f64).sqrt())?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+        // Not `softmax_last_dim`: candle-nn 0.11 gives that fused kernel no backward pass, so
+        // no gradient would reach the queries and keys.
+        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let y = self.out.forward(&attn.matmul(&v)?)?; // [n, hw, c]
         let y = y.transpose(1, 2)?.reshape((n, c, h, w))?;
         Ok((x + y)?)
@@ -366,5 +376,61 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    /// The attention block against a loop-by-loop computation of
+    /// `x + out(softmax(q·kᵀ/√c)·v)`, and its input gradient (which flows through the
+    /// queries, keys and values) against finite differences.
+    #[test]
+    fn attention_matches_an_explicit_computation_and_finite_differences() {
+        let (n, c, h, w) = (3, 4, 2, 3);
+        let params = Params::new();
+        let attn = Attention::new(c, 2, params.builder(&Device::Cpu)).unwrap();
+        params.init_kaiming(&mut Rng::new(4)).unwrap();
+        let x = Rng::new(5).normal(&[n, c, h, w], &Device::Cpu).unwrap();
+        let got = attn.forward(&x).unwrap();
+
+        let vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let normed = vec(&attn.norm.forward(&x).unwrap());
+        let (wq, bq) = (vec(attn.qkv.weight()), vec(attn.qkv.bias().unwrap()));
+        let (wo, bo) = (vec(attn.out.weight()), vec(attn.out.bias().unwrap()));
+        let l = h * w;
+        let mut want = vec(&x);
+        for s in 0..n {
+            let token = |p: usize, ch: usize| normed[(s * c + ch) * l + p];
+            // qkv[p][j] for j in 0..3c.
+            let qkv: Vec<Vec<f32>> = (0..l)
+                .map(|p| {
+                    (0..3 * c)
+                        .map(|j| bq[j] + (0..c).map(|i| wq[j * c + i] * token(p, i)).sum::<f32>())
+                        .collect()
+                })
+                .collect();
+            for p in 0..l {
+                let scores: Vec<f32> = (0..l)
+                    .map(|r| {
+                        (0..c).map(|i| qkv[p][i] * qkv[r][c + i]).sum::<f32>() / (c as f32).sqrt()
+                    })
+                    .collect();
+                let top = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|v| (v - top).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let mixed: Vec<f32> = (0..c)
+                    .map(|i| (0..l).map(|r| e[r] / z * qkv[r][2 * c + i]).sum())
+                    .collect();
+                for o in 0..c {
+                    let y = bo[o] + (0..c).map(|i| wo[o * c + i] * mixed[i]).sum::<f32>();
+                    want[(s * c + o) * l + p] += y;
+                }
+            }
+        }
+        let want = Tensor::from_vec(want, (n, c, h, w), &Device::Cpu).unwrap();
+        crate::ops::testing::assert_close(&got, &want, 1e-5).unwrap();
+        crate::ops::testing::check_finite_differences(
+            |t| attn.forward(&t[0]).unwrap(),
+            &[&x],
+            6,
+            1,
+        );
     }
 }
