@@ -60,10 +60,10 @@ impl DiffusionModel {
         })
     }
 
-    /// A freshly initialised model (He initialisation from `rng`).
+    /// A freshly initialised model (PyTorch's default initialisation, from `rng`).
     pub fn new(arch: &DiffusionArch, rng: &mut Rng, device: &Device) -> Result<Self> {
         let m = Self::build(arch, device)?;
-        m.params.init_kaiming(rng)?;
+        m.params.init_fan_in_uniform(rng)?;
         Ok(m)
     }
 
