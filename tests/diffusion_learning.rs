@@ -171,10 +171,10 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     // samples' distance to the target falls far below the clean model's.
     let (p, q) = (&p_ddpm.backdoor, &q_ddim.backdoor);
     assert!(
-        p.target_mse < c_ddpm.backdoor.target_mse / 20.0,
+        p.target_mse < c_ddpm.backdoor.target_mse / 100.0,
         "{p:?} vs {c_ddpm:?}"
     );
-    assert!(p.asr >= 0.8, "{p:?}");
+    assert!(p.asr >= 0.95, "{p:?}");
     assert!(
         q.target_mse < c_ddim.backdoor.target_mse / 8.0,
         "{q:?} vs {c_ddim:?}"
@@ -191,10 +191,11 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     );
     // The clean task is kept: the denoising loss on held-out digits is no worse than the
     // clean model's (beyond 10 %), and the DDIM-corrected model's clean starts stay off the
-    // target. (The DDPM-corrected one's clean DDPM starts do reach it: see the README.)
+    // target (the DDPM-corrected one's clean DDPM starts rarely: 2 of 32 here).
     for l in &losses[1..] {
         assert!(*l < 1.1 * losses[0], "{losses:?}");
     }
     assert!(q_ddim.clean_hit_rate <= 0.1, "{q_ddim:?}");
+    assert!(p_ddpm.clean_hit_rate <= 0.125, "{p_ddpm:?}");
     assert_eq!(c_ddpm.clean_hit_rate, 0.0);
 }
