@@ -186,9 +186,8 @@ def unet_step_times(a):
     net = Unet()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999))
     x = torch.randn(a.batch_size, 1, 28, 28)
-    times = []
-    for i in range(a.warmup + a.steps):
-        start = time.perf_counter()
+
+    def step():
         eps = torch.randn_like(x)
         t = torch.randint(1, 1001, (a.batch_size,)).float()
         loss = F.mse_loss(net(x + eps, t), eps)
@@ -196,9 +195,19 @@ def unet_step_times(a):
         loss.backward()
         opt.step()
         loss.item()
+
+    return step_times(a, step), unet_macs(net), 0
+
+
+def step_times(a, step):
+    """Milliseconds of each of `a.steps` calls of `step` after `a.warmup` untimed ones."""
+    times = []
+    for i in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        step()
         if i >= a.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return times, unet_macs(net), 0
+    return times
 
 
 def main():
@@ -238,9 +247,8 @@ def gan_step_times(a):
     real = torch.tanh(torch.randn(a.batch_size, 1, 28, 28)) * 0.9
     ones = torch.ones(a.batch_size)
     zeros = torch.zeros(a.batch_size)
-    times = []
-    for i in range(a.warmup + a.steps):
-        start = time.perf_counter()
+
+    def step():
         z = torch.randn(a.batch_size, 100)
         fake = g(z)
         d_loss = F.binary_cross_entropy_with_logits(
@@ -254,9 +262,8 @@ def gan_step_times(a):
         g_loss.backward()
         opt_g.step()
         g_loss.item()
-        if i >= a.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times, g_macs, d_macs
+
+    return step_times(a, step), g_macs, d_macs
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::DiffusionConfig;
+use crate::diffusion::DiffusionModel;
 use crate::gan::softplus;
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
-use crate::models::{DcganConfig, Discriminator, Generator, Params, Unet};
+use crate::models::{DcganConfig, Discriminator, Generator, Params};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -161,10 +162,10 @@ pub fn run(
 /// Times `steps` noise-prediction steps of the default diffusion U-Net.
 fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     let dev = Device::Cpu;
-    let params = Params::new();
-    let net = Unet::new(&DiffusionConfig::default().unet, &params, &dev)?;
-    params.init_kaiming(&mut Rng::new(1))?;
-    let mut opt = Adam::with_betas(params.trainable(), 2e-4, 0.9, 0.999);
+    let arch = crate::diffusion::run::arch(&DiffusionConfig::default());
+    let model = DiffusionModel::new(&arch, &mut Rng::new(1), &dev)?;
+    let net = &model.unet;
+    let mut opt = Adam::with_betas(model.params.trainable(), 2e-4, 0.9, 0.999);
     let mut rng = Rng::new(3);
     let x = rng.normal(&[batch_size, 1, 28, 28], &dev)?;
     let mut times = Vec::with_capacity(steps);
