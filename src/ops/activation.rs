@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use crate::ops::cpu::f32_slice;
+use crate::ops::cpu::{elementwise, f32_slice};
 use crate::Result;
 
 /// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
@@ -26,7 +26,7 @@ impl CustomOp1 for LeakyRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
         let a = self.slope;
-        let y = x.iter().map(|&v| if v > 0.0 { v } else { a * v }).collect();
+        let y = elementwise(x, x, move |v, _| if v > 0.0 { v } else { a * v });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -56,11 +56,7 @@ impl CustomOp2 for LeakyReluGrad {
         let x = f32_slice(s1, l1, self.name())?;
         let g = f32_slice(s2, l2, self.name())?;
         let a = self.slope;
-        let d = x
-            .iter()
-            .zip(g)
-            .map(|(&x, &g)| if x > 0.0 { g } else { a * g })
-            .collect();
+        let d = elementwise(x, g, move |x, g| if x > 0.0 { g } else { a * g });
         Ok((CpuStorage::F32(d), l1.shape().clone()))
     }
 }
@@ -98,6 +94,15 @@ mod tests {
             3,
             1,
         );
+    }
+
+    #[test]
+    fn inputs_of_several_parallel_pieces_match_candle_nn() {
+        let x = Rng::new(5).normal(&[3, 40_001], &Device::Cpu).unwrap();
+        let ours = value_and_grad(|x| leaky_relu(x, 0.2).unwrap(), &x, 6);
+        let theirs = value_and_grad(|x| candle_nn::ops::leaky_relu(x, 0.2).unwrap(), &x, 6);
+        assert_close(&ours.0, &theirs.0, 1e-6).unwrap();
+        assert_close(&ours.1, &theirs.1, 1e-6).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, lane_sum, parallel_pieces, per_channel_block, with_f32};
 use crate::Result;
 
 const NAME: &str = "batch-norm-train";
@@ -124,20 +124,68 @@ struct BatchNormTrain {
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
-/// Sums over `n` and the spatial positions for each channel of `[n, c, s]` data.
+/// Per-channel `Σ term(channel, a, b)` over the samples and spatial positions of two
+/// `[n, c, s]` arrays, in parallel over channel blocks: f32 within a row of `s` values, f64
+/// across rows.
 fn channel_sums(
-    x: &[f32],
+    (a, b): (&[f32], &[f32]),
     (n, c, s): (usize, usize, usize),
-    f: impl Fn(usize, f32) -> f64,
+    term: impl Fn(usize, f32, f32) -> f32 + Sync,
 ) -> Vec<f64> {
-    let mut acc = vec![0f64; c];
-    for i in 0..n {
-        for (ch, a) in acc.iter_mut().enumerate() {
-            let row = &x[(i * c + ch) * s..(i * c + ch + 1) * s];
-            *a += row.iter().map(|&v| f(ch, v)).sum::<f64>();
+    per_channel_block(c, |chs| {
+        let mut acc = vec![0f64; chs.len()];
+        for i in 0..n {
+            if s == 1 {
+                // `[n, c]` data: one value per channel and sample, summed across channels at once.
+                let r = i * c + chs.start..i * c + chs.end;
+                for ((t, ch), (&x, &y)) in acc
+                    .iter_mut()
+                    .zip(chs.clone())
+                    .zip(a[r.clone()].iter().zip(&b[r]))
+                {
+                    *t += term(ch, x, y) as f64;
+                }
+            } else {
+                for (t, ch) in acc.iter_mut().zip(chs.clone()) {
+                    let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                    *t += lane_sum(&a[r.clone()], &b[r], |x, y| term(ch, x, y)) as f64;
+                }
+            }
         }
-    }
-    acc
+        acc
+    })
+}
+
+/// `out = p[ch]·a + q[ch]·b + r[ch]` element-wise over two `[n, c, s]` arrays, in parallel over
+/// blocks of samples.
+fn channel_affine(
+    (a, b): (&[f32], &[f32]),
+    (n, c, s): (usize, usize, usize),
+    [p, q, r]: [&[f32]; 3],
+    out: &mut [f32],
+) {
+    let per_sample = c * s;
+    let samples = n.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
+    parallel_pieces(out, per_sample * samples, |piece_index, piece| {
+        let start = piece_index * per_sample * samples;
+        for (i, sample) in piece.chunks_mut(per_sample).enumerate() {
+            let off = start + i * per_sample;
+            let (a, b) = (&a[off..off + per_sample], &b[off..off + per_sample]);
+            if s == 1 {
+                for (j, o) in sample.iter_mut().enumerate() {
+                    *o = p[j] * a[j] + q[j] * b[j] + r[j];
+                }
+            } else {
+                for (ch, o) in sample.chunks_mut(s).enumerate() {
+                    let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
+                    let (p, q, r) = (p[ch], q[ch], r[ch]);
+                    for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                        *o = p * x + q * y + r;
+                    }
+                }
+            }
+        }
+    });
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -161,23 +209,19 @@ impl CustomOp3 for BatchNormTrain {
         );
         let dims @ (n, c, s) = ncs(l1.shape());
         let m = (n * s) as f64;
-        let mean: Vec<f32> = channel_sums(x, dims, |_, v| v as f64)
+        let mean: Vec<f32> = channel_sums((x, x), dims, |_, v, _| v)
             .into_iter()
             .map(|t| (t / m) as f32)
             .collect();
-        let var: Vec<f32> = channel_sums(x, dims, |ch, v| ((v - mean[ch]) as f64).powi(2))
+        let var: Vec<f32> = channel_sums((x, x), dims, |ch, v, _| (v - mean[ch]).powi(2))
             .into_iter()
             .map(|t| (t / m) as f32)
             .collect();
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let mut y = Vec::with_capacity(x.len());
-        for i in 0..n {
-            for ch in 0..c {
-                let (a, mu, b) = (gamma[ch] * inv_std[ch], mean[ch], beta[ch]);
-                let row = &x[(i * c + ch) * s..(i * c + ch + 1) * s];
-                y.extend(row.iter().map(|&v| (v - mu) * a + b));
-            }
-        }
+        let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+        let mut y = vec![0f32; x.len()];
+        channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], &mut y);
         *self.stats.lock().expect("stats lock") = Some(Stats {
             mean,
             var,
@@ -203,34 +247,22 @@ impl CustomOp3 for BatchNormTrain {
         let gamma = gamma.to_vec1::<f32>()?;
         let (dx, dgamma, dbeta) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
-                let xhat = |ch: usize, v: f32| (v - st.mean[ch]) * st.inv_std[ch];
-                let dbeta = channel_sums(dy, dims, |_, g| g as f64);
-                let mut dgamma = vec![0f64; c];
-                for i in 0..n {
-                    for (ch, acc) in dgamma.iter_mut().enumerate() {
-                        let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-                        *acc += x[r.clone()]
-                            .iter()
-                            .zip(&dy[r])
-                            .map(|(&v, &g)| (g * xhat(ch, v)) as f64)
-                            .sum::<f64>();
-                    }
-                }
+                let dbeta = channel_sums((dy, dy), dims, |_, g, _| g);
+                let dgamma = channel_sums((dy, x), dims, |ch, g, v| {
+                    g * (v - st.mean[ch]) * st.inv_std[ch]
+                });
+                // dx = k·(m·dy − dβ − x̂·dγ) with k = γ·σ⁻¹/m: linear in dy and x per channel.
                 let m = (n * s) as f32;
-                let mut dx = Vec::with_capacity(x.len());
-                for i in 0..n {
-                    for ch in 0..c {
-                        let k = gamma[ch] * st.inv_std[ch] / m;
-                        let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
-                        let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-                        dx.extend(
-                            x[r.clone()]
-                                .iter()
-                                .zip(&dy[r])
-                                .map(|(&v, &g)| k * (m * g - db - xhat(ch, v) * dg)),
-                        );
-                    }
+                let (mut p, mut q, mut r) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+                for ch in 0..c {
+                    let (inv, db, dg) = (st.inv_std[ch], dbeta[ch] as f32, dgamma[ch] as f32);
+                    let k = gamma[ch] * inv / m;
+                    p[ch] = k * m;
+                    q[ch] = -k * dg * inv;
+                    r[ch] = -k * db + k * dg * inv * st.mean[ch];
                 }
+                let mut dx = vec![0f32; x.len()];
+                channel_affine((dy, x), dims, [&p, &q, &r], &mut dx);
                 let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
                 (dx, f(dgamma), f(dbeta))
             })

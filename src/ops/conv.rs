@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{f32_slice, parallel_pieces, with_f32};
+use crate::ops::cpu::{f32_slice, lane_sum, parallel_map, parallel_pieces, with_f32};
 use crate::ops::im2col::{col2im_add, im2col, Geometry};
 use crate::{Error, Result};
 
@@ -281,24 +281,28 @@ impl Conv {
     }
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
-    /// [`Conv::forward_group`]) and adds their weight gradient to `dw`. A transposed
-    /// convolution extracts the columns of `dy` once for both.
+    /// [`Conv::forward_group`]) when `dx` is given and adds their weight gradient to `dw`. A
+    /// transposed convolution extracts the columns of `dy` once for both.
     fn backward_group(
         &self,
         w: &[f32],
         x: &[f32],
         dy: &[f32],
         g: usize,
-        dx: &mut [f32],
+        dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
         SCRATCH.with_borrow_mut(|s| {
             if self.transposed {
                 let cols = self.columns(dy, g, &mut s.cols);
-                self.gather(w, cols, g, dx, &mut s.mat);
+                if let Some(dx) = dx {
+                    self.gather(w, cols, g, dx, &mut s.mat);
+                }
                 self.weight_grad(x, cols, g, dw, &mut s.mat);
             } else {
-                self.scatter(w, dy, g, dx, s);
+                if let Some(dx) = dx {
+                    self.scatter(w, dy, g, dx, s);
+                }
                 let cols = self.columns(x, g, &mut s.cols);
                 self.weight_grad(dy, cols, g, dw, &mut s.mat);
             }
@@ -362,37 +366,50 @@ impl CustomOp3 for Conv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (in_len, out_len) = self.sizes();
         let n = x.dim(0)?;
+        let channels = bias.elem_count();
+        let plane = out_len / channels;
+        // An input that no variable depends on (a data batch, a detached sample) needs no
+        // gradient.
+        let need_dx = x.track_op();
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
                 with_f32(dy, NAME, |dy| {
-                    let mut dx = vec![0f32; n * in_len];
-                    // Weight gradients of fixed groups of images, summed in order: the same
-                    // bits whatever the number of threads.
-                    let partials = parallel_pieces(&mut dx, in_len * GROUP, |i, dxs| {
-                        let mut dw = vec![0f32; w.len()];
+                    // Weight and bias gradients of fixed groups of images, summed in order: the
+                    // same bits whatever the number of threads.
+                    let group = |i: usize, dxs: Option<&mut [f32]>| {
                         let (xs, dys) = (&x[i * GROUP * in_len..], &dy[i * GROUP * out_len..]);
-                        self.backward_group(w, xs, dys, dxs.len() / in_len, dxs, &mut dw);
-                        dw
-                    });
-                    let mut dw = vec![0f32; w.len()];
-                    for p in &partials {
-                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-                    }
-                    let channels = bias.elem_count();
-                    let plane = out_len / channels;
-                    let mut db = vec![0f32; channels];
-                    for dyi in dy.chunks(out_len) {
-                        for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
-                            *acc += row.iter().sum::<f32>();
+                        let g = GROUP.min(n - i * GROUP);
+                        let mut dw = vec![0f32; w.len()];
+                        self.backward_group(w, xs, dys, g, dxs, &mut dw);
+                        let mut db = vec![0f32; channels];
+                        for dyi in dys.chunks(out_len).take(g) {
+                            for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
+                                *acc += lane_sum(row, row, |v, _| v);
+                            }
                         }
+                        (dw, db)
+                    };
+                    let mut dx = vec![0f32; if need_dx { n * in_len } else { 0 }];
+                    let partials = if need_dx {
+                        parallel_pieces(&mut dx, in_len * GROUP, |i, dxs| group(i, Some(dxs)))
+                    } else {
+                        parallel_map(n.div_ceil(GROUP), |i| group(i, None))
+                    };
+                    let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; channels]);
+                    for (pw, pb) in &partials {
+                        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+                        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                     }
-                    (dx, dw, db)
+                    (need_dx.then_some(dx), dw, db)
                 })
             })
         })???;
         let dev = x.device();
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?;
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            dx,
             Some(Tensor::from_vec(dw, weight.shape(), dev)?),
             Some(Tensor::from_vec(db, bias.shape(), dev)?),
         ))
@@ -485,7 +502,7 @@ mod tests {
     use super::*;
     use crate::ops::testing;
     use crate::rng::Rng;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
     use proptest::prelude::*;
 
     /// Compares forward value and the gradients of input, kernel and bias of our layer
@@ -586,6 +603,42 @@ mod tests {
             6,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn an_input_without_variables_gets_no_gradient_and_the_same_kernel_gradients() {
+        // 11 images: one full group and a partial one, through both kinds.
+        let mut rng = Rng::new(12);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[11, 3, 6, 6], &dev).unwrap();
+        for (w, transposed) in [
+            (rng.normal(&[4, 3, 4, 4], &dev).unwrap(), false),
+            (rng.normal(&[3, 2, 4, 4], &dev).unwrap(), true),
+        ] {
+            let out_channels = if transposed { w.dim(1) } else { w.dim(0) }.unwrap();
+            let bv = Var::from_tensor(&rng.normal(&[out_channels], &dev).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w).unwrap();
+            let run = |x: &Tensor| {
+                let y = if transposed {
+                    conv_transpose2d(x, wv.as_tensor(), Some(bv.as_tensor()), 2, 1, 0)
+                } else {
+                    conv2d(x, wv.as_tensor(), Some(bv.as_tensor()), 2, 1)
+                }
+                .unwrap();
+                let r = Rng::new(1).normal(y.dims(), &dev).unwrap();
+                (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+            };
+            let xv = Var::from_tensor(&x).unwrap();
+            let (tracked, plain) = (run(xv.as_tensor()), run(&x));
+            assert!(tracked.get(xv.as_tensor()).is_some() && plain.get(&x).is_none());
+            for v in [&wv, &bv] {
+                let (a, b) = (
+                    tracked.get(v.as_tensor()).unwrap(),
+                    plain.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(testing::max_abs_diff(a, b), 0.0, "transposed {transposed}");
+            }
+        }
     }
 
     #[test]

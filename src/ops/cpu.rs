@@ -85,3 +85,53 @@ impl SharedPtr {
         unsafe { self.0.add(offset) }
     }
 }
+
+/// `Σ f(a[j], b[j])` over two equally long slices, accumulated in 16 independent f32 partial
+/// sums so that the loop vectorises (a single running sum is one long dependency chain that
+/// the compiler may not reorder). Pass the same slice twice for a one-operand sum.
+#[inline]
+pub(crate) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            lanes[l] += f(x[l], y[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Runs `f(channels)` over consecutive blocks of `0..c` in parallel and concatenates the
+/// per-channel results in channel order.
+pub(crate) fn per_channel_block<T: Send>(
+    c: usize,
+    f: impl Fn(std::ops::Range<usize>) -> Vec<T> + Sync,
+) -> Vec<T> {
+    let block = c.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
+    parallel_map(c.div_ceil(block), |b| f(b * block..c.min((b + 1) * block)))
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// `f(a[j], b[j])` for every `j` of two equally long slices, in parallel pieces.
+pub(crate) fn elementwise(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    /// Values per parallel piece: large enough to pay for handing a piece to a thread.
+    const PIECE: usize = 1 << 15;
+    assert_eq!(a.len(), b.len());
+    let mut out = vec![0f32; a.len()];
+    parallel_pieces(&mut out, PIECE, |i, piece| {
+        let r = i * PIECE..i * PIECE + piece.len();
+        for ((o, &x), &y) in piece.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+            *o = f(x, y);
+        }
+    });
+    out
+}
