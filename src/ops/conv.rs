@@ -149,6 +149,7 @@ fn matmul(
 struct Scratch {
     cols: Vec<f32>,
     mat: Vec<f32>,
+    planes: Vec<f32>,
 }
 
 thread_local! {
@@ -208,12 +209,17 @@ impl Conv {
     }
 
     /// The columns of `g` images (`[c, h, w]` each) side by side in `cols`: `[K, g·P]`.
-    fn columns<'s>(&self, images: &[f32], g: usize, cols: &'s mut Vec<f32>) -> &'s [f32] {
+    fn columns<'s>(
+        &self,
+        images: &[f32],
+        g: usize,
+        cols: &'s mut Vec<f32>,
+        planes: &mut Vec<f32>,
+    ) -> &'s [f32] {
         let (p, len) = (self.g.positions(), self.g.image());
         let cols = resized(cols, g * self.g.rows());
-        cols.fill(0.0);
         for (i, img) in images.chunks(len).take(g).enumerate() {
-            im2col(&self.g, img, &mut cols[i * p..], g * p);
+            im2col(&self.g, img, &mut cols[i * p..], g * p, planes);
         }
         cols
     }
@@ -257,7 +263,7 @@ impl Conv {
         matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
         images.fill(0.0);
         for (i, img) in images.chunks_mut(self.g.image()).take(g).enumerate() {
-            col2im_add(&self.g, &cols[i * p..], img, gp);
+            col2im_add(&self.g, &cols[i * p..], img, gp, &mut s.planes);
         }
     }
 
@@ -274,7 +280,7 @@ impl Conv {
             if self.transposed {
                 self.scatter(w, x, g, y, s)
             } else {
-                let cols = self.columns(x, g, &mut s.cols);
+                let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
                 self.gather(w, cols, g, y, &mut s.mat)
             }
         })
@@ -294,7 +300,7 @@ impl Conv {
     ) {
         SCRATCH.with_borrow_mut(|s| {
             if self.transposed {
-                let cols = self.columns(dy, g, &mut s.cols);
+                let cols = self.columns(dy, g, &mut s.cols, &mut s.planes);
                 if let Some(dx) = dx {
                     self.gather(w, cols, g, dx, &mut s.mat);
                 }
@@ -303,7 +309,7 @@ impl Conv {
                 if let Some(dx) = dx {
                     self.scatter(w, dy, g, dx, s);
                 }
-                let cols = self.columns(x, g, &mut s.cols);
+                let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
                 self.weight_grad(dy, cols, g, dw, &mut s.mat);
             }
         })

@@ -8,7 +8,7 @@
 mod activation;
 mod batchnorm;
 mod conv;
-mod cpu;
+pub(crate) mod cpu;
 mod groupnorm;
 mod im2col;
 #[cfg(test)]
