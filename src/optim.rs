@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 
+use crate::ops::cpu::parallel_for_each;
 use crate::{Error, Result};
 
 /// Adam's hyper-parameters.
@@ -180,11 +181,29 @@ impl InplaceOp2 for Update<'_> {
         if p.len() != g.len() || p.len() != m.len() {
             candle_core::bail!("adam-update: {} parameters, {} gradients", p.len(), g.len());
         }
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = self.beta1 * *m + (1.0 - self.beta1) * g;
-            *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
-            *p -= self.lr * (*m / self.correction1) / ((*v / self.correction2).sqrt() + self.eps);
-        }
+        /// Values per parallel piece.
+        const PIECE: usize = 1 << 14;
+        let (b1, b2, lr, c1, c2, eps) = (
+            self.beta1,
+            self.beta2,
+            self.lr,
+            self.correction1,
+            self.correction2,
+            self.eps,
+        );
+        let pieces: Vec<_> = p
+            .chunks_mut(PIECE)
+            .zip(g.chunks(PIECE))
+            .zip(m.chunks_mut(PIECE))
+            .zip(v.chunks_mut(PIECE))
+            .collect();
+        parallel_for_each(pieces, move |(((p, g), m), v)| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+            }
+        });
         Ok(())
     }
 }

@@ -69,8 +69,7 @@ impl Rng {
         let seed: u64 = self.0.random();
         // A uniform u32 below `p · 2³²` drops the element.
         let threshold = (p as f64 * 4_294_967_296.0) as u64;
-        let mut v = vec![0f32; n];
-        parallel_pieces(&mut v, PIECE, |i, piece| {
+        let (v, _) = parallel_pieces(n, PIECE, |i, piece| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(i as u64);
             let mut bits = vec![0u32; piece.len()];

@@ -2,11 +2,11 @@
 //! a 390,736-scalar generator and a two-convolution discriminator, widths configurable.
 
 use candle_core::{Device, Module, ModuleT, Tensor};
-use candle_nn::{linear, linear_no_bias, Linear};
+use candle_nn::{linear, linear_no_bias};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer};
+use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -86,7 +86,7 @@ fn upsample(
 /// convolutions (stride 1, 2, 2) with BN and LeakyReLU between them → tanh.
 pub struct Generator {
     cfg: DcganConfig,
-    fc: Linear,
+    fc: Dense,
     bn0: BatchNorm,
     deconv1: ConvLayer,
     bn1: BatchNorm,
@@ -103,7 +103,7 @@ impl Generator {
         let (w, s) = (cfg.g_width, cfg.image_size / 4);
         Ok(Generator {
             cfg: cfg.clone(),
-            fc: linear_no_bias(cfg.latent_dim, w * s * s, vb.pp("fc"))?,
+            fc: linear_no_bias(cfg.latent_dim, w * s * s, vb.pp("fc"))?.into(),
             bn0: batch_norm(w * s * s, vb.pp("bn0"))?,
             deconv1: upsample(w, w / 2, 1, vb.pp("deconv1"))?,
             bn1: batch_norm(w / 2, vb.pp("bn1"))?,
@@ -155,7 +155,7 @@ pub struct Discriminator {
     cfg: DcganConfig,
     conv1: ConvLayer,
     conv2: ConvLayer,
-    fc: Linear,
+    fc: Dense,
 }
 
 impl Discriminator {
@@ -168,7 +168,7 @@ impl Discriminator {
             cfg: cfg.clone(),
             conv1: ConvLayer::new(ConvKind::Forward, 1, w, 5, 2, 2, true, vb.pp("conv1"))?,
             conv2: ConvLayer::new(ConvKind::Forward, w, 2 * w, 5, 2, 2, true, vb.pp("conv2"))?,
-            fc: linear(2 * w * s * s, 1, vb.pp("fc"))?,
+            fc: linear(2 * w * s * s, 1, vb.pp("fc"))?.into(),
         })
     }
 

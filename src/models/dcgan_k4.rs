@@ -6,10 +6,10 @@
 //! Layers followed by BatchNorm have no bias; the others have one (PyTorch's default).
 
 use candle_core::{Device, Module, ModuleT, Tensor};
-use candle_nn::{linear, linear_no_bias, Linear};
+use candle_nn::{linear, linear_no_bias};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer};
+use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::Result;
 
 /// Latent dimension of this model.
@@ -20,7 +20,7 @@ const SLOPE: f64 = 0.2;
 
 /// The generator.
 pub struct K4Generator {
-    fc: Linear,
+    fc: Dense,
     bn0: BatchNorm,
     deconv1: ConvLayer,
     bn1: BatchNorm,
@@ -36,7 +36,7 @@ impl K4Generator {
             ConvLayer::new(kind, cin, cout, 4, 2, 1, bias, vb.pp(name))
         };
         Ok(K4Generator {
-            fc: linear_no_bias(LATENT_DIM, 128 * 49, vb.pp("fc"))?,
+            fc: linear_no_bias(LATENT_DIM, 128 * 49, vb.pp("fc"))?.into(),
             bn0: batch_norm(128 * 49, vb.pp("bn0"))?,
             deconv1: up(128, 64, false, "deconv1")?,
             bn1: batch_norm(64, vb.pp("bn1"))?,
@@ -68,7 +68,7 @@ pub struct K4Discriminator {
     conv1: ConvLayer,
     conv2: ConvLayer,
     bn2: BatchNorm,
-    fc: Linear,
+    fc: Dense,
 }
 
 impl K4Discriminator {
@@ -82,7 +82,7 @@ impl K4Discriminator {
             conv1: down(1, 64, true, "conv1")?,
             conv2: down(64, 128, false, "conv2")?,
             bn2: batch_norm(128, vb.pp("bn2"))?,
-            fc: linear(128 * 49, 1, vb.pp("fc"))?,
+            fc: linear(128 * 49, 1, vb.pp("fc"))?.into(),
         })
     }
 

@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Tensor, Var};
+use candle_core::{Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{f32_slice, lane_sum, parallel_pieces, per_channel_block, with_f32};
+use crate::ops::cpu::{lane_sum, parallel_pieces, per_channel_block, with_f32, F32Op, F32Op3};
 use crate::Result;
 
 const NAME: &str = "batch-norm-train";
@@ -47,7 +47,9 @@ impl BatchNorm {
             eps: self.eps,
             stats: stats.clone(),
         };
-        let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+        let y = x
+            .contiguous()?
+            .apply_op3(&self.weight, &self.bias, F32Op(op))?;
         let stats = stats.lock().expect("stats lock").clone();
         let Some(s) = stats else {
             candle_core::bail!("batch-norm: statistics were not computed");
@@ -156,17 +158,16 @@ fn channel_sums(
     })
 }
 
-/// `out = p[ch]·a + q[ch]·b + r[ch]` element-wise over two `[n, c, s]` arrays, in parallel over
+/// `p[ch]·a + q[ch]·b + r[ch]` element-wise over two `[n, c, s]` arrays, in parallel over
 /// blocks of samples.
 fn channel_affine(
     (a, b): (&[f32], &[f32]),
     (n, c, s): (usize, usize, usize),
     [p, q, r]: [&[f32]; 3],
-    out: &mut [f32],
-) {
+) -> Vec<f32> {
     let per_sample = c * s;
     let samples = n.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
-    parallel_pieces(out, per_sample * samples, |piece_index, piece| {
+    let (out, _) = parallel_pieces(a.len(), per_sample * samples, |piece_index, piece| {
         let start = piece_index * per_sample * samples;
         for (i, sample) in piece.chunks_mut(per_sample).enumerate() {
             let off = start + i * per_sample;
@@ -186,27 +187,16 @@ fn channel_affine(
             }
         }
     });
+    out
 }
 
-impl CustomOp3 for BatchNormTrain {
-    fn name(&self) -> &'static str {
-        NAME
-    }
+impl F32Op3 for BatchNormTrain {
+    const NAME: &'static str = NAME;
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (
-            f32_slice(s1, l1, NAME)?,
-            f32_slice(s2, l2, NAME)?,
-            f32_slice(s3, l3, NAME)?,
-        );
+        [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let dims @ (n, c, s) = ncs(l1.shape());
         let m = (n * s) as f64;
         let mean: Vec<f32> = channel_sums((x, x), dims, |_, v, _| v)
@@ -220,24 +210,20 @@ impl CustomOp3 for BatchNormTrain {
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-        let mut y = vec![0f32; x.len()];
-        channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], &mut y);
+        let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift]);
         *self.stats.lock().expect("stats lock") = Some(Stats {
             mean,
             var,
             inv_std,
             count: n * s,
         });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((y, l1.shape().clone()))
     }
 
     /// `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ·σ⁻¹/m · (m·dy − dβ − x̂·dγ)` per channel.
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
+        [x, gamma, _]: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(st) = self.stats.lock().expect("stats lock").clone() else {
@@ -261,8 +247,7 @@ impl CustomOp3 for BatchNormTrain {
                     q[ch] = -k * dg * inv;
                     r[ch] = -k * db + k * dg * inv * st.mean[ch];
                 }
-                let mut dx = vec![0f32; x.len()];
-                channel_affine((dy, x), dims, [&p, &q, &r], &mut dx);
+                let dx = channel_affine((dy, x), dims, [&p, &q, &r]);
                 let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
                 (dx, f(dgamma), f(dbeta))
             })
@@ -327,7 +312,7 @@ mod tests {
                     eps: 1e-5,
                     stats: Arc::new(Mutex::new(None)),
                 };
-                t[0].apply_op3(&t[1], &t[2], op).unwrap()
+                t[0].apply_op3(&t[1], &t[2], F32Op(op)).unwrap()
             },
             &[&x, &gamma, &gamma.affine(0.5, 0.1).unwrap()],
             6,

@@ -12,10 +12,10 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
+use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{f32_slice, lane_sum, parallel_map, parallel_pieces, with_f32};
+use crate::ops::cpu::{lane_sum, matmul, parallel_map, parallel_pieces, with_f32, F32Op, F32Op3};
 use crate::ops::im2col::{col2im_add, im2col, Geometry};
 use crate::{Error, Result};
 
@@ -97,51 +97,6 @@ pub fn conv_transpose2d(
     op.apply(x, weight, bias)
 }
 
-/// `dst [m × n] (row stride n) = (accumulate ? dst : 0) + lhs · rhs`, where `lhs [m × k]` and
-/// `rhs [k × n]` are read through (row, column) strides. Panics if a stride reaches outside a
-/// slice, which keeps the unchecked gemm call sound.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    accumulate: bool,
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-    };
-    assert!(dst.len() >= m * n);
-    assert!(m * k == 0 || last(m, k, lhs_rs, lhs_cs) < lhs.len());
-    assert!(k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len());
-    // SAFETY: the assertions above keep every index gemm computes inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Per-thread working memory of the kernels, kept between calls so that the column matrices
 /// are not allocated (and their pages faulted in) again at every layer and step. Every user
 /// overwrites the part it reads.
@@ -191,7 +146,7 @@ impl Conv {
             )));
         }
         Ok(x.contiguous()?
-            .apply_op3(&weight.contiguous()?, bias, self)?)
+            .apply_op3(&weight.contiguous()?, bias, F32Op(self))?)
     }
 
     /// Values per image on the other side, `c2 · positions`.
@@ -254,14 +209,14 @@ impl Conv {
         self.split(m, g, other);
     }
 
-    /// Images of `g` other-side blocks: `col2im(Wᵀ · join(other))` per image.
+    /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · join(other))`, onto `images`
+    /// (the zero-filled pieces of [`parallel_pieces`]).
     fn scatter(&self, w: &[f32], other: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
         let (p, k) = (self.g.positions(), self.g.patch());
         let gp = g * p;
         let m = self.join(other, g, &mut s.mat);
         let cols = resized(&mut s.cols, k * gp);
         matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
-        images.fill(0.0);
         for (i, img) in images.chunks_mut(self.g.image()).take(g).enumerate() {
             col2im_add(&self.g, &cols[i * p..], img, gp, &mut s.planes);
         }
@@ -324,33 +279,20 @@ impl Conv {
     }
 }
 
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        NAME
-    }
+impl F32Op3 for Conv {
+    const NAME: &'static str = NAME;
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            f32_slice(s1, l1, NAME)?,
-            f32_slice(s2, l2, NAME)?,
-            f32_slice(s3, l3, NAME)?,
-        );
+        [(x, l1), (w, _), (b, _)]: [(&[f32], &Layout); 3],
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (in_len, out_len) = self.sizes();
         let n = l1.dims()[0];
         if x.len() != n * in_len || w.len() != self.c2 * self.g.patch() {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
-        let mut y = vec![0f32; n * out_len];
         let plane = out_len / b.len();
-        parallel_pieces(&mut y, out_len * GROUP, |i, ys| {
+        let (y, _) = parallel_pieces(n * out_len, out_len * GROUP, |i, ys| {
             let g = ys.len() / out_len;
             self.forward_group(w, &x[i * GROUP * in_len..], g, ys);
             for yi in ys.chunks_mut(out_len) {
@@ -359,15 +301,12 @@ impl CustomOp3 for Conv {
                 }
             }
         });
-        Ok((CpuStorage::F32(y), self.out_shape(n)))
+        Ok((y, self.out_shape(n)))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _: &Tensor,
+        [x, weight, bias]: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (in_len, out_len) = self.sizes();
@@ -395,18 +334,21 @@ impl CustomOp3 for Conv {
                         }
                         (dw, db)
                     };
-                    let mut dx = vec![0f32; if need_dx { n * in_len } else { 0 }];
-                    let partials = if need_dx {
-                        parallel_pieces(&mut dx, in_len * GROUP, |i, dxs| group(i, Some(dxs)))
+                    let (dx, partials) = if need_dx {
+                        let (dx, partials) =
+                            parallel_pieces(n * in_len, in_len * GROUP, |i, dxs| {
+                                group(i, Some(dxs))
+                            });
+                        (Some(dx), partials)
                     } else {
-                        parallel_map(n.div_ceil(GROUP), |i| group(i, None))
+                        (None, parallel_map(n.div_ceil(GROUP), |i| group(i, None)))
                     };
                     let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; channels]);
                     for (pw, pb) in &partials {
                         dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
                         db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                     }
-                    (need_dx.then_some(dx), dw, db)
+                    (dx, dw, db)
                 })
             })
         })???;

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 
 /// The contiguous f32 data behind a storage and layout, or an error naming `op`.
 pub(crate) fn f32_slice<'a>(
@@ -30,28 +30,47 @@ pub(crate) fn with_f32<R>(
     }
 }
 
-/// Splits `out` into consecutive pieces of `len` values (the last may be shorter) and runs
-/// `f(piece index, piece)` for all pieces in parallel on candle's CPU worker pool: the threads
+/// A new vector of `total` values built in consecutive pieces of `len` values (the last may
+/// be shorter): `f(piece index, piece)` runs for all pieces in parallel on candle's CPU worker
+/// pool, each piece zero-filled by the thread that then writes it (so the zeroing is spread
+/// over the threads and leaves the piece in that thread's cache). The pool is the one
 /// candle's own kernels use, so that our kernels and candle's never compete for the cores
 /// (rayon's pool beside candle's would put four busy threads on two cores). Returns the
-/// results in piece order, so that summing them gives the same bits whatever the number of
-/// threads.
+/// vector and the results in piece order, so that summing them gives the same bits whatever
+/// the number of threads.
 pub(crate) fn parallel_pieces<T: Send>(
-    out: &mut [f32],
+    total: usize,
     len: usize,
     f: impl Fn(usize, &mut [f32]) -> T + Sync,
-) -> Vec<T> {
+) -> (Vec<f32>, Vec<T>) {
     assert!(len > 0);
-    let total = out.len();
-    let n = total.div_ceil(len);
+    let mut out: Vec<f32> = Vec::with_capacity(total);
     let base = SharedPtr(out.as_mut_ptr());
-    parallel_map(n, |i| {
+    let results = parallel_map(total.div_ceil(len), |i| {
         let (start, end) = (i * len, total.min((i + 1) * len));
         // SAFETY: `parallel_map` runs each index once, so the slices built here never overlap;
-        // each lies inside `out`, which outlives the call.
-        let piece = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+        // each lies inside `out`'s allocation of `total` values, which outlives the call, and
+        // is zero-filled before the slice is made, so that every value it shows is initialised.
+        let piece = unsafe {
+            std::ptr::write_bytes(base.at(start), 0, end - start);
+            std::slice::from_raw_parts_mut(base.at(start), end - start)
+        };
         f(i, piece)
-    })
+    });
+    // SAFETY: the pieces cover `0..total` and each was zero-filled above (a panic in `f`
+    // would have propagated before this point, leaving the vector empty).
+    unsafe { out.set_len(total) };
+    (out, results)
+}
+
+/// Runs `f(item)` for every item in parallel on candle's CPU worker pool (for work on
+/// disjoint mutable pieces that were split up front, such as `chunks_mut`).
+pub(crate) fn parallel_for_each<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync) {
+    let slots: Vec<Mutex<Option<I>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
+    parallel_map(slots.len(), |i| {
+        let item = slots[i].lock().expect("slot lock").take();
+        f(item.expect("every index runs once"))
+    });
 }
 
 /// Runs `f(i)` for `i` in `0..n` in parallel on candle's CPU worker pool and returns the
@@ -126,12 +145,112 @@ pub(crate) fn elementwise(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
     /// Values per parallel piece: large enough to pay for handing a piece to a thread.
     const PIECE: usize = 1 << 15;
     assert_eq!(a.len(), b.len());
-    let mut out = vec![0f32; a.len()];
-    parallel_pieces(&mut out, PIECE, |i, piece| {
+    let (out, _) = parallel_pieces(a.len(), PIECE, |i, piece| {
         let r = i * PIECE..i * PIECE + piece.len();
         for ((o, &x), &y) in piece.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
             *o = f(x, y);
         }
     });
     out
+}
+
+/// `dst [m × n] (row stride n) = (accumulate ? dst : 0) + lhs · rhs`, where `lhs [m × k]` and
+/// `rhs [k × n]` are read through (row, column) strides. Panics if a stride reaches outside a
+/// slice, which keeps the unchecked gemm call sound.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    assert!(dst.len() >= m * n);
+    assert!(m * k == 0 || last(m, k, lhs_rs, lhs_cs) < lhs.len());
+    assert!(k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len());
+    // SAFETY: the assertions above keep every index gemm computes inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A custom op of three tensors written against their contiguous f32 data; [`F32Op`] plugs it
+/// into candle as a `CustomOp3`.
+pub(crate) trait F32Op3 {
+    /// The op's name in candle's graph and error messages.
+    const NAME: &'static str;
+
+    /// The output values and shape, from each input's data and layout.
+    fn forward(&self, inputs: [(&[f32], &Layout); 3]) -> candle_core::Result<(Vec<f32>, Shape)>;
+
+    /// The gradients of the three inputs (`None`: no gradient) for the output gradient `dy`;
+    /// see `CustomOp3::bwd`.
+    fn backward(
+        &self,
+        inputs: [&Tensor; 3],
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
+}
+
+/// The candle `CustomOp3` of an [`F32Op3`].
+pub(crate) struct F32Op<T>(pub T);
+
+impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [
+            (f32_slice(s1, l1, T::NAME)?, l1),
+            (f32_slice(s2, l2, T::NAME)?, l2),
+            (f32_slice(s3, l3, T::NAME)?, l3),
+        ];
+        let (values, shape) = self.0.forward(inputs)?;
+        Ok((CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.0.backward([a, b, c], dy)
+    }
 }

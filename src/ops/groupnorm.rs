@@ -5,10 +5,10 @@
 //! node; in the diffusion U-Net they took most of a training step. Tensor names are
 //! PyTorch's and candle-nn's (`weight`, `bias`), so checkpoints do not change.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
+use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{f32_slice, parallel_map, parallel_pieces, with_f32};
+use crate::ops::cpu::{parallel_map, parallel_pieces, with_f32, F32Op, F32Op3};
 use crate::Result;
 
 const NAME: &str = "group-norm";
@@ -53,7 +53,8 @@ impl Module for GroupNorm {
             eps: self.eps,
             silu: self.silu,
         };
-        x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
+        x.contiguous()?
+            .apply_op3(&self.weight, &self.bias, F32Op(op))
     }
 }
 
@@ -88,49 +89,34 @@ impl GroupNormOp {
         (mean as f32, 1.0 / (var as f32 + self.eps).sqrt())
     }
 
-    /// Runs `f(sample, group, offset of the block)` over every block of `[n, c, s]` data,
-    /// with one sample's blocks per parallel piece of `out`.
+    /// A new `[n, c, s]` array written by `f(sample, group, the block's values)` for every
+    /// (sample, group) block, one sample's blocks per parallel piece; with `f`'s results in
+    /// block order.
     fn per_block<T: Send>(
         &self,
-        (_, c, s): (usize, usize, usize),
-        out: &mut [f32],
+        (n, c, s): (usize, usize, usize),
         f: impl Fn(usize, usize, &mut [f32]) -> T + Sync,
-    ) -> Vec<T> {
+    ) -> (Vec<f32>, Vec<T>) {
         let cg = c / self.groups;
-        parallel_pieces(out, c * s, |i, piece| {
+        let (out, results) = parallel_pieces(n * c * s, c * s, |i, piece| {
             (0..self.groups)
                 .map(|g| f(i, g, &mut piece[g * cg * s..(g + 1) * cg * s]))
                 .collect::<Vec<T>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect()
+        });
+        (out, results.into_iter().flatten().collect())
     }
 }
 
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        NAME
-    }
+impl F32Op3 for GroupNormOp {
+    const NAME: &'static str = NAME;
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (
-            f32_slice(s1, l1, NAME)?,
-            f32_slice(s2, l2, NAME)?,
-            f32_slice(s3, l3, NAME)?,
-        );
+        [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let dims @ (_, c, s) = ncs(l1.shape());
         let cg = c / self.groups;
-        let mut y = vec![0f32; x.len()];
-        self.per_block(dims, &mut y, |i, g, out| {
+        let (y, _) = self.per_block(dims, |i, g, out| {
             let start = (i * c + g * cg) * s;
             let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
             for k in 0..cg {
@@ -143,18 +129,15 @@ impl CustomOp3 for GroupNormOp {
                 }
             }
         });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((y, l1.shape().clone()))
     }
 
     /// With `z = γ·x̂ + β` and `dz = dy·silu'(z)` (or `dy`): `dβ = Σ dz`, `dγ = Σ dz·x̂` per
     /// channel, and per (sample, group) block of `m` values with `g = γ·dz`:
     /// `dx = σ⁻¹/m · (m·g − Σ g − x̂·Σ g·x̂)`.
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _: &Tensor,
+        [x, gamma, beta]: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims @ (_, c, s) = ncs(x.shape());
@@ -163,9 +146,8 @@ impl CustomOp3 for GroupNormOp {
         let beta = beta.to_vec1::<f32>()?;
         let (dx, per_block) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
-                let mut dx = vec![0f32; x.len()];
                 // Each block returns its channels' (Σ dz, Σ dz·x̂).
-                let sums = self.per_block(dims, &mut dx, |i, g, out| {
+                self.per_block(dims, |i, g, out| {
                     let start = (i * c + g * cg) * s;
                     let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
                     let m = (cg * s) as f32;
@@ -198,8 +180,7 @@ impl CustomOp3 for GroupNormOp {
                         *o = inv_std / m * (m * *o - sum_g - xh * sum_gx);
                     }
                     channel
-                });
-                (dx, sums)
+                })
             })
         })??;
         let n = dims.0;
@@ -249,11 +230,11 @@ mod tests {
             .apply_op3(
                 w,
                 b,
-                GroupNormOp {
+                F32Op(GroupNormOp {
                     groups,
                     eps: 1e-5,
                     silu,
-                },
+                }),
             )
             .unwrap()
     }

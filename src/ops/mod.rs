@@ -9,6 +9,7 @@ mod activation;
 mod batchnorm;
 mod conv;
 pub(crate) mod cpu;
+mod dense;
 mod groupnorm;
 mod im2col;
 #[cfg(test)]
@@ -17,5 +18,6 @@ pub(crate) mod testing;
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
+pub use dense::Dense;
 pub use groupnorm::{group_norm, GroupNorm};
 pub use im2col::Geometry;
