@@ -171,11 +171,8 @@ impl Conv {
         cols: &'s mut Vec<f32>,
         planes: &mut Vec<f32>,
     ) -> &'s [f32] {
-        let (p, len) = (self.g.positions(), self.g.image());
         let cols = resized(cols, g * self.g.rows());
-        for (i, img) in images.chunks(len).take(g).enumerate() {
-            im2col(&self.g, img, &mut cols[i * p..], g * p, planes);
-        }
+        im2col(&self.g, &images[..g * self.g.image()], g, cols, planes);
         cols
     }
 
@@ -212,14 +209,17 @@ impl Conv {
     /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · join(other))`, onto `images`
     /// (the zero-filled pieces of [`parallel_pieces`]).
     fn scatter(&self, w: &[f32], other: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
-        let (p, k) = (self.g.positions(), self.g.patch());
-        let gp = g * p;
+        let (gp, k) = (g * self.g.positions(), self.g.patch());
         let m = self.join(other, g, &mut s.mat);
         let cols = resized(&mut s.cols, k * gp);
         matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
-        for (i, img) in images.chunks_mut(self.g.image()).take(g).enumerate() {
-            col2im_add(&self.g, &cols[i * p..], img, gp, &mut s.planes);
-        }
+        col2im_add(
+            &self.g,
+            cols,
+            g,
+            &mut images[..g * self.g.image()],
+            &mut s.planes,
+        );
     }
 
     /// `dw [c2, K] += join(other) [c2, g·P] · colsᵀ`.

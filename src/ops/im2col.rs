@@ -119,6 +119,7 @@ impl Geometry {
                     cols,
                     dy,
                     dx,
+                    oh,
                     ow,
                     zero_cols: (0..xs.start).chain(xs.end..ow).collect(),
                     ys,
@@ -138,15 +139,17 @@ fn valid(d: isize, len: usize, out: usize) -> Range<usize> {
 }
 
 /// How the column-matrix row of one kernel entry reads a channel's phase planes: output
-/// position `(oy, ox)` reads entry `(oy + dy, ox + dx)` of the plane that starts `offset`
-/// values into the channel's block and has `rows × cols` entries; outside the valid output rows `ys`
-/// and columns `xs` it reads padding.
+/// position `(oy, ox)` of an image reads entry `(oy + dy, ox + dx)` of that image's plane,
+/// which has `rows × cols` entries and, with the same plane of the other images of the group,
+/// starts `offset` values (times the images) into the channel's block; outside the valid
+/// output rows `ys` and columns `xs` it reads padding.
 struct Shift {
     offset: usize,
     rows: usize,
     cols: usize,
     dy: isize,
     dx: isize,
+    oh: usize,
     ow: usize,
     ys: Range<usize>,
     xs: Range<usize>,
@@ -155,169 +158,179 @@ struct Shift {
 }
 
 impl Shift {
-    /// Where output `(oy, xs.start)` reads in the plane.
-    fn source(&self, oy: usize) -> usize {
-        (((oy as isize + self.dy) * self.cols as isize) + self.xs.start as isize + self.dx) as usize
+    /// Whether a plane has the output's size, so that the planes of a group, back to back,
+    /// map onto the group's output positions by one flat shift.
+    fn flat(&self) -> bool {
+        self.rows == self.oh && self.cols == self.ow
     }
 
-    /// Writes one row `[oh·ow]` of the column matrix from the channel's planes.
-    fn copy(&self, planes: &[f32], dst: &mut [f32]) {
-        let (ow, ys) = (self.ow, &self.ys);
-        if ys.is_empty() {
-            dst.fill(0.0);
-            return;
-        }
-        let plane = &planes[self.offset..];
-        if ys.start > 0 {
-            dst[..ys.start * ow].fill(0.0);
-        }
-        if ys.end * ow < dst.len() {
-            dst[ys.end * ow..].fill(0.0);
-        }
-        let rows = &mut dst[ys.start * ow..ys.end * ow];
-        if self.cols == ow {
-            // Plane rows as long as output rows: the valid rows are one shifted copy; its
-            // entries at invalid columns read across a row end and are zeroed after.
-            let base = ((ys.start as isize + self.dy) * ow as isize) + self.dx;
-            let skip = (-base).max(0) as usize;
-            let end = (rows.len() as isize).min((self.rows * ow) as isize - base) as usize;
-            let start = (base + skip as isize) as usize;
-            let len = end.max(skip) - skip;
-            rows[skip..skip + len].copy_from_slice(&plane[start..start + len]);
-            for row in rows.chunks_mut(ow) {
+    /// The flat index shift from an output position to the plane entry it reads.
+    fn shift(&self) -> isize {
+        self.dy * self.ow as isize + self.dx
+    }
+
+    /// Sets the entries of one row (`n` images of `oh·ow` positions) of the column matrix that
+    /// read padding to zero.
+    fn zero_padding(&self, row: &mut [f32]) {
+        let ow = self.ow;
+        for image in row.chunks_mut(self.oh * ow) {
+            if self.ys.is_empty() {
+                image.fill(0.0);
+                continue;
+            }
+            image[..self.ys.start * ow].fill(0.0);
+            image[self.ys.end * ow..].fill(0.0);
+            for oy in self.ys.clone() {
                 for &c in &self.zero_cols {
-                    row[c] = 0.0;
+                    image[oy * ow + c] = 0.0;
                 }
+            }
+        }
+    }
+
+    /// The positions `0..len` (of a flat row) whose shifted entry lies inside `0..planes`.
+    fn clipped(&self, len: usize, planes: usize) -> Range<usize> {
+        valid(self.shift(), planes, len)
+    }
+
+    /// Writes one row of the column matrix (`n` images) from the group's planes of one
+    /// channel and phase.
+    fn copy(&self, planes: &[f32], row: &mut [f32]) {
+        let per_image = self.rows * self.cols;
+        if per_image == 0 {
+            // A phase without pixels: every entry is padding.
+        } else if self.flat() {
+            // One shifted copy; the entries that read across a row or image end are padding.
+            let r = self.clipped(row.len(), planes.len());
+            if !r.is_empty() {
+                let from = (r.start as isize + self.shift()) as usize;
+                row[r.clone()].copy_from_slice(&planes[from..from + r.len()]);
             }
         } else {
-            for (oy, row) in ys.clone().zip(rows.chunks_mut(ow)) {
-                let from = self.source(oy);
-                row[self.xs.clone()].copy_from_slice(&plane[from..from + self.xs.len()]);
-                for &c in &self.zero_cols {
-                    row[c] = 0.0;
+            for (plane, image) in planes
+                .chunks(per_image)
+                .zip(row.chunks_mut(self.oh * self.ow))
+            {
+                for oy in self.ys.clone() {
+                    let at = self.entry(oy);
+                    let out = &mut image[oy * self.ow + self.xs.start..oy * self.ow + self.xs.end];
+                    out.copy_from_slice(&plane[at..at + out.len()]);
                 }
             }
         }
+        self.zero_padding(row);
     }
 
     /// The adjoint of [`Shift::copy`]: adds one row of the column matrix onto the planes.
-    fn add(&self, src: &[f32], planes: &mut [f32]) {
-        let (ow, ys) = (self.ow, &self.ys);
-        let plane = &mut planes[self.offset..];
-        if self.cols == ow && self.zero_cols.is_empty() {
-            // Every column valid and rows equally long: the valid rows are one shifted block.
-            let from = self.source(ys.start);
-            let block = &src[ys.start * ow..ys.end * ow];
-            for (p, v) in plane[from..from + block.len()].iter_mut().zip(block) {
-                *p += v;
+    /// Zeroes the row's padding entries first (the row is working memory).
+    fn add(&self, row: &mut [f32], planes: &mut [f32]) {
+        self.zero_padding(row);
+        let per_image = self.rows * self.cols;
+        if per_image == 0 {
+            // A phase without pixels receives nothing.
+        } else if self.flat() {
+            // One shifted sum: the zeroed padding entries add nothing where they land.
+            let r = self.clipped(row.len(), planes.len());
+            if !r.is_empty() {
+                let from = (r.start as isize + self.shift()) as usize;
+                let len = r.len();
+                for (p, v) in planes[from..from + len].iter_mut().zip(&row[r]) {
+                    *p += v;
+                }
             }
-            return;
-        }
-        for oy in ys.clone() {
-            let from = self.source(oy);
-            let row = &src[oy * ow + self.xs.start..oy * ow + self.xs.end];
-            for (p, v) in plane[from..from + row.len()].iter_mut().zip(row) {
-                *p += v;
+        } else {
+            for (plane, image) in planes
+                .chunks_mut(per_image)
+                .zip(row.chunks(self.oh * self.ow))
+            {
+                for oy in self.ys.clone() {
+                    let at = self.entry(oy);
+                    let src = &image[oy * self.ow + self.xs.start..oy * self.ow + self.xs.end];
+                    for (p, v) in plane[at..at + src.len()].iter_mut().zip(src) {
+                        *p += v;
+                    }
+                }
             }
         }
+    }
+
+    /// Where output `(oy, xs.start)` of an image reads in that image's plane.
+    fn entry(&self, oy: usize) -> usize {
+        ((oy as isize + self.dy) * self.cols as isize + self.xs.start as isize + self.dx) as usize
     }
 }
 
 /// Calls `f(pixel, entry, len)` for every run of an image row that forms one row of a stride
-/// phase plane (see [`Geometry::plane_dims`]): pixels `pixel`, `pixel + stride`, … are the
-/// entries `entry`, `entry + 1`, … (`len` of them) of the image's planes.
-fn phase_runs(g: &Geometry, mut f: impl FnMut(usize, usize, usize)) {
+/// phase plane (see [`Geometry::plane_dims`]), for `n` images `[n, c, h, w]` whose planes are
+/// grouped by channel and phase (each block holding that plane of all `n` images in turn):
+/// pixels `pixel`, `pixel + stride`, … are the entries `entry`, `entry + 1`, … (`len` of them).
+fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
     let (s, hw) = (g.stride, g.h * g.w);
     let offsets = g.plane_offsets();
     for ci in 0..g.c {
-        for iy in 0..g.h {
-            let (qy, jy) = (iy % s, iy / s);
-            for qx in 0..s.min(g.w) {
-                let pw = g.plane_dims(qy, qx).1;
-                f(
-                    ci * hw + iy * g.w + qx,
-                    ci * hw + offsets[qy * s + qx] + jy * pw,
-                    pw,
-                );
+        for img in 0..n {
+            for iy in 0..g.h {
+                let (qy, jy) = (iy % s, iy / s);
+                for qx in 0..s.min(g.w) {
+                    let (ph, pw) = g.plane_dims(qy, qx);
+                    let entry = ci * n * hw + n * offsets[qy * s + qx] + (img * ph + jy) * pw;
+                    f((img * g.c + ci) * hw + iy * g.w + qx, entry, pw);
+                }
             }
         }
     }
 }
 
-/// Writes the patches of one image `[c, h, w]` as columns of a `[c·k·k, positions]` block of
-/// `cols` whose rows are `row_stride` apart (so that the blocks of several images can sit
-/// side by side in one `[c·k·k, images·positions]` matrix), zeros where a patch overhangs
-/// the padding. `buf` is working memory.
-pub fn im2col(
-    g: &Geometry,
-    image: &[f32],
-    cols: &mut [f32],
-    row_stride: usize,
-    buf: &mut Vec<f32>,
-) {
-    let (positions, hw, kk) = (g.positions(), g.h * g.w, g.k * g.k);
-    let image = &image[..g.image()];
-    let planes: &[f32] = if g.stride == 1 {
-        image
-    } else {
-        buf.resize(g.image(), 0.0);
-        phase_runs(g, |pixel, entry, len| {
-            let pixels = image[pixel..].iter().step_by(g.stride);
-            buf[entry..entry + len]
-                .iter_mut()
-                .zip(pixels)
-                .for_each(|(p, x)| *p = *x);
-        });
-        buf
-    };
+/// Writes the patches of `n` images `[n, c, h, w]` as the columns of a `[c·k·k, n·positions]`
+/// matrix (image after image along each row), zeros where a patch overhangs the padding.
+/// `buf` is working memory.
+pub fn im2col(g: &Geometry, images: &[f32], n: usize, cols: &mut [f32], buf: &mut Vec<f32>) {
+    let (len, hw, kk, s) = (n * g.positions(), g.h * g.w, g.k * g.k, g.stride);
+    buf.resize(n * g.image(), 0.0);
+    phase_runs(g, n, |pixel, entry, run| {
+        let pixels = images[pixel..].iter().step_by(s);
+        buf[entry..entry + run]
+            .iter_mut()
+            .zip(pixels)
+            .for_each(|(p, x)| *p = *x);
+    });
     for (e, shift) in g.shifts().iter().enumerate() {
+        let at = n * shift.offset;
         for ci in 0..g.c {
+            let planes = &buf[ci * n * hw + at..ci * n * hw + at + n * shift.rows * shift.cols];
             let r = ci * kk + e;
-            shift.copy(
-                &planes[ci * hw..(ci + 1) * hw],
-                &mut cols[r * row_stride..r * row_stride + positions],
-            );
+            shift.copy(planes, &mut cols[r * len..(r + 1) * len]);
         }
     }
 }
 
-/// The adjoint of [`im2col`]: adds every column of the block back onto the pixels its patch
-/// covers. `buf` is working memory.
+/// The adjoint of [`im2col`]: adds every column of the matrix back onto the pixels its patch
+/// covers. `cols` is consumed as working memory (its padding entries are zeroed); `buf` is
+/// working memory.
 pub fn col2im_add(
     g: &Geometry,
-    cols: &[f32],
-    image: &mut [f32],
-    row_stride: usize,
+    cols: &mut [f32],
+    n: usize,
+    images: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    let (positions, hw, kk) = (g.positions(), g.h * g.w, g.k * g.k);
-    let strided = g.stride > 1;
-    if strided {
-        buf.clear();
-        buf.resize(g.image(), 0.0);
-    }
-    let planes: &mut [f32] = if strided {
-        buf
-    } else {
-        &mut image[..g.image()]
-    };
+    let (len, hw, kk, s) = (n * g.positions(), g.h * g.w, g.k * g.k, g.stride);
+    buf.clear();
+    buf.resize(n * g.image(), 0.0);
     for (e, shift) in g.shifts().iter().enumerate() {
+        let at = n * shift.offset;
         for ci in 0..g.c {
+            let planes = &mut buf[ci * n * hw + at..ci * n * hw + at + n * shift.rows * shift.cols];
             let r = ci * kk + e;
-            shift.add(
-                &cols[r * row_stride..r * row_stride + positions],
-                &mut planes[ci * hw..(ci + 1) * hw],
-            );
+            shift.add(&mut cols[r * len..(r + 1) * len], planes);
         }
     }
-    if strided {
-        phase_runs(g, |pixel, entry, len| {
-            let pixels = image[pixel..].iter_mut().step_by(g.stride);
-            pixels
-                .zip(&buf[entry..entry + len])
-                .for_each(|(x, p)| *x += p);
-        });
-    }
+    phase_runs(g, n, |pixel, entry, run| {
+        let pixels = images[pixel..].iter_mut().step_by(s);
+        pixels
+            .zip(&buf[entry..entry + run])
+            .for_each(|(x, p)| *x += p);
+    });
 }
 
 #[cfg(test)]
@@ -362,41 +375,38 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// <im2col(x), c> = <x, col2im(c)>: col2im is im2col's adjoint, which is exactly what
-        /// makes each the other's backward pass.
+        /// <im2col(x), c> = <x, col2im(c)> for a group of 1 to 3 images: col2im is im2col's
+        /// adjoint, which is exactly what makes each the other's backward pass.
         #[test]
-        fn col2im_is_the_adjoint_of_im2col((g, seed) in geometries()) {
+        fn col2im_is_the_adjoint_of_im2col((g, seed) in geometries(), n in 1usize..4) {
             let mut rng = Rng::new(seed);
-            let x = rng.normal_vec(g.image());
-            let cols = rng.normal_vec(g.rows());
-            let mut x_cols = vec![0f32; g.rows()];
-            im2col(&g, &x, &mut x_cols, g.positions(), &mut Vec::new());
-            let mut back = vec![0f32; g.image()];
-            col2im_add(&g, &cols, &mut back, g.positions(), &mut Vec::new());
+            let x = rng.normal_vec(n * g.image());
+            let cols = rng.normal_vec(n * g.rows());
+            let mut x_cols = vec![0f32; n * g.rows()];
+            im2col(&g, &x, n, &mut x_cols, &mut Vec::new());
+            let mut back = vec![0f32; n * g.image()];
+            col2im_add(&g, &mut cols.clone(), n, &mut back, &mut Vec::new());
             let (lhs, rhs) = (dot(&x_cols, &cols), dot(&x, &back));
             prop_assert!((lhs - rhs).abs() <= 1e-3 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
         }
 
-        /// Every entry of the column block, written over a buffer full of garbage, is the
-        /// pixel its patch position reads (zero in the padding), for the second of two
-        /// images side by side.
+        /// Every entry of the column matrix of a group of 1 to 3 images, written over a buffer
+        /// full of garbage, is the pixel its patch position reads (zero in the padding).
         #[test]
-        fn im2col_matches_its_definition((g, seed) in geometries()) {
-            let Geometry { c: _, h, w, k, stride, pad } = g;
-            let x = Rng::new(seed).normal_vec(g.image());
+        fn im2col_matches_its_definition((g, seed) in geometries(), n in 1usize..4) {
+            let Geometry { c, h, w, k, stride, pad } = g;
+            let x = Rng::new(seed).normal_vec(n * g.image());
             let p = g.positions();
-            let mut cols = vec![f32::NAN; 2 * g.rows()];
-            im2col(&g, &x, &mut cols[p..], 2 * p, &mut Vec::new());
+            let mut cols = vec![f32::NAN; n * g.rows()];
+            im2col(&g, &x, n, &mut cols, &mut Vec::new());
             let (oh, ow) = (g.oh(), g.ow());
             for r in 0..g.patch() {
                 let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (iy, ix) = ((oy * stride + ky) as isize - pad as isize, (ox * stride + kx) as isize - pad as isize);
-                        let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
-                        let want = if inside { x[(ci * h + iy as usize) * w + ix as usize] } else { 0.0 };
-                        prop_assert_eq!(cols[r * 2 * p + p + oy * ow + ox], want, "row {} at ({}, {})", r, oy, ox);
-                    }
+                for (img, oy, ox) in (0..n).flat_map(|i| (0..oh).flat_map(move |y| (0..ow).map(move |x| (i, y, x)))) {
+                    let (iy, ix) = ((oy * stride + ky) as isize - pad as isize, (ox * stride + kx) as isize - pad as isize);
+                    let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                    let want = if inside { x[((img * c + ci) * h + iy as usize) * w + ix as usize] } else { 0.0 };
+                    prop_assert_eq!(cols[r * n * p + img * p + oy * ow + ox], want, "row {} image {} at ({}, {})", r, img, oy, ox);
                 }
             }
         }
@@ -414,18 +424,23 @@ mod tests {
             pad: 1,
         };
         let mut cols = vec![0f32; g.rows()];
-        im2col(&g, &x, &mut cols, g.positions(), &mut Vec::new());
+        im2col(&g, &x, 1, &mut cols, &mut Vec::new());
         assert_eq!(g.positions(), 9);
         // Row r holds kernel entry r at each of the 9 output positions.
         assert_eq!(cols[0..9], [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
         assert_eq!(cols[27..36], [1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
-        // Two images side by side: the second's block starts 9 values into each row.
+        // Two images: each row holds the first image's 9 positions, then the second's.
+        let two_images = [x, x.map(|v| -v)].concat();
         let mut two = vec![0f32; 2 * g.rows()];
-        im2col(&g, &x, &mut two[9..], 18, &mut Vec::new());
-        assert_eq!(two[9..18], cols[0..9]);
-        assert_eq!(two[27..36], cols[9..18]);
+        im2col(&g, &two_images, 2, &mut two, &mut Vec::new());
+        assert_eq!(two[0..9], cols[0..9]);
+        assert_eq!(
+            two[9..18],
+            cols[0..9].iter().map(|v| -v).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(two[18..27], cols[9..18]);
         let mut back = vec![0f32; 4];
-        col2im_add(&g, &cols, &mut back, g.positions(), &mut Vec::new());
+        col2im_add(&g, &mut cols, 1, &mut back, &mut Vec::new());
         // Every pixel appears in 4 of the 9 padded patches.
         assert_eq!(back, vec![4.0, 8.0, 12.0, 16.0]);
         assert!(Geometry { k: 5, ..g }.validate().is_err());
