@@ -193,65 +193,54 @@ impl Shift {
         valid(self.shift(), planes, len)
     }
 
-    /// Writes one row of the column matrix (`n` images) from the group's planes of one
-    /// channel and phase.
-    fn copy(&self, planes: &[f32], row: &mut [f32]) {
+    /// Calls `f(positions, entry)` for runs of a row of the column matrix (`len` positions,
+    /// `n` images) that read consecutive plane entries from `entry` on, among `planes` values:
+    /// one run in all when the planes have the output's size (positions reading across a row
+    /// or image end, or outside the planes, are padding), one per image and valid output row
+    /// otherwise.
+    fn runs(&self, len: usize, planes: usize, mut f: impl FnMut(Range<usize>, usize)) {
         let per_image = self.rows * self.cols;
         if per_image == 0 {
-            // A phase without pixels: every entry is padding.
+            // A phase without pixels: every position is padding.
         } else if self.flat() {
-            // One shifted copy; the entries that read across a row or image end are padding.
-            let r = self.clipped(row.len(), planes.len());
+            let r = self.clipped(len, planes);
             if !r.is_empty() {
                 let from = (r.start as isize + self.shift()) as usize;
-                row[r.clone()].copy_from_slice(&planes[from..from + r.len()]);
+                f(r, from);
             }
         } else {
-            for (plane, image) in planes
-                .chunks(per_image)
-                .zip(row.chunks_mut(self.oh * self.ow))
-            {
+            let (ow, out) = (self.ow, self.oh * self.ow);
+            for img in 0..len / out {
                 for oy in self.ys.clone() {
-                    let at = self.entry(oy);
-                    let out = &mut image[oy * self.ow + self.xs.start..oy * self.ow + self.xs.end];
-                    out.copy_from_slice(&plane[at..at + out.len()]);
+                    let at = img * per_image + self.entry(oy);
+                    let start = img * out + oy * ow;
+                    f(start + self.xs.start..start + self.xs.end, at);
                 }
             }
         }
+    }
+
+    /// Writes one row of the column matrix (`n` images) from the group's planes of one
+    /// channel and phase.
+    fn copy(&self, planes: &[f32], row: &mut [f32]) {
+        self.runs(row.len(), planes.len(), |r, at| {
+            let len = r.len();
+            row[r].copy_from_slice(&planes[at..at + len]);
+        });
         self.zero_padding(row);
     }
 
     /// The adjoint of [`Shift::copy`]: adds one row of the column matrix onto the planes.
-    /// Zeroes the row's padding entries first (the row is working memory).
+    /// Zeroes the row's padding entries first (the row is working memory), so that in the
+    /// single flat run they add nothing where they land.
     fn add(&self, row: &mut [f32], planes: &mut [f32]) {
         self.zero_padding(row);
-        let per_image = self.rows * self.cols;
-        if per_image == 0 {
-            // A phase without pixels receives nothing.
-        } else if self.flat() {
-            // One shifted sum: the zeroed padding entries add nothing where they land.
-            let r = self.clipped(row.len(), planes.len());
-            if !r.is_empty() {
-                let from = (r.start as isize + self.shift()) as usize;
-                let len = r.len();
-                for (p, v) in planes[from..from + len].iter_mut().zip(&row[r]) {
-                    *p += v;
-                }
+        self.runs(row.len(), planes.len(), |r, at| {
+            let len = r.len();
+            for (p, v) in planes[at..at + len].iter_mut().zip(&row[r]) {
+                *p += v;
             }
-        } else {
-            for (plane, image) in planes
-                .chunks_mut(per_image)
-                .zip(row.chunks(self.oh * self.ow))
-            {
-                for oy in self.ys.clone() {
-                    let at = self.entry(oy);
-                    let src = &image[oy * self.ow + self.xs.start..oy * self.ow + self.xs.end];
-                    for (p, v) in plane[at..at + src.len()].iter_mut().zip(src) {
-                        *p += v;
-                    }
-                }
-            }
-        }
+        });
     }
 
     /// Where output `(oy, xs.start)` of an image reads in that image's plane.
