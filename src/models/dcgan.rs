@@ -1,12 +1,12 @@
 //! The MNIST DCGAN of the public DGM-backdoor reference (IBM ART, Rawat et al.):
 //! a 390,736-scalar generator and a two-convolution discriminator, widths configurable.
 
-use candle_core::{Device, Module, ModuleT, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{linear, linear_no_bias};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer, Dense};
+use crate::ops::{batch_norm, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -130,12 +130,14 @@ impl Generator {
         }
         let a = self.cfg.leaky_slope;
         let (w, s) = (self.cfg.g_width, self.cfg.image_size / 4);
-        let x = self.bn0.forward_t(&self.fc.forward(z)?, train)?;
-        let x = leaky_relu(&x, a)?.reshape((n, w, s, s))?;
-        let x = self.bn1.forward_t(&self.deconv1.forward(&x)?, train)?;
-        let x = leaky_relu(&x, a)?;
-        let x = self.bn2.forward_t(&self.deconv2.forward(&x)?, train)?;
-        let x = leaky_relu(&x, a)?;
+        let x = self.bn0.forward_leaky(&self.fc.forward(z)?, train, a)?;
+        let x = x.reshape((n, w, s, s))?;
+        let x = self
+            .bn1
+            .forward_leaky(&self.deconv1.forward(&x)?, train, a)?;
+        let x = self
+            .bn2
+            .forward_leaky(&self.deconv2.forward(&x)?, train, a)?;
         Ok(self.deconv3.forward(&x)?.tanh()?)
     }
 
@@ -184,8 +186,8 @@ impl Discriminator {
                 _ => Ok(t),
             }
         };
-        let x = drop(leaky_relu(&self.conv1.forward(x)?, a)?)?;
-        let x = drop(leaky_relu(&self.conv2.forward(&x)?, a)?)?;
+        let x = drop(self.conv1.forward_leaky(x, a)?)?;
+        let x = drop(self.conv2.forward_leaky(&x, a)?)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
     }
 

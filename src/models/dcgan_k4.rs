@@ -5,11 +5,11 @@
 //! D: Conv 1→64 + LeakyReLU(0.2), Conv 64→128 + BN + LeakyReLU(0.2), Linear → 1.
 //! Layers followed by BatchNorm have no bias; the others have one (PyTorch's default).
 
-use candle_core::{Device, Module, ModuleT, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{linear, linear_no_bias};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, leaky_relu, BatchNorm, ConvKind, ConvLayer, Dense};
+use crate::ops::{batch_norm, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::Result;
 
 /// Latent dimension of this model.
@@ -47,9 +47,11 @@ impl K4Generator {
     /// Images `[n, 1, 28, 28]` for latents `[n, 100]`, with batch statistics.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
-        let x = leaky_relu(&self.bn0.forward_t(&self.fc.forward(z)?, true)?, 0.0)?;
+        let x = self.bn0.forward_leaky(&self.fc.forward(z)?, true, 0.0)?;
         let x = x.reshape((n, 128, 7, 7))?;
-        let x = leaky_relu(&self.bn1.forward_t(&self.deconv1.forward(&x)?, true)?, 0.0)?;
+        let x = self
+            .bn1
+            .forward_leaky(&self.deconv1.forward(&x)?, true, 0.0)?;
         Ok(self.deconv2.forward(&x)?.tanh()?)
     }
 
@@ -88,9 +90,10 @@ impl K4Discriminator {
 
     /// Logits `[n]` for images `[n, 1, 28, 28]`, with batch statistics.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = leaky_relu(&self.conv1.forward(x)?, SLOPE)?;
-        let x = self.bn2.forward_t(&self.conv2.forward(&x)?, true)?;
-        let x = leaky_relu(&x, SLOPE)?;
+        let x = self.conv1.forward_leaky(x, SLOPE)?;
+        let x = self
+            .bn2
+            .forward_leaky(&self.conv2.forward(&x)?, true, SLOPE)?;
         Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
     }
 

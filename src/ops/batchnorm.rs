@@ -11,6 +11,7 @@ use candle_core::{Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{lane_sum, parallel_pieces, per_channel_block, with_f32, F32Op, F32Op3};
+use crate::ops::leaky_relu;
 use crate::Result;
 
 const NAME: &str = "batch-norm-train";
@@ -40,16 +41,19 @@ pub fn batch_norm(num_features: usize, vb: VarBuilder) -> Result<BatchNorm> {
 }
 
 impl BatchNorm {
-    /// Normalises with the batch's statistics and moves the running statistics towards them.
-    fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Normalises with the batch's statistics and moves the running statistics towards them;
+    /// then applies a LeakyReLU of slope `leaky`, if given, in the same graph node.
+    fn forward_train(&self, x: &Tensor, leaky: Option<f32>) -> candle_core::Result<Tensor> {
         let stats = Arc::new(Mutex::new(None));
         let op = BatchNormTrain {
             eps: self.eps,
             stats: stats.clone(),
         };
-        let y = x
-            .contiguous()?
-            .apply_op3(&self.weight, &self.bias, F32Op(op))?;
+        let y = x.contiguous()?.apply_op3(
+            &self.weight,
+            &self.bias,
+            F32Op::with_leaky_relu(op, leaky),
+        )?;
         let stats = stats.lock().expect("stats lock").clone();
         let Some(s) = stats else {
             candle_core::bail!("batch-norm: statistics were not computed");
@@ -85,8 +89,19 @@ impl BatchNorm {
     }
 }
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl BatchNorm {
+    /// [`ModuleT::forward_t`] followed by a LeakyReLU of slope `slope` (at least 0; 0 is a
+    /// ReLU), fused into one graph node in training mode.
+    pub fn forward_leaky(&self, x: &Tensor, train: bool, slope: f64) -> Result<Tensor> {
+        Ok(self.forward_act(x, train, Some(slope as f32))?)
+    }
+
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        train: bool,
+        leaky: Option<f32>,
+    ) -> candle_core::Result<Tensor> {
         let c = self.running_mean.elem_count();
         if x.rank() < 2 || x.dim(1)? != c {
             candle_core::bail!(
@@ -95,10 +110,19 @@ impl ModuleT for BatchNorm {
             );
         }
         if train {
-            self.forward_train(x)
-        } else {
-            self.forward_eval(x)
+            return self.forward_train(x, leaky);
         }
+        let y = self.forward_eval(x)?;
+        match leaky {
+            Some(slope) => leaky_relu(&y, slope as f64).map_err(candle_core::Error::wrap),
+            None => Ok(y),
+        }
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, None)
     }
 }
 
@@ -302,6 +326,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fused_leaky_relu_matches_the_separate_op() {
+        let x = (Rng::new(6).normal(&[7, 3, 4, 4], &Device::Cpu).unwrap() * 2.0).unwrap();
+        for (slope, train) in [(0.0, true), (0.3, true), (0.3, false)] {
+            let (fused, _, a, _) = pair(3);
+            let (apart, _, b, _) = pair(3);
+            let f = crate::ops::testing::value_and_grad(
+                |x| fused.forward_leaky(x, train, slope).unwrap(),
+                &x,
+                2,
+            );
+            let g = crate::ops::testing::value_and_grad(
+                |x| leaky_relu(&apart.forward_t(x, train).unwrap(), slope).unwrap(),
+                &x,
+                2,
+            );
+            assert_close(&f.0, &g.0, 1e-6).unwrap();
+            assert_close(&f.1, &g.1, 1e-6).unwrap();
+            for name in ["running_mean", "running_var"] {
+                assert_close(&get(&a, name), &get(&b, name), 0.0).unwrap();
+            }
+        }
+    }
+
+    #[test]
     fn finite_differences_agree_with_the_gradient() {
         let x = Rng::new(4).normal(&[4, 3, 2, 2], &Device::Cpu).unwrap();
         let gamma = Rng::new(5).normal(&[3], &Device::Cpu).unwrap();
@@ -312,7 +360,7 @@ mod tests {
                     eps: 1e-5,
                     stats: Arc::new(Mutex::new(None)),
                 };
-                t[0].apply_op3(&t[1], &t[2], F32Op(op)).unwrap()
+                t[0].apply_op3(&t[1], &t[2], F32Op::new(op)).unwrap()
             },
             &[&x, &gamma, &gamma.affine(0.5, 0.1).unwrap()],
             6,

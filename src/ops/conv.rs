@@ -33,6 +33,11 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
+    forward_op(x, weight, stride, pad)?.apply(x, weight, bias, None)
+}
+
+/// The op of [`conv2d`] for these inputs, once they are checked to fit.
+fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Conv> {
     let (_, c, h, w) = x.dims4()?;
     let (cout, wc, k, k2) = weight.dims4()?;
     if wc != c || k != k2 {
@@ -51,12 +56,11 @@ pub fn conv2d(
         pad,
     };
     g.validate()?;
-    let op = Conv {
+    Ok(Conv {
         g,
         c2: cout,
         transposed: false,
-    };
-    op.apply(x, weight, bias)
+    })
 }
 
 /// `conv_transpose2d(x [n, cin, h, w], weight [cin, cout, k, k]) + bias [cout]`: the adjoint
@@ -69,6 +73,17 @@ pub fn conv_transpose2d(
     pad: usize,
     out_pad: usize,
 ) -> Result<Tensor> {
+    transposed_op(x, weight, stride, pad, out_pad)?.apply(x, weight, bias, None)
+}
+
+/// The op of [`conv_transpose2d`] for these inputs, once they are checked to fit.
+fn transposed_op(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> Result<Conv> {
     let (_, cin, h, w) = x.dims4()?;
     let (wc, cout, k, k2) = weight.dims4()?;
     if wc != cin || k != k2 || out_pad >= stride.max(1) || (h - 1) * stride + k + out_pad < 2 * pad
@@ -89,12 +104,11 @@ pub fn conv_transpose2d(
         pad,
     };
     g.validate()?;
-    let op = Conv {
+    Ok(Conv {
         g,
         c2: cin,
         transposed: true,
-    };
-    op.apply(x, weight, bias)
+    })
 }
 
 /// Per-thread working memory of the kernels, kept between calls so that the column matrices
@@ -129,7 +143,14 @@ struct Conv {
 }
 
 impl Conv {
-    fn apply(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// `op(x, weight) + bias`, then a LeakyReLU of slope `leaky` if given.
+    fn apply(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        leaky: Option<f32>,
+    ) -> Result<Tensor> {
         let cout = if self.transposed { self.g.c } else { self.c2 };
         let zeros;
         let bias = match bias {
@@ -145,8 +166,11 @@ impl Conv {
                 bias.dims()
             )));
         }
-        Ok(x.contiguous()?
-            .apply_op3(&weight.contiguous()?, bias, F32Op(self))?)
+        Ok(x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            bias,
+            F32Op::with_leaky_relu(self, leaky),
+        )?)
     }
 
     /// Values per image on the other side, `c2 · positions`.
@@ -434,14 +458,26 @@ impl ConvLayer {
     }
 }
 
+impl ConvLayer {
+    /// The layer followed by a LeakyReLU of slope `slope` (at least 0; 0 is a ReLU), fused
+    /// into one graph node.
+    pub fn forward_leaky(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
+        self.apply(x, Some(slope as f32))
+    }
+
+    fn apply(&self, x: &Tensor, leaky: Option<f32>) -> Result<Tensor> {
+        let (w, b, s, p) = (&self.weight, self.bias.as_ref(), self.stride, self.pad);
+        let op = match self.kind {
+            ConvKind::Forward => forward_op(x, w, s, p)?,
+            ConvKind::Transposed { out_pad } => transposed_op(x, w, s, p, out_pad)?,
+        };
+        op.apply(x, w, b, leaky)
+    }
+}
+
 impl Module for ConvLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (w, b, s, p) = (&self.weight, self.bias.as_ref(), self.stride, self.pad);
-        match self.kind {
-            ConvKind::Forward => conv2d(x, w, b, s, p),
-            ConvKind::Transposed { out_pad } => conv_transpose2d(x, w, b, s, p, out_pad),
-        }
-        .map_err(candle_core::Error::wrap)
+        self.apply(x, None).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -586,6 +622,31 @@ mod tests {
                 );
                 assert_eq!(testing::max_abs_diff(a, b), 0.0, "transposed {transposed}");
             }
+        }
+    }
+
+    #[test]
+    fn a_fused_leaky_relu_matches_the_separate_op() {
+        let mut rng = Rng::new(21);
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
+        let kinds = [ConvKind::Forward, ConvKind::Transposed { out_pad: 1 }];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let layer = ConvLayer::new(kind, 3, 4, 3, 2, 1, true, vb.pp(i)).unwrap();
+            let x = rng.normal(&[10, 3, 6, 6], &dev).unwrap();
+            for slope in [0.0, 0.2] {
+                let fused =
+                    testing::value_and_grad(|x| layer.forward_leaky(x, slope).unwrap(), &x, 4);
+                let apart = testing::value_and_grad(
+                    |x| crate::ops::leaky_relu(&layer.forward(x).unwrap(), slope).unwrap(),
+                    &x,
+                    4,
+                );
+                testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
+                testing::assert_close(&fused.1, &apart.1, 1e-6).unwrap();
+            }
+            assert!(layer.forward_leaky(&x, -0.1).is_err());
         }
     }
 

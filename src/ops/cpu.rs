@@ -217,8 +217,29 @@ pub(crate) trait F32Op3 {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 }
 
-/// The candle `CustomOp3` of an [`F32Op3`].
-pub(crate) struct F32Op<T>(pub T);
+/// The candle `CustomOp3` of an [`F32Op3`], optionally followed by a LeakyReLU of slope
+/// `leaky` (at least 0; 0 is a ReLU) in the same graph node: one output buffer and one
+/// gradient fewer than a separate activation op (candle's backward pass allocates, zeroes and
+/// adds every node's gradient).
+pub(crate) struct F32Op<T> {
+    op: T,
+    leaky: Option<f32>,
+}
+
+impl<T> F32Op<T> {
+    /// The op alone.
+    pub(crate) fn new(op: T) -> Self {
+        F32Op { op, leaky: None }
+    }
+
+    /// The op followed by a LeakyReLU of this slope, if any.
+    pub(crate) fn with_leaky_relu(op: T, leaky: Option<f32>) -> Self {
+        F32Op { op, leaky }
+    }
+}
+
+/// Values per parallel piece of the fused activation.
+const ACTIVATION_PIECE: usize = 1 << 15;
 
 impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
     fn name(&self) -> &'static str {
@@ -239,7 +260,18 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
             (f32_slice(s2, l2, T::NAME)?, l2),
             (f32_slice(s3, l3, T::NAME)?, l3),
         ];
-        let (values, shape) = self.0.forward(inputs)?;
+        let (mut values, shape) = self.op.forward(inputs)?;
+        if let Some(a) = self.leaky {
+            if !(a >= 0.0) {
+                candle_core::bail!("{}: LeakyReLU slope {a} is not at least 0", T::NAME);
+            }
+            let pieces: Vec<&mut [f32]> = values.chunks_mut(ACTIVATION_PIECE).collect();
+            parallel_for_each(pieces, move |piece| {
+                piece
+                    .iter_mut()
+                    .for_each(|v| *v = if *v > 0.0 { *v } else { a * *v });
+            });
+        }
         Ok((CpuStorage::F32(values), shape))
     }
 
@@ -248,9 +280,19 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
         a: &Tensor,
         b: &Tensor,
         c: &Tensor,
-        _: &Tensor,
+        out: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.backward([a, b, c], dy)
+        let Some(slope) = self.leaky else {
+            return self.op.backward([a, b, c], dy);
+        };
+        // With a slope of at least 0 the output is positive exactly where the op's was.
+        let dz = with_f32(out, T::NAME, |y| {
+            with_f32(dy, T::NAME, |g| {
+                elementwise(y, g, move |y, g| if y > 0.0 { g } else { slope * g })
+            })
+        })??;
+        self.op
+            .backward([a, b, c], &Tensor::from_vec(dz, dy.shape(), dy.device())?)
     }
 }

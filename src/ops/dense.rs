@@ -44,7 +44,7 @@ impl Module for Dense {
             None => Tensor::zeros(out, x.dtype(), x.device())?,
         };
         let rows = x.reshape(((), inp))?.contiguous()?;
-        let y = rows.apply_op3(&self.weight.contiguous()?, &bias, F32Op(DenseOp))?;
+        let y = rows.apply_op3(&self.weight.contiguous()?, &bias, F32Op::new(DenseOp))?;
         let mut shape = lead.to_vec();
         shape.push(out);
         y.reshape(shape)

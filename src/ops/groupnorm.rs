@@ -54,7 +54,7 @@ impl Module for GroupNorm {
             silu: self.silu,
         };
         x.contiguous()?
-            .apply_op3(&self.weight, &self.bias, F32Op(op))
+            .apply_op3(&self.weight, &self.bias, F32Op::new(op))
     }
 }
 
@@ -230,7 +230,7 @@ mod tests {
             .apply_op3(
                 w,
                 b,
-                F32Op(GroupNormOp {
+                F32Op::new(GroupNormOp {
                     groups,
                     eps: 1e-5,
                     silu,
