@@ -6,7 +6,7 @@ use candle_nn::{linear, linear_no_bias};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, BatchNorm, ConvKind, ConvLayer, Dense};
+use crate::ops::{batch_norm, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -138,7 +138,7 @@ impl Generator {
         let x = self
             .bn2
             .forward_leaky(&self.deconv2.forward(&x)?, train, a)?;
-        Ok(self.deconv3.forward(&x)?.tanh()?)
+        self.deconv3.forward_with(&x, Activation::Tanh)
     }
 
     /// Multiply-adds of one forward pass per image.

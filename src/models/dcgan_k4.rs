@@ -9,7 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{linear, linear_no_bias};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, BatchNorm, ConvKind, ConvLayer, Dense};
+use crate::ops::{batch_norm, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::Result;
 
 /// Latent dimension of this model.
@@ -52,7 +52,7 @@ impl K4Generator {
         let x = self
             .bn1
             .forward_leaky(&self.deconv1.forward(&x)?, true, 0.0)?;
-        Ok(self.deconv2.forward(&x)?.tanh()?)
+        self.deconv2.forward_with(&x, Activation::Tanh)
     }
 
     /// Multiply-adds of one forward pass per image.

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{lane_sum, parallel_pieces, per_channel_block, with_f32, F32Op, F32Op3};
+use crate::ops::cpu::{
+    lane_sum, parallel_pieces, per_channel_block, with_f32, Activation, F32Op, F32Op3,
+};
 use crate::ops::leaky_relu;
 use crate::Result;
 
@@ -52,7 +54,7 @@ impl BatchNorm {
         let y = x.contiguous()?.apply_op3(
             &self.weight,
             &self.bias,
-            F32Op::with_leaky_relu(op, leaky),
+            F32Op::with_activation(op, leaky.map(Activation::LeakyRelu)),
         )?;
         let stats = stats.lock().expect("stats lock").clone();
         let Some(s) = stats else {

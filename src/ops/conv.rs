@@ -15,7 +15,9 @@ use std::cell::RefCell;
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{lane_sum, matmul, parallel_map, parallel_pieces, with_f32, F32Op, F32Op3};
+use crate::ops::cpu::{
+    lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
+};
 use crate::ops::im2col::{col2im_add, im2col, Geometry};
 use crate::{Error, Result};
 
@@ -143,13 +145,13 @@ struct Conv {
 }
 
 impl Conv {
-    /// `op(x, weight) + bias`, then a LeakyReLU of slope `leaky` if given.
+    /// `op(x, weight) + bias`, then the activation if given.
     fn apply(
         self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
-        leaky: Option<f32>,
+        act: Option<Activation>,
     ) -> Result<Tensor> {
         let cout = if self.transposed { self.g.c } else { self.c2 };
         let zeros;
@@ -169,7 +171,7 @@ impl Conv {
         Ok(x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             bias,
-            F32Op::with_leaky_relu(self, leaky),
+            F32Op::with_activation(self, act),
         )?)
     }
 
@@ -459,19 +461,24 @@ impl ConvLayer {
 }
 
 impl ConvLayer {
+    /// The layer followed by an activation, fused into one graph node.
+    pub fn forward_with(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.apply(x, Some(act))
+    }
+
     /// The layer followed by a LeakyReLU of slope `slope` (at least 0; 0 is a ReLU), fused
     /// into one graph node.
     pub fn forward_leaky(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        self.apply(x, Some(slope as f32))
+        self.forward_with(x, Activation::LeakyRelu(slope as f32))
     }
 
-    fn apply(&self, x: &Tensor, leaky: Option<f32>) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let (w, b, s, p) = (&self.weight, self.bias.as_ref(), self.stride, self.pad);
         let op = match self.kind {
             ConvKind::Forward => forward_op(x, w, s, p)?,
             ConvKind::Transposed { out_pad } => transposed_op(x, w, s, p, out_pad)?,
         };
-        op.apply(x, w, b, leaky)
+        op.apply(x, w, b, act)
     }
 }
 
@@ -626,7 +633,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fused_leaky_relu_matches_the_separate_op() {
+    fn fused_activations_match_the_separate_ops() {
         let mut rng = Rng::new(21);
         let dev = Device::Cpu;
         let vm = candle_nn::VarMap::new();
@@ -647,6 +654,15 @@ mod tests {
                 testing::assert_close(&fused.1, &apart.1, 1e-6).unwrap();
             }
             assert!(layer.forward_leaky(&x, -0.1).is_err());
+            let fused = testing::value_and_grad(
+                |x| layer.forward_with(x, Activation::Tanh).unwrap(),
+                &x,
+                5,
+            );
+            let apart =
+                testing::value_and_grad(|x| layer.forward(x).unwrap().tanh().unwrap(), &x, 5);
+            testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
+            testing::assert_close(&fused.1, &apart.1, 1e-5).unwrap();
         }
     }
 

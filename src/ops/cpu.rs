@@ -217,24 +217,63 @@ pub(crate) trait F32Op3 {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 }
 
-/// The candle `CustomOp3` of an [`F32Op3`], optionally followed by a LeakyReLU of slope
-/// `leaky` (at least 0; 0 is a ReLU) in the same graph node: one output buffer and one
-/// gradient fewer than a separate activation op (candle's backward pass allocates, zeroes and
-/// adds every node's gradient).
+/// An activation fused into the graph node of an [`F32Op`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `max(x, 0) + slope · min(x, 0)`; the slope must be at least 0 (0 is a ReLU).
+    LeakyRelu(f32),
+    /// `tanh(x)`.
+    Tanh,
+}
+
+impl Activation {
+    /// The activation of `x`.
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::LeakyRelu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    a * x
+                }
+            }
+            Activation::Tanh => x.tanh(),
+        }
+    }
+
+    /// The gradient through the activation for the output gradient `g` at the output `y`
+    /// (with a slope of at least 0 a LeakyReLU's output is positive exactly where its input is).
+    fn grad(self, y: f32, g: f32) -> f32 {
+        match self {
+            Activation::LeakyRelu(a) => {
+                if y > 0.0 {
+                    g
+                } else {
+                    a * g
+                }
+            }
+            Activation::Tanh => g * (1.0 - y * y),
+        }
+    }
+}
+
+/// The candle `CustomOp3` of an [`F32Op3`], optionally followed by an [`Activation`] in the
+/// same graph node: one output buffer and one gradient fewer than a separate activation op
+/// (candle's backward pass allocates, zeroes and adds every node's gradient).
 pub(crate) struct F32Op<T> {
     op: T,
-    leaky: Option<f32>,
+    act: Option<Activation>,
 }
 
 impl<T> F32Op<T> {
     /// The op alone.
     pub(crate) fn new(op: T) -> Self {
-        F32Op { op, leaky: None }
+        F32Op { op, act: None }
     }
 
-    /// The op followed by a LeakyReLU of this slope, if any.
-    pub(crate) fn with_leaky_relu(op: T, leaky: Option<f32>) -> Self {
-        F32Op { op, leaky }
+    /// The op followed by an activation, if any.
+    pub(crate) fn with_activation(op: T, act: Option<Activation>) -> Self {
+        F32Op { op, act }
     }
 }
 
@@ -261,15 +300,15 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
             (f32_slice(s3, l3, T::NAME)?, l3),
         ];
         let (mut values, shape) = self.op.forward(inputs)?;
-        if let Some(a) = self.leaky {
-            if !(a >= 0.0) {
-                candle_core::bail!("{}: LeakyReLU slope {a} is not at least 0", T::NAME);
+        if let Some(act) = self.act {
+            if let Activation::LeakyRelu(a) = act {
+                if a.is_nan() || a < 0.0 {
+                    candle_core::bail!("{}: LeakyReLU slope {a} is not at least 0", T::NAME);
+                }
             }
             let pieces: Vec<&mut [f32]> = values.chunks_mut(ACTIVATION_PIECE).collect();
             parallel_for_each(pieces, move |piece| {
-                piece
-                    .iter_mut()
-                    .for_each(|v| *v = if *v > 0.0 { *v } else { a * *v });
+                piece.iter_mut().for_each(|v| *v = act.apply(*v));
             });
         }
         Ok((CpuStorage::F32(values), shape))
@@ -283,13 +322,12 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
         out: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(slope) = self.leaky else {
+        let Some(act) = self.act else {
             return self.op.backward([a, b, c], dy);
         };
-        // With a slope of at least 0 the output is positive exactly where the op's was.
         let dz = with_f32(out, T::NAME, |y| {
             with_f32(dy, T::NAME, |g| {
-                elementwise(y, g, move |y, g| if y > 0.0 { g } else { slope * g })
+                elementwise(y, g, move |y, g| act.grad(y, g))
             })
         })??;
         self.op

@@ -18,6 +18,7 @@ pub(crate) mod testing;
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
+pub use cpu::Activation;
 pub use dense::Dense;
 pub use groupnorm::{group_norm, GroupNorm};
 pub use im2col::Geometry;
