@@ -23,8 +23,18 @@ use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
 
-/// Images per parallel task (and per partial weight gradient).
-const GROUP: usize = 8;
+/// Images per parallel task (and per partial weight gradient) for a batch of `n` images
+/// whose column matrices hold `cols` values each: as many as fit a column matrix of about
+/// 2²⁰ values (4 MiB, an L2 cache; larger groups no longer make the gemm calls faster and
+/// push the working memory out of the cache), at most 16, in an even number of groups so
+/// that two threads get equal shares. It depends on the batch and the geometry alone, so
+/// that the partial sums, and so the bits of the weight gradient, do not depend on the
+/// number of threads.
+fn group_size(n: usize, cols: usize) -> usize {
+    let most = ((1 << 20) / cols.max(1)).clamp(1, 16);
+    let groups = n.div_ceil(most).next_multiple_of(2);
+    n.div_ceil(groups).max(1)
+}
 
 /// `conv2d(x [n, c, h, w], weight [cout, c, k, k]) + bias [cout]` with `stride` and zero
 /// `pad`.
@@ -318,9 +328,10 @@ impl F32Op3 for Conv {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
         let plane = out_len / b.len();
-        let (y, _) = parallel_pieces(n * out_len, out_len * GROUP, |i, ys| {
+        let group = group_size(n, self.g.rows());
+        let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
-            self.forward_group(w, &x[i * GROUP * in_len..], g, ys);
+            self.forward_group(w, &x[i * group * in_len..], g, ys);
             for yi in ys.chunks_mut(out_len) {
                 for (row, &bias) in yi.chunks_mut(plane).zip(b) {
                     row.iter_mut().for_each(|v| *v += bias);
@@ -347,9 +358,10 @@ impl F32Op3 for Conv {
                 with_f32(dy, NAME, |dy| {
                     // Weight and bias gradients of fixed groups of images, summed in order: the
                     // same bits whatever the number of threads.
-                    let group = |i: usize, dxs: Option<&mut [f32]>| {
-                        let (xs, dys) = (&x[i * GROUP * in_len..], &dy[i * GROUP * out_len..]);
-                        let g = GROUP.min(n - i * GROUP);
+                    let group = group_size(n, self.g.rows());
+                    let run = |i: usize, dxs: Option<&mut [f32]>| {
+                        let (xs, dys) = (&x[i * group * in_len..], &dy[i * group * out_len..]);
+                        let g = group.min(n - i * group);
                         let mut dw = vec![0f32; w.len()];
                         self.backward_group(w, xs, dys, g, dxs, &mut dw);
                         let mut db = vec![0f32; channels];
@@ -362,16 +374,24 @@ impl F32Op3 for Conv {
                     };
                     let (dx, partials) = if need_dx {
                         let (dx, partials) =
-                            parallel_pieces(n * in_len, in_len * GROUP, |i, dxs| {
-                                group(i, Some(dxs))
-                            });
+                            parallel_pieces(n * in_len, in_len * group, |i, dxs| run(i, Some(dxs)));
                         (Some(dx), partials)
                     } else {
-                        (None, parallel_map(n.div_ceil(GROUP), |i| group(i, None)))
+                        (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
                     };
-                    let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; channels]);
-                    for (pw, pb) in &partials {
-                        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+                    // The partial sums added in group order, in parallel pieces of the weight.
+                    const PIECE: usize = 1 << 14;
+                    let (dw, _) = parallel_pieces(w.len(), PIECE, |i, piece| {
+                        let r = i * PIECE..i * PIECE + piece.len();
+                        for (pw, _) in &partials {
+                            piece
+                                .iter_mut()
+                                .zip(&pw[r.clone()])
+                                .for_each(|(a, b)| *a += b);
+                        }
+                    });
+                    let mut db = vec![0f32; channels];
+                    for (_, pb) in &partials {
                         db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                     }
                     (dx, dw, db)
@@ -568,7 +588,7 @@ mod tests {
 
     #[test]
     fn batches_of_several_groups_match_candle() {
-        // 19 images: two full groups of GROUP = 8 and a partial one.
+        // 19 images: groups of 10 and 9.
         let mut rng = Rng::new(11);
         let dev = Device::Cpu;
         let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
