@@ -188,7 +188,7 @@ impl Discriminator {
         };
         let x = drop(self.conv1.forward_leaky(x, a)?)?;
         let x = drop(self.conv2.forward_leaky(&x, a)?)?;
-        Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
+        Ok(self.fc.forward_flat(&x)?.squeeze(1)?)
     }
 
     /// Multiply-adds of one forward pass per image.

@@ -94,7 +94,7 @@ impl K4Discriminator {
         let x = self
             .bn2
             .forward_leaky(&self.conv2.forward(&x)?, true, SLOPE)?;
-        Ok(self.fc.forward(&x.flatten_from(1)?)?.squeeze(1)?)
+        Ok(self.fc.forward_flat(&x)?.squeeze(1)?)
     }
 
     /// Multiply-adds of one forward pass per image.

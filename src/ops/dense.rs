@@ -7,6 +7,7 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
 use crate::ops::cpu::{matmul, parallel_pieces, with_f32, F32Op, F32Op3};
+use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-dense";
 
@@ -27,6 +28,34 @@ impl From<Linear> for Dense {
     }
 }
 
+impl Dense {
+    /// The layer applied to `[n, …]` inputs flattened to `[n, in]` (the features of one
+    /// sample in memory order), without a separate flattening node in the graph.
+    pub fn forward_flat(&self, x: &Tensor) -> Result<Tensor> {
+        let (out, inp) = self.weight.dims2()?;
+        let n = x.dims().first().copied().unwrap_or(0);
+        if x.rank() < 2 || x.elem_count() != n * inp {
+            return Err(Error::Mismatch(format!(
+                "{NAME}: input {:?} does not hold {inp} features per sample",
+                x.dims()
+            )));
+        }
+        self.apply(x, n, Shape::from((n, out)))
+    }
+
+    /// `x` as `rows × in` values (contiguous, in memory order) times `Wᵀ`, plus the bias, in
+    /// the output shape `out`.
+    fn apply(&self, x: &Tensor, rows: usize, out: Shape) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(self.weight.dim(0)?, x.dtype(), x.device())?,
+        };
+        let op = F32Op::new(DenseOp { rows, out });
+        Ok(x.contiguous()?
+            .apply_op3(&self.weight.contiguous()?, &bias, op)?)
+    }
+}
+
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (out, inp) = self.weight.dims2()?;
@@ -39,20 +68,19 @@ impl Module for Dense {
                 x.dims()
             );
         }
-        let bias = match &self.bias {
-            Some(b) => b.clone(),
-            None => Tensor::zeros(out, x.dtype(), x.device())?,
-        };
-        let rows = x.reshape(((), inp))?.contiguous()?;
-        let y = rows.apply_op3(&self.weight.contiguous()?, &bias, F32Op::new(DenseOp))?;
         let mut shape = lead.to_vec();
         shape.push(out);
-        y.reshape(shape)
+        self.apply(x, x.elem_count() / inp, Shape::from(shape))
+            .map_err(candle_core::Error::wrap)
     }
 }
 
-/// The kernel: `x [n, in]`, `weight [out, in]`, `bias [out]` → `[n, out]`.
-struct DenseOp;
+/// The kernel: `x` as `[rows, in]`, `weight [out, in]`, `bias [out]` → `[rows, out]` values in
+/// the shape `out`.
+struct DenseOp {
+    rows: usize,
+    out: Shape,
+}
 
 /// Rows of `n` per parallel piece: a few pieces per thread.
 fn rows_per_piece(n: usize) -> usize {
@@ -66,8 +94,9 @@ impl F32Op3 for DenseOp {
         &self,
         [(x, l1), (w, l2), (b, _)]: [(&[f32], &Layout); 3],
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let ((n, k), o) = (l1.shape().dims2()?, b.len());
-        if w.len() != o * k {
+        let (n, o) = (self.rows, b.len());
+        let k = x.len() / n.max(1);
+        if w.len() != o * k || x.len() != n * k {
             candle_core::bail!(
                 "{NAME}: weight {:?} does not fit input {:?}",
                 l2.dims(),
@@ -83,7 +112,7 @@ impl F32Op3 for DenseOp {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
         });
-        Ok((y, Shape::from((n, o))))
+        Ok((y, self.out.clone()))
     }
 
     /// `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ dy` over the rows.
@@ -92,7 +121,8 @@ impl F32Op3 for DenseOp {
         [x, weight, bias]: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((n, k), o) = (x.dims2()?, bias.elem_count());
+        let (n, o) = (self.rows, bias.elem_count());
+        let k = x.elem_count() / n.max(1);
         let need_dx = x.track_op();
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
@@ -123,7 +153,8 @@ impl F32Op3 for DenseOp {
         })???;
         let dev = x.device();
         Ok((
-            dx.map(|dx| Tensor::from_vec(dx, (n, k), dev)).transpose()?,
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
             Some(Tensor::from_vec(dw, (o, k), dev)?),
             Some(Tensor::from_vec(db, o, dev)?),
         ))
@@ -186,6 +217,32 @@ mod tests {
             9,
             4,
         );
+    }
+
+    #[test]
+    fn flat_inputs_match_flattening_first() {
+        let mut rng = Rng::new(4);
+        let dev = Device::Cpu;
+        let (x, w, b) = (
+            rng.normal(&[6, 3, 2, 5], &dev).unwrap(),
+            rng.normal(&[4, 30], &dev).unwrap(),
+            rng.normal(&[4], &dev).unwrap(),
+        );
+        let layer = |t: &[Tensor]| Dense::from(Linear::new(t[1].clone(), Some(t[2].clone())));
+        let (y1, g1) = value_and_grads(|t| layer(t).forward_flat(&t[0]).unwrap(), &[&x, &w, &b], 3);
+        let (y2, g2) = value_and_grads(
+            |t| layer(t).forward(&t[0].flatten_from(1).unwrap()).unwrap(),
+            &[&x, &w, &b],
+            3,
+        );
+        assert_close(&y1, &y2, 0.0).unwrap();
+        for (p, q) in g1.iter().zip(&g2) {
+            assert_close(p, q, 0.0).unwrap();
+        }
+        assert_eq!(g1[0].dims(), x.dims());
+        assert!(layer(&[x.clone(), w.clone(), b.clone()])
+            .forward_flat(&rng.normal(&[6, 29], &dev).unwrap())
+            .is_err());
     }
 
     #[test]
