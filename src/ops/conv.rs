@@ -242,11 +242,11 @@ impl Conv {
         self.split(m, g, other);
     }
 
-    /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · join(other))`, onto `images`
-    /// (the zero-filled pieces of [`parallel_pieces`]).
-    fn scatter(&self, w: &[f32], other: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
+    /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · m)` with `m = join(other)`
+    /// (already in `s.mat`), onto `images` (the zero-filled pieces of [`parallel_pieces`]).
+    fn scatter_joined(&self, w: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
-        let m = self.join(other, g, &mut s.mat);
+        let m = &s.mat[..self.c2 * gp];
         let cols = resized(&mut s.cols, k * gp);
         matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
         col2im_add(
@@ -258,18 +258,26 @@ impl Conv {
         );
     }
 
-    /// `dw [c2, K] += join(other) [c2, g·P] · colsᵀ`.
-    fn weight_grad(&self, other: &[f32], cols: &[f32], g: usize, dw: &mut [f32], m: &mut Vec<f32>) {
+    /// `dw [c2, K] += m · colsᵀ` with `m = join(other) [c2, g·P]`.
+    fn weight_grad(&self, m: &[f32], cols: &[f32], g: usize, dw: &mut [f32]) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
-        let m = self.join(other, g, m);
-        matmul((self.c2, k, gp), dw, m, (gp, 1), cols, (1, gp), true);
+        matmul(
+            (self.c2, k, gp),
+            dw,
+            &m[..self.c2 * gp],
+            (gp, 1),
+            cols,
+            (1, gp),
+            true,
+        );
     }
 
     /// The forward map of `g` images (without bias), with one gemm for all of them.
     fn forward_group(&self, w: &[f32], x: &[f32], g: usize, y: &mut [f32]) {
         SCRATCH.with_borrow_mut(|s| {
             if self.transposed {
-                self.scatter(w, x, g, y, s)
+                self.join(x, g, &mut s.mat);
+                self.scatter_joined(w, g, y, s)
             } else {
                 let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
                 self.gather(w, cols, g, y, &mut s.mat)
@@ -295,13 +303,16 @@ impl Conv {
                 if let Some(dx) = dx {
                     self.gather(w, cols, g, dx, &mut s.mat);
                 }
-                self.weight_grad(x, cols, g, dw, &mut s.mat);
+                let m = self.join(x, g, &mut s.mat);
+                self.weight_grad(m, cols, g, dw);
             } else {
+                // The joined output gradient serves both the input and the weight gradient.
+                self.join(dy, g, &mut s.mat);
                 if let Some(dx) = dx {
-                    self.scatter(w, dy, g, dx, s);
+                    self.scatter_joined(w, g, dx, s);
                 }
                 let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
-                self.weight_grad(dy, cols, g, dw, &mut s.mat);
+                self.weight_grad(&s.mat, cols, g, dw);
             }
         })
     }
