@@ -184,12 +184,13 @@ fn channel_sums(
     })
 }
 
-/// `p[ch]·a + q[ch]·b + r[ch]` element-wise over two `[n, c, s]` arrays, in parallel over
-/// blocks of samples.
+/// `act(p[ch]·a + q[ch]·b + r[ch])` element-wise over two `[n, c, s]` arrays (no activation:
+/// the identity), in parallel over blocks of samples.
 fn channel_affine(
     (a, b): (&[f32], &[f32]),
     (n, c, s): (usize, usize, usize),
     [p, q, r]: [&[f32]; 3],
+    act: Option<Activation>,
 ) -> Vec<f32> {
     let per_sample = c * s;
     let samples = n.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
@@ -212,6 +213,10 @@ fn channel_affine(
                 }
             }
         }
+        if let Some(act) = act {
+            // While the piece is still in this thread's cache.
+            piece.iter_mut().for_each(|v| *v = act.apply(*v));
+        }
     });
     out
 }
@@ -222,6 +227,7 @@ impl F32Op3 for BatchNormTrain {
     fn forward(
         &self,
         [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
+        act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let dims @ (n, c, s) = ncs(l1.shape());
         let m = (n * s) as f64;
@@ -236,7 +242,7 @@ impl F32Op3 for BatchNormTrain {
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-        let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift]);
+        let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], act);
         *self.stats.lock().expect("stats lock") = Some(Stats {
             mean,
             var,
@@ -273,7 +279,7 @@ impl F32Op3 for BatchNormTrain {
                     q[ch] = -k * dg * inv;
                     r[ch] = -k * db + k * dg * inv * st.mean[ch];
                 }
-                let dx = channel_affine((dy, x), dims, [&p, &q, &r]);
+                let dx = channel_affine((dy, x), dims, [&p, &q, &r], None);
                 let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
                 (dx, f(dgamma), f(dbeta))
             })

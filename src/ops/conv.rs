@@ -332,6 +332,7 @@ impl F32Op3 for Conv {
     fn forward(
         &self,
         [(x, l1), (w, _), (b, _)]: [(&[f32], &Layout); 3],
+        act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (in_len, out_len) = self.sizes();
         let n = l1.dims()[0];
@@ -345,7 +346,10 @@ impl F32Op3 for Conv {
             self.forward_group(w, &x[i * group * in_len..], g, ys);
             for yi in ys.chunks_mut(out_len) {
                 for (row, &bias) in yi.chunks_mut(plane).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bias);
+                    match act {
+                        Some(act) => row.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
+                        None => row.iter_mut().for_each(|v| *v += bias),
+                    }
                 }
             }
         });

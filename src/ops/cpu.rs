@@ -205,8 +205,14 @@ pub(crate) trait F32Op3 {
     /// The op's name in candle's graph and error messages.
     const NAME: &'static str;
 
-    /// The output values and shape, from each input's data and layout.
-    fn forward(&self, inputs: [(&[f32], &Layout); 3]) -> candle_core::Result<(Vec<f32>, Shape)>;
+    /// The output values and shape, from each input's data and layout, with the activation
+    /// `act` applied to every output value (ops fuse it into their last sweep, or call
+    /// [`activate`]).
+    fn forward(
+        &self,
+        inputs: [(&[f32], &Layout); 3],
+        act: Option<Activation>,
+    ) -> candle_core::Result<(Vec<f32>, Shape)>;
 
     /// The gradients of the three inputs (`None`: no gradient) for the output gradient `dy`;
     /// see `CustomOp3::bwd`.
@@ -228,7 +234,7 @@ pub enum Activation {
 
 impl Activation {
     /// The activation of `x`.
-    fn apply(self, x: f32) -> f32 {
+    pub(crate) fn apply(self, x: f32) -> f32 {
         match self {
             Activation::LeakyRelu(a) => {
                 if x > 0.0 {
@@ -277,8 +283,18 @@ impl<T> F32Op<T> {
     }
 }
 
-/// Values per parallel piece of the fused activation.
-const ACTIVATION_PIECE: usize = 1 << 15;
+/// Applies `act` (if any) to every value, in parallel pieces: for ops whose last sweep does
+/// not apply it itself.
+pub(crate) fn activate(values: &mut [f32], act: Option<Activation>) {
+    /// Values per parallel piece.
+    const PIECE: usize = 1 << 15;
+    if let Some(act) = act {
+        let pieces: Vec<&mut [f32]> = values.chunks_mut(PIECE).collect();
+        parallel_for_each(pieces, move |piece| {
+            piece.iter_mut().for_each(|v| *v = act.apply(*v))
+        });
+    }
+}
 
 impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
     fn name(&self) -> &'static str {
@@ -299,18 +315,12 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
             (f32_slice(s2, l2, T::NAME)?, l2),
             (f32_slice(s3, l3, T::NAME)?, l3),
         ];
-        let (mut values, shape) = self.op.forward(inputs)?;
-        if let Some(act) = self.act {
-            if let Activation::LeakyRelu(a) = act {
-                if a.is_nan() || a < 0.0 {
-                    candle_core::bail!("{}: LeakyReLU slope {a} is not at least 0", T::NAME);
-                }
+        if let Some(Activation::LeakyRelu(a)) = self.act {
+            if a.is_nan() || a < 0.0 {
+                candle_core::bail!("{}: LeakyReLU slope {a} is not at least 0", T::NAME);
             }
-            let pieces: Vec<&mut [f32]> = values.chunks_mut(ACTIVATION_PIECE).collect();
-            parallel_for_each(pieces, move |piece| {
-                piece.iter_mut().for_each(|v| *v = act.apply(*v));
-            });
         }
+        let (values, shape) = self.op.forward(inputs, self.act)?;
         Ok((CpuStorage::F32(values), shape))
     }
 

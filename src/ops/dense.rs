@@ -6,7 +6,7 @@
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
-use crate::ops::cpu::{matmul, parallel_pieces, with_f32, F32Op, F32Op3};
+use crate::ops::cpu::{activate, matmul, parallel_pieces, with_f32, Activation, F32Op, F32Op3};
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-dense";
@@ -93,6 +93,7 @@ impl F32Op3 for DenseOp {
     fn forward(
         &self,
         [(x, l1), (w, l2), (b, _)]: [(&[f32], &Layout); 3],
+        act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (n, o) = (self.rows, b.len());
         let k = x.len() / n.max(1);
@@ -111,6 +112,7 @@ impl F32Op3 for DenseOp {
             for row in ys.chunks_mut(o) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
+            activate(ys, act);
         });
         Ok((y, self.out.clone()))
     }

@@ -8,7 +8,9 @@
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::cpu::{parallel_map, parallel_pieces, with_f32, F32Op, F32Op3};
+use crate::ops::cpu::{
+    activate, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
+};
 use crate::Result;
 
 const NAME: &str = "group-norm";
@@ -113,10 +115,11 @@ impl F32Op3 for GroupNormOp {
     fn forward(
         &self,
         [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
+        act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let dims @ (_, c, s) = ncs(l1.shape());
         let cg = c / self.groups;
-        let (y, _) = self.per_block(dims, |i, g, out| {
+        let (mut y, _) = self.per_block(dims, |i, g, out| {
             let start = (i * c + g * cg) * s;
             let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
             for k in 0..cg {
@@ -129,6 +132,7 @@ impl F32Op3 for GroupNormOp {
                 }
             }
         });
+        activate(&mut y, act);
         Ok((y, l1.shape().clone()))
     }
 
