@@ -1,14 +1,14 @@
-//! Convolution and transposed convolution as single candle custom ops: per image, an
-//! `im2col`/`col2im` rearrangement plus one gemm call (the `gemm` crate that candle itself
-//! uses), with the bias folded in and a backward pass that returns all three gradients.
-//! One graph node per layer, where composing candle operations costs about eight, each with
-//! its own buffers in both directions.
+//! Convolution and transposed convolution as single candle custom ops: per group of images,
+//! one `im2col`/`col2im` rearrangement plus one gemm call (the `gemm` crate that candle itself
+//! uses), with the bias and an optional activation folded in and a backward pass that returns
+//! all three gradients. One graph node per layer, where composing candle operations costs
+//! about eight, each with its own buffers in both directions.
 //!
-//! Both kinds share three per-image primitives over a weight viewed as `W [c2, K]`
-//! (`K = c·k·k`, `c2` the channels on the other side): `gather` (`W · im2col(image)ᵀ`),
-//! its adjoint `scatter` (`col2im((·)ᵀ · W)`), and the weight gradient
-//! `Σ other · im2col(image)`. A convolution gathers forward and scatters backward; a
-//! transposed convolution does the opposite.
+//! Both kinds share three per-group primitives over a weight viewed as `W [c2, K]`
+//! (`K = c·k·k`, `c2` the channels on the other side): `gather` (`W · im2col(images)`), its
+//! adjoint `scatter` (`col2im(Wᵀ · ·)`), and the weight gradient `Σ other · im2col(images)ᵀ`.
+//! A convolution gathers forward and scatters backward; a transposed convolution does the
+//! opposite.
 
 use std::cell::RefCell;
 

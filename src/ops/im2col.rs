@@ -1,5 +1,9 @@
-//! `im2col` (image patches → rows) and its adjoint `col2im` (rows → summed image) on one
-//! image's plain f32 data; the convolution kernels in `conv` call them per image.
+//! `im2col` (image patches → columns) and its adjoint `col2im` (columns → summed images) on
+//! the plain f32 data of a group of images; the convolution kernels in `conv` call them once
+//! per group. Each image is first split into its stride phases (the pixels whose row and
+//! column are `qy`, `qx` modulo the stride), so that every row of the column matrix is a
+//! shifted copy of one phase plane: for the whole group in one piece when the planes have the
+//! output's size (as in every layer here), else row by row.
 
 use std::ops::Range;
 
