@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use crate::ops::cpu::{elementwise, f32_slice};
+use crate::ops::cpu::{elementwise, f32_slice, Activation};
 use crate::Result;
 
 /// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
@@ -25,8 +25,8 @@ impl CustomOp1 for LeakyRelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        let a = self.slope;
-        let y = elementwise(x, x, move |v, _| if v > 0.0 { v } else { a * v });
+        let act = Activation::LeakyRelu(self.slope);
+        let y = elementwise(x, x, move |v, _| act.apply(v));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -55,8 +55,10 @@ impl CustomOp2 for LeakyReluGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let g = f32_slice(s2, l2, self.name())?;
-        let a = self.slope;
-        let d = elementwise(x, g, move |x, g| if x > 0.0 { g } else { a * g });
+        // The derivative switches where the input's sign does (for any slope; at slopes of at
+        // least 0 the output's sign is the same, which is what `grad` is written for).
+        let act = Activation::LeakyRelu(self.slope);
+        let d = elementwise(x, g, move |x, g| act.grad(x, g));
         Ok((CpuStorage::F32(d), l1.shape().clone()))
     }
 }

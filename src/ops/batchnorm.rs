@@ -11,7 +11,8 @@ use candle_core::{Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    lane_sum, parallel_pieces, per_channel_block, with_f32, Activation, F32Op, F32Op3,
+    activate, lane_sum, ncs, parallel_pieces, per_channel_block, with_f32, Activation, F32Op,
+    F32Op3,
 };
 use crate::ops::leaky_relu;
 use crate::Result;
@@ -139,12 +140,6 @@ struct Stats {
     count: usize,
 }
 
-/// `[n, c, s]` view of a contiguous `[n, c, …]` layout.
-fn ncs(shape: &Shape) -> (usize, usize, usize) {
-    let d = shape.dims();
-    (d[0], d[1], d[2..].iter().product())
-}
-
 /// The training-mode forward kernel; it leaves its statistics in `stats` for the running
 /// averages and for its backward pass.
 struct BatchNormTrain {
@@ -213,10 +208,8 @@ fn channel_affine(
                 }
             }
         }
-        if let Some(act) = act {
-            // While the piece is still in this thread's cache.
-            piece.iter_mut().for_each(|v| *v = act.apply(*v));
-        }
+        // While the piece is still in this thread's cache.
+        activate(act, piece);
     });
     out
 }

@@ -105,6 +105,12 @@ impl SharedPtr {
     }
 }
 
+/// `(n, c, s)`: samples, channels and spatial positions of a contiguous `[n, c, …]` shape.
+pub(crate) fn ncs(shape: &Shape) -> (usize, usize, usize) {
+    let d = shape.dims();
+    (d[0], d[1], d[2..].iter().product())
+}
+
 /// `Σ f(a[j], b[j])` over two equally long slices, accumulated in 16 independent f32 partial
 /// sums so that the loop vectorises (a single running sum is one long dependency chain that
 /// the compiler may not reorder). Pass the same slice twice for a one-operand sum.
@@ -207,7 +213,7 @@ pub(crate) trait F32Op3 {
 
     /// The output values and shape, from each input's data and layout, with the activation
     /// `act` applied to every output value (ops fuse it into their last sweep, or call
-    /// [`activate`]).
+    /// [`activate`] on each piece they write).
     fn forward(
         &self,
         inputs: [(&[f32], &Layout); 3],
@@ -248,8 +254,9 @@ impl Activation {
     }
 
     /// The gradient through the activation for the output gradient `g` at the output `y`
-    /// (with a slope of at least 0 a LeakyReLU's output is positive exactly where its input is).
-    fn grad(self, y: f32, g: f32) -> f32 {
+    /// (with a slope of at least 0 a LeakyReLU's output is positive exactly where its input is,
+    /// so its input serves as well).
+    pub(crate) fn grad(self, y: f32, g: f32) -> f32 {
         match self {
             Activation::LeakyRelu(a) => {
                 if y > 0.0 {
@@ -283,16 +290,12 @@ impl<T> F32Op<T> {
     }
 }
 
-/// Applies `act` (if any) to every value, in parallel pieces: for ops whose last sweep does
-/// not apply it itself.
-pub(crate) fn activate(values: &mut [f32], act: Option<Activation>) {
-    /// Values per parallel piece.
-    const PIECE: usize = 1 << 15;
+/// Applies `act` (if any) to every value in place; ops call it on each piece they have just
+/// written, inside their parallel region (a nested parallel call from the pool's main thread
+/// would wait on the pool it is running in).
+pub(crate) fn activate(act: Option<Activation>, values: &mut [f32]) {
     if let Some(act) = act {
-        let pieces: Vec<&mut [f32]> = values.chunks_mut(PIECE).collect();
-        parallel_for_each(pieces, move |piece| {
-            piece.iter_mut().for_each(|v| *v = act.apply(*v))
-        });
+        values.iter_mut().for_each(|v| *v = act.apply(*v));
     }
 }
 

@@ -112,7 +112,7 @@ impl F32Op3 for DenseOp {
             for row in ys.chunks_mut(o) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
-            activate(ys, act);
+            activate(act, ys);
         });
         Ok((y, self.out.clone()))
     }

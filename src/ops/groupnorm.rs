@@ -9,7 +9,7 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    activate, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
+    activate, ncs, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
 };
 use crate::Result;
 
@@ -68,12 +68,6 @@ struct GroupNormOp {
     silu: bool,
 }
 
-/// `(n, c, s)`: samples, channels and spatial positions of a contiguous `[n, c, …]` shape.
-fn ncs(shape: &Shape) -> (usize, usize, usize) {
-    let d = shape.dims();
-    (d[0], d[1], d[2..].iter().product())
-}
-
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -119,7 +113,7 @@ impl F32Op3 for GroupNormOp {
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let dims @ (_, c, s) = ncs(l1.shape());
         let cg = c / self.groups;
-        let (mut y, _) = self.per_block(dims, |i, g, out| {
+        let (y, _) = self.per_block(dims, |i, g, out| {
             let start = (i * c + g * cg) * s;
             let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
             for k in 0..cg {
@@ -131,8 +125,8 @@ impl F32Op3 for GroupNormOp {
                     *o = if self.silu { z * sigmoid(z) } else { z };
                 }
             }
+            activate(act, out);
         });
-        activate(&mut y, act);
         Ok((y, l1.shape().clone()))
     }
 

@@ -274,11 +274,29 @@ fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
+/// Calls `f(shift, row, planes)` for every row of the column matrix of `n` images: the row's
+/// [`Shift`], its range in the matrix and the range of the group's planes it reads (one
+/// channel, one phase).
+fn for_each_row(g: &Geometry, n: usize, mut f: impl FnMut(&Shift, Range<usize>, Range<usize>)) {
+    let (len, hw, kk) = (n * g.positions(), g.h * g.w, g.k * g.k);
+    for (e, shift) in g.shifts().iter().enumerate() {
+        for ci in 0..g.c {
+            let at = ci * n * hw + n * shift.offset;
+            let r = ci * kk + e;
+            f(
+                shift,
+                r * len..(r + 1) * len,
+                at..at + n * shift.rows * shift.cols,
+            );
+        }
+    }
+}
+
 /// Writes the patches of `n` images `[n, c, h, w]` as the columns of a `[c·k·k, n·positions]`
 /// matrix (image after image along each row), zeros where a patch overhangs the padding.
 /// `buf` is working memory.
 pub fn im2col(g: &Geometry, images: &[f32], n: usize, cols: &mut [f32], buf: &mut Vec<f32>) {
-    let (len, hw, kk, s) = (n * g.positions(), g.h * g.w, g.k * g.k, g.stride);
+    let s = g.stride;
     buf.resize(n * g.image(), 0.0);
     phase_runs(g, n, |pixel, entry, run| {
         let pixels = images[pixel..].iter().step_by(s);
@@ -287,14 +305,9 @@ pub fn im2col(g: &Geometry, images: &[f32], n: usize, cols: &mut [f32], buf: &mu
             .zip(pixels)
             .for_each(|(p, x)| *p = *x);
     });
-    for (e, shift) in g.shifts().iter().enumerate() {
-        let at = n * shift.offset;
-        for ci in 0..g.c {
-            let planes = &buf[ci * n * hw + at..ci * n * hw + at + n * shift.rows * shift.cols];
-            let r = ci * kk + e;
-            shift.copy(planes, &mut cols[r * len..(r + 1) * len]);
-        }
-    }
+    for_each_row(g, n, |shift, row, planes| {
+        shift.copy(&buf[planes], &mut cols[row]);
+    });
 }
 
 /// The adjoint of [`im2col`]: adds every column of the matrix back onto the pixels its patch
@@ -307,17 +320,12 @@ pub fn col2im_add(
     images: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    let (len, hw, kk, s) = (n * g.positions(), g.h * g.w, g.k * g.k, g.stride);
+    let s = g.stride;
     buf.clear();
     buf.resize(n * g.image(), 0.0);
-    for (e, shift) in g.shifts().iter().enumerate() {
-        let at = n * shift.offset;
-        for ci in 0..g.c {
-            let planes = &mut buf[ci * n * hw + at..ci * n * hw + at + n * shift.rows * shift.cols];
-            let r = ci * kk + e;
-            shift.add(&mut cols[r * len..(r + 1) * len], planes);
-        }
-    }
+    for_each_row(g, n, |shift, row, planes| {
+        shift.add(&mut cols[row], &mut buf[planes]);
+    });
     phase_runs(g, n, |pixel, entry, run| {
         let pixels = images[pixel..].iter_mut().step_by(s);
         pixels
