@@ -238,7 +238,13 @@ impl Conv {
     fn gather(&self, w: &[f32], cols: &[f32], g: usize, other: &mut [f32], m: &mut Vec<f32>) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
         let m = resized(m, self.c2 * gp);
-        matmul((self.c2, gp, k), m, w, (k, 1), cols, (gp, 1), false);
+        matmul(
+            (self.c2, gp, k),
+            (m, (gp, 1)),
+            (w, (k, 1)),
+            (cols, (gp, 1)),
+            false,
+        );
         self.split(m, g, other);
     }
 
@@ -248,7 +254,13 @@ impl Conv {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
         let m = &s.mat[..self.c2 * gp];
         let cols = resized(&mut s.cols, k * gp);
-        matmul((k, gp, self.c2), cols, w, (1, k), m, (gp, 1), false);
+        matmul(
+            (k, gp, self.c2),
+            (cols, (gp, 1)),
+            (w, (1, k)),
+            (m, (gp, 1)),
+            false,
+        );
         col2im_add(
             &self.g,
             cols,
@@ -258,16 +270,16 @@ impl Conv {
         );
     }
 
-    /// `dw [c2, K] += m · colsᵀ` with `m = join(other) [c2, g·P]`.
-    fn weight_grad(&self, m: &[f32], cols: &[f32], g: usize, dw: &mut [f32]) {
+    /// `dwᵀ [K, c2] += (m · colsᵀ)ᵀ` with `m = join(other) [c2, g·P]`. Written transposed so
+    /// that gemm reads the large column matrix as it lies (contiguous along the sum) and
+    /// gathers only the small `m` into its packed panels.
+    fn weight_grad(&self, m: &[f32], cols: &[f32], g: usize, dwt: &mut [f32]) {
         let (gp, k) = (g * self.g.positions(), self.g.patch());
         matmul(
             (self.c2, k, gp),
-            dw,
-            &m[..self.c2 * gp],
-            (gp, 1),
-            cols,
-            (1, gp),
+            (dwt, (1, self.c2)),
+            (&m[..self.c2 * gp], (gp, 1)),
+            (cols, (1, gp)),
             true,
         );
     }
@@ -286,7 +298,8 @@ impl Conv {
     }
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
-    /// [`Conv::forward_group`]) when `dx` is given and adds their weight gradient to `dw`. A
+    /// [`Conv::forward_group`]) when `dx` is given and adds their weight gradient, transposed
+    /// (`[K, c2]`), to `dwt`. A
     /// transposed convolution extracts the columns of `dy` once for both.
     fn backward_group(
         &self,
@@ -295,7 +308,7 @@ impl Conv {
         dy: &[f32],
         g: usize,
         dx: Option<&mut [f32]>,
-        dw: &mut [f32],
+        dwt: &mut [f32],
     ) {
         SCRATCH.with_borrow_mut(|s| {
             if self.transposed {
@@ -304,7 +317,7 @@ impl Conv {
                     self.gather(w, cols, g, dx, &mut s.mat);
                 }
                 let m = self.join(x, g, &mut s.mat);
-                self.weight_grad(m, cols, g, dw);
+                self.weight_grad(m, cols, g, dwt);
             } else {
                 // The joined output gradient serves both the input and the weight gradient.
                 self.join(dy, g, &mut s.mat);
@@ -312,7 +325,7 @@ impl Conv {
                     self.scatter_joined(w, g, dx, s);
                 }
                 let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
-                self.weight_grad(&s.mat, cols, g, dw);
+                self.weight_grad(&s.mat, cols, g, dwt);
             }
         })
     }
@@ -377,15 +390,15 @@ impl F32Op3 for Conv {
                     let run = |i: usize, dxs: Option<&mut [f32]>| {
                         let (xs, dys) = (&x[i * group * in_len..], &dy[i * group * out_len..]);
                         let g = group.min(n - i * group);
-                        let mut dw = vec![0f32; w.len()];
-                        self.backward_group(w, xs, dys, g, dxs, &mut dw);
+                        let mut dwt = vec![0f32; w.len()];
+                        self.backward_group(w, xs, dys, g, dxs, &mut dwt);
                         let mut db = vec![0f32; channels];
                         for dyi in dys.chunks(out_len).take(g) {
                             for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
                                 *acc += lane_sum(row, row, |v, _| v);
                             }
                         }
-                        (dw, db)
+                        (dwt, db)
                     };
                     let (dx, partials) = if need_dx {
                         let (dx, partials) =
@@ -394,17 +407,7 @@ impl F32Op3 for Conv {
                     } else {
                         (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
                     };
-                    // The partial sums added in group order, in parallel pieces of the weight.
-                    const PIECE: usize = 1 << 14;
-                    let (dw, _) = parallel_pieces(w.len(), PIECE, |i, piece| {
-                        let r = i * PIECE..i * PIECE + piece.len();
-                        for (pw, _) in &partials {
-                            piece
-                                .iter_mut()
-                                .zip(&pw[r.clone()])
-                                .for_each(|(a, b)| *a += b);
-                        }
-                    });
+                    let dw = sum_transposed(&partials, self.c2, self.g.patch());
                     let mut db = vec![0f32; channels];
                     for (_, pb) in &partials {
                         db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
@@ -423,6 +426,34 @@ impl F32Op3 for Conv {
             Some(Tensor::from_vec(db, bias.shape(), dev)?),
         ))
     }
+}
+
+/// `Σ_p pᵀ` of `[k, c2]` partial sums `p` (added in order): the `[c2, k]` weight gradient,
+/// in parallel pieces of whole weight rows, through 16 × 16 tiles so that both the reads and
+/// the transposed writes use whole cache lines.
+fn sum_transposed<T: Sync>(partials: &[(Vec<f32>, T)], c2: usize, k: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let (dw, _) = parallel_pieces(c2 * k, TILE * k, |i, piece| {
+        let c0 = i * TILE;
+        let rows = piece.len() / k;
+        let mut tile = [[0f32; TILE]; TILE];
+        for k0 in (0..k).step_by(TILE) {
+            let cols = TILE.min(k - k0);
+            tile.iter_mut().for_each(|t| t.fill(0.0));
+            for (pt, _) in partials {
+                for (t, kk) in tile.iter_mut().zip(k0..k0 + cols) {
+                    let src = &pt[kk * c2 + c0..kk * c2 + c0 + rows];
+                    t.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                }
+            }
+            for (j, row) in piece.chunks_mut(k).enumerate() {
+                for (dst, t) in row[k0..k0 + cols].iter_mut().zip(&tile) {
+                    *dst = t[j];
+                }
+            }
+        }
+    });
+    dw
 }
 
 /// Which convolution a [`ConvLayer`] applies.

@@ -160,34 +160,35 @@ pub(crate) fn elementwise(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
     out
 }
 
-/// `dst [m × n] (row stride n) = (accumulate ? dst : 0) + lhs · rhs`, where `lhs [m × k]` and
-/// `rhs [k × n]` are read through (row, column) strides. Panics if a stride reaches outside a
-/// slice, which keeps the unchecked gemm call sound.
-#[allow(clippy::too_many_arguments)]
+/// A matrix operand of [`matmul`]: its values and its (row, column) strides.
+pub(crate) type Strided<'a> = (&'a [f32], (usize, usize));
+
+/// `dst [m × n] = (accumulate ? dst : 0) + lhs [m × k] · rhs [k × n]`, every matrix read or
+/// written through its (row, column) strides. Panics if a stride reaches outside a slice,
+/// which keeps the unchecked gemm call sound.
 pub(crate) fn matmul(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (dst, (dst_rs, dst_cs)): (&mut [f32], (usize, usize)),
+    (lhs, (lhs_rs, lhs_cs)): Strided,
+    (rhs, (rhs_rs, rhs_cs)): Strided,
     accumulate: bool,
 ) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
     };
-    assert!(dst.len() >= m * n);
+    assert!(m * n == 0 || last(m, n, dst_rs, dst_cs) < dst.len());
     assert!(m * k == 0 || last(m, k, lhs_rs, lhs_cs) < lhs.len());
     assert!(k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len());
-    // SAFETY: the assertions above keep every index gemm computes inside the slices.
+    // SAFETY: the assertions above keep every index gemm computes inside the slices (whose
+    // borrows also keep `dst` apart from the operands).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,

@@ -108,7 +108,7 @@ impl F32Op3 for DenseOp {
         let (y, _) = parallel_pieces(n * o, rows * o, |i, ys| {
             let r = ys.len() / o;
             let xs = &x[i * rows * k..(i * rows + r) * k];
-            matmul((r, o, k), ys, xs, (k, 1), w, (1, k), false);
+            matmul((r, o, k), (ys, (o, 1)), (xs, (k, 1)), (w, (1, k)), false);
             for row in ys.chunks_mut(o) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
@@ -134,7 +134,7 @@ impl F32Op3 for DenseOp {
                         let (dx, _) = parallel_pieces(n * k, rows * k, |i, dxs| {
                             let r = dxs.len() / k;
                             let dys = &dy[i * rows * o..(i * rows + r) * o];
-                            matmul((r, k, o), dxs, dys, (o, 1), w, (k, 1), false);
+                            matmul((r, k, o), (dxs, (k, 1)), (dys, (o, 1)), (w, (k, 1)), false);
                         });
                         dx
                     });
@@ -142,7 +142,13 @@ impl F32Op3 for DenseOp {
                     let block = rows_per_piece(o);
                     let (dw, db) = parallel_pieces(o * k, block * k, |i, dws| {
                         let (a, r) = (i * block, dws.len() / k);
-                        matmul((r, k, n), dws, &dy[a..], (1, o), x, (k, 1), false);
+                        matmul(
+                            (r, k, n),
+                            (dws, (k, 1)),
+                            (&dy[a..], (1, o)),
+                            (x, (k, 1)),
+                            false,
+                        );
                         let mut db = vec![0f32; r];
                         for row in dy.chunks(o) {
                             db.iter_mut().zip(&row[a..a + r]).for_each(|(s, g)| *s += g);
