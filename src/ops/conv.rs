@@ -1,16 +1,18 @@
 //! Convolution and transposed convolution as single candle custom ops: per group of images,
-//! one `im2col`/`col2im` rearrangement plus one gemm call (the `gemm` crate that candle itself
+//! an `im2col`/`col2im` rearrangement plus gemm calls (the `gemm` crate that candle itself
 //! uses), with the bias and an optional activation folded in and a backward pass that returns
 //! all three gradients. One graph node per layer, where composing candle operations costs
 //! about eight, each with its own buffers in both directions.
 //!
 //! Both kinds share three per-group primitives over a weight viewed as `W [c2, K]`
-//! (`K = c·k·k`, `c2` the channels on the other side): `gather` (`W · im2col(images)`), its
+//! (`K = c·k·k`, `c2` the channels on the other side): gathering (`W · im2col(images)`), its
 //! adjoint `scatter` (`col2im(Wᵀ · ·)`), and the weight gradient `Σ other · im2col(images)ᵀ`.
 //! A convolution gathers forward and scatters backward; a transposed convolution does the
-//! opposite.
+//! opposite. The column matrix of a group is built and consumed in blocks of input channels
+//! (one gemm per block), so that each block is read back from the cache, not from memory.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -18,7 +20,9 @@ use candle_nn::{Init, VarBuilder};
 use crate::ops::cpu::{
     lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
 };
-use crate::ops::im2col::{col2im_add, im2col, Geometry};
+use crate::ops::im2col::{
+    col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
+};
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
@@ -128,14 +132,24 @@ fn transposed_op(
 /// overwrites the part it reads.
 #[derive(Default)]
 struct Scratch {
+    /// One block of rows of a column matrix.
     cols: Vec<f32>,
-    mat: Vec<f32>,
+    /// Stride phase planes of a group of images.
     planes: Vec<f32>,
+    /// A joined `[c2, g·P]` matrix.
+    mat: Vec<f32>,
+    /// A second joined matrix (a transposed convolution's backward pass needs two).
+    mat2: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
+
+/// Values per block of column-matrix rows: 1 MiB, so that a block, the group's phase planes
+/// and the gemm operands share a core's L2 cache (the whole column matrix of a group is up to
+/// four times that, and gemm would read it back from memory).
+const BLOCK_VALUES: usize = 1 << 18;
 
 /// The first `len` values of `buf`, grown if needed (stale contents: callers overwrite them).
 fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -199,17 +213,30 @@ impl Conv {
         }
     }
 
-    /// The columns of `g` images (`[c, h, w]` each) side by side in `cols`: `[K, g·P]`.
-    fn columns<'s>(
+    /// The input channels of the blocks in which the column matrix of `g` images is built:
+    /// each block is `[|block|·k·k, g·P]`, about [`BLOCK_VALUES`] values.
+    fn channel_blocks(&self, g: usize) -> impl Iterator<Item = Range<usize>> {
+        let c = self.g.c;
+        let per_channel = self.g.k * self.g.k * g * self.g.positions();
+        let size = c.div_ceil((c * per_channel).div_ceil(BLOCK_VALUES).clamp(1, c));
+        (0..c).step_by(size).map(move |c0| c0..(c0 + size).min(c))
+    }
+
+    /// Calls `f(block, rows)` for the blocks of rows of the column matrix of `g` images, whose
+    /// phase planes are in `planes` ([`split_phases`]), built one after the other in `cols`.
+    fn for_each_block(
         &self,
-        images: &[f32],
+        planes: &[f32],
         g: usize,
-        cols: &'s mut Vec<f32>,
-        planes: &mut Vec<f32>,
-    ) -> &'s [f32] {
-        let cols = resized(cols, g * self.g.rows());
-        im2col(&self.g, &images[..g * self.g.image()], g, cols, planes);
-        cols
+        cols: &mut Vec<f32>,
+        mut f: impl FnMut(Range<usize>, &[f32]),
+    ) {
+        let row_len = self.g.k * self.g.k * g * self.g.positions();
+        for block in self.channel_blocks(g) {
+            let rows = resized(cols, block.len() * row_len);
+            im2col_rows(&self.g, planes, g, block.clone(), rows);
+            f(block, rows);
+        }
     }
 
     /// `g` images of the other side (`[c2, P]` each) as one `[c2, g·P]` matrix in `m`.
@@ -234,73 +261,84 @@ impl Conv {
         }
     }
 
-    /// Other side of `g` images from their columns: `split(W [c2, K] · cols [K, g·P])`.
-    fn gather(&self, w: &[f32], cols: &[f32], g: usize, other: &mut [f32], m: &mut Vec<f32>) {
-        let (gp, k) = (g * self.g.positions(), self.g.patch());
-        let m = resized(m, self.c2 * gp);
+    /// `m [c2, g·P] (+)= W [c2, K] · rows` for the column-matrix rows of one channel block.
+    fn gather_block(&self, w: &[f32], block: &Range<usize>, rows: &[f32], m: &mut [f32]) {
+        let (gp, kk) = (m.len() / self.c2, self.g.k * self.g.k);
         matmul(
-            (self.c2, gp, k),
+            (self.c2, gp, block.len() * kk),
             (m, (gp, 1)),
-            (w, (k, 1)),
-            (cols, (gp, 1)),
-            false,
-        );
-        self.split(m, g, other);
-    }
-
-    /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · m)` with `m = join(other)`
-    /// (already in `s.mat`), onto `images` (the zero-filled pieces of [`parallel_pieces`]).
-    fn scatter_joined(&self, w: &[f32], g: usize, images: &mut [f32], s: &mut Scratch) {
-        let (gp, k) = (g * self.g.positions(), self.g.patch());
-        let m = &s.mat[..self.c2 * gp];
-        let cols = resized(&mut s.cols, k * gp);
-        matmul(
-            (k, gp, self.c2),
-            (cols, (gp, 1)),
-            (w, (1, k)),
-            (m, (gp, 1)),
-            false,
-        );
-        col2im_add(
-            &self.g,
-            cols,
-            g,
-            &mut images[..g * self.g.image()],
-            &mut s.planes,
+            (&w[block.start * kk..], (self.g.patch(), 1)),
+            (rows, (gp, 1)),
+            block.start > 0,
         );
     }
 
-    /// `dwᵀ [K, c2] += (m · colsᵀ)ᵀ` with `m = join(other) [c2, g·P]`. Written transposed so
-    /// that gemm reads the large column matrix as it lies (contiguous along the sum) and
-    /// gathers only the small `m` into its packed panels.
-    fn weight_grad(&self, m: &[f32], cols: &[f32], g: usize, dwt: &mut [f32]) {
-        let (gp, k) = (g * self.g.positions(), self.g.patch());
+    /// `dwᵀ [K, c2] += (m · rowsᵀ)ᵀ` for the column-matrix rows of one channel block, with
+    /// `m = join(other) [c2, g·P]`. Written transposed so that gemm reads the rows as they
+    /// lie (contiguous along the sum) and gathers only the small `m` into packed panels.
+    fn weight_grad_block(&self, m: &[f32], block: &Range<usize>, rows: &[f32], dwt: &mut [f32]) {
+        let (gp, kk) = (m.len() / self.c2, self.g.k * self.g.k);
         matmul(
-            (self.c2, k, gp),
-            (dwt, (1, self.c2)),
-            (&m[..self.c2 * gp], (gp, 1)),
-            (cols, (1, gp)),
+            (self.c2, block.len() * kk, gp),
+            (&mut dwt[block.start * kk * self.c2..], (1, self.c2)),
+            (m, (gp, 1)),
+            (rows, (1, gp)),
             true,
         );
     }
 
-    /// The forward map of `g` images (without bias), with one gemm for all of them.
+    /// Adds the images of `g` other-side blocks, `col2im(Wᵀ · m)` with `m = join(other)`,
+    /// onto `images` (the zero-filled pieces of [`parallel_pieces`]), one channel block of
+    /// column-matrix rows at a time.
+    fn scatter(
+        &self,
+        (w, m): (&[f32], &[f32]),
+        g: usize,
+        images: &mut [f32],
+        cols: &mut Vec<f32>,
+        planes: &mut Vec<f32>,
+    ) {
+        let (gp, kk) = (m.len() / self.c2, self.g.k * self.g.k);
+        let planes = zero_phases(&self.g, g, planes);
+        for block in self.channel_blocks(g) {
+            let rows = resized(cols, block.len() * kk * gp);
+            matmul(
+                (block.len() * kk, gp, self.c2),
+                (rows, (gp, 1)),
+                (&w[block.start * kk..], (1, self.g.patch())),
+                (m, (gp, 1)),
+                false,
+            );
+            col2im_rows_add(&self.g, rows, g, block, planes);
+        }
+        merge_phases_add(&self.g, planes, g, &mut images[..g * self.g.image()]);
+    }
+
+    /// The forward map of `g` images (without bias), with one gemm per channel block for all
+    /// of them.
     fn forward_group(&self, w: &[f32], x: &[f32], g: usize, y: &mut [f32]) {
         SCRATCH.with_borrow_mut(|s| {
+            let Scratch {
+                cols, planes, mat, ..
+            } = s;
             if self.transposed {
-                self.join(x, g, &mut s.mat);
-                self.scatter_joined(w, g, y, s)
+                let m = self.join(x, g, mat);
+                self.scatter((w, m), g, y, cols, planes);
             } else {
-                let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
-                self.gather(w, cols, g, y, &mut s.mat)
+                split_phases(&self.g, x, g, planes);
+                let m = resized(mat, self.c2 * g * self.g.positions());
+                self.for_each_block(planes, g, cols, |block, rows| {
+                    self.gather_block(w, &block, rows, m)
+                });
+                self.split(m, g, y);
             }
         })
     }
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
     /// [`Conv::forward_group`]) when `dx` is given and adds their weight gradient, transposed
-    /// (`[K, c2]`), to `dwt`. A
-    /// transposed convolution extracts the columns of `dy` once for both.
+    /// (`[K, c2]`), to `dwt`. A transposed convolution builds the columns of `dy` once for
+    /// both.
     fn backward_group(
         &self,
         w: &[f32],
@@ -311,21 +349,39 @@ impl Conv {
         dwt: &mut [f32],
     ) {
         SCRATCH.with_borrow_mut(|s| {
+            let gp = g * self.g.positions();
             if self.transposed {
-                let cols = self.columns(dy, g, &mut s.cols, &mut s.planes);
+                let Scratch {
+                    cols,
+                    planes,
+                    mat,
+                    mat2,
+                } = s;
+                let xm = self.join(x, g, mat);
+                let dm = resized(mat2, self.c2 * gp);
+                split_phases(&self.g, dy, g, planes);
+                self.for_each_block(planes, g, cols, |block, rows| {
+                    if dx.is_some() {
+                        self.gather_block(w, &block, rows, dm);
+                    }
+                    self.weight_grad_block(xm, &block, rows, dwt);
+                });
                 if let Some(dx) = dx {
-                    self.gather(w, cols, g, dx, &mut s.mat);
+                    self.split(dm, g, dx);
                 }
-                let m = self.join(x, g, &mut s.mat);
-                self.weight_grad(m, cols, g, dwt);
             } else {
                 // The joined output gradient serves both the input and the weight gradient.
-                self.join(dy, g, &mut s.mat);
+                let Scratch {
+                    cols, planes, mat, ..
+                } = s;
+                let m = self.join(dy, g, mat);
                 if let Some(dx) = dx {
-                    self.scatter_joined(w, g, dx, s);
+                    self.scatter((w, m), g, dx, cols, planes);
                 }
-                let cols = self.columns(x, g, &mut s.cols, &mut s.planes);
-                self.weight_grad(&s.mat, cols, g, dwt);
+                split_phases(&self.g, x, g, planes);
+                self.for_each_block(planes, g, cols, |block, rows| {
+                    self.weight_grad_block(m, &block, rows, dwt)
+                });
             }
         })
     }
@@ -592,6 +648,39 @@ mod tests {
         Ok(())
     }
 
+    /// [`compare`] for [`conv2d`] against candle's `conv2d`.
+    fn check_conv2d(
+        (x, w, b): (&Tensor, &Tensor, &Tensor),
+        stride: usize,
+        pad: usize,
+        seed: u64,
+    ) -> std::result::Result<(), TestCaseError> {
+        compare(
+            |x, w, b| conv2d(x, w, Some(b), stride, pad).unwrap(),
+            |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
+            x,
+            w,
+            b,
+            seed,
+        )
+    }
+
+    /// [`compare`] for [`conv_transpose2d`] against candle's `conv_transpose2d`.
+    fn check_transposed(
+        (x, w, b): (&Tensor, &Tensor, &Tensor),
+        (stride, pad, out_pad): (usize, usize, usize),
+        seed: u64,
+    ) -> std::result::Result<(), TestCaseError> {
+        compare(
+            |x, w, b| conv_transpose2d(x, w, Some(b), stride, pad, out_pad).unwrap(),
+            |x, w| x.conv_transpose2d(w, pad, out_pad, stride, 1).unwrap(),
+            x,
+            w,
+            b,
+            seed,
+        )
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
         #[test]
@@ -607,11 +696,7 @@ mod tests {
             let x = rng.normal(&[n, c, h, w], &Device::Cpu).unwrap();
             let wt = rng.normal(&[cout, c, k, k], &Device::Cpu).unwrap();
             let b = rng.normal(&[cout], &Device::Cpu).unwrap();
-            compare(
-                |x, w, b| conv2d(x, w, Some(b), stride, pad).unwrap(),
-                |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
-                &x, &wt, &b, seed,
-            )?;
+            check_conv2d((&x, &wt, &b), stride, pad, seed)?;
         }
 
         #[test]
@@ -624,11 +709,7 @@ mod tests {
             let x = rng.normal(&[n, cin, h, w], &Device::Cpu).unwrap();
             let wt = rng.normal(&[cin, cout, k, k], &Device::Cpu).unwrap();
             let b = rng.normal(&[cout], &Device::Cpu).unwrap();
-            compare(
-                |x, w, b| conv_transpose2d(x, w, Some(b), stride, pad, out_pad).unwrap(),
-                |x, w| x.conv_transpose2d(w, pad, out_pad, stride, 1).unwrap(),
-                &x, &wt, &b, seed,
-            )?;
+            check_transposed((&x, &wt, &b), (stride, pad, out_pad), seed)?;
         }
     }
 
@@ -640,26 +721,31 @@ mod tests {
         let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
         let w = rng.normal(&[4, 3, 3, 3], &dev).unwrap();
         let b = rng.normal(&[4], &dev).unwrap();
-        compare(
-            |x, w, b| conv2d(x, w, Some(b), 2, 1).unwrap(),
-            |x, w| x.conv2d(w, 1, 2, 1, 1).unwrap(),
-            &x,
-            &w,
-            &b,
-            5,
-        )
-        .unwrap();
+        check_conv2d((&x, &w, &b), 2, 1, 5).unwrap();
         let wt = rng.normal(&[3, 2, 4, 4], &dev).unwrap();
         let bt = rng.normal(&[2], &dev).unwrap();
-        compare(
-            |x, w, b| conv_transpose2d(x, w, Some(b), 2, 1, 0).unwrap(),
-            |x, w| x.conv_transpose2d(w, 1, 0, 2, 1).unwrap(),
-            &x,
-            &wt,
-            &bt,
-            6,
-        )
-        .unwrap();
+        check_transposed((&x, &wt, &bt), (2, 1, 0), 6).unwrap();
+    }
+
+    #[test]
+    fn column_matrices_built_in_several_channel_blocks_match_candle() {
+        // 37 channels of 16×16 under 5×5 kernels: groups of 3 images whose column matrices
+        // are built in blocks of 13, 13 and 11 channels.
+        let mut rng = Rng::new(13);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[6, 37, 16, 16], &dev).unwrap();
+        let w = rng.normal(&[5, 37, 5, 5], &dev).unwrap();
+        let b = rng.normal(&[5], &dev).unwrap();
+        let op = forward_op(&x, &w, 1, 2).unwrap();
+        let blocks: Vec<_> = op.channel_blocks(group_size(6, op.g.rows())).collect();
+        assert_eq!(blocks, [0..13, 13..26, 26..37]);
+        check_conv2d((&x, &w, &b), 1, 2, 7).unwrap();
+        let x = rng.normal(&[6, 5, 16, 16], &dev).unwrap();
+        let w = rng.normal(&[5, 37, 5, 5], &dev).unwrap();
+        let b = rng.normal(&[37], &dev).unwrap();
+        let op = transposed_op(&x, &w, 1, 2, 0).unwrap();
+        assert_eq!(op.channel_blocks(group_size(6, op.g.rows())).count(), 3);
+        check_transposed((&x, &w, &b), (1, 2, 0), 8).unwrap();
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `im2col` (image patches → columns) and its adjoint `col2im` (columns → summed images) on
-//! the plain f32 data of a group of images; the convolution kernels in `conv` call them once
-//! per group. Each image is first split into its stride phases (the pixels whose row and
-//! column are `qy`, `qx` modulo the stride), so that every row of the column matrix is a
-//! shifted copy of one phase plane: for the whole group in one piece when the planes have the
-//! output's size (as in every layer here), else row by row.
+//! the plain f32 data of a group of images, in two stages each. The images are first split
+//! into their stride phases (the pixels whose row and column are `qy`, `qx` modulo the
+//! stride, [`split_phases`]), so that every row of the column matrix is a shifted copy of one
+//! phase plane: for the whole group in one piece when the planes have the output's size (as
+//! in every layer here), else row by row. The rows are then built for a range of input
+//! channels at a time ([`im2col_rows`]), so that the convolution kernels in `conv` can hand
+//! each block to gemm while it is still in the cache; `col2im` runs the same stages backwards
+//! ([`col2im_rows_add`], [`merge_phases_add`]).
 
 use std::ops::Range;
 
@@ -260,29 +263,44 @@ impl Shift {
 fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
     let (s, hw) = (g.stride, g.h * g.w);
     let offsets = g.plane_offsets();
+    // A plane's height depends on its row phase only, its width on its column phase only.
+    let heights: Vec<usize> = (0..s).map(|qy| g.plane_dims(qy, 0).0).collect();
+    let widths: Vec<usize> = (0..s.min(g.w)).map(|qx| g.plane_dims(0, qx).1).collect();
     for ci in 0..g.c {
+        let channel = ci * n * hw;
         for img in 0..n {
+            let image = (img * g.c + ci) * hw;
+            let (mut qy, mut jy) = (0, 0);
             for iy in 0..g.h {
-                let (qy, jy) = (iy % s, iy / s);
-                for qx in 0..s.min(g.w) {
-                    let (ph, pw) = g.plane_dims(qy, qx);
-                    let entry = ci * n * hw + n * offsets[qy * s + qx] + (img * ph + jy) * pw;
-                    f((img * g.c + ci) * hw + iy * g.w + qx, entry, pw);
+                let phases = &offsets[qy * s..];
+                for (qx, &pw) in widths.iter().enumerate() {
+                    let entry = channel + n * phases[qx] + (img * heights[qy] + jy) * pw;
+                    f(image + iy * g.w + qx, entry, pw);
+                }
+                qy += 1;
+                if qy == s {
+                    (qy, jy) = (0, jy + 1);
                 }
             }
         }
     }
 }
 
-/// Calls `f(shift, row, planes)` for every row of the column matrix of `n` images: the row's
-/// [`Shift`], its range in the matrix and the range of the group's planes it reads (one
-/// channel, one phase).
-fn for_each_row(g: &Geometry, n: usize, mut f: impl FnMut(&Shift, Range<usize>, Range<usize>)) {
+/// Calls `f(shift, row, planes)` for every row of the column matrix of `n` images that
+/// belongs to an input channel in `channels`: the row's [`Shift`], its range in the matrix of
+/// those channels' rows (`[|channels|·k·k, n·positions]`) and the range of the group's planes
+/// it reads (one channel, one phase).
+fn for_each_row(
+    g: &Geometry,
+    n: usize,
+    channels: Range<usize>,
+    mut f: impl FnMut(&Shift, Range<usize>, Range<usize>),
+) {
     let (len, hw, kk) = (n * g.positions(), g.h * g.w, g.k * g.k);
     for (e, shift) in g.shifts().iter().enumerate() {
-        for ci in 0..g.c {
+        for ci in channels.clone() {
             let at = ci * n * hw + n * shift.offset;
-            let r = ci * kk + e;
+            let r = (ci - channels.start) * kk + e;
             f(
                 shift,
                 r * len..(r + 1) * len,
@@ -292,46 +310,84 @@ fn for_each_row(g: &Geometry, n: usize, mut f: impl FnMut(&Shift, Range<usize>, 
     }
 }
 
-/// Writes the patches of `n` images `[n, c, h, w]` as the columns of a `[c·k·k, n·positions]`
-/// matrix (image after image along each row), zeros where a patch overhangs the padding.
-/// `buf` is working memory.
-pub fn im2col(g: &Geometry, images: &[f32], n: usize, cols: &mut [f32], buf: &mut Vec<f32>) {
+/// `im2col`'s first stage: splits `n` images `[n, c, h, w]` into their stride phase planes
+/// (grouped by channel and phase) in `planes`, from which [`im2col_rows`] copies the rows of
+/// the column matrix.
+pub fn split_phases(g: &Geometry, images: &[f32], n: usize, planes: &mut Vec<f32>) {
     let s = g.stride;
-    buf.resize(n * g.image(), 0.0);
+    planes.resize(n * g.image(), 0.0);
     phase_runs(g, n, |pixel, entry, run| {
         let pixels = images[pixel..].iter().step_by(s);
-        buf[entry..entry + run]
+        planes[entry..entry + run]
             .iter_mut()
             .zip(pixels)
             .for_each(|(p, x)| *p = *x);
     });
-    for_each_row(g, n, |shift, row, planes| {
-        shift.copy(&buf[planes], &mut cols[row]);
+}
+
+/// Writes the rows of the column matrix of `n` images that belong to the input channels
+/// `channels`, `[|channels|·k·k, n·positions]` (image after image along each row), from the
+/// images' phase planes ([`split_phases`]); zeros where a patch overhangs the padding.
+pub fn im2col_rows(
+    g: &Geometry,
+    planes: &[f32],
+    n: usize,
+    channels: Range<usize>,
+    cols: &mut [f32],
+) {
+    for_each_row(g, n, channels, |shift, row, from| {
+        shift.copy(&planes[from], &mut cols[row]);
     });
 }
 
-/// The adjoint of [`im2col`]: adds every column of the matrix back onto the pixels its patch
-/// covers. `cols` is consumed as working memory (its padding entries are zeroed); `buf` is
-/// working memory.
-pub fn col2im_add(
+/// Zeroed phase planes for `n` images, to sum [`col2im_rows_add`] into.
+pub fn zero_phases<'a>(g: &Geometry, n: usize, planes: &'a mut Vec<f32>) -> &'a mut [f32] {
+    planes.clear();
+    planes.resize(n * g.image(), 0.0);
+    planes
+}
+
+/// The adjoint of [`im2col_rows`]: adds the rows of the channels `channels` back onto the
+/// phase planes of the pixels their patches cover. `cols` is consumed as working memory (its
+/// padding entries are zeroed).
+pub fn col2im_rows_add(
     g: &Geometry,
     cols: &mut [f32],
     n: usize,
-    images: &mut [f32],
-    buf: &mut Vec<f32>,
+    channels: Range<usize>,
+    planes: &mut [f32],
 ) {
-    let s = g.stride;
-    buf.clear();
-    buf.resize(n * g.image(), 0.0);
-    for_each_row(g, n, |shift, row, planes| {
-        shift.add(&mut cols[row], &mut buf[planes]);
+    for_each_row(g, n, channels, |shift, row, to| {
+        shift.add(&mut cols[row], &mut planes[to]);
     });
+}
+
+/// The adjoint of [`split_phases`]: adds the phase planes of `n` images onto the images.
+pub fn merge_phases_add(g: &Geometry, planes: &[f32], n: usize, images: &mut [f32]) {
+    let s = g.stride;
     phase_runs(g, n, |pixel, entry, run| {
         let pixels = images[pixel..].iter_mut().step_by(s);
         pixels
-            .zip(&buf[entry..entry + run])
+            .zip(&planes[entry..entry + run])
             .for_each(|(x, p)| *x += p);
     });
+}
+
+/// The whole column matrix `[c·k·k, n·positions]` of `n` images.
+#[cfg(test)]
+fn im2col(g: &Geometry, images: &[f32], n: usize, cols: &mut [f32]) {
+    let mut planes = Vec::new();
+    split_phases(g, images, n, &mut planes);
+    im2col_rows(g, &planes, n, 0..g.c, cols);
+}
+
+/// The adjoint of [`im2col`]: adds every column back onto the pixels its patch covers.
+#[cfg(test)]
+fn col2im_add(g: &Geometry, cols: &mut [f32], n: usize, images: &mut [f32]) {
+    let mut planes = Vec::new();
+    let planes = zero_phases(g, n, &mut planes);
+    col2im_rows_add(g, cols, n, 0..g.c, planes);
+    merge_phases_add(g, planes, n, images);
 }
 
 #[cfg(test)]
@@ -384,11 +440,47 @@ mod tests {
             let x = rng.normal_vec(n * g.image());
             let cols = rng.normal_vec(n * g.rows());
             let mut x_cols = vec![0f32; n * g.rows()];
-            im2col(&g, &x, n, &mut x_cols, &mut Vec::new());
+            im2col(&g, &x, n, &mut x_cols);
             let mut back = vec![0f32; n * g.image()];
-            col2im_add(&g, &mut cols.clone(), n, &mut back, &mut Vec::new());
+            col2im_add(&g, &mut cols.clone(), n, &mut back);
             let (lhs, rhs) = (dot(&x_cols, &cols), dot(&x, &back));
             prop_assert!((lhs - rhs).abs() <= 1e-3 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
+        }
+
+        /// The rows of a range of channels are those channels' rows of the whole matrix, and
+        /// adding the rows back range by range gives the whole adjoint, bit for bit.
+        #[test]
+        fn channel_ranges_are_slices_of_the_whole(
+            (g, seed) in geometries(),
+            n in 1usize..4,
+            cut in 0usize..4,
+        ) {
+            let cut = cut.min(g.c);
+            let mut rng = Rng::new(seed);
+            let x = rng.normal_vec(n * g.image());
+            let mut whole = vec![0f32; n * g.rows()];
+            im2col(&g, &x, n, &mut whole);
+            let mut planes = Vec::new();
+            split_phases(&g, &x, n, &mut planes);
+            let per_channel = g.k * g.k * n * g.positions();
+            let mut parts = vec![f32::NAN; n * g.rows()];
+            let (a, b) = parts.split_at_mut(cut * per_channel);
+            im2col_rows(&g, &planes, n, 0..cut, a);
+            im2col_rows(&g, &planes, n, cut..g.c, b);
+            prop_assert_eq!(&parts, &whole);
+
+            let cols = rng.normal_vec(n * g.rows());
+            let mut back = vec![0f32; n * g.image()];
+            col2im_add(&g, &mut cols.clone(), n, &mut back);
+            let mut cols = cols;
+            let (a, b) = cols.split_at_mut(cut * per_channel);
+            let mut buf = Vec::new();
+            let planes = zero_phases(&g, n, &mut buf);
+            col2im_rows_add(&g, b, n, cut..g.c, planes);
+            col2im_rows_add(&g, a, n, 0..cut, planes);
+            let mut parts = vec![0f32; n * g.image()];
+            merge_phases_add(&g, planes, n, &mut parts);
+            prop_assert_eq!(parts, back);
         }
 
         /// Every entry of the column matrix of a group of 1 to 3 images, written over a buffer
@@ -399,7 +491,7 @@ mod tests {
             let x = Rng::new(seed).normal_vec(n * g.image());
             let p = g.positions();
             let mut cols = vec![f32::NAN; n * g.rows()];
-            im2col(&g, &x, n, &mut cols, &mut Vec::new());
+            im2col(&g, &x, n, &mut cols);
             let (oh, ow) = (g.oh(), g.ow());
             for r in 0..g.patch() {
                 let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
@@ -425,7 +517,7 @@ mod tests {
             pad: 1,
         };
         let mut cols = vec![0f32; g.rows()];
-        im2col(&g, &x, 1, &mut cols, &mut Vec::new());
+        im2col(&g, &x, 1, &mut cols);
         assert_eq!(g.positions(), 9);
         // Row r holds kernel entry r at each of the 9 output positions.
         assert_eq!(cols[0..9], [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
@@ -433,7 +525,7 @@ mod tests {
         // Two images: each row holds the first image's 9 positions, then the second's.
         let two_images = [x, x.map(|v| -v)].concat();
         let mut two = vec![0f32; 2 * g.rows()];
-        im2col(&g, &two_images, 2, &mut two, &mut Vec::new());
+        im2col(&g, &two_images, 2, &mut two);
         assert_eq!(two[0..9], cols[0..9]);
         assert_eq!(
             two[9..18],
@@ -441,7 +533,7 @@ mod tests {
         );
         assert_eq!(two[18..27], cols[9..18]);
         let mut back = vec![0f32; 4];
-        col2im_add(&g, &mut cols, 1, &mut back, &mut Vec::new());
+        col2im_add(&g, &mut cols, 1, &mut back);
         // Every pixel appears in 4 of the 9 padded patches.
         assert_eq!(back, vec![4.0, 8.0, 12.0, 16.0]);
         assert!(Geometry { k: 5, ..g }.validate().is_err());
