@@ -104,7 +104,8 @@ impl F32Op3 for DenseOp {
                 l1.dims()
             );
         }
-        let rows = rows_per_piece(n);
+        // One piece per thread: gemm packs the whole weight for every piece.
+        let rows = n.div_ceil(candle_core::utils::get_num_threads()).max(1);
         let (y, _) = parallel_pieces(n * o, rows * o, |i, ys| {
             let r = ys.len() / o;
             let xs = &x[i * rows * k..(i * rows + r) * k];
