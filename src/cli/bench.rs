@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::bench::{self, BenchModel, BenchResult};
+use crate::metrics::median;
 
 /// Arguments of `bench`.
 #[derive(Args, Debug)]
@@ -26,6 +27,11 @@ pub struct BenchArgs {
     /// Also run `bench/torch_reference.py` (needs python3 with torch) and print the ratio.
     #[arg(long)]
     pub torch: bool,
+    /// Measurements per model; with `--torch` ours and PyTorch's alternate (each going first
+    /// in every other round) and the median of the rounds' ratios is printed, which a noisy
+    /// machine disturbs less than one pair of runs.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// The PyTorch script (default: bench/torch_reference.py here or in the source tree).
     #[arg(long)]
     pub torch_script: Option<PathBuf>,
@@ -36,8 +42,8 @@ pub struct BenchArgs {
 
 /// Runs `bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if a.batch_size == 0 || a.steps == 0 {
-        bail!("--batch-size and --steps must be positive");
+    if a.batch_size == 0 || a.steps == 0 || a.rounds == 0 {
+        bail!("--batch-size, --steps and --rounds must be positive");
     }
     let models = if a.models.is_empty() {
         vec![BenchModel::Reference, BenchModel::K4]
@@ -45,35 +51,125 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.models.clone()
     };
     let threads = rayon::current_num_threads();
+    let load_before = load_average();
     let mut rows = Vec::new();
     for &model in &models {
-        let ours = bench::run(model, a.batch_size, a.warmup, a.steps)?;
-        let torch = if a.torch {
-            Some(torch_reference(&a, model)?)
-        } else {
-            None
-        };
-        if !a.json {
-            print_row("genbackdoor", &ours, threads);
-            if let Some(t) = &torch {
-                print_row("pytorch", &t.result, t.threads);
+        let mut rounds = Vec::new();
+        for round in 0..a.rounds {
+            let ours_first = round % 2 == 0;
+            let mut ours = None;
+            let mut torch = None;
+            for ours_now in [ours_first, !ours_first] {
+                if ours_now {
+                    ours = Some(bench::run(model, a.batch_size, a.warmup, a.steps)?);
+                } else if a.torch {
+                    torch = Some(torch_reference(&a, model)?);
+                }
+            }
+            let ours = ours.expect("ours ran");
+            let ratio = torch.as_ref().map(|t| t.result.median_ms / ours.median_ms);
+            if !a.json {
+                if a.rounds > 1 {
+                    say!("round {} of {}", round + 1, a.rounds);
+                }
+                print_row("genbackdoor", &ours, threads);
+                if let (Some(t), Some(r)) = (&torch, ratio) {
+                    print_row("pytorch", &t.result, t.threads);
+                    say!("  ratio genbackdoor/pytorch throughput: {r:.2}");
+                }
+            }
+            rounds.push(Round { ours, torch, ratio });
+        }
+        let summary = ratio_summary(&rounds);
+        if let (false, Some(s)) = (a.json, &summary) {
+            if a.rounds > 1 {
                 say!(
-                    "  ratio genbackdoor/pytorch throughput: {:.2}",
-                    t.result.median_ms / ours.median_ms
+                    "{} over {} rounds: median ratio {:.2} (rounds {}), fastest steps {:.1} vs {:.1} ms (ratio {:.2})",
+                    format!("{model:?}").to_lowercase(),
+                    a.rounds,
+                    s.median_ratio,
+                    s.ratios
+                        .iter()
+                        .map(|r| format!("{r:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    s.fastest.0,
+                    s.fastest.1,
+                    s.fastest.1 / s.fastest.0
                 );
             }
         }
         rows.push(serde_json::json!({
-            "genbackdoor": ours,
+            "model": model,
             "threads": threads,
-            "pytorch": torch.as_ref().map(|t| serde_json::json!({"result": t.result, "threads": t.threads, "version": t.version})),
-            "ratio": torch.as_ref().map(|t| t.result.median_ms / ours.median_ms),
+            "rounds": rounds.iter().map(|r| serde_json::json!({
+                "genbackdoor": r.ours,
+                "pytorch": r.torch.as_ref().map(|t| serde_json::json!({"result": t.result, "threads": t.threads, "version": t.version})),
+                "ratio": r.ratio,
+            })).collect::<Vec<_>>(),
+            "median_ratio": summary.as_ref().map(|s| s.median_ratio),
         }));
     }
+    let load_after = load_average();
     if a.json {
-        say!("{}", serde_json::to_string_pretty(&rows)?);
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "models": rows,
+                "load_average": {"before": load_before, "after": load_after},
+            }))?
+        );
+    } else if let (Some(b), Some(e)) = (&load_before, &load_after) {
+        say!("load average (1, 5, 15 min): before {b}, after {e}");
     }
     Ok(())
+}
+
+/// One measurement of a model: ours, PyTorch's if asked for, and the throughput ratio.
+struct Round {
+    ours: BenchResult,
+    torch: Option<TorchRun>,
+    ratio: Option<f64>,
+}
+
+/// The ratios of several rounds (PyTorch's median over ours in each) and their median, and
+/// the fastest steps of each side over all rounds (ours, PyTorch's).
+struct RatioSummary {
+    ratios: Vec<f64>,
+    median_ratio: f64,
+    fastest: (f64, f64),
+}
+
+/// [`RatioSummary`] of rounds that ran PyTorch; `None` without PyTorch.
+fn ratio_summary(rounds: &[Round]) -> Option<RatioSummary> {
+    let ratios: Vec<f64> = rounds.iter().filter_map(|r| r.ratio).collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    let fastest = |f: &dyn Fn(&Round) -> Option<f64>| {
+        rounds.iter().filter_map(f).fold(f64::INFINITY, f64::min)
+    };
+    let fastest = (
+        fastest(&|r| Some(r.ours.min_ms)),
+        fastest(&|r| r.torch.as_ref().map(|t| t.result.min_ms)),
+    );
+    let median_ratio = median(&mut ratios.clone());
+    Some(RatioSummary {
+        ratios,
+        median_ratio,
+        fastest,
+    })
+}
+
+/// The machine's load averages as `/proc/loadavg` gives them (Linux), for the record.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 fn print_row(who: &str, r: &BenchResult, threads: usize) {
