@@ -676,3 +676,51 @@ fn diffusion_train_sample_eval_inject() {
     )));
     assert!(err.contains("diffusion"), "{err}");
 }
+
+#[test]
+fn bench_rounds_alternate_with_pytorch_and_report_the_median_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in for bench/torch_reference.py: its output format with fixed timings.
+    let script = dir.path().join("fake_torch.py");
+    std::fs::write(
+        &script,
+        "import json\nprint(json.dumps({'median_ms': 50.0, 'min_ms': 40.0, 'g_macs': 1000, \
+         'd_macs': 1000, 'threads': 2, 'torch': 'fake'}))\n",
+    )
+    .unwrap();
+    let out = ok(&[
+        "bench",
+        "--model",
+        "k4",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--rounds",
+        "3",
+        "--torch",
+        "--torch-script",
+        s(&script),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let model = &v["models"][0];
+    let rounds = model["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .map(|r| {
+            let ours = r["genbackdoor"]["median_ms"].as_f64().unwrap();
+            assert_eq!(r["pytorch"]["result"]["median_ms"], 50.0);
+            let ratio = r["ratio"].as_f64().unwrap();
+            assert!((ratio - 50.0 / ours).abs() < 1e-12);
+            ratio
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    assert_eq!(model["median_ratio"].as_f64().unwrap(), ratios[1]);
+    let e = fails(&["bench", "--rounds", "0"]);
+    assert!(e.contains("--rounds"), "{e}");
+}
