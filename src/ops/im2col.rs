@@ -256,16 +256,18 @@ impl Shift {
     }
 }
 
-/// Calls `f(pixel, entry, len)` for every run of an image row that forms one row of a stride
-/// phase plane (see [`Geometry::plane_dims`]), for `n` images `[n, c, h, w]` whose planes are
+/// Calls `f(pixel, entries)` for every image row of `n` images `[n, c, h, w]` whose planes are
 /// grouped by channel and phase (each block holding that plane of all `n` images in turn):
-/// pixels `pixel`, `pixel + stride`, … are the entries `entry`, `entry + 1`, … (`len` of them).
-fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
+/// the row's pixels `pixel + qx`, `pixel + qx + stride`, … are the entries `entries[qx]`,
+/// `entries[qx] + 1`, … of the row's phase planes (one per column phase `qx`, in increasing
+/// order).
+fn phase_rows(g: &Geometry, n: usize, mut f: impl FnMut(usize, &[usize])) {
     let (s, hw) = (g.stride, g.h * g.w);
     let offsets = g.plane_offsets();
     // A plane's height depends on its row phase only, its width on its column phase only.
     let heights: Vec<usize> = (0..s).map(|qy| g.plane_dims(qy, 0).0).collect();
     let widths: Vec<usize> = (0..s.min(g.w)).map(|qx| g.plane_dims(0, qx).1).collect();
+    let mut entries = vec![0; widths.len()];
     for ci in 0..g.c {
         let channel = ci * n * hw;
         for img in 0..n {
@@ -273,10 +275,10 @@ fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
             let (mut qy, mut jy) = (0, 0);
             for iy in 0..g.h {
                 let phases = &offsets[qy * s..];
-                for (qx, &pw) in widths.iter().enumerate() {
-                    let entry = channel + n * phases[qx] + (img * heights[qy] + jy) * pw;
-                    f(image + iy * g.w + qx, entry, pw);
+                for (qx, (e, &pw)) in entries.iter_mut().zip(&widths).enumerate() {
+                    *e = channel + n * phases[qx] + (img * heights[qy] + jy) * pw;
                 }
+                f(image + iy * g.w, &entries);
                 qy += 1;
                 if qy == s {
                     (qy, jy) = (0, jy + 1);
@@ -285,6 +287,7 @@ fn phase_runs(g: &Geometry, n: usize, mut f: impl FnMut(usize, usize, usize)) {
         }
     }
 }
+
 
 /// Calls `f(shift, row, planes)` for every row of the column matrix of `n` images that
 /// belongs to an input channel in `channels`: the row's [`Shift`], its range in the matrix of
@@ -314,14 +317,27 @@ fn for_each_row(
 /// (grouped by channel and phase) in `planes`, from which [`im2col_rows`] copies the rows of
 /// the column matrix.
 pub fn split_phases(g: &Geometry, images: &[f32], n: usize, planes: &mut Vec<f32>) {
-    let s = g.stride;
+    let (s, w) = (g.stride, g.w);
     planes.resize(n * g.image(), 0.0);
-    phase_runs(g, n, |pixel, entry, run| {
-        let pixels = images[pixel..].iter().step_by(s);
-        planes[entry..entry + run]
-            .iter_mut()
-            .zip(pixels)
-            .for_each(|(p, x)| *p = *x);
+    phase_rows(g, n, |pixel, entries| {
+        let row = &images[pixel..pixel + w];
+        if let (2, &[e0, e1]) = (s, entries) {
+            // Every downsampling layer here: one pass over the row's pixel pairs.
+            let (even, odd) = planes.split_at_mut(e1);
+            let pairs = row.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                even[e0 + w / 2] = *last;
+            }
+            for ((p, a), b) in pairs.zip(&mut even[e0..e0 + w / 2]).zip(&mut odd[..w / 2]) {
+                (*a, *b) = (p[0], p[1]);
+            }
+            return;
+        }
+        for (qx, &e) in entries.iter().enumerate() {
+            for (p, x) in planes[e..].iter_mut().zip(row[qx..].iter().step_by(s)) {
+                *p = *x;
+            }
+        }
     });
 }
 
@@ -364,12 +380,26 @@ pub fn col2im_rows_add(
 
 /// The adjoint of [`split_phases`]: adds the phase planes of `n` images onto the images.
 pub fn merge_phases_add(g: &Geometry, planes: &[f32], n: usize, images: &mut [f32]) {
-    let s = g.stride;
-    phase_runs(g, n, |pixel, entry, run| {
-        let pixels = images[pixel..].iter_mut().step_by(s);
-        pixels
-            .zip(&planes[entry..entry + run])
-            .for_each(|(x, p)| *x += p);
+    let (s, w) = (g.stride, g.w);
+    phase_rows(g, n, |pixel, entries| {
+        let row = &mut images[pixel..pixel + w];
+        if let (2, &[e0, e1]) = (s, entries) {
+            let (even, odd) = (&planes[e0..], &planes[e1..]);
+            let mut pairs = row.chunks_exact_mut(2);
+            for ((p, a), b) in (&mut pairs).zip(&even[..w / 2]).zip(&odd[..w / 2]) {
+                p[0] += a;
+                p[1] += b;
+            }
+            if let [last] = pairs.into_remainder() {
+                *last += even[w / 2];
+            }
+            return;
+        }
+        for (qx, &e) in entries.iter().enumerate() {
+            for (x, p) in row[qx..].iter_mut().step_by(s).zip(&planes[e..]) {
+                *x += p;
+            }
+        }
     });
 }
 
