@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -144,6 +145,8 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The per-group weight gradients of a backward pass, on the thread that runs it.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Values per block of column-matrix rows: 1 MiB, so that a block, the group's phase planes
@@ -273,7 +276,7 @@ impl Conv {
         );
     }
 
-    /// `dwᵀ [K, c2] += (m · rowsᵀ)ᵀ` for the column-matrix rows of one channel block, with
+    /// `dwᵀ [K, c2] = (m · rowsᵀ)ᵀ` for the column-matrix rows of one channel block, with
     /// `m = join(other) [c2, g·P]`. Written transposed so that gemm reads the rows as they
     /// lie (contiguous along the sum) and gathers only the small `m` into packed panels.
     fn weight_grad_block(&self, m: &[f32], block: &Range<usize>, rows: &[f32], dwt: &mut [f32]) {
@@ -283,7 +286,7 @@ impl Conv {
             (&mut dwt[block.start * kk * self.c2..], (1, self.c2)),
             (m, (gp, 1)),
             (rows, (1, gp)),
-            true,
+            false,
         );
     }
 
@@ -336,7 +339,7 @@ impl Conv {
     }
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
-    /// [`Conv::forward_group`]) when `dx` is given and adds their weight gradient, transposed
+    /// [`Conv::forward_group`]) when `dx` is given and writes their weight gradient, transposed
     /// (`[K, c2]`), to `dwt`. A transposed convolution builds the columns of `dy` once for
     /// both.
     fn backward_group(
@@ -441,34 +444,51 @@ impl F32Op3 for Conv {
             with_f32(weight, NAME, |w| {
                 with_f32(dy, NAME, |dy| {
                     // Weight and bias gradients of fixed groups of images, summed in order: the
-                    // same bits whatever the number of threads.
+                    // same bits whatever the number of threads. The groups' transposed weight
+                    // gradients go to slots of one buffer kept between calls (every entry of a
+                    // slot is overwritten).
                     let group = group_size(n, self.g.rows());
-                    let run = |i: usize, dxs: Option<&mut [f32]>| {
-                        let (xs, dys) = (&x[i * group * in_len..], &dy[i * group * out_len..]);
-                        let g = group.min(n - i * group);
-                        let mut dwt = vec![0f32; w.len()];
-                        self.backward_group(w, xs, dys, g, dxs, &mut dwt);
-                        let mut db = vec![0f32; channels];
-                        for dyi in dys.chunks(out_len).take(g) {
-                            for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
-                                *acc += lane_sum(row, row, |v, _| v);
+                    PARTIALS.with_borrow_mut(|buf| {
+                        let slots: Vec<Mutex<Option<&mut [f32]>>> =
+                            resized(buf, n.div_ceil(group) * w.len())
+                                .chunks_mut(w.len())
+                                .map(|slot| Mutex::new(Some(slot)))
+                                .collect();
+                        let run = |i: usize, dxs: Option<&mut [f32]>| {
+                            let (xs, dys) = (&x[i * group * in_len..], &dy[i * group * out_len..]);
+                            let g = group.min(n - i * group);
+                            let dwt = slots[i].lock().expect("slot lock").take();
+                            let dwt = dwt.expect("every group runs once");
+                            self.backward_group(w, xs, dys, g, dxs, dwt);
+                            let mut db = vec![0f32; channels];
+                            for dyi in dys.chunks(out_len).take(g) {
+                                for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
+                                    *acc += lane_sum(row, row, |v, _| v);
+                                }
                             }
+                            db
+                        };
+                        let (dx, dbs) = if need_dx {
+                            let (dx, dbs) =
+                                parallel_pieces(n * in_len, in_len * group, |i, dxs| {
+                                    run(i, Some(dxs))
+                                });
+                            (Some(dx), dbs)
+                        } else {
+                            (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
+                        };
+                        drop(slots);
+                        let dw = sum_transposed(
+                            buf.chunks(w.len()).take(dbs.len()),
+                            self.c2,
+                            self.g.patch(),
+                        );
+                        let mut db = vec![0f32; channels];
+                        for pb in &dbs {
+                            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                         }
-                        (dwt, db)
-                    };
-                    let (dx, partials) = if need_dx {
-                        let (dx, partials) =
-                            parallel_pieces(n * in_len, in_len * group, |i, dxs| run(i, Some(dxs)));
-                        (Some(dx), partials)
-                    } else {
-                        (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
-                    };
-                    let dw = sum_transposed(&partials, self.c2, self.g.patch());
-                    let mut db = vec![0f32; channels];
-                    for (_, pb) in &partials {
-                        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-                    }
-                    (dx, dw, db)
+                        (dx, dw, db)
+                    })
                 })
             })
         })???;
@@ -487,7 +507,11 @@ impl F32Op3 for Conv {
 /// `Σ_p pᵀ` of `[k, c2]` partial sums `p` (added in order): the `[c2, k]` weight gradient,
 /// in parallel pieces of whole weight rows, through 16 × 16 tiles so that both the reads and
 /// the transposed writes use whole cache lines.
-fn sum_transposed<T: Sync>(partials: &[(Vec<f32>, T)], c2: usize, k: usize) -> Vec<f32> {
+fn sum_transposed<'a>(
+    partials: impl Iterator<Item = &'a [f32]> + Clone + Sync,
+    c2: usize,
+    k: usize,
+) -> Vec<f32> {
     const TILE: usize = 16;
     let (dw, _) = parallel_pieces(c2 * k, TILE * k, |i, piece| {
         let c0 = i * TILE;
@@ -496,7 +520,7 @@ fn sum_transposed<T: Sync>(partials: &[(Vec<f32>, T)], c2: usize, k: usize) -> V
         for k0 in (0..k).step_by(TILE) {
             let cols = TILE.min(k - k0);
             tile.iter_mut().for_each(|t| t.fill(0.0));
-            for (pt, _) in partials {
+            for pt in partials.clone() {
                 for (t, kk) in tile.iter_mut().zip(k0..k0 + cols) {
                     let src = &pt[kk * c2 + c0..kk * c2 + c0 + rows];
                     t.iter_mut().zip(src).for_each(|(a, b)| *a += b);

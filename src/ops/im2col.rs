@@ -288,7 +288,6 @@ fn phase_rows(g: &Geometry, n: usize, mut f: impl FnMut(usize, &[usize])) {
     }
 }
 
-
 /// Calls `f(shift, row, planes)` for every row of the column matrix of `n` images that
 /// belongs to an input channel in `channels`: the row's [`Shift`], its range in the matrix of
 /// those channels' rows (`[|channels|·k·k, n·positions]`) and the range of the group's planes
