@@ -19,7 +19,8 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
+    activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op,
+    F32Op3,
 };
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
@@ -242,25 +243,42 @@ impl Conv {
         }
     }
 
-    /// `g` images of the other side (`[c2, P]` each) as one `[c2, g·P]` matrix in `m`.
-    fn join<'s>(&self, per_image: &[f32], g: usize, m: &'s mut Vec<f32>) -> &'s [f32] {
+    /// `g` images of the other side (`[c2, P]` each) as one `[c2, g·P]` matrix in `m`, each row
+    /// written by `row(r, dst, src)` from row `r` of the images (`r = image·c2 + channel`).
+    fn join_with<'s>(
+        &self,
+        per_image: &[f32],
+        g: usize,
+        m: &'s mut Vec<f32>,
+        row: impl Fn(usize, &mut [f32], &[f32]),
+    ) -> &'s [f32] {
         let p = self.g.positions();
         let m = resized(m, self.c2 * g * p);
-        for (i, img) in per_image.chunks(self.c2 * p).take(g).enumerate() {
-            for (c, row) in img.chunks(p).enumerate() {
-                m[(c * g + i) * p..(c * g + i + 1) * p].copy_from_slice(row);
-            }
+        for (r, src) in per_image.chunks(p).take(g * self.c2).enumerate() {
+            let (i, c) = (r / self.c2, r % self.c2);
+            row(r, &mut m[(c * g + i) * p..(c * g + i + 1) * p], src);
         }
         m
     }
 
-    /// The inverse of [`Conv::join`]: a `[c2, g·P]` matrix back into `g` images.
-    fn split(&self, m: &[f32], g: usize, per_image: &mut [f32]) {
+    /// [`Conv::join_with`] copying the rows.
+    fn join<'s>(&self, per_image: &[f32], g: usize, m: &'s mut Vec<f32>) -> &'s [f32] {
+        self.join_with(per_image, g, m, |_, dst, src| dst.copy_from_slice(src))
+    }
+
+    /// The inverse of [`Conv::join`]: a `[c2, g·P]` matrix back into `g` images, each image
+    /// row (`r = image·c2 + channel`) written by `row(r, dst, src)`.
+    fn split_with(
+        &self,
+        m: &[f32],
+        g: usize,
+        per_image: &mut [f32],
+        row: impl Fn(usize, &mut [f32], &[f32]),
+    ) {
         let p = self.g.positions();
-        for (i, img) in per_image.chunks_mut(self.c2 * p).take(g).enumerate() {
-            for (c, row) in img.chunks_mut(p).enumerate() {
-                row.copy_from_slice(&m[(c * g + i) * p..(c * g + i + 1) * p]);
-            }
+        for (r, dst) in per_image.chunks_mut(p).take(g * self.c2).enumerate() {
+            let (i, c) = (r / self.c2, r % self.c2);
+            row(r, dst, &m[(c * g + i) * p..(c * g + i + 1) * p]);
         }
     }
 
@@ -317,9 +335,16 @@ impl Conv {
         merge_phases_add(&self.g, planes, g, &mut images[..g * self.g.image()]);
     }
 
-    /// The forward map of `g` images (without bias), with one gemm per channel block for all
-    /// of them.
-    fn forward_group(&self, w: &[f32], x: &[f32], g: usize, y: &mut [f32]) {
+    /// The forward map of `g` images, with one gemm per channel block for all of them, plus
+    /// the bias `b` and then the activation, if any, in the sweep that writes the output.
+    fn forward_group(
+        &self,
+        (w, b): (&[f32], &[f32]),
+        x: &[f32],
+        g: usize,
+        y: &mut [f32],
+        act: Option<Activation>,
+    ) {
         SCRATCH.with_borrow_mut(|s| {
             let Scratch {
                 cols, planes, mat, ..
@@ -327,30 +352,45 @@ impl Conv {
             if self.transposed {
                 let m = self.join(x, g, mat);
                 self.scatter((w, m), g, y, cols, planes);
+                let plane = self.g.h * self.g.w;
+                for (r, row) in y[..g * self.g.image()].chunks_mut(plane).enumerate() {
+                    let bias = b[r % self.g.c];
+                    match act {
+                        Some(act) => row.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
+                        None => row.iter_mut().for_each(|v| *v += bias),
+                    }
+                }
             } else {
                 split_phases(&self.g, x, g, planes);
                 let m = resized(mat, self.c2 * g * self.g.positions());
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.gather_block(w, &block, rows, m)
                 });
-                self.split(m, g, y);
+                self.split_with(m, g, y, |r, dst, src| {
+                    let (bias, pairs) = (b[r % self.c2], dst.iter_mut().zip(src));
+                    match act {
+                        Some(act) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
+                        None => pairs.for_each(|(d, &v)| *d = v + bias),
+                    }
+                });
             }
         })
     }
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
-    /// [`Conv::forward_group`]) when `dx` is given and writes their weight gradient, transposed
-    /// (`[K, c2]`), to `dwt`. A transposed convolution builds the columns of `dy` once for
-    /// both.
+    /// [`Conv::forward_group`]) when `dx` is given and their weight gradient, transposed
+    /// (`[K, c2]`), to `dwt`, and returns their bias gradient. `act` is the activation fused
+    /// into the forward pass with the group's output, for a convolution (not transposed) to
+    /// take `dy` through its derivative while joining it; a transposed convolution gets
+    /// `dy` already through it, and builds the columns of `dy` once for both gradients.
     fn backward_group(
         &self,
-        w: &[f32],
-        x: &[f32],
-        dy: &[f32],
+        (w, x, dy): (&[f32], &[f32], &[f32]),
         g: usize,
+        act: Option<(Activation, &[f32])>,
         dx: Option<&mut [f32]>,
         dwt: &mut [f32],
-    ) {
+    ) -> Vec<f32> {
         SCRATCH.with_borrow_mut(|s| {
             let gp = g * self.g.positions();
             if self.transposed {
@@ -370,14 +410,26 @@ impl Conv {
                     self.weight_grad_block(xm, &block, rows, dwt);
                 });
                 if let Some(dx) = dx {
-                    self.split(dm, g, dx);
+                    self.split_with(dm, g, dx, |_, dst, src| dst.copy_from_slice(src));
                 }
+                let plane = self.g.h * self.g.w;
+                let mut db = vec![0f32; self.g.c];
+                for (r, row) in dy[..g * self.g.image()].chunks(plane).enumerate() {
+                    db[r % self.g.c] += lane_sum(row, row, |v, _| v);
+                }
+                db
             } else {
-                // The joined output gradient serves both the input and the weight gradient.
+                // The joined output gradient serves the input, weight and bias gradients.
                 let Scratch {
                     cols, planes, mat, ..
                 } = s;
-                let m = self.join(dy, g, mat);
+                let p = self.g.positions();
+                let m = match act {
+                    Some((act, y)) => self.join_with(dy, g, mat, |r, dst, src| {
+                        act.grad_into(&y[r * p..(r + 1) * p], src, dst)
+                    }),
+                    None => self.join(dy, g, mat),
+                };
                 if let Some(dx) = dx {
                     self.scatter((w, m), g, dx, cols, planes);
                 }
@@ -385,6 +437,9 @@ impl Conv {
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.weight_grad_block(m, &block, rows, dwt)
                 });
+                m.chunks(gp)
+                    .map(|row| lane_sum(row, row, |v, _| v))
+                    .collect()
             }
         })
     }
@@ -411,87 +466,91 @@ impl F32Op3 for Conv {
         if x.len() != n * in_len || w.len() != self.c2 * self.g.patch() {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
-        let plane = out_len / b.len();
         let group = group_size(n, self.g.rows());
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
-            self.forward_group(w, &x[i * group * in_len..], g, ys);
-            for yi in ys.chunks_mut(out_len) {
-                for (row, &bias) in yi.chunks_mut(plane).zip(b) {
-                    match act {
-                        Some(act) => row.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
-                        None => row.iter_mut().for_each(|v| *v += bias),
-                    }
-                }
-            }
+            self.forward_group((w, b), &x[i * group * in_len..], g, ys, act);
         });
         Ok((y, self.out_shape(n)))
     }
 
     fn backward(
         &self,
-        [x, weight, bias]: [&Tensor; 3],
+        inputs: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward_through(inputs, dy, None)
+    }
+
+    /// A convolution (not transposed) takes `dy` through the activation's derivative while
+    /// joining it for the gemm calls, instead of in a sweep of its own.
+    fn backward_through(
+        &self,
+        [x, weight, bias]: [&Tensor; 3],
+        dy: &Tensor,
+        act: Option<(Activation, &Tensor)>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (act, dy) = match act {
+            Some((act, out)) if self.transposed => (None, activation_grad(act, out, dy)?),
+            act => (act, dy.clone()),
+        };
         let (in_len, out_len) = self.sizes();
         let n = x.dim(0)?;
-        let channels = bias.elem_count();
-        let plane = out_len / channels;
         // An input that no variable depends on (a data batch, a detached sample) needs no
         // gradient.
         let need_dx = x.track_op();
+        let out = act
+            .map(|(_, out)| out.clone())
+            .unwrap_or_else(|| dy.clone());
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
-                with_f32(dy, NAME, |dy| {
-                    // Weight and bias gradients of fixed groups of images, summed in order: the
-                    // same bits whatever the number of threads. The groups' transposed weight
-                    // gradients go to slots of one buffer kept between calls (every entry of a
-                    // slot is overwritten).
-                    let group = group_size(n, self.g.rows());
-                    PARTIALS.with_borrow_mut(|buf| {
-                        let slots: Vec<Mutex<Option<&mut [f32]>>> =
-                            resized(buf, n.div_ceil(group) * w.len())
-                                .chunks_mut(w.len())
-                                .map(|slot| Mutex::new(Some(slot)))
-                                .collect();
-                        let run = |i: usize, dxs: Option<&mut [f32]>| {
-                            let (xs, dys) = (&x[i * group * in_len..], &dy[i * group * out_len..]);
-                            let g = group.min(n - i * group);
-                            let dwt = slots[i].lock().expect("slot lock").take();
-                            let dwt = dwt.expect("every group runs once");
-                            self.backward_group(w, xs, dys, g, dxs, dwt);
-                            let mut db = vec![0f32; channels];
-                            for dyi in dys.chunks(out_len).take(g) {
-                                for (acc, row) in db.iter_mut().zip(dyi.chunks(plane)) {
-                                    *acc += lane_sum(row, row, |v, _| v);
-                                }
+                with_f32(&dy, NAME, |dy| {
+                    with_f32(&out, NAME, |out| {
+                        // Weight and bias gradients of fixed groups of images, summed in order:
+                        // the same bits whatever the number of threads. The groups' transposed
+                        // weight gradients go to slots of one buffer kept between calls (every
+                        // entry of a slot is overwritten).
+                        let group = group_size(n, self.g.rows());
+                        PARTIALS.with_borrow_mut(|buf| {
+                            let slots: Vec<Mutex<Option<&mut [f32]>>> =
+                                resized(buf, n.div_ceil(group) * w.len())
+                                    .chunks_mut(w.len())
+                                    .map(|slot| Mutex::new(Some(slot)))
+                                    .collect();
+                            let run = |i: usize, dxs: Option<&mut [f32]>| {
+                                let at = i * group * out_len;
+                                let (xs, dys) = (&x[i * group * in_len..], &dy[at..]);
+                                let g = group.min(n - i * group);
+                                let act = act.map(|(a, _)| (a, &out[at..at + g * out_len]));
+                                let dwt = slots[i].lock().expect("slot lock").take();
+                                let dwt = dwt.expect("every group runs once");
+                                self.backward_group((w, xs, dys), g, act, dxs, dwt)
+                            };
+                            let (dx, dbs) = if need_dx {
+                                let (dx, dbs) =
+                                    parallel_pieces(n * in_len, in_len * group, |i, dxs| {
+                                        run(i, Some(dxs))
+                                    });
+                                (Some(dx), dbs)
+                            } else {
+                                (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
+                            };
+                            drop(slots);
+                            let dw = sum_transposed(
+                                buf.chunks(w.len()).take(dbs.len()),
+                                self.c2,
+                                self.g.patch(),
+                            );
+                            let mut db = vec![0f32; bias.elem_count()];
+                            for pb in &dbs {
+                                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                             }
-                            db
-                        };
-                        let (dx, dbs) = if need_dx {
-                            let (dx, dbs) =
-                                parallel_pieces(n * in_len, in_len * group, |i, dxs| {
-                                    run(i, Some(dxs))
-                                });
-                            (Some(dx), dbs)
-                        } else {
-                            (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
-                        };
-                        drop(slots);
-                        let dw = sum_transposed(
-                            buf.chunks(w.len()).take(dbs.len()),
-                            self.c2,
-                            self.g.patch(),
-                        );
-                        let mut db = vec![0f32; channels];
-                        for pb in &dbs {
-                            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-                        }
-                        (dx, dw, db)
+                            (dx, dw, db)
+                        })
                     })
                 })
             })
-        })???;
+        })????;
         let dev = x.device();
         let dx = dx
             .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
@@ -804,6 +863,52 @@ mod tests {
                     plain.get(v.as_tensor()).unwrap(),
                 );
                 assert_eq!(testing::max_abs_diff(a, b), 0.0, "transposed {transposed}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_activations_give_the_separate_ops_gradients_of_all_inputs() {
+        // 19 images (several groups), both kinds, both activations: the fused backward pass
+        // (the derivative folded into the join for a convolution) against the separate ops.
+        let mut rng = Rng::new(22);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
+        for transposed in [false, true] {
+            let (w, cout) = if transposed {
+                (rng.normal(&[3, 4, 4, 4], &dev).unwrap(), 4)
+            } else {
+                (rng.normal(&[4, 3, 4, 4], &dev).unwrap(), 4)
+            };
+            let b = rng.normal(&[cout], &dev).unwrap();
+            let op = if transposed {
+                transposed_op(&x, &w, 2, 1, 0).unwrap()
+            } else {
+                forward_op(&x, &w, 2, 1).unwrap()
+            };
+            for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
+                let fused = testing::value_and_grads(
+                    |t| op.apply(&t[0], &t[1], Some(&t[2]), Some(act)).unwrap(),
+                    &[&x, &w, &b],
+                    9,
+                );
+                let apart = testing::value_and_grads(
+                    |t| {
+                        let y = op.apply(&t[0], &t[1], Some(&t[2]), None).unwrap();
+                        match act {
+                            Activation::Tanh => y.tanh().unwrap(),
+                            Activation::LeakyRelu(a) => {
+                                crate::ops::leaky_relu(&y, a as f64).unwrap()
+                            }
+                        }
+                    },
+                    &[&x, &w, &b],
+                    9,
+                );
+                testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
+                for (f, a) in fused.1.iter().zip(&apart.1) {
+                    testing::assert_close(f, a, 1e-4).unwrap();
+                }
             }
         }
     }

@@ -228,6 +228,41 @@ pub(crate) trait F32Op3 {
         inputs: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
+
+    /// [`F32Op3::backward`] of the op followed by `act = (activation, output)`: `dy` is the
+    /// gradient of the activation's output. By default the activation's derivative makes the
+    /// op's output gradient in a sweep of its own; ops that can fold it into a sweep they make
+    /// anyway override this.
+    fn backward_through(
+        &self,
+        inputs: [&Tensor; 3],
+        dy: &Tensor,
+        act: Option<(Activation, &Tensor)>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match act {
+            Some((act, out)) => self.backward(inputs, &activation_grad(act, out, dy)?),
+            None => self.backward(inputs, dy),
+        }
+    }
+}
+
+/// The gradient of an activation's input from its output `out` and output gradient `dy`.
+pub(crate) fn activation_grad(
+    act: Activation,
+    out: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<Tensor> {
+    const PIECE: usize = 1 << 15;
+    let dz = with_f32(out, "activation", |y| {
+        with_f32(dy, "activation", |g| {
+            let (dz, _) = parallel_pieces(y.len(), PIECE, |i, piece| {
+                let r = i * PIECE..i * PIECE + piece.len();
+                act.grad_into(&y[r.clone()], &g[r], piece);
+            });
+            dz
+        })
+    })??;
+    Tensor::from_vec(dz, dy.shape(), dy.device())
 }
 
 /// An activation fused into the graph node of an [`F32Op`].
@@ -267,6 +302,21 @@ impl Activation {
                 }
             }
             Activation::Tanh => g * (1.0 - y * y),
+        }
+    }
+
+    /// `dz[j] = grad(y[j], g[j])` over equally long slices, the activation picked once outside
+    /// the loop so that it vectorises.
+    pub(crate) fn grad_into(self, y: &[f32], g: &[f32], dz: &mut [f32]) {
+        fn each(dz: &mut [f32], y: &[f32], g: &[f32], f: impl Fn(f32, f32) -> f32) {
+            for ((d, &y), &g) in dz.iter_mut().zip(y).zip(g) {
+                *d = f(y, g);
+            }
+        }
+        // The variant is known in each arm, so `grad`'s match folds away.
+        match self {
+            Activation::LeakyRelu(a) => each(dz, y, g, |y, g| Activation::LeakyRelu(a).grad(y, g)),
+            Activation::Tanh => each(dz, y, g, |y, g| Activation::Tanh.grad(y, g)),
         }
     }
 }
@@ -336,15 +386,7 @@ impl<T: F32Op3 + Send + Sync> candle_core::CustomOp3 for F32Op<T> {
         out: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(act) = self.act else {
-            return self.op.backward([a, b, c], dy);
-        };
-        let dz = with_f32(out, T::NAME, |y| {
-            with_f32(dy, T::NAME, |g| {
-                elementwise(y, g, move |y, g| act.grad(y, g))
-            })
-        })??;
         self.op
-            .backward([a, b, c], &Tensor::from_vec(dz, dy.shape(), dy.device())?)
+            .backward_through([a, b, c], dy, self.act.map(|act| (act, out)))
     }
 }
