@@ -9,7 +9,7 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    activate, ncs, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
+    activate, lane_sum, ncs, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
 };
 use crate::Result;
 
@@ -72,17 +72,19 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
+fn silu(z: f32) -> f32 {
+    z * sigmoid(z)
+}
+
 impl GroupNormOp {
-    /// Mean and inverse standard deviation of one (sample, group) block.
-    fn stats(&self, block: &[f32]) -> (f32, f32) {
+    /// Mean and inverse standard deviation of one (sample, group) block of rows of `s`
+    /// values: f32 lane sums within a row, f64 across rows.
+    fn stats(&self, block: &[f32], s: usize) -> (f32, f32) {
         let m = block.len() as f64;
-        let mean = block.iter().map(|&v| v as f64).sum::<f64>() / m;
-        let var = block
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / m;
-        (mean as f32, 1.0 / (var as f32 + self.eps).sqrt())
+        let total = |f: &dyn Fn(&[f32]) -> f32| block.chunks(s).map(|r| f(r) as f64).sum::<f64>();
+        let mean = (total(&|r| lane_sum(r, r, |v, _| v)) / m) as f32;
+        let var = total(&|r| lane_sum(r, r, |v, _| (v - mean) * (v - mean))) / m;
+        (mean, 1.0 / (var as f32 + self.eps).sqrt())
     }
 
     /// A new `[n, c, s]` array written by `f(sample, group, the block's values)` for every
@@ -115,14 +117,15 @@ impl F32Op3 for GroupNormOp {
         let cg = c / self.groups;
         let (y, _) = self.per_block(dims, |i, g, out| {
             let start = (i * c + g * cg) * s;
-            let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
-            for k in 0..cg {
-                let ch = g * cg + k;
+            let (mean, inv_std) = self.stats(&x[start..start + cg * s], s);
+            let rows = out.chunks_mut(s).zip(x[start..start + cg * s].chunks(s));
+            for (ch, (o, src)) in (g * cg..).zip(rows) {
                 let (a, b) = (gamma[ch] * inv_std, beta[ch] - gamma[ch] * inv_std * mean);
-                let src = &x[start + k * s..start + (k + 1) * s];
-                for (o, &v) in out[k * s..(k + 1) * s].iter_mut().zip(src) {
-                    let z = v * a + b;
-                    *o = if self.silu { z * sigmoid(z) } else { z };
+                let pairs = o.iter_mut().zip(src);
+                if self.silu {
+                    pairs.for_each(|(o, &v)| *o = silu(v * a + b));
+                } else {
+                    pairs.for_each(|(o, &v)| *o = v * a + b);
                 }
             }
             activate(act, out);
@@ -147,34 +150,34 @@ impl F32Op3 for GroupNormOp {
                 // Each block returns its channels' (Σ dz, Σ dz·x̂).
                 self.per_block(dims, |i, g, out| {
                     let start = (i * c + g * cg) * s;
-                    let (mean, inv_std) = self.stats(&x[start..start + cg * s]);
+                    let (xs, dys) = (&x[start..start + cg * s], &dy[start..start + cg * s]);
+                    let (mean, inv_std) = self.stats(xs, s);
                     let m = (cg * s) as f32;
                     let mut channel = Vec::with_capacity(cg);
                     let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                    for k in 0..cg {
-                        let ch = g * cg + k;
-                        let range = k * s..(k + 1) * s;
-                        let (mut dbeta, mut dgamma) = (0f32, 0f32);
-                        for (j, o) in range.clone().zip(&mut out[range]) {
-                            let xh = (x[start + j] - mean) * inv_std;
-                            let d = dy[start + j];
-                            let dz = if self.silu {
-                                let z = gamma[ch] * xh + beta[ch];
+                    let rows = out.chunks_mut(s).zip(xs.chunks(s).zip(dys.chunks(s)));
+                    for (ch, (o, (xr, dr))) in (g * cg..).zip(rows) {
+                        // o = dz first (dy through SiLU's derivative, or dy itself).
+                        if self.silu {
+                            let (gm, bt) = (gamma[ch], beta[ch]);
+                            for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
+                                let z = gm * (v - mean) * inv_std + bt;
                                 let sg = sigmoid(z);
-                                d * sg * (1.0 + z * (1.0 - sg))
-                            } else {
-                                d
-                            };
-                            dbeta += dz;
-                            dgamma += dz * xh;
-                            *o = gamma[ch] * dz;
-                            sum_g += *o;
-                            sum_gx += *o * xh;
+                                *o = d * sg * (1.0 + z * (1.0 - sg));
+                            }
+                        } else {
+                            o.copy_from_slice(dr);
                         }
+                        let xhat = |v: f32| (v - mean) * inv_std;
+                        let dbeta = lane_sum(o, o, |dz, _| dz);
+                        let dgamma = lane_sum(o, xr, |dz, v| dz * xhat(v));
                         channel.push((dbeta, dgamma));
+                        sum_g += gamma[ch] * dbeta;
+                        sum_gx += gamma[ch] * dgamma;
+                        o.iter_mut().for_each(|dz| *dz *= gamma[ch]);
                     }
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let xh = (x[start + j] - mean) * inv_std;
+                    for (o, &v) in out.iter_mut().zip(xs) {
+                        let xh = (v - mean) * inv_std;
                         *o = inv_std / m * (m * *o - sum_g - xh * sum_gx);
                     }
                     channel
