@@ -318,6 +318,14 @@ fn for_each_row(
 pub fn split_phases(g: &Geometry, images: &[f32], n: usize, planes: &mut Vec<f32>) {
     let (s, w) = (g.stride, g.w);
     planes.resize(n * g.image(), 0.0);
+    if s == 1 {
+        // One plane per channel: the images' channel blocks, regrouped by channel.
+        for (r, block) in images[..n * g.image()].chunks(g.h * w).enumerate() {
+            let (img, ci) = (r / g.c, r % g.c);
+            planes[(ci * n + img) * block.len()..][..block.len()].copy_from_slice(block);
+        }
+        return;
+    }
     phase_rows(g, n, |pixel, entries| {
         let row = &images[pixel..pixel + w];
         if let (2, &[e0, e1]) = (s, entries) {
@@ -380,6 +388,14 @@ pub fn col2im_rows_add(
 /// The adjoint of [`split_phases`]: adds the phase planes of `n` images onto the images.
 pub fn merge_phases_add(g: &Geometry, planes: &[f32], n: usize, images: &mut [f32]) {
     let (s, w) = (g.stride, g.w);
+    if s == 1 {
+        for (r, block) in images[..n * g.image()].chunks_mut(g.h * w).enumerate() {
+            let (img, ci) = (r / g.c, r % g.c);
+            let plane = &planes[(ci * n + img) * block.len()..][..block.len()];
+            block.iter_mut().zip(plane).for_each(|(x, p)| *x += p);
+        }
+        return;
+    }
     phase_rows(g, n, |pixel, entries| {
         let row = &mut images[pixel..pixel + w];
         if let (2, &[e0, e1]) = (s, entries) {
