@@ -6,7 +6,7 @@ use candle_nn::{linear, linear_no_bias};
 use serde::{Deserialize, Serialize};
 
 use crate::models::Params;
-use crate::ops::{batch_norm, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
+use crate::ops::{batch_norm, masked, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -181,7 +181,7 @@ impl Discriminator {
             match dropout.as_deref_mut() {
                 Some(rng) if self.cfg.dropout > 0.0 => {
                     let mask = rng.dropout_mask(t.dims(), self.cfg.dropout, t.device())?;
-                    Ok((t * mask)?)
+                    masked(&t, &mask)
                 }
                 _ => Ok(t),
             }

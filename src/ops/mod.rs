@@ -10,6 +10,7 @@ mod batchnorm;
 mod conv;
 pub(crate) mod cpu;
 mod dense;
+mod dropout;
 mod groupnorm;
 mod im2col;
 #[cfg(test)]
@@ -20,5 +21,6 @@ pub use batchnorm::{batch_norm, BatchNorm};
 pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
 pub use cpu::Activation;
 pub use dense::Dense;
+pub use dropout::masked;
 pub use groupnorm::{group_norm, GroupNorm};
 pub use im2col::Geometry;
