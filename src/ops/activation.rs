@@ -1,9 +1,9 @@
 //! LeakyReLU (ReLU at slope 0) as one fused kernel per direction. candle-nn's version builds
 //! it from `maximum`, `minimum`, a multiply and an add, each with its own buffer and backward.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::ops::cpu::{elementwise, f32_slice, Activation};
+use crate::ops::cpu::{activation_grad, elementwise, f32_slice, Activation};
 use crate::Result;
 
 /// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
@@ -13,7 +13,7 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
     })?)
 }
 
-/// The forward kernel; its backward pass is [`LeakyReluGrad`].
+/// The kernel of [`leaky_relu`].
 struct LeakyRelu {
     slope: f32,
 }
@@ -30,36 +30,15 @@ impl CustomOp1 for LeakyRelu {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    /// `dy · (x > 0 ? 1 : slope)`: [`Activation::grad`] read at the input, whose sign is where
+    /// the derivative switches for any slope (for the slopes of at least 0 that the fused
+    /// layers take, the output's sign is the same).
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad_op = LeakyReluGrad { slope: self.slope };
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?))
-    }
-}
-
-/// `dy · (x > 0 ? 1 : slope)`.
-struct LeakyReluGrad {
-    slope: f32,
-}
-
-impl CustomOp2 for LeakyReluGrad {
-    fn name(&self) -> &'static str {
-        "leaky-relu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        // The derivative switches where the input's sign does (for any slope; at slopes of at
-        // least 0 the output's sign is the same, which is what `grad` is written for).
-        let act = Activation::LeakyRelu(self.slope);
-        let d = elementwise(x, g, move |x, g| act.grad(x, g));
-        Ok((CpuStorage::F32(d), l1.shape().clone()))
+        Ok(Some(activation_grad(
+            Activation::LeakyRelu(self.slope),
+            x,
+            grad,
+        )?))
     }
 }
 

@@ -181,7 +181,7 @@ impl Conv {
         bias: Option<&Tensor>,
         act: Option<Activation>,
     ) -> Result<Tensor> {
-        let cout = if self.transposed { self.g.c } else { self.c2 };
+        let cout = self.out_channels();
         let zeros;
         let bias = match bias {
             Some(b) => b,
@@ -201,6 +201,15 @@ impl Conv {
             bias,
             F32Op::with_activation(self, act),
         )?)
+    }
+
+    /// Output channels (the bias's length).
+    fn out_channels(&self) -> usize {
+        if self.transposed {
+            self.g.c
+        } else {
+            self.c2
+        }
     }
 
     /// Values per image on the other side, `c2 · positions`.
@@ -444,6 +453,50 @@ impl Conv {
         })
     }
 
+    /// Input (if `need_dx`), weight and bias gradients of a batch of `n` images from the data
+    /// of `x`, the weight and `dy`, with the activation and output of a convolution's fused activation.
+    /// Fixed groups of images, their partial sums added in order: the same bits whatever the
+    /// number of threads. The groups' transposed weight gradients go to slots of one buffer
+    /// kept between calls (every entry of a slot is overwritten).
+    fn gradients(
+        &self,
+        (x, w, dy): (&[f32], &[f32], &[f32]),
+        act: Option<(Activation, &[f32])>,
+        (n, need_dx): (usize, bool),
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let (in_len, out_len) = self.sizes();
+        let group = group_size(n, self.g.rows());
+        PARTIALS.with_borrow_mut(|buf| {
+            let slots: Vec<Mutex<Option<&mut [f32]>>> = resized(buf, n.div_ceil(group) * w.len())
+                .chunks_mut(w.len())
+                .map(|slot| Mutex::new(Some(slot)))
+                .collect();
+            let run = |i: usize, dxs: Option<&mut [f32]>| {
+                let at = i * group * out_len;
+                let (xs, dys) = (&x[i * group * in_len..], &dy[at..]);
+                let g = group.min(n - i * group);
+                let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
+                let dwt = slots[i].lock().expect("slot lock").take();
+                let dwt = dwt.expect("every group runs once");
+                self.backward_group((w, xs, dys), g, act, dxs, dwt)
+            };
+            let (dx, dbs) = if need_dx {
+                let (dx, dbs) =
+                    parallel_pieces(n * in_len, in_len * group, |i, dxs| run(i, Some(dxs)));
+                (Some(dx), dbs)
+            } else {
+                (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
+            };
+            drop(slots);
+            let dw = sum_transposed(buf.chunks(w.len()).take(dbs.len()), self.c2, self.g.patch());
+            let mut db = vec![0f32; self.out_channels()];
+            for pb in &dbs {
+                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+            }
+            (dx, dw, db)
+        })
+    }
+
     fn out_shape(&self, n: usize) -> Shape {
         if self.transposed {
             Shape::from((n, self.g.c, self.g.h, self.g.w))
@@ -494,60 +547,16 @@ impl F32Op3 for Conv {
             Some((act, out)) if self.transposed => (None, activation_grad(act, out, dy)?),
             act => (act, dy.clone()),
         };
-        let (in_len, out_len) = self.sizes();
-        let n = x.dim(0)?;
         // An input that no variable depends on (a data batch, a detached sample) needs no
         // gradient.
-        let need_dx = x.track_op();
-        let out = act
-            .map(|(_, out)| out.clone())
-            .unwrap_or_else(|| dy.clone());
+        let batch = (x.dim(0)?, x.track_op());
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
-                with_f32(&dy, NAME, |dy| {
-                    with_f32(&out, NAME, |out| {
-                        // Weight and bias gradients of fixed groups of images, summed in order:
-                        // the same bits whatever the number of threads. The groups' transposed
-                        // weight gradients go to slots of one buffer kept between calls (every
-                        // entry of a slot is overwritten).
-                        let group = group_size(n, self.g.rows());
-                        PARTIALS.with_borrow_mut(|buf| {
-                            let slots: Vec<Mutex<Option<&mut [f32]>>> =
-                                resized(buf, n.div_ceil(group) * w.len())
-                                    .chunks_mut(w.len())
-                                    .map(|slot| Mutex::new(Some(slot)))
-                                    .collect();
-                            let run = |i: usize, dxs: Option<&mut [f32]>| {
-                                let at = i * group * out_len;
-                                let (xs, dys) = (&x[i * group * in_len..], &dy[at..]);
-                                let g = group.min(n - i * group);
-                                let act = act.map(|(a, _)| (a, &out[at..at + g * out_len]));
-                                let dwt = slots[i].lock().expect("slot lock").take();
-                                let dwt = dwt.expect("every group runs once");
-                                self.backward_group((w, xs, dys), g, act, dxs, dwt)
-                            };
-                            let (dx, dbs) = if need_dx {
-                                let (dx, dbs) =
-                                    parallel_pieces(n * in_len, in_len * group, |i, dxs| {
-                                        run(i, Some(dxs))
-                                    });
-                                (Some(dx), dbs)
-                            } else {
-                                (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
-                            };
-                            drop(slots);
-                            let dw = sum_transposed(
-                                buf.chunks(w.len()).take(dbs.len()),
-                                self.c2,
-                                self.g.patch(),
-                            );
-                            let mut db = vec![0f32; bias.elem_count()];
-                            for pb in &dbs {
-                                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-                            }
-                            (dx, dw, db)
-                        })
-                    })
+                with_f32(&dy, NAME, |dy| match act {
+                    Some((act, out)) => with_f32(out, NAME, |out| {
+                        self.gradients((x, w, dy), Some((act, out)), batch)
+                    }),
+                    None => Ok(self.gradients((x, w, dy), None, batch)),
                 })
             })
         })????;

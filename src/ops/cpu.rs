@@ -246,7 +246,8 @@ pub(crate) trait F32Op3 {
     }
 }
 
-/// The gradient of an activation's input from its output `out` and output gradient `dy`.
+/// The gradient of an activation's input from its output `out` and output gradient `dy`
+/// (see [`Activation::grad`]), in parallel pieces.
 pub(crate) fn activation_grad(
     act: Activation,
     out: &Tensor,

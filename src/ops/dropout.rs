@@ -33,16 +33,22 @@ impl CustomOp1 for Masked {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, self.name())?;
-        let y = with_f32(&self.mask, self.name(), |m| elementwise(x, m, |a, b| a * b))?;
+        let y = self.times_mask(f32_slice(s, l, self.name())?)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = with_f32(grad, self.name(), |g| {
-            with_f32(&self.mask, self.name(), |m| elementwise(g, m, |a, b| a * b))
-        })??;
+        let dx = with_f32(grad, self.name(), |g| self.times_mask(g))??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl Masked {
+    /// `values · mask` element-wise (forward on the input, backward on the output gradient).
+    fn times_mask(&self, values: &[f32]) -> candle_core::Result<Vec<f32>> {
+        with_f32(&self.mask, "masked", |m| {
+            elementwise(values, m, |a, b| a * b)
+        })
     }
 }
 
