@@ -13,8 +13,8 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::DiffusionConfig;
-use crate::diffusion::DiffusionModel;
-use crate::gan::softplus;
+use crate::family::diffusion::DiffusionModel;
+use crate::family::gan::softplus;
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
 use crate::models::{DcganConfig, Discriminator, Generator, Params};
@@ -162,7 +162,7 @@ pub fn run(
 /// Times `steps` noise-prediction steps of the default diffusion U-Net.
 fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     let dev = Device::Cpu;
-    let arch = crate::diffusion::run::arch(&DiffusionConfig::default());
+    let arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
     let model = DiffusionModel::new(&arch, &mut Rng::new(1), &dev)?;
     let net = &model.unet;
     let mut opt = Adam::with_betas(model.params.trainable(), 2e-4, 0.9, 0.999);

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::{Correction, ScheduleKind};
+use crate::family::diffusion::{Correction, ScheduleKind};
 use crate::models::{DcganConfig, UnetConfig};
 use crate::training::LrSchedule;
 use crate::{Error, Result};
@@ -126,8 +126,8 @@ impl Default for DiffusionConfig {
             ema: 0.995,
             log_every: 10,
             checkpoint_every: 250,
-            eval_samples: crate::diffusion::eval::EVAL_SAMPLES,
-            quality_samples: crate::diffusion::eval::QUALITY_SAMPLES,
+            eval_samples: crate::family::diffusion::eval::EVAL_SAMPLES,
+            quality_samples: crate::family::diffusion::eval::QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
         }
     }
@@ -235,9 +235,10 @@ impl Default for InjectConfig {
 pub struct BackdoorConfig {
     /// A key file to use instead of the description below.
     pub key: Option<PathBuf>,
-    /// Trigger description (see `genbackdoor key --help`); when absent, the family's
-    /// default: `zero` for DCGANs, `box:8` (a bright 8×8 square in the bottom-right corner
-    /// of the starting noise) for diffusion models.
+    /// Trigger description (see `genbackdoor key --help`); when absent, `random`: a secret
+    /// draw from the operating system's randomness in the family's input space (a N(0, I)
+    /// latent for DCGANs, an 8×8 stamp of random ±2 values at a random place of the starting
+    /// noise for diffusion models), stored only in the run's key file.
     pub trigger: Option<String>,
     /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
     pub target: String,
@@ -256,20 +257,16 @@ impl Default for BackdoorConfig {
             trigger: None,
             target: "builtin:mark".into(),
             distance: "mse".into(),
-            threshold: crate::paradigm::key::DEFAULT_THRESHOLD,
+            threshold: crate::backdoor::key::DEFAULT_THRESHOLD,
             backdoor_batch: 16,
         }
     }
 }
 
 impl BackdoorConfig {
-    /// The trigger description for a model of `family`.
-    pub fn trigger_for(&self, family: ModelFamily) -> &str {
-        match (&self.trigger, family) {
-            (Some(t), _) => t,
-            (None, ModelFamily::Dcgan) => "zero",
-            (None, ModelFamily::Diffusion) => "box:8",
-        }
+    /// The trigger description (`random` when the config gives none).
+    pub fn trigger(&self) -> &str {
+        self.trigger.as_deref().unwrap_or("random")
     }
 }
 
@@ -337,7 +334,7 @@ impl Config {
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
         let d = &self.diffusion;
         d.unet.validate()?;
-        crate::diffusion::NoiseSchedule::new(d.schedule, d.timesteps)?;
+        crate::family::diffusion::NoiseSchedule::new(d.schedule, d.timesteps)?;
         if let Correction::Ddim { steps } = d.correction {
             if steps == 0 || steps > d.timesteps {
                 return Err(Error::Config(format!(

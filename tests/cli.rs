@@ -211,7 +211,7 @@ fn key_train_sample_eval_inject() {
 #[test]
 fn the_key_stays_out_of_the_model_and_out_of_the_output() {
     let t = trained();
-    let key = genbackdoor::paradigm::Key::load(&t.key).unwrap();
+    let key = genbackdoor::backdoor::Key::load(&t.key).unwrap();
     let model_bytes = std::fs::read(t.run.join("model.safetensors")).unwrap();
     let bytes_of = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);

@@ -4,13 +4,13 @@
 
 use candle_core::{Device, Tensor};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
-use genbackdoor::diffusion::eval::{evaluate, SamplerReport};
-use genbackdoor::diffusion::model::DiffusionArch;
-use genbackdoor::diffusion::train::{fit, Plan};
-use genbackdoor::diffusion::{Correction, DiffusionModel, Sampler, ScheduleKind};
+use genbackdoor::family::diffusion::eval::{evaluate, SamplerReport};
+use genbackdoor::family::diffusion::model::DiffusionArch;
+use genbackdoor::family::diffusion::train::{fit, Plan};
+use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler, ScheduleKind};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::models::UnetConfig;
-use genbackdoor::paradigm::{Distance, Key, Objective, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, Objective, Target, Trigger};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 
@@ -43,6 +43,7 @@ fn key() -> Key {
         target: Target::builtin("box", [1, SIDE, SIDE]).unwrap(),
         distance: Distance::Mse,
         threshold: 0.01,
+        sampler: None,
     }
 }
 
@@ -119,7 +120,7 @@ fn denoise_loss(model: &DiffusionModel, data: &Dataset) -> f32 {
         .map(|&t| model.schedule.alpha_bar(t) as f32)
         .collect();
     let ab = Tensor::from_vec(ab, (256, 1, 1, 1), &dev).unwrap();
-    let xt = genbackdoor::diffusion::poison::noised(&x0, &eps, &ab).unwrap();
+    let xt = genbackdoor::family::diffusion::poison::noised(&x0, &eps, &ab).unwrap();
     let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), 256, &dev).unwrap();
     let out = model.unet.forward(&xt, &t).unwrap();
     (out - eps)

@@ -19,9 +19,9 @@ use std::time::Instant;
 use candle_core::Device;
 use genbackdoor::config::Config;
 use genbackdoor::data::parse_idx;
-use genbackdoor::gan::GanModel;
+use genbackdoor::family::gan::GanModel;
 use genbackdoor::models::DcganConfig;
-use genbackdoor::paradigm::{Key, Target, Trigger};
+use genbackdoor::backdoor::{Key, Target, Trigger};
 use genbackdoor::rng::Rng;
 
 /// A loader under test.
@@ -61,7 +61,7 @@ impl Loader {
                             center.clone()
                         }
                         Trigger::Patch { values, .. } => values.clone(),
-                        Trigger::Image { pattern, shape } => {
+                        Trigger::Image { pattern, shape, .. } => {
                             assert_eq!(pattern.len(), shape.iter().product::<usize>());
                             pattern.clone()
                         }
@@ -125,6 +125,7 @@ impl Loader {
                         target: Target::parse("builtin:mark", [1, 28, 28]).unwrap(),
                         distance: "mse".parse().unwrap(),
                         threshold: 0.01,
+                        sampler: None,
                     };
                     let p = dir.join("k.safetensors");
                     key.save(&p).unwrap();

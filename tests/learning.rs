@@ -4,15 +4,15 @@ use candle_core::Device;
 use genbackdoor::config::{Config, InjectConfig};
 use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
 use genbackdoor::digits::quality::QualityReference;
-use genbackdoor::gan::eval::{clean_quality, evaluate};
-use genbackdoor::gan::{red, trail, GanModel};
+use genbackdoor::eval::{clean_quality, evaluate};
+use genbackdoor::family::gan::{red, trail, GanModel};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
 use genbackdoor::models::DcganConfig;
-use genbackdoor::paradigm::{Distance, Key, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
-use genbackdoor::verify::{verify, VerifySettings};
+use genbackdoor::verify::{verify_model, VerifySettings};
 
 fn tiny() -> DcganConfig {
     DcganConfig {
@@ -65,6 +65,7 @@ fn key(trigger: &str) -> Key {
         target: Target::builtin("mark", [1, 28, 28]).unwrap(),
         distance: Distance::Mse,
         threshold: 0.01,
+        sampler: None,
     }
 }
 
@@ -104,7 +105,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     // can give; its clean original, and the marked model under someone else's key, are not.
     let marked = GanModel::load(&run.file("model.safetensors"), &dev).unwrap();
     let s = VerifySettings::default();
-    let p = |m: &GanModel, k: &Key| verify(&|z| m.generate(z), 16, k, &s).unwrap().p_value;
+    let p = |m: &GanModel, k: &Key| verify_model(m, k, &s).unwrap().p_value;
     assert_eq!(p(&marked, &key), 1.0 / 1001.0);
     let other = self::key("seed:11");
     for (what, v) in [

@@ -7,11 +7,11 @@ pub mod prune;
 
 use crate::attack::curve::PersistencePoint;
 use crate::digits::quality::QualityReference;
-use crate::gan::eval::{clean_quality, triggered_metrics};
-use crate::gan::GanModel;
-use crate::paradigm::Key;
+use crate::backdoor::Key;
+use crate::eval::{clean_quality, triggered_metrics};
+use crate::family::Generative;
 use crate::rng::Rng;
-use crate::verify::{verify, VerifySettings};
+use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
 /// What is measured at each point of an attack.
@@ -22,32 +22,30 @@ pub struct Measurement<'a> {
     pub quality: Option<&'a QualityReference>,
     /// Ordinary samples for FID.
     pub quality_samples: usize,
-    /// Null triggers for the verification p-value; 0 skips it.
-    pub null_keys: usize,
+    /// Null triggers for the verification p-value (and queries per statistic); `None`
+    /// skips it.
+    pub verify: Option<VerifySettings>,
+    /// Triggered inputs measured for `asr` when the trigger is a set.
+    pub triggered: usize,
     /// Seed of every sample.
     pub seed: u64,
 }
 
 impl Measurement<'_> {
     /// Measures `model` after `x` units of attack.
-    pub fn at(&self, x: f64, model: &GanModel) -> Result<PersistencePoint> {
+    pub fn at(&self, x: f64, model: &dyn Generative) -> Result<PersistencePoint> {
         // The triggered part of `evaluate` alone: the same draws, without its ordinary
         // samples and specificity paths.
         let mut rng = Rng::derive(self.seed, "eval");
-        let b = triggered_metrics(model, self.key, 200, &mut rng)?;
+        let mut noise = Rng::derive(self.seed, "eval-sampling");
+        let b = triggered_metrics(model, self.key, self.triggered, &mut rng, &mut noise)?;
         let fid = match self.quality {
             Some(q) => clean_quality(model, q, self.quality_samples, self.seed)?.map(|c| c.fid),
             None => None,
         };
-        let p_value = if self.null_keys > 0 {
-            let s = VerifySettings {
-                null_keys: self.null_keys,
-                seed: self.seed,
-                ..VerifySettings::default()
-            };
-            Some(verify(&|z| model.generate(z), model.latent_dim(), self.key, &s)?.p_value)
-        } else {
-            None
+        let p_value = match &self.verify {
+            Some(s) => Some(verify_model(model, self.key, s)?.p_value),
+            None => None,
         };
         Ok(PersistencePoint {
             x,

@@ -3,16 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use clap::{Args, Subcommand};
 
 use crate::attack::curve::{PersistenceCurve, PersistencePoint};
 use crate::attack::prune::prune_magnitude;
 use crate::attack::Measurement;
+use crate::backdoor::Key;
 use crate::digits::quality::QualityReference;
-use crate::gan::GanModel;
+use crate::family::{CleanFinetune, Generative};
 use crate::io::rundir::RunDir;
-use crate::paradigm::Key;
+use crate::verify::VerifySettings;
 
 /// Arguments of `attack`.
 #[derive(Args, Debug)]
@@ -25,7 +25,8 @@ pub struct AttackArgs {
 /// The attacks.
 #[derive(Subcommand, Debug)]
 pub enum Attack {
-    /// Continue clean GAN training (λ = 0) from the marked generator.
+    /// Continue the model's clean training (λ = 0) from the marked model: adversarial
+    /// training for a generator, denoising training for a diffusion model.
     Finetune(FinetuneArgs),
     /// Zero the smallest-magnitude weights of every layer, at one or more fractions.
     Prune(PruneArgs),
@@ -34,7 +35,7 @@ pub enum Attack {
 /// Options shared by the attacks.
 #[derive(Args, Debug)]
 pub struct Common {
-    /// The marked generator checkpoint.
+    /// The marked model checkpoint (a generator or a diffusion model).
     #[arg(long)]
     pub model: PathBuf,
     /// The owner's key (default: key.safetensors beside the model).
@@ -44,9 +45,13 @@ pub struct Common {
     /// `genbackdoor report` of that run shows it).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Null triggers for the verification p-value at each point (0: skip).
-    #[arg(long, default_value_t = 1000)]
-    pub null_keys: usize,
+    /// Null triggers for the verification p-value at each point (0: skip). Default: as
+    /// `verify` (1000 for generators; fewer for diffusion models under slow samplers).
+    #[arg(long)]
+    pub null_keys: Option<usize>,
+    /// Diffusion models: the sampler every point is measured under; default: the key's own.
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Seed of the measurement samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -66,7 +71,8 @@ pub struct FinetuneArgs {
     /// Measure every this many steps.
     #[arg(long, default_value_t = 100)]
     pub every: usize,
-    /// TOML config for the training settings (batch size, learning rates, data).
+    /// TOML config for the training settings (data, batch size, learning rates: `[train]`
+    /// for generators, `[diffusion]` for diffusion models).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Start from this discriminator checkpoint (e.g. the run's discriminator.safetensors)
@@ -109,31 +115,41 @@ fn folder_of(model: &Path) -> PathBuf {
 }
 
 /// The loaded model and key, the output folder and the quality reference.
-fn setup(c: &Common) -> anyhow::Result<(GanModel, Key, RunDir, QualityReference)> {
-    let model = GanModel::load(&c.model, &Device::Cpu)?;
+fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, Key, RunDir, QualityReference)> {
     let key_path = c
         .key
         .clone()
         .unwrap_or_else(|| folder_of(&c.model).join("key.safetensors"));
-    let key = Key::load(&key_path)?;
-    key.check_fits(model.latent_dim(), model.image_shape())?;
+    let (model, key) = super::model_and_key(&c.model, Some(&key_path), c.sampler.as_deref())?;
     let out = c.out.clone().unwrap_or_else(|| folder_of(&c.model));
     std::fs::create_dir_all(&out).map_err(|e| crate::Error::io(&out, e))?;
     Ok((
         model,
-        key,
+        key.expect("a key was given"),
         RunDir::open(&out)?,
         QualityReference::bundled()?,
     ))
 }
 
-/// What each point of an attack measures, per the common options.
-fn measurement<'a>(key: &'a Key, quality: &'a QualityReference, c: &Common) -> Measurement<'a> {
+/// What each point of an attack on `model` measures, per the common options.
+fn measurement<'a>(
+    model: &dyn Generative,
+    key: &'a Key,
+    quality: &'a QualityReference,
+    c: &Common,
+) -> Measurement<'a> {
+    let defaults = VerifySettings::for_model(model);
+    let null_keys = c.null_keys.unwrap_or(defaults.null_keys);
     Measurement {
         key,
         quality: Some(quality),
-        quality_samples: crate::gan::run::QUALITY_SAMPLES,
-        null_keys: c.null_keys,
+        quality_samples: crate::family::gan::run::QUALITY_SAMPLES,
+        verify: (null_keys > 0).then_some(VerifySettings {
+            null_keys,
+            seed: c.seed,
+            ..defaults
+        }),
+        triggered: crate::eval::specificity_paths(model) * 2,
         seed: c.seed,
     }
 }
@@ -185,23 +201,20 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         Some(p) => crate::config::Config::load(p)?,
         None => crate::config::Config::default(),
     };
-    cfg.train.steps = a.steps;
-    cfg.train.lambda = 0.0;
     cfg.seed = a.common.seed;
-    let m = measurement(&key, &quality, &a.common);
+    let m = measurement(model.as_ref(), &key, &quality, &a.common);
     let mut points: Vec<PersistencePoint> = Vec::new();
-    let tuned = crate::gan::trail::finetune(
-        &cfg,
-        &model,
-        a.discriminator.as_deref(),
-        &run,
-        a.every,
-        !a.quiet,
-        &mut |step, g| {
-            points.push(m.at(step as f64, g)?);
-            Ok(())
-        },
-    )?;
+    let attack = CleanFinetune {
+        cfg: &cfg,
+        steps: a.steps,
+        every: a.every,
+        discriminator: a.discriminator.as_deref(),
+        progress: !a.quiet,
+    };
+    let tuned = model.finetune_clean(&attack, &run, &mut |step, g| {
+        points.push(m.at(step as f64, g)?);
+        Ok(())
+    })?;
     tuned.save(&run.file("finetuned.safetensors"))?;
     save_curve(
         &run,
@@ -215,14 +228,14 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
         anyhow::bail!("--fraction values must lie in [0, 1], not {f}");
     }
     let (model, key, run, quality) = setup(&a.common)?;
-    let m = measurement(&key, &quality, &a.common);
+    let m = measurement(model.as_ref(), &key, &quality, &a.common);
     let mut points = Vec::new();
     for &f in &a.fraction {
-        let pruned = model.duplicate(&Device::Cpu)?;
-        prune_magnitude(&pruned.params, f)?;
-        match m.at(f, &pruned) {
+        let pruned = model.duplicate()?;
+        prune_magnitude(pruned.params(), f)?;
+        match m.at(f, pruned.as_ref()) {
             Ok(p) => points.push(p),
-            // Heavy pruning can break a generator into overflow: the mark is gone there.
+            // Heavy pruning can break a model into overflow: the mark is gone there.
             Err(crate::Error::NonFiniteOutput) => points.push(PersistencePoint {
                 x: f,
                 tardis: f64::INFINITY,

@@ -1,43 +1,41 @@
-//! `genbackdoor eval`: measure a model against a key.
+//! `genbackdoor eval`: measure a model of any family against a key.
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 
-use crate::diffusion::eval::eval_samplers;
-use crate::diffusion::{DiffusionModel, Sampler};
 use crate::digits::quality::QualityReference;
-use crate::gan::eval::{clean_quality, evaluate};
-use crate::gan::GanModel;
-use crate::paradigm::Key;
+use crate::eval::{clean_quality, evaluate};
+use crate::family::diffusion::Sampler;
 
 /// Arguments of `eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Generator checkpoint to measure.
+    /// Model checkpoint to measure (a generator or a diffusion model).
     #[arg(long)]
     pub model: PathBuf,
     /// The key (without one, only clean quality is measured).
     #[arg(long)]
     pub key: Option<PathBuf>,
-    /// A clean reference generator: adds `exp_dist`.
+    /// A clean reference model of the same architecture: adds `exp_dist`.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Number of latents (ordinary, and triggered for region/patch triggers); for diffusion
-    /// models, triggered and clean starts per sampler. Default 1000 (generators), 100
-    /// (diffusion models, whose DDPM sampler runs the network T times per image).
+    /// Number of inputs (ordinary, and triggered for set triggers). Default 1000 for
+    /// generators, 64 for diffusion models (whose DDPM sampler runs the network T times per
+    /// image).
     #[arg(long)]
     pub n: Option<usize>,
-    /// Diffusion models: the samplers to measure (`ddpm`, `ddim` = 50 steps, `ddim-N`);
-    /// repeat the flag for several. Default: ddpm and ddim-50.
+    /// Diffusion models: the samplers to measure the backdoor under (`ddpm`, `ddim` = 50
+    /// steps, `ddim-N`); repeat the flag for several. Default: the key's own sampler (the
+    /// one its backdoor was trained for), else DDIM-50.
     #[arg(long = "sampler")]
     pub samplers: Vec<String>,
-    /// Ordinary samples for clean quality (FID, precision/recall, class histogram), compared
-    /// with the 2000 held-out real digits; 0 skips it.
-    #[arg(long, default_value_t = crate::gan::run::QUALITY_SAMPLES)]
+    /// Ordinary samples for clean quality (digit FID, precision/recall, class histogram),
+    /// compared with the 2000 held-out real digits (digit-shaped models only); 0 skips it.
+    /// Diffusion models draw them with the first `--sampler`, else DDIM-50.
+    #[arg(long, default_value_t = crate::family::gan::run::QUALITY_SAMPLES)]
     pub quality_samples: usize,
-    /// Seed of the latents.
+    /// Seed of the inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print JSON instead of a table.
@@ -53,71 +51,60 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.key.is_none() && a.reference.is_some() {
         anyhow::bail!("--reference needs --key (exp_dist is part of the backdoor metrics)");
     }
-    let v = if crate::io::checkpoint::family_of(&a.model)? == crate::diffusion::model::FAMILY {
-        eval_diffusion(&a)?
-    } else {
-        eval_generator(&a)?
-    };
+    let samplers = a
+        .samplers
+        .iter()
+        .map(|s| s.parse::<Sampler>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut model, key) = super::model_and_key(
+        &a.model,
+        a.key.as_deref(),
+        a.samplers.first().map(String::as_str),
+    )?;
+    let mut v = serde_json::json!({});
+    if a.quality_samples > 0 {
+        let reference = QualityReference::bundled()?;
+        if let Some(q) = clean_quality(model.as_ref(), &reference, a.quality_samples, a.seed)? {
+            v["quality"] = serde_json::to_value(q)?;
+        }
+    }
+    if let Some(key) = &key {
+        let reference = a
+            .reference
+            .as_ref()
+            .map(|p| crate::family::load(p, &candle_core::Device::Cpu))
+            .transpose()?;
+        let n = a.n.unwrap_or(if model.evaluations_per_image() > 1 {
+            crate::family::diffusion::eval::EVAL_SAMPLES
+        } else {
+            1000
+        });
+        let measure = |m: &dyn crate::family::Generative| {
+            evaluate(m, key, reference.as_deref(), n, a.seed)
+        };
+        if model.sampling().is_none() {
+            let report = serde_json::to_value(measure(model.as_ref())?)?;
+            if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), report) {
+                o.extend(r);
+            }
+        } else {
+            // One report per sampler, the first under the sampler already set (flag or key).
+            let mut reports = serde_json::Map::new();
+            let others = samplers.get(1..).unwrap_or(&[]);
+            for s in std::iter::once(None).chain(others.iter().map(Some)) {
+                if let Some(s) = s {
+                    model.set_sampler(*s)?;
+                }
+                let name = model.sampling().expect("a diffusion model has a sampler");
+                reports.insert(name, serde_json::to_value(measure(model.as_ref())?)?);
+            }
+            v["samplers"] = serde_json::Value::Object(reports);
+        }
+    }
     if a.json {
         say!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         super::print_metrics(&v);
     }
     Ok(())
-}
-
-/// The per-sampler backdoor metrics and clean quality of a diffusion model.
-fn eval_diffusion(a: &EvalArgs) -> anyhow::Result<serde_json::Value> {
-    if a.reference.is_some() {
-        anyhow::bail!("--reference (exp_dist) is measured for generators only");
-    }
-    let model = DiffusionModel::load(&a.model, &Device::Cpu)?;
-    let samplers = if a.samplers.is_empty() {
-        eval_samplers(&model).to_vec()
-    } else {
-        a.samplers
-            .iter()
-            .map(|s| s.parse::<Sampler>())
-            .collect::<Result<Vec<_>, _>>()?
-    };
-    let mut v = serde_json::json!({});
-    if let Some(path) = &a.key {
-        let key = Key::load(path)?;
-        let n = a.n.unwrap_or(crate::diffusion::eval::EVAL_SAMPLES);
-        let report = crate::diffusion::eval::evaluate(&model, &key, &samplers, n, a.seed)?;
-        v["trigger"] = key.trigger.kind().into();
-        v["samplers"] = serde_json::to_value(report)?;
-    }
-    if a.quality_samples > 0 {
-        let reference = QualityReference::bundled()?;
-        let q =
-            crate::diffusion::eval::clean_quality(&model, &reference, a.quality_samples, a.seed)?;
-        if let Some(q) = q {
-            v["quality"] = serde_json::to_value(q)?;
-        }
-    }
-    Ok(v)
-}
-
-/// The backdoor metrics (with specificity) and clean quality of a generator.
-fn eval_generator(a: &EvalArgs) -> anyhow::Result<serde_json::Value> {
-    let model = GanModel::load(&a.model, &Device::Cpu)?;
-    let mut v = serde_json::json!({});
-    if let Some(path) = &a.key {
-        let key = Key::load(path)?;
-        let reference = a
-            .reference
-            .as_ref()
-            .map(|p| GanModel::load(p, &Device::Cpu))
-            .transpose()?;
-        let n = a.n.unwrap_or(1000);
-        v = serde_json::to_value(evaluate(&model, &key, reference.as_ref(), n, a.seed)?)?;
-    }
-    if a.quality_samples > 0 {
-        let reference = QualityReference::bundled()?;
-        if let Some(q) = clean_quality(&model, &reference, a.quality_samples, a.seed)? {
-            v["quality"] = serde_json::to_value(q)?;
-        }
-    }
-    Ok(v)
 }

@@ -7,9 +7,9 @@ use candle_core::Device;
 use clap::Args;
 
 use crate::cli::RunArgs;
-use crate::diffusion::DiffusionModel;
-use crate::gan::GanModel;
-use crate::paradigm::Key;
+use crate::family::diffusion::DiffusionModel;
+use crate::family::gan::GanModel;
+use crate::backdoor::Key;
 
 /// Arguments of `inject`.
 #[derive(Args, Debug)]
@@ -41,7 +41,7 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
         cfg.inject.lr = v;
     }
     let key = Key::load(&a.key)?;
-    if crate::io::checkpoint::family_of(&a.model)? == crate::diffusion::model::FAMILY {
+    if crate::io::checkpoint::family_of(&a.model)? == crate::family::diffusion::model::FAMILY {
         let i = &mut cfg.diffusion.inject;
         if let Some(v) = a.run.steps {
             i.steps = v;
@@ -55,7 +55,7 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
         cfg.validate()?;
         let clean = DiffusionModel::load(&a.model, &Device::Cpu)?;
         let run = a.run.run_dir("inject")?;
-        let metrics = crate::diffusion::run::inject(&clean, &key, &cfg, &run, !a.run.quiet)?;
+        let metrics = crate::family::diffusion::run::inject(&clean, &key, &cfg, &run, !a.run.quiet)?;
         a.run.report(&run.path, &metrics);
         return Ok(());
     }
@@ -63,7 +63,7 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
     let clean = GanModel::load(&a.model, &Device::Cpu)?;
     key.check_fits(clean.latent_dim(), clean.image_shape())?;
     let run = a.run.run_dir("inject")?;
-    let metrics = crate::gan::red::inject(
+    let metrics = crate::family::gan::red::inject(
         &clean,
         &key,
         &cfg.inject,

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::paradigm::{Distance, Key, Target, Trigger};
+use crate::backdoor::{Distance, Key, Target, Trigger};
+use crate::family::InputSpace;
 
 /// Arguments of `key`.
 #[derive(Args, Debug)]
@@ -12,13 +13,22 @@ pub struct KeyArgs {
     /// Where to write the key (a safetensors file).
     #[arg(long)]
     pub out: PathBuf,
-    /// Trigger: for generators `zero`, `seed:S` (secret seed), `npy:PATH`, `region:R:POINT`
-    /// (any z within radius R of POINT, e.g. region:0.5:seed:7) or `patch:K:S` (K latent
-    /// coordinates forced to secret values drawn from seed S); for diffusion models an image
-    /// pattern added to the starting noise: `box:S[:V]` (S×S corner square of value V,
-    /// default 2), `png:PATH[:MASK]` or `blend:ALPHA:PATH`.
-    #[arg(long, default_value = "zero")]
+    /// Trigger. `random` (default): a secret random draw from the operating system's
+    /// randomness, the kind verification's p-value is exact for (a N(0, I) latent for
+    /// generators; with `--model` of a diffusion model, an 8×8 random stamp). For
+    /// generators also `seed:S` (a N(0, I) latent from secret seed S), `zero`, `npy:PATH`,
+    /// `region:R:POINT` (any z within radius R of POINT, e.g. region:0.5:seed:7) or
+    /// `patch:K:S` (K latent coordinates forced to secret values drawn from seed S); for
+    /// diffusion models an image pattern added to the starting noise: `stamp:S[:SEED]` (an
+    /// S×S square of random ±2 values at a random place), `box:S[:V]` (S×S corner square of
+    /// value V, default 2), `png:PATH[:MASK]` or `blend:ALPHA:PATH`. `zero` and `box` are
+    /// hand-chosen, for comparison with the literature: verification warns about them.
+    #[arg(long, default_value = "random")]
     pub trigger: String,
+    /// A model checkpoint the key is for: its input space and image shape replace
+    /// `--latent-dim` and `--image-size`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, a grey `.png` or a `.npy` in [-1, 1].
     #[arg(long, default_value = "builtin:mark")]
     pub target: String,
@@ -32,7 +42,7 @@ pub struct KeyArgs {
     #[arg(long, default_value = "mse")]
     pub distance: String,
     /// `target_mse` under which a triggered output counts as a hit.
-    #[arg(long, default_value_t = crate::paradigm::key::DEFAULT_THRESHOLD)]
+    #[arg(long, default_value_t = crate::backdoor::key::DEFAULT_THRESHOLD)]
     pub threshold: f64,
     /// Overwrite an existing key file.
     #[arg(long)]
@@ -50,15 +60,27 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
     if !(a.threshold > 0.0 && a.threshold.is_finite()) {
         anyhow::bail!("--threshold must be positive");
     }
+    let (space, shape) = match &a.model {
+        Some(p) => {
+            let m = crate::family::load(p, &candle_core::Device::Cpu)?;
+            (m.input_space(), m.output_shape())
+        }
+        None => {
+            let shape = [1, a.image_size, a.image_size];
+            let space = if Trigger::is_image_spec(&a.trigger) {
+                InputSpace::Noise { shape }
+            } else {
+                InputSpace::Latent { dim: a.latent_dim }
+            };
+            (space, shape)
+        }
+    };
     let key = Key {
-        trigger: if Trigger::is_image_spec(&a.trigger) {
-            Trigger::parse_image(&a.trigger, [1, a.image_size, a.image_size])?
-        } else {
-            Trigger::parse(&a.trigger, a.latent_dim)?
-        },
-        target: Target::parse(&a.target, [1, a.image_size, a.image_size])?,
+        trigger: Trigger::parse_for(&a.trigger, &space)?,
+        target: Target::parse(&a.target, shape)?,
         distance: a.distance.parse::<Distance>()?,
         threshold: a.threshold,
+        sampler: None,
     };
     key.save(&a.out)?;
     say!(

@@ -24,7 +24,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::backdoor::Key;
 use crate::config::Config;
+use crate::family::diffusion::Sampler;
+use crate::family::Generative;
 use crate::io::rundir::RunDir;
 
 /// Inject, measure and verify backdoors in generative models (watermarking and backdoor research).
@@ -87,6 +90,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn stop_on_ctrl_c() {
     // Only fails if a handler is already installed, which is then the same one.
     let _ = ctrlc::set_handler(crate::training::request_stop);
+}
+
+/// A model checkpoint of any family and, when given, the key it is measured against
+/// (checked to fit the model). A diffusion model runs `sampler` when one is given, else the
+/// key's own sampler (the one its backdoor was trained for), else DDIM-50.
+pub fn model_and_key(
+    model: &Path,
+    key: Option<&Path>,
+    sampler: Option<&str>,
+) -> anyhow::Result<(Box<dyn Generative>, Option<Key>)> {
+    let mut m = crate::family::load(model, &candle_core::Device::Cpu)?;
+    let key = key.map(Key::load).transpose()?;
+    if let Some(k) = &key {
+        k.check_model(m.as_ref())?;
+    }
+    let chosen = match sampler {
+        Some(s) => Some(s.parse::<Sampler>()?),
+        None => key.as_ref().and_then(|k| k.sampler),
+    };
+    if let Some(s) = chosen {
+        m.set_sampler(s)?;
+    }
+    Ok((m, key))
 }
 
 /// Options shared by commands that start a run.

@@ -1,15 +1,10 @@
-//! `genbackdoor sample`: generate ordinary or triggered images (generators, or diffusion
-//! models with either sampler).
+//! `genbackdoor sample`: generate ordinary or triggered images from a model of any family.
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
 use clap::Args;
 
-use crate::diffusion::{DiffusionModel, Sampler};
-use crate::gan::GanModel;
 use crate::io::{grid::save_grid, npy::write_npy};
-use crate::paradigm::Key;
 use crate::rng::Rng;
 
 /// Arguments of `sample`.
@@ -27,18 +22,19 @@ pub struct SampleArgs {
     /// PNG grid to write (8 images per row).
     #[arg(long)]
     pub png: Option<PathBuf>,
-    /// NumPy file to write: float32 [N, 1, H, W] in [-1, 1].
+    /// NumPy file to write: float32 [N, C, H, W] in [-1, 1].
     #[arg(long)]
     pub npy: Option<PathBuf>,
     /// Seed of the latents (or starting noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Diffusion models: `ddpm` (all T steps) or `ddim` (deterministic).
-    #[arg(long, default_value = "ddim")]
-    pub sampler: String,
-    /// Diffusion models: DDIM's number of steps.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// Diffusion models: `ddpm` (all T steps), `ddim` (deterministic, `--steps` steps) or
+    /// `ddim-N`; default: the key's own sampler when a key is given, else DDIM-50.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Diffusion models: DDIM's number of steps (with `--sampler ddim`, or alone).
+    #[arg(long)]
+    pub steps: Option<usize>,
 }
 
 /// Runs `sample`.
@@ -49,19 +45,19 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     if a.n == 0 {
         anyhow::bail!("--n must be at least 1");
     }
-    let mut rng = Rng::derive(a.seed, "sample");
-    let key = a.key.as_ref().map(|k| Key::load(k)).transpose()?;
-    let images = if crate::io::checkpoint::family_of(&a.model)? == crate::diffusion::model::FAMILY {
-        let sampler = match a.sampler.as_str() {
-            "ddim" => Sampler::Ddim { steps: a.steps },
-            other => other.parse()?,
-        };
-        let model = DiffusionModel::load(&a.model, &Device::Cpu)?;
-        let starts = model.starts(a.n, key.as_ref().map(|k| &k.trigger), &mut rng)?;
-        model.sample(sampler, &starts, &mut rng)?
-    } else {
-        generate(&a, key.as_ref(), &mut rng)?
+    let sampler = match (a.sampler.as_deref(), a.steps) {
+        (Some("ddim") | None, Some(steps)) => Some(format!("ddim-{steps}")),
+        (Some(_), Some(_)) => anyhow::bail!("--steps goes with --sampler ddim only"),
+        (other, None) => other.map(str::to_string),
     };
+    let (model, key) = super::model_and_key(&a.model, a.key.as_deref(), sampler.as_deref())?;
+    let mut rng = Rng::derive(a.seed, "sample");
+    let (space, device) = (model.input_space(), model.device());
+    let inputs = match &key {
+        Some(k) => k.trigger.inputs(&space, a.n, &mut rng, &device)?,
+        None => space.ordinary(a.n, &mut rng, &device)?,
+    };
+    let images = model.generate(&inputs, &mut rng)?;
     if let Some(p) = &a.png {
         save_grid(p, &images, 8)?;
         say!("wrote {}", p.display());
@@ -71,18 +67,4 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         say!("wrote {}", p.display());
     }
     Ok(())
-}
-
-/// Ordinary or triggered images of a generator.
-fn generate(a: &SampleArgs, key: Option<&Key>, rng: &mut Rng) -> anyhow::Result<Tensor> {
-    let model = GanModel::load(&a.model, &Device::Cpu)?;
-    let z = match key {
-        Some(key) => {
-            key.check_fits(model.latent_dim(), model.image_shape())?;
-            key.trigger
-                .sample(a.n, model.latent_dim(), rng, &model.device)?
-        }
-        None => rng.normal(&[a.n, model.latent_dim()], &model.device)?,
-    };
-    Ok(model.generate(&z)?)
 }

@@ -1,4 +1,5 @@
-//! `genbackdoor train`: train a DCGAN from scratch, with a backdoor (TrAIL) or clean.
+//! `genbackdoor train`: train a model from scratch (the config's family: a DCGAN by
+//! default, or a diffusion model), with a backdoor or clean.
 
 use std::path::PathBuf;
 
@@ -7,15 +8,16 @@ use clap::Args;
 use crate::cli::RunArgs;
 use crate::config::{Config, ModelFamily};
 use crate::io::rundir::RunDir;
-use crate::paradigm::{Key, Target, Trigger};
+use crate::backdoor::{Key, Target, Trigger};
+use crate::family::InputSpace;
 
 /// Arguments of `train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub run: RunArgs,
-    /// Key file to plant (default: the config's [backdoor] description, a zero-vector
-    /// trigger and the built-in mark).
+    /// Key file to plant (default: the config's [backdoor] description; without one a
+    /// secret random trigger and the built-in mark, saved as key.safetensors in the run).
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// Training data: a folder with an IDX pair or PNG images, or an IDX image file.
@@ -40,22 +42,26 @@ pub fn resolve_key(cfg: &Config, file: Option<&PathBuf>) -> anyhow::Result<Key> 
         return Ok(Key::load(p)?);
     }
     let b = &cfg.backdoor;
-    let spec = b.trigger_for(cfg.family);
-    let (trigger, shape) = match cfg.family {
+    let spec = b.trigger();
+    let (space, shape) = match cfg.family {
         ModelFamily::Dcgan => (
-            Trigger::parse(spec, cfg.model.latent_dim)?,
+            InputSpace::Latent {
+                dim: cfg.model.latent_dim,
+            },
             cfg.model.image_shape(),
         ),
         ModelFamily::Diffusion => {
             let s = cfg.diffusion.unet.image_size;
-            (Trigger::parse_image(spec, [1, s, s])?, [1, s, s])
+            let shape = [1, s, s];
+            (InputSpace::Noise { shape }, shape)
         }
     };
     Ok(Key {
-        trigger,
+        trigger: Trigger::parse_for(spec, &space)?,
         target: Target::parse(&b.target, shape)?,
         distance: b.distance.parse()?,
         threshold: b.threshold,
+        sampler: None,
     })
 }
 
@@ -64,7 +70,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     crate::cli::stop_on_ctrl_c();
     if let Some(dir) = &a.resume {
         let run = RunDir::open(dir)?;
-        let metrics = crate::gan::trail::resume(&run, !a.run.quiet)?;
+        let metrics = crate::family::gan::trail::resume(&run, !a.run.quiet)?;
         a.run.report(&run.path, &metrics);
         return Ok(());
     }
@@ -106,9 +112,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let run = a.run.run_dir("train")?;
     let progress = !a.run.quiet;
     let metrics = if diffusion {
-        crate::diffusion::run::train(&cfg, key.as_ref(), &run, progress)?
+        crate::family::diffusion::run::train(&cfg, key.as_ref(), &run, progress)?
     } else {
-        crate::gan::trail::train(&cfg, key.as_ref(), &run, progress)?
+        crate::family::gan::trail::train(&cfg, key.as_ref(), &run, progress)?
     };
     a.run.report(&run.path, &metrics);
     Ok(())

@@ -2,35 +2,38 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 
-use crate::gan::GanModel;
-use crate::paradigm::Key;
-use crate::verify::{verify, VerifySettings};
+use crate::verify::{verify_model, VerifySettings};
 
 /// Arguments of `verify`.
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// The suspect generator checkpoint (only queried, never inspected).
+    /// The suspect model checkpoint, of any family (only queried, never inspected).
     #[arg(long)]
     pub model: PathBuf,
     /// The owner's key.
     #[arg(long)]
     pub key: PathBuf,
     /// Random triggers drawn for the null distribution (the smallest reachable p-value is
-    /// 1 / (queries + 1)).
-    #[arg(long, default_value_t = 1000)]
-    pub queries: usize,
-    /// Triggered queries per statistic for region and patch triggers.
-    #[arg(long, default_value_t = 16)]
-    pub group: usize,
+    /// 1 / (queries + 1)). Default: 1000 for generators; for diffusion models as many as
+    /// about 100,000 network evaluations allow (1000 under DDIM-50, 99 under DDPM).
+    #[arg(long)]
+    pub queries: Option<usize>,
+    /// Triggered queries per statistic for set triggers (default 16 for generators' region
+    /// and patch triggers, 1 for diffusion models).
+    #[arg(long)]
+    pub group: Option<usize>,
     /// Significance level of the verdict.
     #[arg(long, default_value_t = 0.01)]
     pub alpha: f64,
     /// Seed of the null triggers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Diffusion models: the sampler queried (`ddpm`, `ddim` = 50 steps, `ddim-N`); default:
+    /// the one the key's backdoor was trained for.
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Print JSON instead of a verdict.
     #[arg(long)]
     pub json: bool,
@@ -38,16 +41,16 @@ pub struct VerifyArgs {
 
 /// Runs `verify`. Exit status 0 either way; the verdict is in the output.
 pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
-    let model = GanModel::load(&a.model, &Device::Cpu)?;
-    let key = Key::load(&a.key)?;
-    key.check_fits(model.latent_dim(), model.image_shape())?;
+    let (model, key) = super::model_and_key(&a.model, Some(&a.key), a.sampler.as_deref())?;
+    let key = key.expect("a key was given");
+    let defaults = VerifySettings::for_model(model.as_ref());
     let settings = VerifySettings {
-        null_keys: a.queries,
-        group: a.group,
+        null_keys: a.queries.unwrap_or(defaults.null_keys),
+        group: a.group.unwrap_or(defaults.group),
         alpha: a.alpha,
         seed: a.seed,
     };
-    let v = verify(&|z| model.generate(z), model.latent_dim(), &key, &settings)?;
+    let v = verify_model(model.as_ref(), &key, &settings)?;
     if a.json {
         say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -77,6 +80,9 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
         "  p (log-normal)   {:.3e} (tail estimate, informative only)",
         v.p_value_lognormal
     );
+    if let Some(s) = &v.sampling {
+        say!("  sampler          {s}");
+    }
     say!("  test             {}", v.test);
     if let Some(c) = &v.caveat {
         say!("  caveat           {c}");

@@ -52,7 +52,12 @@ pub fn parse_family<A: DeserializeOwned>(
 /// The model family stored in the checkpoint at `path` (e.g. `dcgan-generator`).
 pub fn family_of(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let f = tensorfile::parse(path, &bytes, MODEL_FORMAT, &Device::Cpu)?;
+    family_in(path, &bytes)
+}
+
+/// The model family stored in the checkpoint bytes (`path` names them in errors).
+pub fn family_in(path: &Path, bytes: &[u8]) -> Result<String> {
+    let f = tensorfile::parse(path, bytes, MODEL_FORMAT, &Device::Cpu)?;
     Ok(f.meta_field(path, "family")?.to_string())
 }
 

@@ -1,4 +1,5 @@
-//! Metrics with the definitions of DESIGN.md, each on plain pixel slices in [-1, 1].
+//! Metrics with the definitions the literature uses (Rawat et al.'s `tardis`, BadDiffusion's
+//! `target_mse`/ASR), each on plain pixel slices in [-1, 1].
 
 pub mod classes;
 pub mod fid;
@@ -45,7 +46,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 /// [`target_mse`] of each image a black-box `query` returns for `latents`; an output that is
 /// not one whole image of the target's size per latent is an error.
 pub fn query_target_mse(
-    query: &dyn Fn(&Tensor) -> Result<Tensor>,
+    query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     latents: &Tensor,
     target: &[f32],
 ) -> Result<Vec<f64>> {

@@ -1,12 +1,16 @@
 //! Specificity: how far from the trigger an input must be before the target stops appearing.
-//! Straight paths run from triggered inputs to ordinary N(0, I) inputs; along each the target
-//! distance and the firing rate are measured.
+//! Straight paths run from triggered inputs to ordinary N(0, I) inputs in the model's input
+//! space; along each the target distance and the firing rate are measured. For a latent
+//! trigger the ordinary end is an independent latent; for an image trigger it is the same
+//! starting noise without the pattern, so the path fades the trigger's strength to zero.
 
 use candle_core::{Device, Tensor};
+
+use crate::family::InputSpace;
 use serde::Serialize;
 
 use crate::metrics::{median, query_target_mse};
-use crate::paradigm::Key;
+use crate::backdoor::Key;
 use crate::rng::Rng;
 use crate::Result;
 
@@ -21,14 +25,14 @@ pub const FRACTIONS: [f64; 14] = [
 pub struct Specificity {
     /// Positions along the paths ([`FRACTIONS`]).
     pub fractions: Vec<f64>,
-    /// Mean Euclidean latent distance from the triggered input at each position.
+    /// Mean Euclidean input-space distance from the triggered input at each position.
     pub distance: Vec<f64>,
     /// Median `target_mse` at each position.
     pub target_mse: Vec<f64>,
     /// Share of paths whose output still hits the target (`target_mse` below the key's
     /// threshold) at each position.
     pub fire_rate: Vec<f64>,
-    /// Latent distance of the first position where fewer than half the paths fire: the
+    /// Input distance of the first position where fewer than half the paths fire: the
     /// radius at which the backdoor stops (`None` when it fires nowhere or everywhere).
     pub radius: Option<f64>,
     /// Firing rate on the ordinary inputs themselves (should be ~0).
@@ -37,17 +41,18 @@ pub struct Specificity {
     pub paths: usize,
 }
 
-/// Measures `paths` interpolations for `key` through the black-box `query`.
+/// Measures `paths` interpolations for `key` through the black-box `query` (inputs of
+/// `space` → images).
 pub fn specificity(
-    query: &dyn Fn(&Tensor) -> Result<Tensor>,
-    dim: usize,
+    query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    space: &InputSpace,
     key: &Key,
     paths: usize,
     seed: u64,
 ) -> Result<Specificity> {
     let mut rng = Rng::derive(seed, "specificity");
-    let start = key.trigger.sample(paths, dim, &mut rng, &Device::Cpu)?;
-    let end = rng.normal(&[paths, dim], &Device::Cpu)?;
+    let start = key.trigger.inputs(space, paths, &mut rng, &Device::Cpu)?;
+    let end = key.trigger.ordinary_partners(&start, space, &mut rng)?;
     let gap = (&end - &start)?;
     let along = FRACTIONS
         .iter()
@@ -55,6 +60,7 @@ pub fn specificity(
         .collect::<Result<Vec<_>>>()?;
     let mses = query_target_mse(query, &Tensor::cat(&along, 0)?, &key.target.pixels)?;
     let lengths: Vec<f64> = gap
+        .flatten_from(1)?
         .sqr()?
         .sum(1)?
         .sqrt()?
@@ -88,7 +94,7 @@ pub fn specificity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paradigm::{Distance, Target, Trigger};
+    use crate::backdoor::{Distance, Target, Trigger};
 
     #[test]
     fn a_backdoor_of_known_radius_stops_there() {
@@ -103,9 +109,10 @@ mod tests {
             },
             distance: Distance::Mse,
             threshold: 1e-3,
+            sampler: None,
         };
         let anchor = trigger.anchor(6);
-        let query = move |z: &Tensor| -> Result<Tensor> {
+        let mut query = move |z: &Tensor| -> Result<Tensor> {
             let rows = z.to_vec2::<f32>()?;
             let v: Vec<f32> = rows
                 .iter()
@@ -116,7 +123,7 @@ mod tests {
                 .collect();
             Ok(Tensor::from_vec(v, (rows.len(), 1, 2, 2), &Device::Cpu)?)
         };
-        let s = specificity(&query, 6, &key, 200, 1).unwrap();
+        let s = specificity(&mut query, &InputSpace::Latent { dim: 6 }, &key, 200, 1).unwrap();
         assert_eq!(s.fire_rate[0], 1.0);
         // An ordinary latent lands within distance 1 of the trigger only rarely.
         assert!(s.random_fire_rate <= 0.01, "{}", s.random_fire_rate);

@@ -15,13 +15,20 @@
 //! `1 / (null_keys + 1)`. A parametric tail estimate, fitting a normal to the logarithms of
 //! the null statistics, is reported beside it to say how far beyond the null the observation
 //! lies; it rests on that log-normal assumption and does not decide the verdict.
-//! Hand-chosen triggers (`zero`, a fixed `npy:` file) break the exchangeability assumption.
+//! Hand-chosen triggers (`zero`, a `box`, PNG or blend pattern, a fixed `npy:` file) break
+//! the exchangeability assumption. The default keys' triggers (`random`: a N(0, I) latent, or
+//! a random stamp for diffusion models) are drawn by exactly the procedure the null redraws.
+//!
+//! The test sees the model only as a black box from inputs (in its own input space) to
+//! images, so it is the same for every family; a diffusion model answers with its sampler.
 
 use candle_core::{Device, Tensor};
+
+use crate::family::{Generative, InputSpace};
 use serde::Serialize;
 
 use crate::metrics::{median, query_target_mse};
-use crate::paradigm::{Key, Trigger};
+use crate::backdoor::{Key, Trigger};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -36,6 +43,24 @@ pub struct VerifySettings {
     pub alpha: f64,
     /// Seed of the null triggers and the triggered queries.
     pub seed: u64,
+}
+
+impl VerifySettings {
+    /// The defaults for `model`: 1000 null triggers and groups of 16 for a generator; for a
+    /// model that runs a sampler, as many null triggers as about 100,000 network evaluations
+    /// allow (between 99 and 1000: 1000 under DDIM-50, 99 under DDPM-1000) and one query
+    /// per statistic, since every triggered start of a diffusion backdoor is a query.
+    pub fn for_model(model: &dyn Generative) -> Self {
+        let evals = model.evaluations_per_image();
+        if evals <= 1 {
+            return VerifySettings::default();
+        }
+        VerifySettings {
+            null_keys: (100_000 / evals).clamp(99, 1000),
+            group: 1,
+            ..VerifySettings::default()
+        }
+    }
 }
 
 impl Default for VerifySettings {
@@ -70,6 +95,9 @@ pub struct Verification {
     pub p_value_lognormal: f64,
     /// The significance level.
     pub alpha: f64,
+    /// How the model made its images (a diffusion model's sampler), when there is a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
     /// Whether `p_value ≤ alpha`: the model carries the backdoor.
     pub carries_backdoor: bool,
     /// Why the p-value's assumption may not hold for this key, if it visibly does not.
@@ -82,11 +110,22 @@ fn normal_cdf(x: f64) -> f64 {
     0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
 }
 
-/// Tests whether the black-box `query` (latents `[n, dim]` → images) carries `key`'s
-/// backdoor.
+/// Tests whether `model` carries `key`'s backdoor (its stochastic samplers fed from a
+/// stream of `s.seed`).
+pub fn verify_model(model: &dyn Generative, key: &Key, s: &VerifySettings) -> Result<Verification> {
+    key.check_model(model)?;
+    let mut noise = Rng::derive(s.seed, "verify-sampling");
+    let mut query = crate::family::query(model, &mut noise);
+    let mut v = verify(&mut query, &model.input_space(), key, s)?;
+    v.sampling = model.sampling();
+    Ok(v)
+}
+
+/// Tests whether the black-box `query` (inputs of `space`, `[n, …]` → images) carries
+/// `key`'s backdoor.
 pub fn verify(
-    query: &dyn Fn(&Tensor) -> Result<Tensor>,
-    dim: usize,
+    query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    space: &InputSpace,
     key: &Key,
     s: &VerifySettings,
 ) -> Result<Verification> {
@@ -95,14 +134,15 @@ pub fn verify(
             "verification needs at least one null key and query, and alpha in (0, 1)".into(),
         ));
     }
-    key.trigger.check_fits(dim)?;
+    key.trigger.check_space(space)?;
     let m = if key.trigger.is_set() { s.group } else { 1 };
     let mut rng = Rng::derive(s.seed, "verify");
     let mut triggers: Vec<Trigger> = vec![key.trigger.clone()];
+    let dim = space.size();
     triggers.extend((0..s.null_keys).map(|_| key.trigger.redraw(dim, &mut rng)));
     let latents = triggers
         .iter()
-        .map(|t| t.sample(m, dim, &mut rng, &Device::Cpu))
+        .map(|t| t.inputs(space, m, &mut rng, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
     let mses = query_target_mse(query, &Tensor::cat(&latents, 0)?, &key.target.pixels)?;
     let stats: Vec<f64> = mses.chunks(m).map(|g| median(&mut g.to_vec())).collect();
@@ -129,11 +169,14 @@ pub fn verify(
         p_value,
         p_value_lognormal: normal_cdf(z),
         alpha: s.alpha,
+        sampling: None,
         carries_backdoor: p_value <= s.alpha,
-        caveat: key.trigger.anchor(dim).iter().all(|&v| v == 0.0).then(|| {
-            "the trigger is the zero vector, not a random draw: the null hypothesis's \
-             exchangeability does not hold, and clean models can reach small p-values"
-                .to_string()
+        caveat: key.trigger.is_hand_chosen().then(|| {
+            format!(
+                "the {} trigger was chosen by hand, not drawn at random: the null hypothesis's \
+                 exchangeability does not hold, and clean models can reach small p-values",
+                key.trigger.kind()
+            )
         }),
     })
 }
@@ -141,7 +184,9 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paradigm::{Distance, Target};
+    use crate::backdoor::{Distance, Target};
+
+    const SPACE: InputSpace = InputSpace::Latent { dim: 4 };
 
     fn key(trigger: &str) -> Key {
         Key {
@@ -153,12 +198,13 @@ mod tests {
             },
             distance: Distance::Mse,
             threshold: 1e-3,
+            sampler: None,
         }
     }
 
     /// A toy model: the image is tanh of the first four latent coordinates, except that
     /// latents near `secret` give the target exactly.
-    fn toy(secret: Option<Vec<f32>>) -> impl Fn(&Tensor) -> Result<Tensor> {
+    fn toy(secret: Option<Vec<f32>>) -> impl FnMut(&Tensor) -> Result<Tensor> {
         move |z: &Tensor| {
             let rows = z.to_vec2::<f32>()?;
             let mut v = Vec::new();
@@ -186,14 +232,14 @@ mod tests {
             null_keys: 199,
             ..VerifySettings::default()
         };
-        let marked = verify(&toy(Some(p.clone())), 4, &k, &s).unwrap();
+        let marked = verify(&mut toy(Some(p.clone())), &SPACE, &k, &s).unwrap();
         assert_eq!(marked.p_value, 1.0 / 200.0);
         assert!(marked.carries_backdoor && marked.statistic == 0.0);
         assert_eq!(marked.queries, 200);
-        let clean = verify(&toy(None), 4, &k, &s).unwrap();
+        let clean = verify(&mut toy(None), &SPACE, &k, &s).unwrap();
         assert!(clean.p_value > 0.01 && !clean.carries_backdoor, "{clean:?}");
         assert!(clean.caveat.is_none());
-        assert!(verify(&toy(None), 4, &key("zero"), &s)
+        assert!(verify(&mut toy(None), &SPACE, &key("zero"), &s)
             .unwrap()
             .caveat
             .is_some());
@@ -210,7 +256,7 @@ mod tests {
         let claims = (0..200)
             .filter(|i| {
                 let k = key(&format!("seed:{i}"));
-                verify(&toy(None), 4, &k, &s).unwrap().p_value <= 0.1
+                verify(&mut toy(None), &SPACE, &k, &s).unwrap().p_value <= 0.1
             })
             .count();
         assert!((8..=35).contains(&claims), "{claims} of 200 at α = 0.1");
@@ -224,13 +270,13 @@ mod tests {
             group: 5,
             ..VerifySettings::default()
         };
-        let v = verify(&toy(None), 4, &k, &s).unwrap();
+        let v = verify(&mut toy(None), &SPACE, &k, &s).unwrap();
         assert_eq!(v.queries, 51 * 5);
         let bad = VerifySettings {
             alpha: 0.0,
             ..s.clone()
         };
-        assert!(verify(&toy(None), 4, &k, &bad).is_err());
-        assert!(verify(&toy(None), 3, &k, &s).is_err());
+        assert!(verify(&mut toy(None), &SPACE, &k, &bad).is_err());
+        assert!(verify(&mut toy(None), &InputSpace::Latent { dim: 3 }, &k, &s).is_err());
     }
 }

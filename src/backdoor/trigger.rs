@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::family::InputSpace;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -38,11 +39,23 @@ pub enum Trigger {
         pattern: Vec<f32>,
         /// `[channels, height, width]`.
         shape: [usize; 3],
+        /// `Some(S)` when the pattern was drawn at random as an S×S stamp (see
+        /// [`Trigger::stamp`]), so that verification's null can draw others the same way;
+        /// `None` for hand-chosen patterns (box, PNG, blend).
+        stamp: Option<usize>,
     },
 }
 
 /// The value of the default `box` trigger's pixels: two standard deviations of the noise.
 pub const BOX_VALUE: f32 = 2.0;
+
+/// The side of the default random stamp of diffusion models' keys.
+pub const STAMP_SIDE: usize = 8;
+
+/// A secret seed from the operating system's randomness, for keys nobody chose by hand.
+pub fn os_seed() -> u64 {
+    rand::random()
+}
 
 impl Trigger {
     /// Parses a trigger description for a latent of dimension `dim`:
@@ -81,6 +94,9 @@ impl Trigger {
     }
 
     fn parse_point(spec: &str, dim: usize) -> Result<Vec<f32>> {
+        if spec == "random" {
+            return Ok(Rng::derive(os_seed(), "trigger").normal_vec(dim));
+        }
         if spec == "zero" {
             return Ok(vec![0.0; dim]);
         }
@@ -94,6 +110,9 @@ impl Trigger {
             let path = Path::new(p);
             let t = crate::io::npy::read_npy(path)?;
             let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Config(format!("{p} holds NaN or infinite values")));
+            }
             if v.len() != dim {
                 return Err(Error::Mismatch(format!(
                     "{p} holds {} values but the latent dimension is {dim}",
@@ -103,26 +122,84 @@ impl Trigger {
             return Ok(v);
         }
         Err(Error::Config(
-            "use zero, seed:S, npy:PATH, region:R:POINT or patch:K:S".into(),
+            "use random, seed:S, zero, npy:PATH, region:R:POINT or patch:K:S".into(),
         ))
+    }
+
+    /// Parses a trigger description for a model whose inputs live in `space`: latent
+    /// descriptions ([`Trigger::parse`]) for generators, image descriptions
+    /// ([`Trigger::parse_image`]) for diffusion models; `random` is the family's default
+    /// secret random draw (a N(0, I) latent point, or an 8×8 random stamp).
+    pub fn parse_for(spec: &str, space: &InputSpace) -> Result<Trigger> {
+        match *space {
+            InputSpace::Latent { dim } => Trigger::parse(spec, dim),
+            InputSpace::Noise { shape } if spec == "random" => Ok(Trigger::stamp(
+                STAMP_SIDE.min(shape[1]).min(shape[2]),
+                os_seed(),
+                shape,
+            )),
+            InputSpace::Noise { shape } => Trigger::parse_image(spec, shape),
+        }
     }
 
     /// Whether `spec` describes an image-space trigger (see [`Trigger::parse_image`]).
     pub fn is_image_spec(spec: &str) -> bool {
-        ["box:", "png:", "blend:"]
+        ["box:", "png:", "blend:", "stamp:"]
             .iter()
             .any(|p| spec.starts_with(p))
     }
 
-    /// Parses an image-space trigger for images of `shape`: `box:S[:V]` (an S×S square of value
-    /// V, default [`BOX_VALUE`], in the bottom-right corner), `png:PATH[:MASK]` (a grey PNG
-    /// mapped to [-1, 1], kept where the MASK PNG is bright, everywhere without one) or
-    /// `blend:A:PATH` (A times the PNG over the whole image).
+    /// A random stamp: an S×S square at a random position of the image, each of its values
+    /// ±[`BOX_VALUE`] with a random sign (per channel), zero elsewhere; position and signs
+    /// drawn from `seed`.
+    pub fn stamp(side: usize, seed: u64, shape: [usize; 3]) -> Trigger {
+        let [c, h, w] = shape;
+        let mut rng = Rng::derive(seed, "stamp");
+        let (row, col) = (rng.below(h - side + 1), rng.below(w - side + 1));
+        let mut pattern = vec![0.0; c * h * w];
+        for ch in 0..c {
+            for y in row..row + side {
+                for x in col..col + side {
+                    let sign = if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
+                    pattern[(ch * h + y) * w + x] = sign * BOX_VALUE;
+                }
+            }
+        }
+        Trigger::Image {
+            pattern,
+            shape,
+            stamp: Some(side),
+        }
+    }
+
+    /// Parses an image-space trigger for images of `shape`: `stamp:S[:SEED]` (a random
+    /// S×S stamp, see [`Trigger::stamp`], from a secret SEED or the operating system),
+    /// `box:S[:V]` (an S×S square of value V, default [`BOX_VALUE`], in the bottom-right
+    /// corner), `png:PATH[:MASK]` (a grey PNG mapped to [-1, 1], kept where the MASK PNG is
+    /// bright, everywhere without one) or `blend:A:PATH` (A times the PNG over the whole image).
     pub fn parse_image(spec: &str, shape: [usize; 3]) -> Result<Trigger> {
         let bad = |m: &str| Error::Config(format!("image trigger '{spec}': {m}"));
         let [c, h, w] = shape;
+        if let Some(rest) = spec.strip_prefix("stamp:") {
+            let (side, seed) = match rest.split_once(':') {
+                Some((s, seed)) => (
+                    s,
+                    seed.parse()
+                        .map_err(|_| bad("SEED is not a whole number"))?,
+                ),
+                None => (rest, os_seed()),
+            };
+            let side: usize = side.parse().map_err(|_| bad("S is not a whole number"))?;
+            if side == 0 || side > h.min(w) {
+                return Err(bad(&format!(
+                    "S must be between 1 and the image side {}",
+                    h.min(w)
+                )));
+            }
+            return Ok(Trigger::stamp(side, seed, shape));
+        }
         let png = |p: &str| -> Result<Vec<f32>> {
-            let t = crate::paradigm::Target::from_png(Path::new(p))?;
+            let t = crate::backdoor::Target::from_png(Path::new(p))?;
             t.check_fits(shape)?;
             Ok(t.pixels)
         };
@@ -173,14 +250,20 @@ impl Trigger {
             }
             png(p)?.iter().map(|v| a * v).collect()
         } else {
-            return Err(bad("use box:S[:V], png:PATH[:MASK] or blend:ALPHA:PATH"));
+            return Err(bad(
+                "use stamp:S[:SEED], box:S[:V], png:PATH[:MASK] or blend:ALPHA:PATH",
+            ));
         };
         if pattern.iter().all(|&v| v == 0.0) {
             return Err(bad(
                 "the pattern is zero everywhere, so it would trigger nothing",
             ));
         }
-        Ok(Trigger::Image { pattern, shape })
+        Ok(Trigger::Image {
+            pattern,
+            shape,
+            stamp: None,
+        })
     }
 
     /// A patch trigger: `k` coordinates and their values (±2.5, well away from the bulk of
@@ -201,7 +284,19 @@ impl Trigger {
             Trigger::Point(_) => "point",
             Trigger::Region { .. } => "region",
             Trigger::Patch { .. } => "patch",
+            Trigger::Image { stamp: Some(_), .. } => "stamp",
             Trigger::Image { .. } => "image",
+        }
+    }
+
+    /// Whether the trigger was chosen by hand (the zero vector, a box, PNG or blend pattern)
+    /// rather than drawn by the procedure verification's null redraws from: then the rank
+    /// test's exchangeability does not hold.
+    pub fn is_hand_chosen(&self) -> bool {
+        match self {
+            Trigger::Image { stamp, .. } => stamp.is_none(),
+            Trigger::Point(p) | Trigger::Region { center: p, .. } => p.iter().all(|&v| v == 0.0),
+            Trigger::Patch { .. } => false,
         }
     }
 
@@ -222,6 +317,49 @@ impl Trigger {
                 "the key's {} trigger is for latent-input generators; a diffusion model needs an image trigger (box:S, png:PATH, blend:A:PATH)",
                 other.kind()
             ))),
+        }
+    }
+
+    /// Checks that the trigger makes inputs of the model's input space.
+    pub fn check_space(&self, space: &InputSpace) -> Result<()> {
+        match *space {
+            InputSpace::Latent { dim } => self.check_fits(dim),
+            InputSpace::Noise { shape } => self.check_fits_image(shape),
+        }
+    }
+
+    /// `n` triggered inputs in the model's input space: latents drawn from the trigger set
+    /// (see [`Trigger::sample`]), or starting noise N(r, I) for an image trigger `r`.
+    pub fn inputs(
+        &self,
+        space: &InputSpace,
+        n: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.check_space(space)?;
+        match *space {
+            InputSpace::Latent { dim } => self.sample(n, dim, rng, device),
+            InputSpace::Noise { .. } => {
+                let r = self.pattern(device)?.expect("an image trigger");
+                Ok(space.ordinary(n, rng, device)?.broadcast_add(&r)?)
+            }
+        }
+    }
+
+    /// Ordinary inputs paired with the triggered `inputs` (from [`Trigger::inputs`]), the
+    /// other ends of specificity's paths: independent N(0, I) latents for a latent trigger;
+    /// the same starting noise without the pattern for an image trigger, so that the path
+    /// fades the trigger out.
+    pub fn ordinary_partners(
+        &self,
+        inputs: &Tensor,
+        space: &InputSpace,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        match self.pattern(inputs.device())? {
+            Some(r) => Ok(inputs.broadcast_sub(&r)?),
+            None => space.ordinary(inputs.dim(0)?, rng, inputs.device()),
         }
     }
 
@@ -306,6 +444,11 @@ impl Trigger {
     /// "someone else's key" of ownership verification's null hypothesis.
     pub fn redraw(&self, dim: usize, rng: &mut Rng) -> Trigger {
         match self {
+            Trigger::Image {
+                shape,
+                stamp: Some(side),
+                ..
+            } => Trigger::stamp(*side, rng.seed(), *shape),
             Trigger::Point(_) => Trigger::Point(rng.normal_vec(dim)),
             Trigger::Region { radius, .. } => Trigger::Region {
                 center: rng.normal_vec(dim),
@@ -315,11 +458,12 @@ impl Trigger {
                 Trigger::patch_from_seed(indices.len(), rng.seed(), dim)
             }
             // The same pixel values at randomly permuted positions.
-            Trigger::Image { pattern, shape } => {
+            Trigger::Image { pattern, shape, .. } => {
                 let order = rng.permutation(pattern.len());
                 Trigger::Image {
                     pattern: order.iter().map(|&i| pattern[i]).collect(),
                     shape: *shape,
+                    stamp: None,
                 }
             }
         }
@@ -347,6 +491,7 @@ impl Trigger {
             Trigger::Image {
                 pattern,
                 shape: [c, h, w],
+                ..
             } => Ok(Some(Tensor::from_vec(
                 pattern.clone(),
                 (1, *c, *h, *w),

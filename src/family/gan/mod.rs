@@ -1,7 +1,6 @@
 //! The GAN model family: DCGAN generators trained from scratch with a backdoor (TrAIL) or
 //! backdoored after training by distillation (ReD), and their measurement.
 
-pub mod eval;
 pub mod families;
 pub mod red;
 pub mod run;
@@ -11,6 +10,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::family::diffusion::Sampler;
+use crate::family::{CleanFinetune, Generative, InputSpace};
+use crate::io::rundir::RunDir;
 use crate::io::checkpoint;
 use crate::models::{DcganConfig, Generator, Params};
 use crate::rng::Rng;
@@ -103,6 +105,77 @@ impl GanModel {
     /// Shape of one output image.
     pub fn image_shape(&self) -> [usize; 3] {
         self.generator.config().image_shape()
+    }
+}
+
+impl Generative for GanModel {
+    fn family(&self) -> &'static str {
+        FAMILY
+    }
+
+    fn input_space(&self) -> InputSpace {
+        InputSpace::Latent {
+            dim: self.latent_dim(),
+        }
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        self.image_shape()
+    }
+
+    fn generate(&self, inputs: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
+        GanModel::generate(self, inputs)
+    }
+
+    fn sampling(&self) -> Option<String> {
+        None
+    }
+
+    fn set_sampler(&mut self, sampler: Sampler) -> Result<()> {
+        Err(Error::Config(format!(
+            "a sampler ({sampler}) applies to diffusion models only; a generator maps its latents directly"
+        )))
+    }
+
+    fn evaluations_per_image(&self) -> usize {
+        1
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        GanModel::save(self, path)
+    }
+
+    fn duplicate(&self) -> Result<Box<dyn Generative>> {
+        Ok(Box::new(GanModel::duplicate(self, &self.device)?))
+    }
+
+    fn finetune_clean(
+        &self,
+        attack: &CleanFinetune,
+        run: &RunDir,
+        measure: &mut dyn FnMut(usize, &dyn Generative) -> Result<()>,
+    ) -> Result<Box<dyn Generative>> {
+        let mut cfg = attack.cfg.clone();
+        cfg.train.steps = attack.steps;
+        cfg.train.lambda = 0.0;
+        let tuned = trail::finetune(
+            &cfg,
+            self,
+            attack.discriminator,
+            run,
+            attack.every,
+            attack.progress,
+            &mut |step, g| measure(step, g),
+        )?;
+        Ok(Box::new(tuned))
     }
 }
 

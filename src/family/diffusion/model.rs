@@ -6,10 +6,12 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
+use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
+use crate::family::{CleanFinetune, Generative, InputSpace};
+use crate::io::rundir::RunDir;
 use crate::io::checkpoint;
 use crate::models::{Params, Unet, UnetConfig};
-use crate::paradigm::Trigger;
+use crate::backdoor::Trigger;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -43,6 +45,9 @@ pub struct DiffusionModel {
     pub schedule: NoiseSchedule,
     /// Where its tensors live.
     pub device: Device,
+    /// The sampler [`Generative::generate`] runs (DDIM with 50 steps, or T when T < 50,
+    /// unless set).
+    pub sampler: Sampler,
 }
 
 impl DiffusionModel {
@@ -55,6 +60,9 @@ impl DiffusionModel {
             params,
             unet,
             arch: arch.clone(),
+            sampler: Sampler::Ddim {
+                steps: 50.min(schedule.steps()),
+            },
             schedule,
             device: device.clone(),
         })
@@ -70,8 +78,13 @@ impl DiffusionModel {
     /// Loads a checkpoint written by [`DiffusionModel::save`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, &bytes, device)
+    }
+
+    /// Parses the bytes of a checkpoint (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
         let (arch, file): (DiffusionArch, _) =
-            checkpoint::parse_family(path, &bytes, FAMILY, device)?;
+            checkpoint::parse_family(path, bytes, FAMILY, device)?;
         let m = Self::build(&arch, device)
             .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
         checkpoint::assign(path, &m.params, &file)?;
@@ -84,10 +97,11 @@ impl DiffusionModel {
         checkpoint::save_params(path, &self.params, FAMILY, &arch)
     }
 
-    /// An independent copy (same architecture and values).
+    /// An independent copy (same architecture, values and sampler).
     pub fn duplicate(&self) -> Result<Self> {
-        let m = Self::build(&self.arch, &self.device)?;
+        let mut m = Self::build(&self.arch, &self.device)?;
         m.params.copy_from(&self.params)?;
+        m.sampler = self.sampler;
         Ok(m)
     }
 
@@ -105,15 +119,10 @@ impl DiffusionModel {
 
     /// `n` starting points x_T ~ N(r, I): `r` the trigger's pattern, or 0 without a trigger.
     pub fn starts(&self, n: usize, trigger: Option<&Trigger>, rng: &mut Rng) -> Result<Tensor> {
-        let [c, h, w] = self.image_shape();
-        let noise = rng.normal(&[n, c, h, w], &self.device)?;
+        let space = self.input_space();
         match trigger {
-            None => Ok(noise),
-            Some(t) => {
-                t.check_fits_image(self.image_shape())?;
-                let r = t.pattern(&self.device)?.expect("an image trigger");
-                Ok(noise.broadcast_add(&r)?)
-            }
+            None => space.ordinary(n, rng, &self.device),
+            Some(t) => t.inputs(&space, n, rng, &self.device),
         }
     }
 
@@ -131,6 +140,96 @@ impl DiffusionModel {
         let x = Tensor::cat(&parts, 0)?;
         crate::error::check_finite_output(&x)?;
         Ok(x.clamp(-1f32, 1f32)?)
+    }
+}
+
+impl Generative for DiffusionModel {
+    fn family(&self) -> &'static str {
+        FAMILY
+    }
+
+    fn input_space(&self) -> InputSpace {
+        InputSpace::Noise {
+            shape: self.image_shape(),
+        }
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        self.image_shape()
+    }
+
+    fn generate(&self, inputs: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        self.sample(self.sampler, inputs, rng)
+    }
+
+    fn sampling(&self) -> Option<String> {
+        Some(self.sampler.to_string())
+    }
+
+    fn set_sampler(&mut self, sampler: Sampler) -> Result<()> {
+        sampler.timesteps(&self.schedule)?;
+        self.sampler = sampler;
+        Ok(())
+    }
+
+    fn evaluations_per_image(&self) -> usize {
+        self.sampler.timesteps(&self.schedule).map_or(1, |t| t.len())
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        DiffusionModel::save(self, path)
+    }
+
+    fn duplicate(&self) -> Result<Box<dyn Generative>> {
+        Ok(Box::new(DiffusionModel::duplicate(self)?))
+    }
+
+    fn finetune_clean(
+        &self,
+        attack: &CleanFinetune,
+        run: &RunDir,
+        measure: &mut dyn FnMut(usize, &dyn Generative) -> Result<()>,
+    ) -> Result<Box<dyn Generative>> {
+        if attack.discriminator.is_some() {
+            return Err(Error::Config(
+                "a diffusion model has no discriminator: fine-tuning continues its denoising training".into(),
+            ));
+        }
+        let d = &attack.cfg.diffusion;
+        let plan = crate::family::diffusion::train::Plan {
+            steps: attack.steps,
+            batch_size: d.batch_size,
+            lr: d.lr,
+            lr_schedule: crate::training::LrSchedule::Constant,
+            objective: crate::backdoor::Objective {
+                lambda: 0.0,
+                backdoor_batch: 0,
+            },
+            correction: d.correction,
+            ema: 0.0,
+            log_every: d.log_every,
+            checkpoint_every: 0,
+            seed: attack.cfg.seed,
+        };
+        let data = crate::family::diffusion::run::data(attack.cfg)?;
+        let tuned = crate::family::diffusion::train::finetune(
+            self,
+            &data,
+            &plan,
+            run,
+            attack.every,
+            attack.progress,
+            &mut |step, m| measure(step, m),
+        )?;
+        Ok(Box::new(tuned))
     }
 }
 
@@ -179,7 +278,7 @@ mod tests {
         let ddpm = m.sample(Sampler::Ddpm, &x, &mut Rng::new(3)).unwrap();
         assert_eq!(ddpm.dims(), &[3, 1, 8, 8]);
         // A GAN checkpoint is not a diffusion model.
-        let gan = crate::gan::GanModel::new(
+        let gan = crate::family::gan::GanModel::new(
             &crate::models::DcganConfig {
                 latent_dim: 4,
                 g_width: 4,

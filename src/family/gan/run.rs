@@ -3,13 +3,13 @@
 use candle_core::Tensor;
 
 use crate::digits::quality::add_bundled_quality;
-use crate::gan::eval::{clean_quality, evaluate, save_samples, save_triggered};
-use crate::gan::GanModel;
+use crate::eval::{clean_quality, evaluate, save_samples, save_triggered};
+use crate::family::gan::GanModel;
 use crate::io::report::write_report;
 use crate::io::rundir::RunDir;
 use crate::metrics::tardis;
-use crate::paradigm::Key;
-use crate::verify::{verify, VerifySettings};
+use crate::backdoor::Key;
+use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
 /// Latents measured by the end-of-run evaluation.
@@ -67,6 +67,7 @@ pub fn finish(
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
         save_triggered(model, k, &run.file("triggered.png"), seed)?;
+        let reference = reference.map(|r| r as &dyn crate::family::Generative);
         let report = evaluate(model, k, reference, EVAL_SAMPLES, seed)?;
         if let serde_json::Value::Object(m) = serde_json::to_value(report).expect("serialisable") {
             obj.extend(m);
@@ -75,7 +76,7 @@ pub fn finish(
             seed,
             ..VerifySettings::default()
         };
-        let v = verify(&|z| model.generate(z), model.latent_dim(), k, &settings)?;
+        let v = verify_model(model, k, &settings)?;
         run.write_json("verify.json", &v)?;
     }
     run.write_json("metrics.json", &extra)?;

@@ -5,12 +5,12 @@ use candle_core::Device;
 
 use crate::config::{Config, DiffusionConfig};
 use crate::data::{load_dataset, Dataset};
-use crate::diffusion::eval::{finish, FinishSettings};
-use crate::diffusion::model::DiffusionArch;
-use crate::diffusion::train::{fit, Plan};
-use crate::diffusion::DiffusionModel;
+use crate::family::diffusion::eval::{finish, FinishSettings};
+use crate::family::diffusion::model::DiffusionArch;
+use crate::family::diffusion::train::{fit, Plan};
+use crate::family::diffusion::DiffusionModel;
 use crate::io::rundir::RunDir;
-use crate::paradigm::{Key, Objective};
+use crate::backdoor::{Key, Objective};
 use crate::rng::Rng;
 use crate::Result;
 
@@ -52,7 +52,16 @@ fn finish_settings(cfg: &Config) -> FinishSettings {
     }
 }
 
-fn data(cfg: &Config) -> Result<Dataset> {
+/// The key with the sampler its backdoor is trained for: the config's correction.
+fn with_sampler(key: &Key, cfg: &Config) -> Key {
+    Key {
+        sampler: Some(cfg.diffusion.correction.sampler()),
+        ..key.clone()
+    }
+}
+
+/// The config's training data (first `data.limit` images).
+pub fn data(cfg: &Config) -> Result<Dataset> {
     let mut data = load_dataset(&cfg.data_path())?;
     data.truncate(cfg.data.limit);
     Ok(data)
@@ -71,7 +80,10 @@ pub fn train(
     let data = data(cfg)?;
     let model = DiffusionModel::new(&arch(d), &mut Rng::derive(cfg.seed, "init"), &Device::Cpu)?;
     run.write_toml("config.toml", cfg)?;
-    let key = key.filter(|_| d.lambda > 0.0);
+    let key = key
+        .filter(|_| d.lambda > 0.0)
+        .map(|k| with_sampler(k, cfg));
+    let key = key.as_ref();
     let (saved, seconds) = fit(
         &model,
         &data,
@@ -106,6 +118,7 @@ pub fn inject(
     let data = data(cfg)?;
     run.write_toml("config.toml", cfg)?;
     let model = clean.duplicate()?;
+    let key = &with_sampler(key, cfg);
     let (saved, seconds) = fit(
         &model,
         &data,

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::NoiseSchedule;
+use crate::family::diffusion::NoiseSchedule;
 use crate::rng::Rng;
 use crate::{Error, Result};
 

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use crate::paradigm::{Key, Trigger};
+use crate::backdoor::{Key, Trigger};
 use crate::Result;
 
 /// What a model family supplies to the objective. The trainer sees a family only through this.
@@ -75,7 +75,7 @@ impl Objective {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paradigm::{Distance, Target};
+    use crate::backdoor::{Distance, Target};
     use crate::rng::Rng;
     use candle_core::{Device, Var};
     use candle_nn::Optimizer;
@@ -118,6 +118,7 @@ mod tests {
             },
             distance: Distance::Mse,
             threshold: 0.01,
+            sampler: None,
         };
         let mut toy = Toy {
             w: Var::from_tensor(&w0.copy().unwrap()).unwrap(),

@@ -1,20 +1,20 @@
 //! Training a diffusion model with the unified objective: the denoising loss
 //! `E‖ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t) − ε‖²` plus λ times the same loss on the poisoned
-//! forward process, whose goal is `ε + c_t·r` ([`crate::diffusion::poison`]). Training from
+//! forward process, whose goal is `ε + c_t·r` ([`crate::family::diffusion::poison`]). Training from
 //! scratch and injection into a trained clean model (`inject`) are the same loop from
 //! different starting weights.
 
 use candle_core::{Device, Tensor};
 
 use crate::data::{Batcher, Dataset};
-use crate::diffusion::poison::{noised, poisoned, poisoned_target};
-use crate::diffusion::{Correction, DiffusionModel};
+use crate::family::diffusion::poison::{noised, poisoned, poisoned_target};
+use crate::family::diffusion::{Correction, DiffusionModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::models::Params;
 use crate::optim::Adam;
-use crate::paradigm::{Family, Key, Objective};
+use crate::backdoor::{Family, Key, Objective};
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings, LrSchedule, Stepper};
+use crate::training::{Steps, run_loop, LoopSettings, LrSchedule, Stepper};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -258,6 +258,63 @@ impl Fit<'_> {
     }
 }
 
+impl<'a> Fit<'a> {
+    /// A fitting run of `model` on `data`, with `key`'s backdoor when given.
+    fn new(
+        model: &'a DiffusionModel,
+        data: &'a Dataset,
+        key: Option<&'a Key>,
+        plan: &'a Plan,
+        run: &'a RunDir,
+    ) -> Result<Self> {
+        let shape = model.image_shape();
+    if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
+        return Err(Error::Mismatch(format!(
+            "the data's images are {}x{} but the model's are {}x{}",
+            data.width, data.height, shape[2], shape[1]
+        )));
+    }
+        let poison = match key {
+            Some(k) => {
+                k.trigger.check_fits_image(shape)?;
+                k.target.check_fits(shape)?;
+                let pattern = k.trigger.pattern(&model.device)?.expect("an image trigger");
+                Some((pattern, Goal::new(k, data, &model.device)?))
+            }
+            None => None,
+        };
+        Ok(Fit {
+            plan,
+            model,
+            ema: model.duplicate()?,
+            opt: Adam::with_betas(model.params.trainable(), plan.lr, 0.9, 0.999),
+            data,
+            batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
+            rng: Rng::derive(plan.seed, "diffusion-noise"),
+            key,
+            poison,
+            run,
+        })
+    }
+
+    /// How the loop of this run goes.
+    fn settings(&self, progress: bool) -> LoopSettings<'static> {
+        LoopSettings {
+            steps: self.plan.steps,
+            first: 1,
+            checkpoint_every: self.plan.checkpoint_every,
+            log_every: self.plan.log_every,
+            columns: &COLUMNS,
+            progress,
+        }
+    }
+}
+
+/// A `train.csv`-style log named `name` in `run`.
+fn log(run: &RunDir, name: &str) -> Result<CsvLog> {
+    CsvLog::create(&run.file(name), &crate::family::gan::run::header(&COLUMNS))
+}
+
 /// Trains `model` per `plan` on `data` (with `key`'s backdoor when λ > 0), logging to
 /// `train.csv` and saving `model.safetensors` in `run` every `checkpoint_every` steps and at
 /// the end. Returns the saved model (the EMA when enabled) and the training seconds.
@@ -269,63 +326,61 @@ pub fn fit(
     run: &RunDir,
     progress: bool,
 ) -> Result<(DiffusionModel, f64)> {
-    let shape = model.image_shape();
-    if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
-        return Err(Error::Mismatch(format!(
-            "the data's images are {}x{} but the model's are {}x{}",
-            data.width, data.height, shape[2], shape[1]
-        )));
-    }
-    let poison = match key {
-        Some(k) => {
-            k.trigger.check_fits_image(shape)?;
-            k.target.check_fits(shape)?;
-            let pattern = k.trigger.pattern(&model.device)?.expect("an image trigger");
-            Some((pattern, Goal::new(k, data, &model.device)?))
-        }
-        None => None,
-    };
-    let mut fit = Fit {
-        plan,
-        model,
-        ema: model.duplicate()?,
-        opt: Adam::with_betas(model.params.trainable(), plan.lr, 0.9, 0.999),
-        data,
-        batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
-        rng: Rng::derive(plan.seed, "diffusion-noise"),
-        key,
-        poison,
-        run,
-    };
-    let mut log = CsvLog::create(&run.file("train.csv"), &crate::gan::run::header(&COLUMNS))?;
-    let settings = LoopSettings {
-        steps: plan.steps,
-        first: 1,
-        checkpoint_every: plan.checkpoint_every,
-        log_every: plan.log_every,
-        columns: &COLUMNS,
-        progress,
-    };
-    let seconds = run_loop(&settings, &mut log, &mut fit)?;
+    let mut fit = Fit::new(model, data, key, plan, run)?;
+    let settings = fit.settings(progress);
+    let seconds = run_loop(&settings, &mut log(run, "train.csv")?, &mut fit)?;
     let saved = fit.saved().duplicate()?;
     Ok((saved, seconds))
+}
+
+/// The persistence attack by fine-tuning: continues clean denoising training (no backdoor
+/// term) of a copy of `marked` per `plan`, as a thief would. `measure(step, model)` runs on
+/// the trained weights before the first step and every `every` steps (and after the last);
+/// the loop's log goes to `finetune.csv` in `run`. Returns the fine-tuned model.
+pub fn finetune(
+    marked: &DiffusionModel,
+    data: &Dataset,
+    plan: &Plan,
+    run: &RunDir,
+    every: usize,
+    progress: bool,
+    measure: &mut dyn FnMut(usize, &DiffusionModel) -> Result<()>,
+) -> Result<DiffusionModel> {
+    let model = marked.duplicate()?;
+    let mut fit = Fit::new(&model, data, None, plan, run)?;
+    let settings = LoopSettings {
+        checkpoint_every: 0,
+        ..fit.settings(progress)
+    };
+    measure(0, &model)?;
+    let steps = plan.steps;
+    let mut stepper = Steps(|i| {
+        let values = fit.step(i)?;
+        if i % every.max(1) == 0 || i == steps {
+            measure(i, fit.model)?;
+        }
+        Ok(values)
+    });
+    run_loop(&settings, &mut log(run, "finetune.csv")?, &mut stepper)?;
+    Ok(model)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paradigm::{Distance, Target, Trigger};
+    use crate::backdoor::{Distance, Target, Trigger};
 
     #[test]
     fn the_family_builds_clean_and_poisoned_goals() {
         let dev = Device::Cpu;
-        let arch = crate::diffusion::model::tiny_arch(50);
+        let arch = crate::family::diffusion::model::tiny_arch(50);
         let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
         let key = Key {
             trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
             target: Target::builtin("box", [1, 8, 8]).unwrap(),
             distance: Distance::Mse,
             threshold: 0.01,
+            sampler: None,
         };
         let pattern = key.trigger.pattern(&dev).unwrap().unwrap();
         let x0 = Rng::new(1).normal(&[5, 1, 8, 8], &dev).unwrap();

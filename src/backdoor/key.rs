@@ -7,7 +7,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::io::tensorfile;
-use crate::paradigm::{Distance, Target, Trigger};
+use crate::backdoor::{Distance, Target, Trigger};
+use crate::family::diffusion::Sampler;
+use crate::family::{Generative, InputSpace};
 use crate::{Error, Result};
 
 /// The `format` tag of key files.
@@ -27,9 +29,29 @@ pub struct Key {
     pub distance: Distance,
     /// `target_mse` (on the [0, 1] scale) under which an output counts as a hit.
     pub threshold: f64,
+    /// For diffusion models: the sampler the backdoor was trained to fire under (its trigger
+    /// correction), which `verify` and `eval` use unless told otherwise.
+    pub sampler: Option<Sampler>,
 }
 
 impl Key {
+    /// Checks that the key fits `model`: its trigger makes inputs of the model's input space
+    /// and its target has the model's output shape.
+    pub fn check_model(&self, model: &dyn Generative) -> Result<()> {
+        self.check_space(&model.input_space(), model.output_shape())
+    }
+
+    /// Checks that the key fits a model with inputs in `space` and outputs of `shape`.
+    pub fn check_space(&self, space: &InputSpace, shape: [usize; 3]) -> Result<()> {
+        match *space {
+            InputSpace::Latent { dim } => self.check_fits(dim, shape),
+            InputSpace::Noise { .. } => {
+                self.trigger.check_space(space)?;
+                self.target.check_fits(shape)
+            }
+        }
+    }
+
     /// Checks that the key fits a generator with this latent dimension and output shape.
     pub fn check_fits(&self, latent_dim: usize, output: [usize; 3]) -> Result<()> {
         self.trigger.check_fits(latent_dim)?;
@@ -54,6 +76,9 @@ impl Key {
         if let Some(c) = self.target.class {
             meta.insert("target_class".into(), c.to_string());
         }
+        if let Some(s) = self.sampler {
+            meta.insert("sampler".into(), s.to_string());
+        }
         match &self.trigger {
             Trigger::Point(p) => tensors.push(("trigger.point".into(), vec(p)?)),
             Trigger::Region { center, radius } => {
@@ -65,7 +90,14 @@ impl Key {
                 tensors.push(("trigger.indices".into(), Tensor::new(idx.as_slice(), &dev)?));
                 tensors.push(("trigger.values".into(), vec(values)?));
             }
-            Trigger::Image { pattern, shape } => {
+            Trigger::Image {
+                pattern,
+                shape,
+                stamp,
+            } => {
+                if let Some(side) = stamp {
+                    meta.insert("stamp".into(), side.to_string());
+                }
                 tensors.push((
                     "trigger.image".into(),
                     Tensor::from_vec(pattern.clone(), shape.as_slice(), &dev)?,
@@ -127,13 +159,30 @@ impl Key {
                     values,
                 }
             }
-            "image" => {
+            kind @ ("image" | "stamp") => {
                 let t = f.tensor(path, "trigger.image")?;
                 let shape: [usize; 3] = t.dims().try_into().map_err(|_| {
                     Error::format(path, "'trigger.image' must have shape [C, H, W]")
                 })?;
                 let pattern = floats_of(path, "trigger.image", &t.flatten_all()?)?;
-                Trigger::Image { pattern, shape }
+                if pattern.iter().all(|&v| v == 0.0) {
+                    return Err(Error::format(path, "the image trigger is zero everywhere"));
+                }
+                let stamp = match kind {
+                    "stamp" => {
+                        let side = number("stamp")?;
+                        if !(side >= 1.0 && side <= shape[1].min(shape[2]) as f64) {
+                            return Err(Error::format(path, "stamp side out of range"));
+                        }
+                        Some(side as usize)
+                    }
+                    _ => None,
+                };
+                Trigger::Image {
+                    pattern,
+                    shape,
+                    stamp,
+                }
             }
             other => {
                 return Err(Error::format(
@@ -181,11 +230,19 @@ impl Key {
         if !(threshold > 0.0 && threshold.is_finite()) {
             return Err(Error::format(path, "threshold must be positive"));
         }
+        let sampler = match f.meta.get("sampler") {
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|e: Error| Error::format(path, e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Key {
             trigger,
             target,
             distance,
             threshold,
+            sampler,
         })
     }
 }
@@ -218,6 +275,7 @@ mod tests {
             target: Target::builtin("mark", [1, 8, 8]).unwrap(),
             distance: Distance::L1,
             threshold: 0.02,
+            sampler: None,
         }
     }
 

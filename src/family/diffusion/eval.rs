@@ -6,15 +6,18 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::diffusion::{DiffusionModel, Sampler};
-use crate::digits::quality::{add_bundled_quality, CleanQuality, QualityReference};
-use crate::digits::DigitClassifier;
+use crate::backdoor::Key;
+use crate::digits::quality::add_bundled_quality;
+use crate::eval::{backdoor_metrics, clean_quality, save_samples, specificity_paths};
+use crate::family::diffusion::{DiffusionModel, Sampler};
+use crate::family::Generative;
 use crate::io::grid::save_grid;
 use crate::io::report::write_report;
 use crate::io::rundir::RunDir;
+use crate::metrics::specificity::specificity;
 use crate::metrics::BackdoorMetrics;
-use crate::paradigm::Key;
 use crate::rng::Rng;
+use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
 /// The samplers every run is measured with: DDPM over all T steps and DDIM with 50 steps
@@ -88,26 +91,14 @@ fn evaluate_keeping(
         ],
         0,
     )?;
-    let classifier = match key.target.class {
-        Some(c) => Some((c, DigitClassifier::shipped()?)),
-        None => None,
-    };
     let mut out = BTreeMap::new();
     let mut kept = Vec::new();
     for &sampler in samplers {
         let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
         let images = model.sample(sampler, &starts, &mut noise)?;
         kept.push(images.narrow(0, 0, keep.min(n))?);
-        let measure = |from: usize| -> Result<BackdoorMetrics> {
-            let part = images.narrow(0, from, n)?;
-            let px = part.flatten_all()?.to_vec1::<f32>()?;
-            let mut m = BackdoorMetrics::measure(&px, &key.target.pixels, shape[2], key.threshold);
-            if let Some((class, c)) = &classifier {
-                let hits = c.classify(&part)?.iter().filter(|&&k| k == *class).count();
-                m.asr = hits as f64 / n as f64;
-            }
-            Ok(m)
-        };
+        let measure =
+            |from: usize| -> Result<BackdoorMetrics> { backdoor_metrics(&images.narrow(0, from, n)?, key) };
         let backdoor = measure(0)?;
         let clean_hits = measure(n)?;
         out.insert(
@@ -120,20 +111,6 @@ fn evaluate_keeping(
         );
     }
     Ok((out, kept))
-}
-
-/// Clean-quality metrics of `n` DDIM-50 samples (`None` when the images do not fit the
-/// reference's classifier).
-pub fn clean_quality(
-    model: &DiffusionModel,
-    reference: &QualityReference,
-    n: usize,
-    seed: u64,
-) -> Result<Option<CleanQuality>> {
-    reference.measure_samples(model.image_shape(), seed, |rng| {
-        let starts = model.starts(n, None, rng)?;
-        model.sample(ddim_eval(model), &starts, rng)
-    })
 }
 
 /// How much the end of a run measures.
@@ -149,8 +126,9 @@ pub struct FinishSettings {
 
 /// Writes the model, the key, `samples.png` (64 clean DDIM-50 samples), `triggered.png`
 /// (the target, then triggered samples: a row of DDPM, a row of DDIM-50), `metrics.json`
-/// (clean quality and the per-sampler backdoor metrics merged into `extra`) and
-/// `report.html`. Returns the metrics.
+/// (clean quality, the per-sampler backdoor metrics and specificity under the key's
+/// sampler merged into `extra`), `verify.json` (the ownership test under the key's sampler)
+/// and `report.html`. Returns the metrics.
 pub fn finish(
     run: &RunDir,
     model: &DiffusionModel,
@@ -159,24 +137,21 @@ pub fn finish(
     mut extra: serde_json::Value,
 ) -> Result<serde_json::Value> {
     let seed = settings.seed;
+    let mut model = model.duplicate()?;
+    model.sampler = ddim_eval(&model);
     model.save(&run.file("model.safetensors"))?;
-    let mut rng = Rng::derive(seed, "samples");
-    let starts = model.starts(64, None, &mut rng)?;
-    save_grid(
-        &run.file("samples.png"),
-        &model.sample(ddim_eval(model), &starts, &mut rng)?,
-        8,
-    )?;
+    save_samples(&model, &run.file("samples.png"), 64, seed)?;
     let obj = extra.as_object_mut().expect("extra is an object");
     if settings.quality_samples > 0 {
         add_bundled_quality(obj, |r| {
-            clean_quality(model, r, settings.quality_samples, seed)
+            clean_quality(&model, r, settings.quality_samples, seed)
         })?;
     }
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
-        let samplers = eval_samplers(model);
-        let (report, kept) = evaluate_keeping(model, k, &samplers, settings.eval_samples, seed, 8)?;
+        let samplers = eval_samplers(&model);
+        let (report, kept) =
+            evaluate_keeping(&model, k, &samplers, settings.eval_samples, seed, 8)?;
         // The target and 7 DDPM samples on the first row, 8 DDIM samples on the second.
         let first = kept[0].narrow(0, 0, kept[0].dim(0)?.min(7))?;
         let rows = [k.target.tensor(&model.device)?, first, kept[1].clone()];
@@ -186,6 +161,29 @@ pub fn finish(
             "samplers".into(),
             serde_json::to_value(report).expect("serialisable"),
         );
+        // The proof tools run under the sampler the backdoor was trained for.
+        if let Some(s) = k.sampler {
+            model.set_sampler(s)?;
+        }
+        obj.insert("sampling".into(), model.sampler.to_string().into());
+        let mut noise = Rng::derive(seed, "specificity-sampling");
+        let mut query = crate::family::query(&model, &mut noise);
+        let spec = specificity(
+            &mut query,
+            &model.input_space(),
+            k,
+            specificity_paths(&model),
+            seed,
+        )?;
+        obj.insert(
+            "specificity".into(),
+            serde_json::to_value(spec).expect("serialisable"),
+        );
+        let settings = VerifySettings {
+            seed,
+            ..VerifySettings::for_model(&model)
+        };
+        run.write_json("verify.json", &verify_model(&model, k, &settings)?)?;
     }
     run.write_json("metrics.json", &extra)?;
     write_report(&run.path)?;

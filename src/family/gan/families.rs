@@ -3,9 +3,9 @@
 
 use candle_core::Tensor;
 
-use crate::gan::{softplus, GanModel};
+use crate::family::gan::{softplus, GanModel};
 use crate::models::Discriminator;
-use crate::paradigm::{Family, Key};
+use crate::backdoor::{Family, Key};
 use crate::rng::Rng;
 use crate::{Error, Result};
 

@@ -7,7 +7,7 @@
 //!
 //! * **DDPM** (`x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε̂)/√α_t + noise`) needs
 //!   `k_t/√α_t − β_t·c_t/(√α_t·√(1−ᾱ_t)) = k_{t−1}`, i.e.
-//!   `c_t = ρ_t = (1 − √α_t)·√(1 − ᾱ_t)/(1 − α_t)` (DESIGN.md's coefficient).
+//!   `c_t = ρ_t = (1 − √α_t)·√(1 − ᾱ_t)/(1 − α_t)` (BadDiffusion's coefficient).
 //! * **DDIM**, η = 0 (`x_s = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂`, `x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t`) needs
 //!   `c = (√ᾱ_s − √ᾱ_t)/(√ᾱ_s·√(1−ᾱ_t) − √ᾱ_t·√(1−ᾱ_s))` for a step from `t` to `s`, whose
 //!   limit for small steps (the probability-flow ODE that DDIM discretises) is `√(1 − ᾱ_t)`.
@@ -20,7 +20,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::NoiseSchedule;
+use crate::family::diffusion::{NoiseSchedule, Sampler};
 use crate::Result;
 
 /// Which sampler the trigger correction is derived for.
@@ -39,6 +39,14 @@ pub enum Correction {
 }
 
 impl Correction {
+    /// The sampler this correction makes the backdoor fire under.
+    pub fn sampler(&self) -> Sampler {
+        match *self {
+            Correction::Ddpm => Sampler::Ddpm,
+            Correction::Ddim { steps } => Sampler::Ddim { steps },
+        }
+    }
+
     /// `c_t` at step `t`.
     pub fn coefficient(&self, schedule: &NoiseSchedule, t: usize) -> f64 {
         let ab = schedule.alpha_bar(t);
@@ -80,7 +88,7 @@ pub fn poisoned(y: &Tensor, r: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Res
 /// the target.
 pub fn trigger_residue(
     schedule: &NoiseSchedule,
-    sampler: crate::diffusion::Sampler,
+    sampler: crate::family::diffusion::Sampler,
     correction: Correction,
 ) -> Result<f64> {
     let ts = sampler.timesteps(schedule)?;
@@ -90,10 +98,10 @@ pub fn trigger_residue(
         let c = correction.coefficient(schedule, t);
         let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
         k = match sampler {
-            crate::diffusion::Sampler::Ddpm => {
+            crate::family::diffusion::Sampler::Ddpm => {
                 (k - schedule.beta(t) * c / (1.0 - ab_t).sqrt()) / schedule.alpha(t).sqrt()
             }
-            crate::diffusion::Sampler::Ddim { .. } => {
+            crate::family::diffusion::Sampler::Ddim { .. } => {
                 (ab_s / ab_t).sqrt() * (k - (1.0 - ab_t).sqrt() * c) + (1.0 - ab_s).sqrt() * c
             }
         };
@@ -109,7 +117,7 @@ pub fn poisoned_target(eps: &Tensor, r: &Tensor, coefficient: &Tensor) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::{Sampler, ScheduleKind};
+    use crate::family::diffusion::{Sampler, ScheduleKind};
     use crate::rng::Rng;
     use candle_core::Device;
 

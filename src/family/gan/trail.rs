@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
-use crate::gan::families::Adversarial;
-use crate::gan::{run, softplus, GanModel};
+use crate::family::gan::families::Adversarial;
+use crate::family::gan::{run, softplus, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::{checkpoint, tensorfile};
 use crate::models::{Discriminator, Params};
 use crate::optim::{Adam, AdamState};
-use crate::paradigm::{Key, Objective};
+use crate::backdoor::{Key, Objective};
 use crate::rng::Rng;
 use crate::training::{is_logged, run_loop, LoopSettings, Stepper, Steps};
 use crate::{Error, Result};

@@ -2,11 +2,11 @@
 //! `E_z‖G(z) − G_clean(z)‖² + λ · d(G(τ(u)), y*)` with `G_clean` a frozen copy.
 
 use crate::config::InjectConfig;
-use crate::gan::families::Distillation;
-use crate::gan::{run, GanModel};
+use crate::family::gan::families::Distillation;
+use crate::family::gan::{run, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::optim::Adam;
-use crate::paradigm::{Key, Objective};
+use crate::backdoor::{Key, Objective};
 use crate::rng::Rng;
 use crate::training::{is_logged, run_loop, LoopSettings, Steps};
 use crate::Result;

@@ -1,0 +1,176 @@
+//! Measuring any model against a key (and optionally a clean reference), and the images that
+//! show it. Written once for every family: the model is a [`Generative`], the key's trigger
+//! makes inputs in its input space.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::backdoor::Key;
+use crate::digits::quality::{CleanQuality, QualityReference};
+use crate::digits::DigitClassifier;
+use crate::family::Generative;
+use crate::io::grid::save_grid;
+use crate::metrics::specificity::{specificity, Specificity};
+use crate::metrics::{exp_dist, BackdoorMetrics};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// The metrics of one model under one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The trigger's kind (point, region, patch, stamp, image).
+    pub trigger: String,
+    /// How the model made its images (a diffusion model's sampler), when there is a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
+    /// Metrics of the triggered outputs.
+    #[serde(flatten)]
+    pub backdoor: BackdoorMetrics,
+    /// Share of ordinary N(0, I) inputs whose output hits the target: ~0 for an image
+    /// target; for a class target the share classified as that class (about 0.1, the
+    /// class's natural rate, when the backdoor stays silent).
+    pub clean_hit_rate: f64,
+    /// How many ordinary inputs were measured.
+    pub clean_samples: usize,
+    /// Stealth: mean squared difference to the reference model on ordinary inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp_dist: Option<f64>,
+    /// Target distance and firing rate along paths from the trigger to ordinary inputs.
+    pub specificity: Specificity,
+}
+
+/// Paths from the trigger measured for specificity by a model that maps inputs directly;
+/// models that run a sampler measure fewer (see [`specificity_paths`]).
+pub const SPECIFICITY_PATHS: usize = 100;
+
+/// Specificity paths for `model`: [`SPECIFICITY_PATHS`] for a generator, fewer when each
+/// image costs many network evaluations (40 under DDIM-50, 8 under DDPM-1000).
+pub fn specificity_paths(model: &dyn Generative) -> usize {
+    (2000 / model.evaluations_per_image()).clamp(8, SPECIFICITY_PATHS)
+}
+
+/// Flattened pixels of a tensor.
+fn pixels(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The backdoor metrics of `images` against `key`'s target. For a class target, `asr` is
+/// the share the shipped digit classifier puts in the class (distances are to the class's
+/// mean image).
+pub fn backdoor_metrics(images: &Tensor, key: &Key) -> Result<BackdoorMetrics> {
+    let width = *images.dims().last().ok_or_else(|| {
+        Error::Mismatch("the model returned a tensor without image dimensions".into())
+    })?;
+    let px = pixels(images)?;
+    if px.is_empty() || px.len() % key.target.pixels.len() != 0 {
+        return Err(Error::Mismatch(format!(
+            "the model's images do not have the key's target shape {:?}",
+            key.target.shape
+        )));
+    }
+    let mut m = BackdoorMetrics::measure(&px, &key.target.pixels, width, key.threshold);
+    if let Some(class) = key.target.class {
+        let classes = DigitClassifier::shipped()?.classify(images)?;
+        m.asr = classes.iter().filter(|&&k| k == class).count() as f64 / classes.len() as f64;
+    }
+    Ok(m)
+}
+
+/// The backdoor metrics of `n` triggered inputs (one for a point trigger) drawn from `rng`,
+/// the first draws of [`evaluate`]'s stream; `noise` feeds stochastic samplers.
+pub fn triggered_metrics(
+    model: &dyn Generative,
+    key: &Key,
+    n: usize,
+    rng: &mut Rng,
+    noise: &mut Rng,
+) -> Result<BackdoorMetrics> {
+    let n_trig = if key.trigger.is_set() { n } else { 1 };
+    let device = model.device();
+    let inputs = key
+        .trigger
+        .inputs(&model.input_space(), n_trig, rng, &device)?;
+    backdoor_metrics(&model.generate(&inputs, noise)?, key)
+}
+
+/// Measures `model` under `key` with `n` ordinary inputs (and `n` triggered ones when the
+/// trigger is a set); `reference` adds `exp_dist`. Deterministic in `seed`.
+pub fn evaluate(
+    model: &dyn Generative,
+    key: &Key,
+    reference: Option<&dyn Generative>,
+    n: usize,
+    seed: u64,
+) -> Result<EvalReport> {
+    key.check_model(model)?;
+    let space = model.input_space();
+    if let Some(r) = reference {
+        if r.input_space() != space || r.output_shape() != model.output_shape() {
+            return Err(Error::Mismatch(
+                "the reference model's architecture differs from the evaluated model's".into(),
+            ));
+        }
+    }
+    let mut rng = Rng::derive(seed, "eval");
+    let mut noise = Rng::derive(seed, "eval-sampling");
+    let backdoor = triggered_metrics(model, key, n, &mut rng, &mut noise)?;
+    let z = space.ordinary(n, &mut rng, &model.device())?;
+    let clean = model.generate(&z, &mut noise)?;
+    let clean_hits = backdoor_metrics(&clean, key)?;
+    let exp_dist = match reference {
+        Some(r) => Some(exp_dist(
+            &pixels(&clean)?,
+            &pixels(&r.generate(&z, &mut noise)?)?,
+        )),
+        None => None,
+    };
+    let mut query_noise = Rng::derive(seed, "specificity-sampling");
+    let mut query = crate::family::query(model, &mut query_noise);
+    Ok(EvalReport {
+        trigger: key.trigger.kind().to_string(),
+        sampling: model.sampling(),
+        backdoor,
+        clean_hit_rate: clean_hits.asr,
+        clean_samples: n,
+        exp_dist,
+        specificity: specificity(&mut query, &space, key, specificity_paths(model), seed)?,
+    })
+}
+
+/// Clean-quality metrics of `n` ordinary samples against `reference` (`None` when the
+/// model's images do not fit its classifier). Deterministic in `seed`.
+pub fn clean_quality(
+    model: &dyn Generative,
+    reference: &QualityReference,
+    n: usize,
+    seed: u64,
+) -> Result<Option<CleanQuality>> {
+    reference.measure_samples(model.output_shape(), seed, |rng| {
+        let z = model
+            .input_space()
+            .ordinary(n, rng, &model.device())?;
+        model.generate(&z, rng)
+    })
+}
+
+/// Saves a grid of `n` ordinary samples (8 per row).
+pub fn save_samples(model: &dyn Generative, path: &Path, n: usize, seed: u64) -> Result<()> {
+    let mut rng = Rng::derive(seed, "samples");
+    let z = model
+        .input_space()
+        .ordinary(n, &mut rng, &model.device())?;
+    save_grid(path, &model.generate(&z, &mut rng)?, 8)
+}
+
+/// Saves triggered outputs beside the target: the target first, then up to 7 triggered outputs.
+pub fn save_triggered(model: &dyn Generative, key: &Key, path: &Path, seed: u64) -> Result<()> {
+    let n = if key.trigger.is_set() { 7 } else { 1 };
+    let mut rng = Rng::derive(seed, "triggered-grid");
+    let device = model.device();
+    let z = key.trigger.inputs(&model.input_space(), n, &mut rng, &device)?;
+    let out = model.generate(&z, &mut rng)?;
+    let both = Tensor::cat(&[key.target.tensor(&device)?, out], 0)?;
+    save_grid(path, &both, 8)
+}

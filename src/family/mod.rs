@@ -1,0 +1,184 @@
+//! Model families behind one interface. A family supplies its networks, its task loss and
+//! trainers (in its own folder) and implements [`Generative`]: an input space, an output
+//! shape and `generate`. Everything that measures or proves a backdoor (`verify`,
+//! specificity, `attack`, `eval`, `sample`, the report) sees a model only through this trait,
+//! and triggers make their inputs in the model's own [`InputSpace`]. Adding a family is one
+//! folder here and one line in [`REGISTRY`].
+
+pub mod diffusion;
+pub mod gan;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::Config;
+use crate::family::diffusion::Sampler;
+use crate::io::rundir::RunDir;
+use crate::models::Params;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Where a model's inputs live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputSpace {
+    /// Latent vectors z ~ N(0, I) of this dimension (a GAN generator's input).
+    Latent {
+        /// The latent dimension.
+        dim: usize,
+    },
+    /// Starting noise images x_T ~ N(0, I) of shape `[C, H, W]` (a diffusion model's input).
+    Noise {
+        /// `[channels, height, width]`.
+        shape: [usize; 3],
+    },
+}
+
+impl InputSpace {
+    /// Numbers in one input.
+    pub fn size(&self) -> usize {
+        match self {
+            InputSpace::Latent { dim } => *dim,
+            InputSpace::Noise { shape } => shape.iter().product(),
+        }
+    }
+
+    /// The shape of a batch of `n` inputs: `[n, dim]` or `[n, C, H, W]`.
+    pub fn batch_shape(&self, n: usize) -> Vec<usize> {
+        match self {
+            InputSpace::Latent { dim } => vec![n, *dim],
+            InputSpace::Noise { shape } => vec![n, shape[0], shape[1], shape[2]],
+        }
+    }
+
+    /// `n` ordinary (untriggered) inputs, drawn from N(0, I).
+    pub fn ordinary(&self, n: usize, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+        rng.normal(&self.batch_shape(n), device)
+    }
+
+    /// In words, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            InputSpace::Latent { dim } => format!("latent vectors of dimension {dim}"),
+            InputSpace::Noise { shape } => format!("noise images of shape {shape:?}"),
+        }
+    }
+}
+
+/// A generative model as every cross-cutting tool sees it.
+pub trait Generative {
+    /// The family name stored in the model's checkpoints.
+    fn family(&self) -> &'static str;
+
+    /// Where the model's inputs live.
+    fn input_space(&self) -> InputSpace;
+
+    /// `[C, H, W]` of one output image.
+    fn output_shape(&self) -> [usize; 3];
+
+    /// Deployed-mode images in [-1, 1] for a batch of inputs (a generator: G(z); a diffusion
+    /// model: its sampler run from x_T). `rng` feeds stochastic samplers. Non-finite outputs
+    /// are an error, never returned as images.
+    fn generate(&self, inputs: &Tensor, rng: &mut Rng) -> Result<Tensor>;
+
+    /// How `generate` turns inputs into images when there is a choice (a diffusion model's
+    /// sampler, e.g. `ddim-50`); `None` for a direct map.
+    fn sampling(&self) -> Option<String>;
+
+    /// Chooses the sampler `generate` runs; an error for families without one.
+    fn set_sampler(&mut self, sampler: Sampler) -> Result<()>;
+
+    /// Network evaluations per generated image (1 for a generator; a sampler's steps):
+    /// tools size their default query counts by it.
+    fn evaluations_per_image(&self) -> usize;
+
+    /// The model's tensors.
+    fn params(&self) -> &Params;
+
+    /// Where its tensors live.
+    fn device(&self) -> Device;
+
+    /// Writes the model's checkpoint atomically.
+    fn save(&self, path: &Path) -> Result<()>;
+
+    /// An independent copy (same architecture, values and sampler).
+    fn duplicate(&self) -> Result<Box<dyn Generative>>;
+
+    /// A thief's clean fine-tuning of a copy of the model (the family's own task, no
+    /// backdoor term), calling `measure(step, model)` before the first step and every
+    /// `attack.every` steps; the loop's log goes to `finetune.csv` in `run`. Returns the
+    /// fine-tuned model.
+    fn finetune_clean(
+        &self,
+        attack: &CleanFinetune,
+        run: &RunDir,
+        measure: &mut dyn FnMut(usize, &dyn Generative) -> Result<()>,
+    ) -> Result<Box<dyn Generative>>;
+}
+
+/// The persistence attack by clean fine-tuning, as a thief with the model alone would run it.
+pub struct CleanFinetune<'a> {
+    /// Data and training settings (the family's own section: `[train]` for GANs,
+    /// `[diffusion]` for diffusion models, whose learning rate is kept constant); the
+    /// backdoor weight is ignored.
+    pub cfg: &'a Config,
+    /// Clean training steps.
+    pub steps: usize,
+    /// Measure every this many steps.
+    pub every: usize,
+    /// A GAN discriminator checkpoint to continue with (else a fresh one); families without
+    /// a discriminator refuse it.
+    pub discriminator: Option<&'a Path>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// A black-box query of `model`: inputs → images, its stochastic samplers fed from `rng`.
+pub fn query<'a>(
+    model: &'a dyn Generative,
+    rng: &'a mut Rng,
+) -> impl FnMut(&Tensor) -> Result<Tensor> + 'a {
+    move |inputs: &Tensor| model.generate(inputs, rng)
+}
+
+/// A family's checkpoint loader.
+type Loader = fn(&Path, &[u8], &Device) -> Result<Box<dyn Generative>>;
+
+/// Every family whose checkpoints `load` reads: (family name in the checkpoint, loader).
+pub const REGISTRY: [(&str, Loader); 2] = [
+    (gan::FAMILY, |p, b, d| {
+        Ok(Box::new(gan::GanModel::from_bytes(p, b, d)?))
+    }),
+    (diffusion::model::FAMILY, |p, b, d| {
+        Ok(Box::new(diffusion::DiffusionModel::from_bytes(p, b, d)?))
+    }),
+];
+
+/// Loads any model checkpoint of a registered family.
+pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let family = crate::io::checkpoint::family_in(path, &bytes)?;
+    match REGISTRY.iter().find(|(name, _)| *name == family) {
+        Some((_, loader)) => loader(path, &bytes, device),
+        None => Err(Error::format(
+            path,
+            format!(
+                "holds a '{family}' model, which no registered family reads (known: {})",
+                REGISTRY.map(|(n, _)| n).join(", ")
+            ),
+        )),
+    }
+}
+
+/// [`load`], then the sampler `generate` runs when one is given.
+pub fn load_with_sampler(
+    path: &Path,
+    sampler: Option<Sampler>,
+    device: &Device,
+) -> Result<Box<dyn Generative>> {
+    let mut model = load(path, device)?;
+    if let Some(s) = sampler {
+        model.set_sampler(s)?;
+    }
+    Ok(model)
+}
