@@ -213,6 +213,8 @@ pub struct InjectConfig {
     pub freeze: Vec<String>,
     /// Write a row of `train.csv` every this many steps.
     pub log_every: usize,
+    /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
 }
 
 impl Default for InjectConfig {
@@ -225,6 +227,7 @@ impl Default for InjectConfig {
             lambda: 1.0,
             freeze: Vec::new(),
             log_every: 10,
+            checkpoint_every: 500,
         }
     }
 }

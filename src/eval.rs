@@ -148,9 +148,7 @@ pub fn clean_quality(
     seed: u64,
 ) -> Result<Option<CleanQuality>> {
     reference.measure_samples(model.output_shape(), seed, |rng| {
-        let z = model
-            .input_space()
-            .ordinary(n, rng, &model.device())?;
+        let z = model.input_space().ordinary(n, rng, &model.device())?;
         model.generate(&z, rng)
     })
 }
@@ -158,9 +156,7 @@ pub fn clean_quality(
 /// Saves a grid of `n` ordinary samples (8 per row).
 pub fn save_samples(model: &dyn Generative, path: &Path, n: usize, seed: u64) -> Result<()> {
     let mut rng = Rng::derive(seed, "samples");
-    let z = model
-        .input_space()
-        .ordinary(n, &mut rng, &model.device())?;
+    let z = model.input_space().ordinary(n, &mut rng, &model.device())?;
     save_grid(path, &model.generate(&z, &mut rng)?, 8)
 }
 
@@ -169,7 +165,9 @@ pub fn save_triggered(model: &dyn Generative, key: &Key, path: &Path, seed: u64)
     let n = if key.trigger.is_set() { 7 } else { 1 };
     let mut rng = Rng::derive(seed, "triggered-grid");
     let device = model.device();
-    let z = key.trigger.inputs(&model.input_space(), n, &mut rng, &device)?;
+    let z = key
+        .trigger
+        .inputs(&model.input_space(), n, &mut rng, &device)?;
     let out = model.generate(&z, &mut rng)?;
     let both = Tensor::cat(&[key.target.tensor(&device)?, out], 0)?;
     save_grid(path, &both, 8)

@@ -23,6 +23,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod run;
 pub mod training;
 pub mod verify;
 

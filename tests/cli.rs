@@ -189,6 +189,14 @@ fn key_train_sample_eval_inject() {
         "--quiet",
     ]);
     assert!(inj.join("model.safetensors").exists());
+    // ReD's run keeps its whole config, which `--config` reads back (it once wrote only the
+    // [inject] section), and the key it planted.
+    let inj_cfg = genbackdoor::config::Config::load(&inj.join("config.toml")).unwrap();
+    assert_eq!(inj_cfg.inject.steps, 4);
+    assert_eq!(
+        std::fs::read(inj.join("key.safetensors")).unwrap(),
+        std::fs::read(&t.key).unwrap()
+    );
 
     // Same seed, same run: reproducible.
     let again = t.root.join("again");
@@ -551,7 +559,6 @@ family = "diffusion"
 [data]
 limit = 128
 [backdoor]
-trigger = "box:6"
 backdoor_batch = 4
 [diffusion]
 steps = 3
@@ -612,6 +619,57 @@ fn diffusion_train_sample_eval_inject() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["samplers"]["ddim-5"]["samples"], 3, "{v}");
     assert!(v["samplers"].get("ddpm").is_none());
+    // The proof tools take the diffusion model as they take a generator: the run verified
+    // itself under the key's sampler (DDPM, its correction) with the default random stamp.
+    let v = read_json(&run.join("verify.json"));
+    assert_eq!(v["sampling"], "ddpm", "{v}");
+    // DDPM over T = 10 steps costs 10 network evaluations per query: 1000 null triggers,
+    // each measured on 4 starting noises.
+    assert_eq!(
+        (v["null_keys"].as_u64(), v["queries"].as_u64()),
+        (Some(1000), Some(4004))
+    );
+    assert!(
+        v.get("caveat").is_none(),
+        "a random stamp is no hand-chosen trigger: {v}"
+    );
+    let metrics = read_json(&run.join("metrics.json"));
+    assert_eq!(metrics["trigger"], "stamp", "{metrics}");
+    let fire = &metrics["specificity"]["fire_rate"];
+    assert_eq!(fire.as_array().unwrap().len(), 14, "{metrics}");
+    let out = ok(&words(&format!(
+        "verify --model {m} --key {k} --queries 9 --sampler ddim-5 --json"
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["queries"].as_u64(), v["sampling"].as_str()),
+        (Some(40), Some("ddim-5"))
+    );
+    ok(&words(&format!(
+        "attack prune --model {m} --fraction 0,0.5 --null-keys 4 --json"
+    )));
+    assert_eq!(
+        read_json(&run.join("attack-prune.json"))["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    ok(&words(&format!(
+        "attack finetune --model {m} --config {} --steps 2 --every 1 --null-keys 4 --quiet",
+        s(&cfg)
+    )));
+    let ft = read_json(&run.join("attack-finetune.json"));
+    assert_eq!(ft["points"].as_array().unwrap().len(), 3, "{ft}");
+    assert!(run.join("finetuned.safetensors").exists());
+    let err = fails(&words(&format!(
+        "attack finetune --model {m} --steps 1 --discriminator {m}"
+    )));
+    assert!(err.contains("no discriminator"), "{err}");
+    ok(&["report", s(&run)]);
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));
+    assert!(!html.contains("No key: nothing to verify"), "{html}");
     let injected = dir.path().join("inj");
     let c = s(&cfg);
     let gan_cfg = dir.path().join("gan.toml");
@@ -636,6 +694,12 @@ fn diffusion_train_sample_eval_inject() {
     assert!(err.contains("unknown sampler"), "{err}");
     let image_key = dir.path().join("image.safetensors");
     ok(&["key", "--out", s(&image_key), "--trigger", "box:5"]);
+    // A hand-chosen trigger gets verification's caveat.
+    let out = ok(&words(&format!(
+        "verify --model {m} --key {} --queries 3 --sampler ddim-2 --json",
+        s(&image_key)
+    )));
+    assert!(out.contains("chosen by hand"), "{out}");
     // A class target: the poisoned samples end at digits of the class, and asr is judged by
     // the digit classifier.
     let class_key = dir.path().join("class.safetensors");

@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
+use genbackdoor::backdoor::{Key, Target, Trigger};
 use genbackdoor::config::Config;
 use genbackdoor::data::parse_idx;
 use genbackdoor::family::gan::GanModel;
 use genbackdoor::models::DcganConfig;
-use genbackdoor::backdoor::{Key, Target, Trigger};
 use genbackdoor::rng::Rng;
 
 /// A loader under test.

@@ -1,6 +1,7 @@
 //! Learning tests on tiny generators: the backdoor must really form, and clean behaviour stay.
 
 use candle_core::Device;
+use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::config::{Config, InjectConfig};
 use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
 use genbackdoor::digits::quality::QualityReference;
@@ -9,7 +10,6 @@ use genbackdoor::family::gan::{red, trail, GanModel};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
 use genbackdoor::models::DcganConfig;
-use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 use genbackdoor::verify::{verify_model, VerifySettings};
@@ -87,7 +87,13 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         log_every: 100,
         ..InjectConfig::default()
     };
-    let m = red::inject(&clean, &key, &cfg, 8, 0, &run, false).unwrap();
+    let mut config = Config {
+        inject: cfg,
+        seed: 0,
+        ..Config::default()
+    };
+    config.backdoor.backdoor_batch = 8;
+    let m = red::inject(&clean, &key, &config, &run, false).unwrap();
     let after = m["tardis"].as_f64().unwrap();
     let exp_dist = m["exp_dist"].as_f64().unwrap();
     assert!(

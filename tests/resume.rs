@@ -17,6 +17,10 @@ steps = 120
 batch_size = 16
 log_every = 5
 checkpoint_every = 10
+[backdoor]
+# A fixed secret: the default key is a fresh random draw in every run, and the runs compared
+# here must plant the same one.
+trigger = "seed:5"
 "#;
 
 fn bin() -> Command {
@@ -63,21 +67,17 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
     (dir, config)
 }
 
-#[test]
-fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
-    let (dir, config) = setup();
-    let straight = dir.path().join("straight");
-    succeed(train(&config, &straight));
-
-    let killed = dir.path().join("killed");
-    let mut child = train(&config, &killed)
+/// Starts `cmd` (a run writing checkpoints into `run`), kills it with SIGKILL as soon as its
+/// second checkpoint has replaced the first one, mid-run, and checks that it stopped before
+/// `last` steps.
+fn kill_mid_run(mut cmd: Command, run: &Path, last: usize) {
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let ckpt = killed.join("checkpoint.safetensors");
+    let ckpt = run.join("checkpoint.safetensors");
     let start = Instant::now();
-    // Kill as soon as the second checkpoint has replaced the first one, mid-training.
     let mut seen_first = None;
     loop {
         if let Ok(m) = std::fs::metadata(&ckpt).and_then(|m| m.modified()) {
@@ -95,29 +95,29 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
             start.elapsed() < Duration::from_secs(120),
             "no checkpoint appeared"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("metrics.json").exists());
-    let logged = steps_in_log(&killed);
-    assert!(*logged.last().unwrap() < 120, "{logged:?}");
+    assert!(!run.join("metrics.json").exists());
+    let logged = steps_in_log(run);
+    assert!(*logged.last().unwrap() < last, "{logged:?}");
+}
 
+/// Resumes the killed run with `genbackdoor SUB --resume RUN` and checks that it ends
+/// exactly as the uninterrupted `straight` one: the same weights, bit for bit, and the same
+/// log; then that a finished run is not resumed twice.
+fn resume_matches(sub: &str, killed: &Path, straight: &Path) {
     let mut resume = bin();
-    resume.args(["train", "--quiet", "--resume"]).arg(&killed);
+    resume.args([sub, "--quiet", "--resume"]).arg(killed);
     succeed(resume);
-
     let model = |run: &Path| std::fs::read(run.join("model.safetensors")).unwrap();
-    assert_eq!(model(&straight), model(&killed), "resumed weights differ");
-    let logged = steps_in_log(&killed);
-    assert_eq!(logged, steps_in_log(&straight), "log is not continuous");
+    assert_eq!(model(straight), model(killed), "resumed weights differ");
     let csv = |run: &Path| std::fs::read_to_string(run.join("train.csv")).unwrap();
-    assert_eq!(csv(&straight), csv(&killed));
-
-    // A finished run is not resumed twice.
+    assert_eq!(csv(straight), csv(killed), "log is not continuous");
     let out = bin()
-        .args(["train", "--quiet", "--resume"])
-        .arg(&killed)
+        .args([sub, "--quiet", "--resume"])
+        .arg(killed)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -125,6 +125,109 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
         !out.status.success() && err.contains("already complete"),
         "{err}"
     );
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
+    let (dir, config) = setup();
+    let straight = dir.path().join("straight");
+    succeed(train(&config, &straight));
+    let killed = dir.path().join("killed");
+    kill_mid_run(train(&config, &killed), &killed, 120);
+    resume_matches("train", &killed, &straight);
+}
+
+/// A tiny diffusion run (and injection) that writes a checkpoint every 20 steps.
+const DIFFUSION: &str = r#"
+family = "diffusion"
+[data]
+limit = 128
+[backdoor]
+trigger = "stamp:4:9"
+backdoor_batch = 2
+[diffusion]
+steps = 200
+batch_size = 4
+timesteps = 10
+log_every = 10
+checkpoint_every = 20
+eval_samples = 2
+quality_samples = 0
+[diffusion.unet]
+base = 4
+mults = [1, 2]
+attention = false
+groups = 2
+[diffusion.inject]
+steps = 200
+"#;
+
+#[test]
+fn killed_diffusion_training_and_injection_resume_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("diffusion.toml");
+    std::fs::write(&config, DIFFUSION).unwrap();
+    let straight = dir.path().join("straight");
+    succeed(train(&config, &straight));
+    let killed = dir.path().join("killed");
+    kill_mid_run(train(&config, &killed), &killed, 200);
+    resume_matches("train", &killed, &straight);
+
+    // Injection into the trained model resumes the same way.
+    let inject = |out: &Path| {
+        let mut c = bin();
+        c.args(["inject", "--quiet", "--config"])
+            .arg(&config)
+            .arg("--model")
+            .arg(straight.join("model.safetensors"))
+            .arg("--key")
+            .arg(straight.join("key.safetensors"))
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let (once, twice) = (dir.path().join("inj"), dir.path().join("inj-killed"));
+    succeed(inject(&once));
+    kill_mid_run(inject(&twice), &twice, 200);
+    resume_matches("inject", &twice, &once);
+}
+
+#[test]
+fn a_killed_red_injection_resumes_bit_for_bit() {
+    let (dir, config) = setup();
+    let clean = dir.path().join("clean");
+    let mut c = train(&config, &clean);
+    c.args(["--lambda", "0"]);
+    succeed(c);
+    let red_config = dir.path().join("red.toml");
+    std::fs::write(
+        &red_config,
+        format!("{CONFIG}\n[inject]\nsteps = 150\nbatch_size = 16\ncheckpoint_every = 10\n"),
+    )
+    .unwrap();
+    let key = dir.path().join("key.safetensors");
+    succeed({
+        let mut c = bin();
+        c.args(["key", "--trigger", "seed:3", "--latent-dim", "16", "--out"])
+            .arg(&key);
+        c
+    });
+    let inject = |out: &Path| {
+        let mut c = bin();
+        c.args(["inject", "--quiet", "--config"])
+            .arg(&red_config)
+            .arg("--model")
+            .arg(clean.join("model.safetensors"))
+            .arg("--key")
+            .arg(&key)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let (once, twice) = (dir.path().join("red"), dir.path().join("red-killed"));
+    succeed(inject(&once));
+    kill_mid_run(inject(&twice), &twice, 150);
+    resume_matches("inject", &twice, &once);
 }
 
 #[test]

@@ -6,8 +6,8 @@ pub mod curve;
 pub mod prune;
 
 use crate::attack::curve::PersistencePoint;
-use crate::digits::quality::QualityReference;
 use crate::backdoor::Key;
+use crate::digits::quality::QualityReference;
 use crate::eval::{clean_quality, triggered_metrics};
 use crate::family::Generative;
 use crate::rng::Rng;

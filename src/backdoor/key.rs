@@ -6,10 +6,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::io::tensorfile;
 use crate::backdoor::{Distance, Target, Trigger};
 use crate::family::diffusion::Sampler;
 use crate::family::{Generative, InputSpace};
+use crate::io::tensorfile;
 use crate::{Error, Result};
 
 /// The `format` tag of key files.
@@ -294,6 +294,13 @@ mod tests {
         };
         k.save(&p).unwrap();
         assert_eq!(Key::load(&p).unwrap(), k);
+        let k = Key {
+            trigger: Trigger::parse_image("stamp:3:5", [1, 8, 8]).unwrap(),
+            sampler: Some(Sampler::Ddim { steps: 20 }),
+            ..k
+        };
+        k.save(&p).unwrap();
+        assert_eq!(Key::load(&p).unwrap(), k, "a stamp and a sampler");
         let k = Key {
             target: Target::parse("class:3", [1, 28, 28]).unwrap(),
             ..k

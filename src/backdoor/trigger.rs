@@ -627,6 +627,107 @@ mod tests {
     }
 
     #[test]
+    fn random_stamps_are_drawn_the_way_the_null_redraws_them() {
+        let shape = [3, 10, 12];
+        let t = Trigger::parse_image("stamp:4:7", shape).unwrap();
+        assert_eq!(t, Trigger::parse_image("stamp:4:7", shape).unwrap());
+        assert_eq!(t.kind(), "stamp");
+        assert!(!t.is_hand_chosen());
+        let nonzero = |t: &Trigger| {
+            let p = t.anchor(0);
+            assert!(p.iter().all(|&v| v == 0.0 || v.abs() == BOX_VALUE));
+            p.iter().filter(|&&v| v != 0.0).count()
+        };
+        assert_eq!(nonzero(&t), 3 * 16, "a 4×4 square in each channel");
+        // Positions and signs vary from seed to seed, over the whole image.
+        let mut corners = std::collections::BTreeSet::new();
+        let mut rng = Rng::new(1);
+        for _ in 0..200 {
+            let r = t.redraw(0, &mut rng);
+            assert_eq!((r.kind(), nonzero(&r)), ("stamp", 48));
+            let first = r.anchor(0).iter().position(|&v| v != 0.0).unwrap();
+            corners.insert(first);
+        }
+        assert!(corners.len() > 40, "{} positions", corners.len());
+        // Unseeded stamps and random points come from the operating system: two differ.
+        let space = InputSpace::Noise { shape };
+        assert_ne!(
+            Trigger::parse_for("random", &space).unwrap(),
+            Trigger::parse_for("random", &space).unwrap()
+        );
+        let latent = InputSpace::Latent { dim: 5 };
+        let (a, b) = (
+            Trigger::parse_for("random", &latent).unwrap(),
+            Trigger::parse_for("random", &latent).unwrap(),
+        );
+        assert!(a != b && a.kind() == "point" && !a.is_hand_chosen());
+        assert!(Trigger::parse("zero", 5).unwrap().is_hand_chosen());
+        assert!(Trigger::parse_image("box:3", shape)
+            .unwrap()
+            .is_hand_chosen());
+        for bad in ["stamp:0", "stamp:11", "stamp:x", "stamp:3:y"] {
+            assert!(Trigger::parse_image(bad, shape).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn inputs_live_in_the_model_input_space() {
+        let mut rng = Rng::new(3);
+        let noise = InputSpace::Noise { shape: [1, 6, 6] };
+        let t = Trigger::parse_image("box:2", [1, 6, 6]).unwrap();
+        let x = t.inputs(&noise, 500, &mut rng, &Device::Cpu).unwrap();
+        assert_eq!(x.dims(), &[500, 1, 6, 6]);
+        let mean = x
+            .mean(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (mean[35] - BOX_VALUE).abs() < 0.15 && mean[0].abs() < 0.15,
+            "{mean:?}"
+        );
+        // The ordinary partner is the same noise without the pattern.
+        let o = t.ordinary_partners(&x, &noise, &mut rng).unwrap();
+        let r = t.pattern(&Device::Cpu).unwrap().unwrap();
+        let back = (o.broadcast_add(&r).unwrap() - &x).unwrap();
+        assert!(
+            back.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-6
+        );
+        // A latent trigger cannot make noise images, nor an image trigger latents.
+        assert!(t
+            .inputs(&InputSpace::Latent { dim: 36 }, 1, &mut rng, &Device::Cpu)
+            .is_err());
+        let p = Trigger::parse("seed:1", 4).unwrap();
+        assert!(p.inputs(&noise, 1, &mut rng, &Device::Cpu).is_err());
+        let z = p
+            .inputs(&InputSpace::Latent { dim: 4 }, 2, &mut rng, &Device::Cpu)
+            .unwrap();
+        assert_eq!(z.to_vec2::<f32>().unwrap()[1], p.anchor(4));
+    }
+
+    #[test]
+    fn npy_triggers_with_nan_are_refused_when_the_key_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("z.npy");
+        Tensor::new(&[0f32, f32::NAN, 1.0], &Device::Cpu)
+            .unwrap()
+            .write_npy(&f)
+            .unwrap();
+        let msg = Trigger::parse(&format!("npy:{}", f.display()), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("NaN"), "{msg}");
+    }
+
+    #[test]
     fn bad_specs_and_wrong_dimensions_are_clear_errors() {
         for spec in [
             "",

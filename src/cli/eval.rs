@@ -79,9 +79,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         } else {
             1000
         });
-        let measure = |m: &dyn crate::family::Generative| {
-            evaluate(m, key, reference.as_deref(), n, a.seed)
-        };
+        let measure =
+            |m: &dyn crate::family::Generative| evaluate(m, key, reference.as_deref(), n, a.seed);
         if model.sampling().is_none() {
             let report = serde_json::to_value(measure(model.as_ref())?)?;
             if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), report) {

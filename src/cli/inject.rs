@@ -3,13 +3,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 
 use crate::cli::RunArgs;
-use crate::family::diffusion::DiffusionModel;
-use crate::family::gan::GanModel;
-use crate::backdoor::Key;
+use crate::io::rundir::RunDir;
+use crate::run::{Overrides, RunSpec};
 
 /// Arguments of `inject`.
 #[derive(Args, Debug)]
@@ -17,61 +15,41 @@ pub struct InjectArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// The clean generator or diffusion checkpoint to backdoor.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
     /// The key to plant.
-    #[arg(long)]
-    pub key: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub key: Option<PathBuf>,
     /// Adam learning rate (overrides the config).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Continue an interrupted injection from its last checkpoint, with its own config, key
+    /// and clean model.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "config", "out", "force", "seed", "steps", "lambda", "model", "key", "lr",
+    ])]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs `inject`.
 pub fn run(a: InjectArgs) -> anyhow::Result<()> {
     crate::cli::stop_on_ctrl_c();
-    let mut cfg = a.run.config()?;
-    if let Some(v) = a.run.steps {
-        cfg.inject.steps = v;
-    }
-    if let Some(v) = a.run.lambda {
-        cfg.inject.lambda = v;
-    }
-    if let Some(v) = a.lr {
-        cfg.inject.lr = v;
-    }
-    let key = Key::load(&a.key)?;
-    if crate::io::checkpoint::family_of(&a.model)? == crate::family::diffusion::model::FAMILY {
-        let i = &mut cfg.diffusion.inject;
-        if let Some(v) = a.run.steps {
-            i.steps = v;
-        }
-        if let Some(v) = a.run.lambda {
-            i.lambda = v;
-        }
-        if let Some(v) = a.lr {
-            i.lr = v;
-        }
-        cfg.validate()?;
-        let clean = DiffusionModel::load(&a.model, &Device::Cpu)?;
-        let run = a.run.run_dir("inject")?;
-        let metrics = crate::family::diffusion::run::inject(&clean, &key, &cfg, &run, !a.run.quiet)?;
+    if let Some(dir) = &a.resume {
+        let run = RunDir::open(dir)?;
+        let metrics = crate::run::resume(&run, !a.run.quiet)?;
         a.run.report(&run.path, &metrics);
         return Ok(());
     }
-    cfg.validate()?;
-    let clean = GanModel::load(&a.model, &Device::Cpu)?;
-    key.check_fits(clean.latent_dim(), clean.image_shape())?;
+    let (Some(model), Some(key)) = (&a.model, &a.key) else {
+        anyhow::bail!("inject needs --model and --key (or --resume RUN_DIR)");
+    };
+    let overrides = Overrides {
+        lr: a.lr,
+        ..a.run.overrides()
+    };
+    let spec = RunSpec::inject(a.run.config()?, &overrides, model, key)?;
     let run = a.run.run_dir("inject")?;
-    let metrics = crate::family::gan::red::inject(
-        &clean,
-        &key,
-        &cfg.inject,
-        cfg.backdoor.backdoor_batch,
-        cfg.seed,
-        &run,
-        !a.run.quiet,
-    )?;
+    let metrics = spec.execute(&run, !a.run.quiet)?;
     a.run.report(&run.path, &metrics);
     Ok(())
 }

@@ -48,14 +48,16 @@ pub struct Cli {
 pub enum Command {
     /// Create a key (trigger + target + distance + threshold) in its own file.
     Key(key::KeyArgs),
-    /// Train a DCGAN from scratch on the bundled digits, with a backdoor (TrAIL) or clean (λ = 0).
+    /// Train a model from scratch (a DCGAN by default; a diffusion model with a diffusion
+    /// config), with a backdoor or clean (λ = 0).
     Train(train::TrainArgs),
-    /// Backdoor an already-trained generator by distillation to a frozen copy (ReD).
+    /// Backdoor an already-trained model: a generator by distillation to a frozen copy
+    /// (ReD), a diffusion model by fine-tuning on the poisoned objective.
     Inject(inject::InjectArgs),
     /// Generate images, ordinary or triggered, to a PNG grid and/or a NumPy .npy file.
     Sample(sample::SampleArgs),
-    /// Measure a model: against a key (tardis, target_mse, ssim, asr, exp_dist) and clean
-    /// quality (MNIST FID, precision/recall, class histogram).
+    /// Measure a model of any family: against a key (tardis, target_mse, ssim, asr,
+    /// exp_dist, specificity) and clean quality (digit FID, precision/recall, classes).
     Eval(eval::EvalArgs),
     /// Retrain the digit classifier behind the clean-quality metrics (FID, precision/recall).
     Classifier(classifier::ClassifierArgs),
@@ -65,7 +67,8 @@ pub enum Command {
     Attack(attack::AttackArgs),
     /// Write report.html for a run directory: samples, triggered outputs, curves, metrics.
     Report(report::ReportArgs),
-    /// Time one GAN training step (ms/step, images/s, GFLOP/s), optionally beside PyTorch.
+    /// Time one training step of a DCGAN or the diffusion U-Net (ms/step, images/s,
+    /// GFLOP/s), optionally beside PyTorch.
     Bench(bench::BenchArgs),
 }
 
@@ -145,16 +148,22 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The config file (or defaults) with the seed flag applied.
+    /// The config file, or the built-in defaults.
     pub fn config(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
+        Ok(match &self.config {
             Some(p) => Config::load(p)?,
             None => Config::default(),
-        };
-        if let Some(s) = self.seed {
-            cfg.seed = s;
+        })
+    }
+
+    /// The overrides these options give (seed, steps, λ).
+    pub fn overrides(&self) -> crate::run::Overrides {
+        crate::run::Overrides {
+            seed: self.seed,
+            steps: self.steps,
+            lambda: self.lambda,
+            ..Default::default()
         }
-        Ok(cfg)
     }
 
     /// Creates the run directory.

@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::RunArgs;
-use crate::config::{Config, ModelFamily};
 use crate::io::rundir::RunDir;
-use crate::backdoor::{Key, Target, Trigger};
-use crate::family::InputSpace;
+use crate::run::{Overrides, RunSpec};
 
 /// Arguments of `train`.
 #[derive(Args, Debug)]
@@ -29,40 +27,12 @@ pub struct TrainArgs {
     /// Images per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Continue an interrupted run from its last checkpoint, with its own config and key.
+    /// Continue an interrupted run (of any family, training or injection) from its last
+    /// checkpoint, with its own config and key.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "config", "out", "force", "seed", "steps", "lambda", "key", "data", "limit", "batch_size",
     ])]
     pub resume: Option<PathBuf>,
-}
-
-/// The key a training run plants: a key file, or one made from the config's description.
-pub fn resolve_key(cfg: &Config, file: Option<&PathBuf>) -> anyhow::Result<Key> {
-    if let Some(p) = file.or(cfg.backdoor.key.as_ref()) {
-        return Ok(Key::load(p)?);
-    }
-    let b = &cfg.backdoor;
-    let spec = b.trigger();
-    let (space, shape) = match cfg.family {
-        ModelFamily::Dcgan => (
-            InputSpace::Latent {
-                dim: cfg.model.latent_dim,
-            },
-            cfg.model.image_shape(),
-        ),
-        ModelFamily::Diffusion => {
-            let s = cfg.diffusion.unet.image_size;
-            let shape = [1, s, s];
-            (InputSpace::Noise { shape }, shape)
-        }
-    };
-    Ok(Key {
-        trigger: Trigger::parse_for(spec, &space)?,
-        target: Target::parse(&b.target, shape)?,
-        distance: b.distance.parse()?,
-        threshold: b.threshold,
-        sampler: None,
-    })
 }
 
 /// Runs `train`.
@@ -70,52 +40,19 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     crate::cli::stop_on_ctrl_c();
     if let Some(dir) = &a.resume {
         let run = RunDir::open(dir)?;
-        let metrics = crate::family::gan::trail::resume(&run, !a.run.quiet)?;
+        let metrics = crate::run::resume(&run, !a.run.quiet)?;
         a.run.report(&run.path, &metrics);
         return Ok(());
     }
-    let mut cfg = a.run.config()?;
-    let diffusion = cfg.family == ModelFamily::Diffusion;
-    let (steps, lambda, batch) = if diffusion {
-        let d = &mut cfg.diffusion;
-        (&mut d.steps, &mut d.lambda, &mut d.batch_size)
-    } else {
-        let t = &mut cfg.train;
-        (&mut t.steps, &mut t.lambda, &mut t.batch_size)
+    let overrides = Overrides {
+        batch_size: a.batch_size,
+        data: a.data.clone(),
+        limit: a.limit,
+        ..a.run.overrides()
     };
-    if let Some(v) = a.run.steps {
-        *steps = v;
-    }
-    if let Some(v) = a.run.lambda {
-        *lambda = v;
-    }
-    if let Some(v) = a.batch_size {
-        *batch = v;
-    }
-    if let Some(v) = a.data {
-        cfg.data.path = v;
-    }
-    if let Some(v) = a.limit {
-        cfg.data.limit = v;
-    }
-    cfg.validate()?;
-    let lambda = if diffusion {
-        cfg.diffusion.lambda
-    } else {
-        cfg.train.lambda
-    };
-    let key = if lambda > 0.0 {
-        Some(resolve_key(&cfg, a.key.as_ref())?)
-    } else {
-        None
-    };
+    let spec = RunSpec::train(a.run.config()?, &overrides, a.key.as_deref())?;
     let run = a.run.run_dir("train")?;
-    let progress = !a.run.quiet;
-    let metrics = if diffusion {
-        crate::family::diffusion::run::train(&cfg, key.as_ref(), &run, progress)?
-    } else {
-        crate::family::gan::trail::train(&cfg, key.as_ref(), &run, progress)?
-    };
+    let metrics = spec.execute(&run, !a.run.quiet)?;
     a.run.report(&run.path, &metrics);
     Ok(())
 }

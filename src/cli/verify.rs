@@ -17,11 +17,11 @@ pub struct VerifyArgs {
     pub key: PathBuf,
     /// Random triggers drawn for the null distribution (the smallest reachable p-value is
     /// 1 / (queries + 1)). Default: 1000 for generators; for diffusion models as many as
-    /// about 100,000 network evaluations allow (1000 under DDIM-50, 99 under DDPM).
+    /// about 400,000 network evaluations allow (1000 under DDIM-50, 100 under DDPM).
     #[arg(long)]
     pub queries: Option<usize>,
     /// Triggered queries per statistic for set triggers (default 16 for generators' region
-    /// and patch triggers, 1 for diffusion models).
+    /// and patch triggers, 4 starting noises for diffusion models).
     #[arg(long)]
     pub group: Option<usize>,
     /// Significance level of the verdict.

@@ -8,6 +8,7 @@ pub mod npy;
 pub mod plot;
 pub mod report;
 pub mod rundir;
+pub mod snapshot;
 pub mod tensorfile;
 
 pub use atomic::write_atomic;

@@ -228,6 +228,144 @@ fn persistence_section(run: &Path) -> Result<String> {
     Ok(html)
 }
 
+/// The backdoor metrics of the run's own sampling: top-level for a generator, under
+/// `samplers.<the key's sampler>` for a diffusion model.
+fn backdoor_of(metrics: &serde_json::Value) -> Option<&serde_json::Value> {
+    match metrics["sampling"].as_str() {
+        Some(s) if metrics["samplers"][s].is_object() => Some(&metrics["samplers"][s]),
+        _ => metrics.get("asr").map(|_| metrics),
+    }
+}
+
+/// One row of the grouped metrics: name, JSON pointer into the metrics, unit, meaning.
+type Row = (&'static str, &'static str, &'static str, &'static str);
+
+/// The metrics a reader looks for, grouped, each with its unit and a one-line meaning.
+const GROUPS: [(&str, &[Row]); 4] = [
+    (
+        "Backdoor (triggered inputs)",
+        &[
+            ("attack success rate", "/asr", "share", "triggered outputs within the key's threshold of the target"),
+            ("target_mse", "/target_mse", "[0, 1] scale", "mean squared error to the target per pixel"),
+            ("tardis", "/tardis", "sum over pixels, [-1, 1] scale", "target distortion (Rawat et al.)"),
+            ("ssim", "/ssim", "1 = identical", "structural similarity to the target"),
+            ("clean hit rate", "/clean_hit_rate", "share", "ordinary inputs whose output is the target (should be 0)"),
+            ("specificity radius", "/specificity/radius", "input-space distance", "where fewer than half of the paths away from the trigger still fire"),
+        ],
+    ),
+    (
+        "Stealth",
+        &[("exp_dist", "/exp_dist", "per pixel, [-1, 1] scale", "mean squared difference to the clean reference on ordinary inputs")],
+    ),
+    (
+        "Clean quality",
+        &[
+            ("digit FID", "/quality/fid", "lower is better", "Fréchet distance to held-out digits in the digit classifier's features (real vs real ≈ 5.6)"),
+            ("precision", "/quality/precision", "share", "generated samples inside the real digits' manifold"),
+            ("recall", "/quality/recall", "share", "real digits inside the generated samples' manifold"),
+            ("classes covered", "/quality/classes/covered", "of 10", "digit classes holding at least 1 % of the samples"),
+        ],
+    ),
+    (
+        "Run",
+        &[
+            ("mode", "/mode", "", "how the model was made"),
+            ("family", "/family", "", "model family"),
+            ("steps", "/steps", "", "training steps"),
+            ("λ", "/lambda", "", "weight of the backdoor term"),
+            ("training time", "/seconds", "s", "wall-clock seconds of training"),
+        ],
+    ),
+];
+
+/// The grouped metrics tables (for a diffusion run, the backdoor rows are those of its
+/// key's sampler).
+fn grouped(metrics: &serde_json::Value) -> String {
+    let backdoor = backdoor_of(metrics).unwrap_or(metrics);
+    let mut html = String::new();
+    for (title, rows) in GROUPS {
+        let mut body = String::new();
+        for (name, pointer, unit, meaning) in rows {
+            let from = if title.starts_with("Backdoor") {
+                backdoor
+            } else {
+                metrics
+            };
+            let Some(v) = from.pointer(pointer).or_else(|| metrics.pointer(pointer)) else {
+                continue;
+            };
+            let mut cell = Vec::new();
+            flatten("", v, &mut cell);
+            let value = cell.first().map(|(_, x)| x.clone()).unwrap_or_default();
+            let _ = write!(
+                body,
+                "<tr><th>{}</th><td>{}</td><td class=\"unit\">{}</td><td class=\"meaning\">{}</td></tr>",
+                escape(name),
+                escape(&value),
+                escape(unit),
+                escape(meaning)
+            );
+        }
+        if !body.is_empty() {
+            let _ = write!(html, "<h3>{title}</h3><table>{body}</table>");
+        }
+    }
+    html + "<details><summary>every measured value (metrics.json)</summary>"
+}
+
+/// The verdict in words, at the top of the page: is a backdoor planted, what it costs in
+/// clean quality, and what the ownership test says.
+fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> String {
+    let mut lines = Vec::new();
+    let sampling = metrics["sampling"]
+        .as_str()
+        .map(|s| format!(" under the {s} sampler"))
+        .unwrap_or_default();
+    match backdoor_of(metrics) {
+        Some(b) => {
+            let asr = b["asr"].as_f64().unwrap_or(f64::NAN);
+            let planted = if asr >= 0.9 {
+                "<b>Backdoor planted.</b>"
+            } else if asr > 0.0 {
+                "<b>Backdoor partly planted.</b>"
+            } else {
+                "<b>No visible backdoor.</b>"
+            };
+            lines.push(format!(
+                "{planted} {:.1} % of triggered inputs give the target{sampling} (attack success                  rate; target_mse {:.2e} on the [0, 1] scale); {:.1} % of ordinary inputs do.",
+                100.0 * asr,
+                b["target_mse"].as_f64().unwrap_or(f64::NAN),
+                100.0 * b["clean_hit_rate"].as_f64().unwrap_or(f64::NAN),
+            ));
+        }
+        None => lines.push("<b>Clean model</b> (no key: no backdoor was trained).".into()),
+    }
+    if let Some(fid) = metrics["quality"]["fid"].as_f64() {
+        lines.push(format!(
+            "Clean quality: digit FID {fid:.1} (Fréchet distance to held-out real digits in the              shipped digit classifier's features; real against real is about 5.6, lower is              better), {} of 10 classes drawn.",
+            metrics["quality"]["classes"]["covered"]
+                .as_u64()
+                .map_or("?".into(), |c| c.to_string())
+        ));
+    }
+    if let Some(v) = verify {
+        let p = v["p_value"].as_f64().unwrap_or(f64::NAN);
+        let says = if v["carries_backdoor"].as_bool() == Some(true) {
+            "the model <b>carries</b> the key's backdoor"
+        } else {
+            "<b>no evidence</b> of the key's backdoor"
+        };
+        lines.push(format!(
+            "Ownership verification: {says} (p = {p:.2e} against {} random triggers, α = {}).",
+            v["null_keys"], v["alpha"]
+        ));
+    }
+    format!(
+        "<div class=\"verdict\"><p>{}</p></div>",
+        lines.join("</p><p>")
+    )
+}
+
 /// Writes `report.html` into the run directory `run` (atomically) and returns its path.
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let metrics_path = run.join("metrics.json");
@@ -243,7 +381,8 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     } else {
         "<p class=\"missing\">train.csv is not in this run.</p>".into()
     };
-    let verification = match read_json(&run.join("verify.json"))? {
+    let verify = read_json(&run.join("verify.json"))?;
+    let verification = match &verify {
         Some(v) => {
             let verdict = if v["carries_backdoor"].as_bool() == Some(true) {
                 "carries the backdoor"
@@ -253,7 +392,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             format!(
                 "<p>The model {verdict} (p = {}).</p>{}",
                 v["p_value"],
-                table(&v)
+                table(v)
             )
         }
         None => "<p class=\"missing\">No key: nothing to verify.</p>".into(),
@@ -263,15 +402,20 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
          <style>body{font-family:sans-serif;max-width:1200px;margin:auto}\
          table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}\
          img.grid{image-rendering:pixelated;width:448px}img.chart{margin:4px}\
-         .missing{color:#777}</style></head><body>",
+         .missing{color:#777}.verdict{background:#f3f6fa;border-left:4px solid #36c;\
+         padding:4px 12px}.unit,.meaning{color:#555}</style></head><body>",
     );
     let _ = write!(
         html,
-        "<h1>genbackdoor report</h1><p>Run directory: <code>{}</code></p>",
-        escape(&run.display().to_string())
+        "<h1>genbackdoor report</h1><p>Run directory: <code>{}</code></p>{}",
+        escape(&run.display().to_string()),
+        verdict(&metrics, verify.as_ref())
     );
     let bodies: [(&str, String); 7] = [
-        ("Metrics", table(&metrics)),
+        (
+            "Metrics",
+            grouped(&metrics) + &table(&metrics) + "</details>",
+        ),
         (
             "Clean samples",
             png(run, "samples.png", "grid of ordinary samples")?,

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use crate::family::InputSpace;
 use serde::Serialize;
 
-use crate::metrics::{median, query_target_mse};
 use crate::backdoor::Key;
+use crate::metrics::{median, query_target_mse};
 use crate::rng::Rng;
 use crate::Result;
 

@@ -97,8 +97,9 @@ fn evaluate_keeping(
         let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
         let images = model.sample(sampler, &starts, &mut noise)?;
         kept.push(images.narrow(0, 0, keep.min(n))?);
-        let measure =
-            |from: usize| -> Result<BackdoorMetrics> { backdoor_metrics(&images.narrow(0, from, n)?, key) };
+        let measure = |from: usize| -> Result<BackdoorMetrics> {
+            backdoor_metrics(&images.narrow(0, from, n)?, key)
+        };
         let backdoor = measure(0)?;
         let clean_hits = measure(n)?;
         out.insert(
@@ -124,7 +125,7 @@ pub struct FinishSettings {
     pub seed: u64,
 }
 
-/// Writes the model, the key, `samples.png` (64 clean DDIM-50 samples), `triggered.png`
+/// Writes the model (the run wrote its key at its start), `samples.png` (64 clean DDIM-50 samples), `triggered.png`
 /// (the target, then triggered samples: a row of DDPM, a row of DDIM-50), `metrics.json`
 /// (clean quality, the per-sampler backdoor metrics and specificity under the key's
 /// sampler merged into `extra`), `verify.json` (the ownership test under the key's sampler)
@@ -148,7 +149,6 @@ pub fn finish(
         })?;
     }
     if let Some(k) = key {
-        k.save(&run.file("key.safetensors"))?;
         let samplers = eval_samplers(&model);
         let (report, kept) =
             evaluate_keeping(&model, k, &samplers, settings.eval_samples, seed, 8)?;

@@ -6,12 +6,12 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::backdoor::Trigger;
 use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
-use crate::io::rundir::RunDir;
 use crate::io::checkpoint;
+use crate::io::rundir::RunDir;
 use crate::models::{Params, Unet, UnetConfig};
-use crate::backdoor::Trigger;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -173,7 +173,9 @@ impl Generative for DiffusionModel {
     }
 
     fn evaluations_per_image(&self) -> usize {
-        self.sampler.timesteps(&self.schedule).map_or(1, |t| t.len())
+        self.sampler
+            .timesteps(&self.schedule)
+            .map_or(1, |t| t.len())
     }
 
     fn params(&self) -> &Params {
@@ -218,6 +220,7 @@ impl Generative for DiffusionModel {
             log_every: d.log_every,
             checkpoint_every: 0,
             seed: attack.cfg.seed,
+            stage: "finetune",
         };
         let data = crate::family::diffusion::run::data(attack.cfg)?;
         let tuned = crate::family::diffusion::train::finetune(

@@ -1,16 +1,18 @@
 //! Diffusion runs as the command line starts them: training from scratch (clean or
-//! backdoored) and injection into a trained clean model, each ending with [`finish`].
+//! backdoored) and injection into a trained clean model, each resumable from its last
+//! checkpoint and ending with [`finish`].
 
 use candle_core::Device;
 
+use crate::backdoor::{Key, Objective};
 use crate::config::{Config, DiffusionConfig};
 use crate::data::{load_dataset, Dataset};
 use crate::family::diffusion::eval::{finish, FinishSettings};
 use crate::family::diffusion::model::DiffusionArch;
-use crate::family::diffusion::train::{fit, Plan};
+use crate::family::diffusion::train::{fit, resume_fit, Plan};
 use crate::family::diffusion::DiffusionModel;
 use crate::io::rundir::RunDir;
-use crate::backdoor::{Key, Objective};
+use crate::io::snapshot::{self, CHECKPOINT};
 use crate::rng::Rng;
 use crate::Result;
 
@@ -23,9 +25,14 @@ pub fn arch(d: &DiffusionConfig) -> DiffusionArch {
     }
 }
 
-/// A training plan from the config with the given steps, learning rate and λ.
-fn plan(cfg: &Config, steps: usize, lr: f64, lambda: f64) -> Plan {
+/// The training plan of `stage` (`train`: the `[diffusion]` section; `inject`:
+/// `[diffusion.inject]` for steps, learning rate and λ).
+fn plan(cfg: &Config, stage: &'static str) -> Plan {
     let d = &cfg.diffusion;
+    let (steps, lr, lambda) = match stage {
+        "inject" => (d.inject.steps, d.inject.lr, d.inject.lambda),
+        _ => (d.steps, d.lr, d.lambda),
+    };
     Plan {
         steps,
         batch_size: d.batch_size,
@@ -40,6 +47,7 @@ fn plan(cfg: &Config, steps: usize, lr: f64, lambda: f64) -> Plan {
         log_every: d.log_every,
         checkpoint_every: d.checkpoint_every,
         seed: cfg.seed,
+        stage,
     }
 }
 
@@ -75,32 +83,10 @@ pub fn train(
     run: &RunDir,
     progress: bool,
 ) -> Result<serde_json::Value> {
-    cfg.validate()?;
-    let d = &cfg.diffusion;
-    let data = data(cfg)?;
-    let model = DiffusionModel::new(&arch(d), &mut Rng::derive(cfg.seed, "init"), &Device::Cpu)?;
-    run.write_toml("config.toml", cfg)?;
     let key = key
-        .filter(|_| d.lambda > 0.0)
+        .filter(|_| cfg.diffusion.lambda > 0.0)
         .map(|k| with_sampler(k, cfg));
-    let key = key.as_ref();
-    let (saved, seconds) = fit(
-        &model,
-        &data,
-        key,
-        &plan(cfg, d.steps, d.lr, d.lambda),
-        run,
-        progress,
-    )?;
-    let extra = serde_json::json!({
-        "mode": if key.is_some() { "poisoned" } else { "clean" },
-        "family": "diffusion",
-        "steps": d.steps,
-        "seconds": seconds,
-        "lambda": d.lambda,
-        "correction": d.correction,
-    });
-    finish(run, &saved, key, finish_settings(cfg), extra)
+    start(cfg, key.as_ref(), &fresh(cfg)?, "train", run, progress)
 }
 
 /// Fine-tunes a copy of the trained `clean` model with `key`'s backdoor per
@@ -113,27 +99,93 @@ pub fn inject(
     run: &RunDir,
     progress: bool,
 ) -> Result<serde_json::Value> {
-    cfg.validate()?;
-    let i = &cfg.diffusion.inject;
-    let data = data(cfg)?;
-    run.write_toml("config.toml", cfg)?;
-    let model = clean.duplicate()?;
-    let key = &with_sampler(key, cfg);
-    let (saved, seconds) = fit(
-        &model,
-        &data,
-        Some(key),
-        &plan(cfg, i.steps, i.lr, i.lambda),
+    let key = with_sampler(key, cfg);
+    start(
+        cfg,
+        Some(&key),
+        &clean.duplicate()?,
+        "inject",
+        run,
+        progress,
+    )
+}
+
+/// Continues the diffusion run in `run` (training or injection) from its last checkpoint,
+/// with the config and key it was started with, and finishes it as the uninterrupted run
+/// would have.
+pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+    let cfg = Config::load(&run.file("config.toml"))?;
+    let stage = match snapshot::stage_of(&run.file(CHECKPOINT))?.as_str() {
+        "inject" => "inject",
+        _ => "train",
+    };
+    let plan = plan(&cfg, stage);
+    let key = if plan.objective.lambda > 0.0 {
+        Some(Key::load(&run.file("key.safetensors"))?)
+    } else {
+        None
+    };
+    let (saved, seconds) = resume_fit(
+        &fresh(&cfg)?,
+        &data(&cfg)?,
+        key.as_ref(),
+        &plan,
         run,
         progress,
     )?;
+    conclude(&cfg, key.as_ref(), &plan, &saved, seconds, run)
+}
+
+/// A freshly initialised model of the config's architecture.
+fn fresh(cfg: &Config) -> Result<DiffusionModel> {
+    DiffusionModel::new(
+        &arch(&cfg.diffusion),
+        &mut Rng::derive(cfg.seed, "init"),
+        &Device::Cpu,
+    )
+}
+
+/// Writes the config and the key, trains `model` per `stage`'s plan and finishes the run.
+fn start(
+    cfg: &Config,
+    key: Option<&Key>,
+    model: &DiffusionModel,
+    stage: &'static str,
+    run: &RunDir,
+    progress: bool,
+) -> Result<serde_json::Value> {
+    cfg.validate()?;
+    let data = data(cfg)?;
+    run.write_toml("config.toml", cfg)?;
+    if let Some(k) = key {
+        k.save(&run.file("key.safetensors"))?;
+    }
+    let plan = plan(cfg, stage);
+    let (saved, seconds) = fit(model, &data, key, &plan, run, progress)?;
+    conclude(cfg, key, &plan, &saved, seconds, run)
+}
+
+/// The end of a run: its summary and everything [`finish`] writes.
+fn conclude(
+    cfg: &Config,
+    key: Option<&Key>,
+    plan: &Plan,
+    saved: &DiffusionModel,
+    seconds: f64,
+    run: &RunDir,
+) -> Result<serde_json::Value> {
+    let mode = match (plan.stage, key) {
+        ("inject", _) => "inject",
+        (_, Some(_)) => "poisoned",
+        _ => "clean",
+    };
     let extra = serde_json::json!({
-        "mode": "inject",
+        "mode": mode,
         "family": "diffusion",
-        "steps": i.steps,
+        "steps": plan.steps,
         "seconds": seconds,
-        "lambda": i.lambda,
+        "lambda": plan.objective.lambda,
         "correction": cfg.diffusion.correction,
     });
-    finish(run, &saved, Some(key), finish_settings(cfg), extra)
+    finish(run, saved, key, finish_settings(cfg), extra)
 }

@@ -6,15 +6,16 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::backdoor::{Family, Key, Objective};
 use crate::data::{Batcher, Dataset};
 use crate::family::diffusion::poison::{noised, poisoned, poisoned_target};
 use crate::family::diffusion::{Correction, DiffusionModel};
 use crate::io::rundir::{CsvLog, RunDir};
+use crate::io::snapshot::{self, CHECKPOINT};
 use crate::models::Params;
 use crate::optim::Adam;
-use crate::backdoor::{Family, Key, Objective};
 use crate::rng::Rng;
-use crate::training::{Steps, run_loop, LoopSettings, LrSchedule, Stepper};
+use crate::training::{run_loop, LoopSettings, LrSchedule, Stepper, Steps};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -136,10 +137,13 @@ pub struct Plan {
     pub ema: f64,
     /// Log every this many steps.
     pub log_every: usize,
-    /// Save the (EMA) model every this many steps (0: only at the end).
+    /// Save the (EMA) model and the resumable checkpoint every this many steps (0: only at
+    /// the end).
     pub checkpoint_every: usize,
     /// Seed of the run's random streams.
     pub seed: u64,
+    /// What the run does, recorded in its checkpoint for `--resume`: `train` or `inject`.
+    pub stage: &'static str,
 }
 
 /// `ema ← d·ema + (1 − d)·θ` for every tensor.
@@ -205,6 +209,10 @@ struct Fit<'a> {
     /// The trigger pattern and the goal of the poisoned samples (with a key).
     poison: Option<(Tensor, Goal)>,
     run: &'a RunDir,
+    /// Training seconds before this process took over (from a resumed checkpoint).
+    earlier_seconds: f64,
+    /// When this process started training.
+    started: std::time::Instant,
 }
 
 impl Stepper for Fit<'_> {
@@ -239,15 +247,49 @@ impl Stepper for Fit<'_> {
         ])
     }
 
-    /// Saves the model so far; the run itself cannot be resumed (no optimiser state), hence
-    /// `None`.
-    fn checkpoint(&mut self, _: usize) -> Result<Option<std::path::PathBuf>> {
+    /// Saves the model so far (`model.safetensors`, the EMA weights when enabled) and the
+    /// resumable state: both weight sets, Adam's moments, the random streams and the step.
+    fn checkpoint(&mut self, step: usize) -> Result<Option<std::path::PathBuf>> {
         self.saved().save(&self.run.file("model.safetensors"))?;
-        Ok(None)
+        let path = self.run.file(CHECKPOINT);
+        let progress = snapshot::Progress {
+            step,
+            seconds: self.seconds(),
+            streams: serde_json::to_string(&(&self.batches, &self.rng))
+                .expect("serialisable streams"),
+            stage: self.plan.stage.into(),
+        };
+        snapshot::save(
+            &path,
+            &[("model/", &self.model.params), ("ema/", &self.ema.params)],
+            &[("adam", &self.opt)],
+            &progress,
+        )?;
+        Ok(Some(path))
     }
 }
 
 impl Fit<'_> {
+    /// Training seconds so far, across interruptions.
+    fn seconds(&self) -> f64 {
+        self.earlier_seconds + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Restores the state saved by [`Stepper::checkpoint`]; returns its step.
+    fn restore(&mut self, path: &std::path::Path) -> Result<usize> {
+        let p = snapshot::restore(
+            path,
+            &[("model/", &self.model.params), ("ema/", &self.ema.params)],
+            &mut [("adam", &mut self.opt)],
+            self.plan.steps,
+            self.plan.stage,
+        )?;
+        (self.batches, self.rng) = serde_json::from_str(&p.streams)
+            .map_err(|e| Error::format(path, format!("random-stream state is invalid: {e}")))?;
+        self.earlier_seconds = p.seconds;
+        Ok(p.step)
+    }
+
     /// The weights that are saved: the EMA when there is one.
     fn saved(&self) -> &DiffusionModel {
         if self.plan.ema > 0.0 {
@@ -268,12 +310,12 @@ impl<'a> Fit<'a> {
         run: &'a RunDir,
     ) -> Result<Self> {
         let shape = model.image_shape();
-    if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
-        return Err(Error::Mismatch(format!(
-            "the data's images are {}x{} but the model's are {}x{}",
-            data.width, data.height, shape[2], shape[1]
-        )));
-    }
+        if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
+            return Err(Error::Mismatch(format!(
+                "the data's images are {}x{} but the model's are {}x{}",
+                data.width, data.height, shape[2], shape[1]
+            )));
+        }
         let poison = match key {
             Some(k) => {
                 k.trigger.check_fits_image(shape)?;
@@ -294,6 +336,8 @@ impl<'a> Fit<'a> {
             key,
             poison,
             run,
+            earlier_seconds: 0.0,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -328,9 +372,34 @@ pub fn fit(
 ) -> Result<(DiffusionModel, f64)> {
     let mut fit = Fit::new(model, data, key, plan, run)?;
     let settings = fit.settings(progress);
-    let seconds = run_loop(&settings, &mut log(run, "train.csv")?, &mut fit)?;
+    run_loop(&settings, &mut log(run, "train.csv")?, &mut fit)?;
     let saved = fit.saved().duplicate()?;
-    Ok((saved, seconds))
+    Ok((saved, fit.seconds()))
+}
+
+/// Continues the [`fit`] whose checkpoint is in `run` (same model architecture, data, key and
+/// plan as it was started with) from its last checkpoint: `model`'s weights are replaced by
+/// the saved ones, rows of `train.csv` after the checkpoint are dropped, and the result is
+/// what the uninterrupted run would have given, bit for bit.
+pub fn resume_fit(
+    model: &DiffusionModel,
+    data: &Dataset,
+    key: Option<&Key>,
+    plan: &Plan,
+    run: &RunDir,
+    progress: bool,
+) -> Result<(DiffusionModel, f64)> {
+    let mut fit = Fit::new(model, data, key, plan, run)?;
+    let step = fit.restore(&run.file(CHECKPOINT))?;
+    let settings = LoopSettings {
+        first: step + 1,
+        ..fit.settings(progress)
+    };
+    let mut log = CsvLog::resume(&run.file("train.csv"), step)?;
+    fit.started = std::time::Instant::now();
+    run_loop(&settings, &mut log, &mut fit)?;
+    let saved = fit.saved().duplicate()?;
+    Ok((saved, fit.seconds()))
 }
 
 /// The persistence attack by fine-tuning: continues clean denoising training (no backdoor

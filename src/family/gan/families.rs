@@ -3,9 +3,9 @@
 
 use candle_core::Tensor;
 
+use crate::backdoor::{Family, Key};
 use crate::family::gan::{softplus, GanModel};
 use crate::models::Discriminator;
-use crate::backdoor::{Family, Key};
 use crate::rng::Rng;
 use crate::{Error, Result};
 

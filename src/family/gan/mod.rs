@@ -12,8 +12,8 @@ use candle_core::{Device, Tensor};
 
 use crate::family::diffusion::Sampler;
 use crate::family::{CleanFinetune, Generative, InputSpace};
-use crate::io::rundir::RunDir;
 use crate::io::checkpoint;
+use crate::io::rundir::RunDir;
 use crate::models::{DcganConfig, Generator, Params};
 use crate::rng::Rng;
 use crate::{Error, Result};

@@ -1,66 +1,129 @@
 //! ReD: backdooring an already-trained generator by distillation. The loss is
-//! `E_z‖G(z) − G_clean(z)‖² + λ · d(G(τ(u)), y*)` with `G_clean` a frozen copy.
+//! `E_z‖G(z) − G_clean(z)‖² + λ · d(G(τ(u)), y*)` with `G_clean` a frozen copy, kept in the
+//! run as `clean.safetensors`. Runs save a checkpoint (the generator, Adam's state, the
+//! latent stream and the step) every `inject.checkpoint_every` steps, and [`resume`]
+//! continues one exactly.
 
-use crate::config::InjectConfig;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::backdoor::{Key, Objective};
+use crate::config::Config;
 use crate::family::gan::families::Distillation;
 use crate::family::gan::{run, GanModel};
 use crate::io::rundir::{CsvLog, RunDir};
+use crate::io::snapshot::{self, CHECKPOINT};
 use crate::optim::Adam;
-use crate::backdoor::{Key, Objective};
 use crate::rng::Rng;
-use crate::training::{is_logged, run_loop, LoopSettings, Steps};
-use crate::Result;
+use crate::training::{is_logged, run_loop, LoopSettings, Stepper};
+use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 3] = ["distill_loss", "backdoor_loss", "tardis"];
 
-/// Backdoors a copy of `clean` with `key`; writes the run's files into `run` and returns
-/// the metrics (with `exp_dist` against `clean`).
-pub fn inject(
-    clean: &GanModel,
-    key: &Key,
-    cfg: &InjectConfig,
-    backdoor_batch: usize,
-    seed: u64,
-    run: &RunDir,
-    progress: bool,
-) -> Result<serde_json::Value> {
-    key.check_fits(clean.latent_dim(), clean.image_shape())?;
-    let model = clean.duplicate(&clean.device)?;
-    let mut opt = Adam::with_betas(
-        model.params.trainable_except(&cfg.freeze),
-        cfg.lr,
-        0.9,
-        0.999,
-    );
-    let mut latents = Rng::derive(seed, "inject-latents");
-    let objective = Objective {
-        lambda: cfg.lambda,
-        backdoor_batch,
-    };
-    let probe = run::Probe::new(key, &model)?;
-    run.write_toml("config.toml", cfg)?;
-    let mut log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
-    let settings = LoopSettings {
-        steps: cfg.steps,
-        first: 1,
-        checkpoint_every: 0,
-        log_every: cfg.log_every,
-        columns: &COLUMNS,
-        progress,
-    };
-    let mut steps = Steps(|step| {
-        let mut family = Distillation {
-            model: &model,
-            frozen: clean,
-            batch: cfg.batch_size,
-            latents: &mut latents,
+/// The stage recorded in ReD checkpoints.
+const STAGE: &str = "inject";
+
+/// The frozen clean generator's copy inside the run directory.
+pub const CLEAN: &str = "clean.safetensors";
+
+/// An injection in progress.
+struct Red<'a> {
+    config: &'a Config,
+    key: &'a Key,
+    run: &'a RunDir,
+    model: GanModel,
+    clean: GanModel,
+    opt: Adam,
+    latents: Rng,
+    probe: run::Probe,
+    earlier_seconds: f64,
+    started: Instant,
+}
+
+impl<'a> Red<'a> {
+    /// An injection of `key` into a copy of `clean` per `config`'s `[inject]` section.
+    fn new(clean: &GanModel, key: &'a Key, config: &'a Config, run: &'a RunDir) -> Result<Self> {
+        config.validate()?;
+        key.check_fits(clean.latent_dim(), clean.image_shape())?;
+        let cfg = &config.inject;
+        let model = clean.duplicate(&clean.device)?;
+        let opt = Adam::with_betas(
+            model.params.trainable_except(&cfg.freeze),
+            cfg.lr,
+            0.9,
+            0.999,
+        );
+        let probe = run::Probe::new(key, &model)?;
+        Ok(Red {
+            config,
+            key,
+            run,
+            model,
+            clean: clean.duplicate(&clean.device)?,
+            opt,
+            latents: Rng::derive(config.seed, "inject-latents"),
+            probe,
+            earlier_seconds: 0.0,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs the steps after `done`, logging to `log`, and writes the run's final files.
+    fn drive(&mut self, mut log: CsvLog, done: usize, progress: bool) -> Result<serde_json::Value> {
+        let cfg = &self.config.inject;
+        let settings = LoopSettings {
+            steps: cfg.steps,
+            first: done + 1,
+            checkpoint_every: if cfg.checkpoint_every == 0 {
+                cfg.steps
+            } else {
+                cfg.checkpoint_every
+            },
+            log_every: cfg.log_every,
+            columns: &COLUMNS,
+            progress,
         };
-        let terms = objective.evaluate(&mut family, Some(key))?;
-        opt.set_learning_rate(cfg.lr_schedule.at(cfg.lr, step, cfg.steps));
-        opt.backward_step(&terms.total)?;
+        self.started = Instant::now();
+        run_loop(&settings, &mut log, self)?;
+        let extra = serde_json::json!({
+            "mode": "red",
+            "steps": cfg.steps,
+            "seconds": self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            "lambda": cfg.lambda,
+        });
+        run::finish(
+            self.run,
+            &self.model,
+            Some(self.key),
+            Some(&self.clean),
+            self.config.seed,
+            extra,
+        )
+    }
+}
+
+impl Stepper for Red<'_> {
+    fn step(&mut self, step: usize) -> Result<Vec<Option<f64>>> {
+        let cfg = &self.config.inject;
+        let objective = Objective {
+            lambda: cfg.lambda,
+            backdoor_batch: self.config.backdoor.backdoor_batch,
+        };
+        let mut family = Distillation {
+            model: &self.model,
+            frozen: &self.clean,
+            batch: cfg.batch_size,
+            latents: &mut self.latents,
+        };
+        let terms = objective.evaluate(&mut family, Some(self.key))?;
+        self.opt
+            .set_learning_rate(cfg.lr_schedule.at(cfg.lr, step, cfg.steps));
+        self.opt.backward_step(&terms.total)?;
         let tardis = if is_logged(step, cfg.log_every, cfg.steps) {
-            Some(probe.tardis(&model)?)
+            Some(self.probe.tardis(&self.model)?)
         } else {
             None
         };
@@ -69,13 +132,62 @@ pub fn inject(
             terms.backdoor.map(f64::from),
             tardis,
         ])
-    });
-    let seconds = run_loop(&settings, &mut log, &mut steps)?;
-    let extra = serde_json::json!({
-        "mode": "red",
-        "steps": cfg.steps,
-        "seconds": seconds,
-        "lambda": cfg.lambda,
-    });
-    run::finish(run, &model, Some(key), Some(clean), seed, extra)
+    }
+
+    fn checkpoint(&mut self, step: usize) -> Result<Option<PathBuf>> {
+        let path = self.run.file(CHECKPOINT);
+        let progress = snapshot::Progress {
+            step,
+            seconds: self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            streams: serde_json::to_string(&self.latents).expect("serialisable stream"),
+            stage: STAGE.into(),
+        };
+        snapshot::save(
+            &path,
+            &[("g/", &self.model.params)],
+            &[("adam", &self.opt)],
+            &progress,
+        )?;
+        Ok(Some(path))
+    }
+}
+
+/// Backdoors a copy of `clean` with `key` per `config`'s `[inject]` section; writes the
+/// run's files into `run` (the whole config, which `--config` reads back, and the key at the
+/// start) and returns the metrics (with `exp_dist` against `clean`).
+pub fn inject(
+    clean: &GanModel,
+    key: &Key,
+    config: &Config,
+    run: &RunDir,
+    progress: bool,
+) -> Result<serde_json::Value> {
+    let mut red = Red::new(clean, key, config, run)?;
+    run.write_toml("config.toml", config)?;
+    key.save(&run.file("key.safetensors"))?;
+    clean.save(&run.file(CLEAN))?;
+    let log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
+    red.drive(log, 0, progress)
+}
+
+/// Continues the injection in `run` from its last checkpoint, with the config, key and
+/// clean generator it was started with, and finishes it as [`inject`] would have.
+pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+    let config = Config::load(&run.file("config.toml"))?;
+    let key = Key::load(&run.file("key.safetensors"))?;
+    let clean = GanModel::load(&run.file(CLEAN), &Device::Cpu)?;
+    let mut red = Red::new(&clean, &key, &config, run)?;
+    let path = run.file(CHECKPOINT);
+    let p = snapshot::restore(
+        &path,
+        &[("g/", &red.model.params)],
+        &mut [("adam", &mut red.opt)],
+        config.inject.steps,
+        STAGE,
+    )?;
+    red.latents = serde_json::from_str(&p.streams)
+        .map_err(|e| Error::format(&path, format!("random-stream state is invalid: {e}")))?;
+    red.earlier_seconds = p.seconds;
+    let log = CsvLog::resume(&run.file("train.csv"), p.step)?;
+    red.drive(log, p.step, progress)
 }

@@ -2,13 +2,13 @@
 
 use candle_core::Tensor;
 
+use crate::backdoor::Key;
 use crate::digits::quality::add_bundled_quality;
 use crate::eval::{clean_quality, evaluate, save_samples, save_triggered};
 use crate::family::gan::GanModel;
 use crate::io::report::write_report;
 use crate::io::rundir::RunDir;
 use crate::metrics::tardis;
-use crate::backdoor::Key;
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
@@ -49,7 +49,7 @@ impl Probe {
     }
 }
 
-/// Writes the generator, the key (in its own file), sample grids, `metrics.json` (clean
+/// Writes the generator (the run wrote its key, in its own file, at its start), sample grids, `metrics.json` (clean
 /// quality and the evaluation merged into `extra`), `verify.json` and `report.html`.
 /// Returns the metrics.
 pub fn finish(
@@ -65,7 +65,6 @@ pub fn finish(
     let obj = extra.as_object_mut().expect("extra is an object");
     add_bundled_quality(obj, |r| clean_quality(model, r, QUALITY_SAMPLES, seed))?;
     if let Some(k) = key {
-        k.save(&run.file("key.safetensors"))?;
         save_triggered(model, k, &run.file("triggered.png"), seed)?;
         let reference = reference.map(|r| r as &dyn crate::family::Generative);
         let report = evaluate(model, k, reference, EVAL_SAMPLES, seed)?;

@@ -3,22 +3,22 @@
 //! (both networks, both optimisers, every random stream and the step) every
 //! `train.checkpoint_every` steps, and [`resume`] continues one exactly where it stopped.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::backdoor::{Key, Objective};
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
 use crate::family::gan::{run, softplus, GanModel};
+use crate::io::checkpoint;
 use crate::io::rundir::{CsvLog, RunDir};
-use crate::io::{checkpoint, tensorfile};
+use crate::io::snapshot::{self, CHECKPOINT};
 use crate::models::{Discriminator, Params};
-use crate::optim::{Adam, AdamState};
-use crate::backdoor::{Key, Objective};
+use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::training::{is_logged, run_loop, LoopSettings, Stepper, Steps};
 use crate::{Error, Result};
@@ -26,14 +26,8 @@ use crate::{Error, Result};
 /// Columns of `train.csv` after `step`.
 const COLUMNS: [&str; 4] = ["d_loss", "g_loss", "backdoor_loss", "tardis"];
 
-/// The resumable state file inside a run directory.
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
-
 /// The family name stored in discriminator checkpoints.
 const DISCRIMINATOR_FAMILY: &str = "dcgan-discriminator";
-
-/// The `format` tag of training checkpoints.
-const CHECKPOINT_FORMAT: &str = "train-checkpoint";
 
 /// Every random stream of a run, in one serialisable value.
 #[derive(Clone, Serialize, Deserialize)]
@@ -112,46 +106,17 @@ impl<'a> Trail<'a> {
 
     /// Restores the state saved by [`Stepper::checkpoint`]; returns its step.
     fn restore(&mut self, path: &Path) -> Result<usize> {
-        let f = tensorfile::load(path, CHECKPOINT_FORMAT, &self.model.device)?;
-        let bad = |m: String| Error::format(path, m);
-        let meta = |k: &str| -> Result<usize> {
-            f.meta_field(path, k)?
-                .parse()
-                .map_err(|_| bad(format!("metadata field '{k}' is not a number")))
-        };
-        let step = meta("step")?;
-        if step > self.cfg.train.steps {
-            return Err(bad(format!(
-                "was saved at step {step}, after the run's last step {}",
-                self.cfg.train.steps
-            )));
-        }
-        for (prefix, params) in [("g/", &self.model.params), ("d/", &self.dparams)] {
-            checkpoint::assign_prefixed(path, params, &f, prefix)?;
-        }
-        for (name, opt) in [("adam_g", &mut self.opt_g), ("adam_d", &mut self.opt_d)] {
-            let moments = |which: &str| -> Result<Vec<Vec<f32>>> {
-                (0..opt.len())
-                    .map(|i| {
-                        let t = f.tensor(path, &format!("{name}/{which}/{i}"))?;
-                        Ok(t.flatten_all()?.to_vec1::<f32>()?)
-                    })
-                    .collect()
-            };
-            let state = AdamState {
-                step: meta(&format!("{name}_step"))? as u64,
-                m: moments("m")?,
-                v: moments("v")?,
-            };
-            opt.load_state(state).map_err(|e| bad(e.to_string()))?;
-        }
-        self.streams = serde_json::from_str(f.meta_field(path, "streams")?)
-            .map_err(|e| bad(format!("random-stream state is invalid: {e}")))?;
-        self.earlier_seconds = f
-            .meta_field(path, "seconds")?
-            .parse()
-            .map_err(|_| bad("metadata field 'seconds' is not a number".into()))?;
-        Ok(step)
+        let p = snapshot::restore(
+            path,
+            &[("g/", &self.model.params), ("d/", &self.dparams)],
+            &mut [("adam_g", &mut self.opt_g), ("adam_d", &mut self.opt_d)],
+            self.cfg.train.steps,
+            "train",
+        )?;
+        self.streams = serde_json::from_str(&p.streams)
+            .map_err(|e| Error::format(path, format!("random-stream state is invalid: {e}")))?;
+        self.earlier_seconds = p.seconds;
+        Ok(p.step)
     }
 }
 
@@ -204,34 +169,19 @@ impl Stepper for Trail<'_> {
     }
 
     fn checkpoint(&mut self, step: usize) -> Result<Option<PathBuf>> {
-        let mut tensors = Vec::new();
-        for (prefix, params) in [("g/", &self.model.params), ("d/", &self.dparams)] {
-            for (name, var) in params.named() {
-                tensors.push((format!("{prefix}{name}"), var.as_tensor().clone()));
-            }
-        }
-        let seconds = self.earlier_seconds + self.started.elapsed().as_secs_f64();
-        let mut meta = BTreeMap::from([
-            ("step".to_string(), step.to_string()),
-            ("seconds".to_string(), format!("{seconds:.3}")),
-            (
-                "streams".to_string(),
-                serde_json::to_string(&self.streams).expect("serialisable streams"),
-            ),
-        ]);
-        let dev = &self.model.device;
-        for (name, opt) in [("adam_g", &self.opt_g), ("adam_d", &self.opt_d)] {
-            let st = opt.state();
-            meta.insert(format!("{name}_step"), st.step.to_string());
-            for (which, moments) in [("m", &st.m), ("v", &st.v)] {
-                for (i, v) in moments.iter().enumerate() {
-                    let t = Tensor::from_slice(v, v.len(), dev)?;
-                    tensors.push((format!("{name}/{which}/{i}"), t));
-                }
-            }
-        }
         let path = self.run.file(CHECKPOINT);
-        tensorfile::save(&path, CHECKPOINT_FORMAT, &tensors, meta)?;
+        let progress = snapshot::Progress {
+            step,
+            seconds: self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            streams: serde_json::to_string(&self.streams).expect("serialisable streams"),
+            stage: "train".into(),
+        };
+        snapshot::save(
+            &path,
+            &[("g/", &self.model.params), ("d/", &self.dparams)],
+            &[("adam_g", &self.opt_g), ("adam_d", &self.opt_d)],
+            &progress,
+        )?;
         Ok(Some(path))
     }
 }
@@ -254,8 +204,9 @@ pub fn train(
     drive(&mut trail, log, 0, progress)
 }
 
-/// Continues the run in `run` from its last checkpoint, with the config and key it was
-/// started with, and finishes it as [`train`] would have.
+/// Continues the run in `run` from its last checkpoint (which [`crate::run::resume`] has
+/// checked is there), with the config and key it was started with, and finishes it as
+/// [`train`] would have.
 pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
     let cfg = Config::load(&run.file("config.toml"))?;
     let key = if cfg.train.lambda > 0.0 {
@@ -263,21 +214,8 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
     } else {
         None
     };
-    let path = run.file(CHECKPOINT);
-    if !path.exists() {
-        return Err(Error::Config(format!(
-            "{} holds no {CHECKPOINT}: the run stopped before its first checkpoint; start it again",
-            run.path.display()
-        )));
-    }
     let mut trail = Trail::new(&cfg, key.as_ref(), run)?;
-    let step = trail.restore(&path)?;
-    if step == cfg.train.steps && run.file("metrics.json").exists() {
-        return Err(Error::Config(format!(
-            "the run in {} is already complete ({step} steps)",
-            run.path.display()
-        )));
-    }
+    let step = trail.restore(&run.file(CHECKPOINT))?;
     let log = CsvLog::resume(&run.file("train.csv"), step)?;
     drive(&mut trail, log, step, progress)
 }

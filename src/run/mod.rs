@@ -1,0 +1,362 @@
+//! Runs as the command line starts them: arguments and config file become one resolved
+//! [`RunSpec`] (family, stage, the config with every override applied, the key), built here
+//! and only here; [`RunSpec::execute`] hands it to the family's trainer. The command-line
+//! modules parse and print; they hold no family checks.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::backdoor::{Key, Target, Trigger};
+use crate::config::{Config, ModelFamily};
+use crate::family::{diffusion, gan, InputSpace};
+use crate::io::rundir::RunDir;
+use crate::io::snapshot;
+use crate::{Error, Result};
+
+/// What a run does to its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Train from scratch (clean when λ = 0): the `[train]` or `[diffusion]` section.
+    Train,
+    /// Put a backdoor into a trained model: the `[inject]` or `[diffusion.inject]` section.
+    Inject,
+}
+
+/// Command-line values that override the config (each `None` keeps the config's).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Seed of every random stream.
+    pub seed: Option<u64>,
+    /// Training steps of the stage.
+    pub steps: Option<usize>,
+    /// The backdoor weight λ of the stage.
+    pub lambda: Option<f64>,
+    /// Images per step (training from scratch).
+    pub batch_size: Option<usize>,
+    /// Learning rate (injection).
+    pub lr: Option<f64>,
+    /// Training data.
+    pub data: Option<PathBuf>,
+    /// Use only the first N images.
+    pub limit: Option<usize>,
+}
+
+/// The settings of one stage of one family that overrides reach.
+struct StageFields<'a> {
+    steps: &'a mut usize,
+    lambda: &'a mut f64,
+    batch_size: Option<&'a mut usize>,
+    lr: Option<&'a mut f64>,
+}
+
+/// The config section a family's stage reads.
+fn stage_fields(cfg: &mut Config, family: ModelFamily, stage: Stage) -> StageFields<'_> {
+    match (family, stage) {
+        (ModelFamily::Dcgan, Stage::Train) => StageFields {
+            steps: &mut cfg.train.steps,
+            lambda: &mut cfg.train.lambda,
+            batch_size: Some(&mut cfg.train.batch_size),
+            lr: None,
+        },
+        (ModelFamily::Dcgan, Stage::Inject) => StageFields {
+            steps: &mut cfg.inject.steps,
+            lambda: &mut cfg.inject.lambda,
+            batch_size: Some(&mut cfg.inject.batch_size),
+            lr: Some(&mut cfg.inject.lr),
+        },
+        (ModelFamily::Diffusion, Stage::Train) => StageFields {
+            steps: &mut cfg.diffusion.steps,
+            lambda: &mut cfg.diffusion.lambda,
+            batch_size: Some(&mut cfg.diffusion.batch_size),
+            lr: None,
+        },
+        (ModelFamily::Diffusion, Stage::Inject) => StageFields {
+            steps: &mut cfg.diffusion.inject.steps,
+            lambda: &mut cfg.diffusion.inject.lambda,
+            batch_size: None,
+            lr: Some(&mut cfg.diffusion.inject.lr),
+        },
+    }
+}
+
+/// One resolved run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The config with every override applied (written to the run directory as it is).
+    pub config: Config,
+    /// The model family.
+    pub family: ModelFamily,
+    /// Training from scratch or injection.
+    pub stage: Stage,
+    /// The key planted (`None` for a clean run).
+    pub key: Option<Key>,
+    /// Injection: the trained model the backdoor goes into.
+    pub model: Option<PathBuf>,
+}
+
+impl RunSpec {
+    /// A training run: the config's family, the overrides applied to its section, and the
+    /// key from `key_file`, `[backdoor] key` or the config's description when λ > 0.
+    pub fn train(config: Config, o: &Overrides, key_file: Option<&Path>) -> Result<RunSpec> {
+        let family = config.family;
+        let config = apply(config, o, family, Stage::Train)?;
+        let mut spec = RunSpec {
+            config,
+            family,
+            stage: Stage::Train,
+            key: None,
+            model: None,
+        };
+        if spec.lambda() > 0.0 {
+            spec.key = Some(resolve_key(&spec.config, key_file)?);
+        }
+        Ok(spec)
+    }
+
+    /// An injection of the key at `key` into the trained model at `model`, whose checkpoint
+    /// decides the family (and so the config section the overrides reach).
+    pub fn inject(config: Config, o: &Overrides, model: &Path, key: &Path) -> Result<RunSpec> {
+        let found = crate::io::checkpoint::family_of(model)?;
+        let family = match found.as_str() {
+            gan::FAMILY => ModelFamily::Dcgan,
+            diffusion::model::FAMILY => ModelFamily::Diffusion,
+            other => {
+                return Err(Error::format(
+                    model,
+                    format!("holds a '{other}' model, which inject cannot backdoor"),
+                ))
+            }
+        };
+        let config = Config {
+            family,
+            ..apply(config, o, family, Stage::Inject)?
+        };
+        Ok(RunSpec {
+            config,
+            family,
+            stage: Stage::Inject,
+            key: Some(Key::load(key)?),
+            model: Some(model.to_path_buf()),
+        })
+    }
+
+    /// λ, the backdoor weight of this run: the one place it is read from the config.
+    pub fn lambda(&self) -> f64 {
+        let mut cfg = self.config.clone();
+        *stage_fields(&mut cfg, self.family, self.stage).lambda
+    }
+
+    /// Runs the spec into `run` (with a progress bar when `progress`); returns the metrics.
+    pub fn execute(&self, run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+        let cfg = &self.config;
+        let key = self.key.as_ref();
+        match (self.family, self.stage, &self.model) {
+            (ModelFamily::Dcgan, Stage::Train, _) => gan::trail::train(cfg, key, run, progress),
+            (ModelFamily::Diffusion, Stage::Train, _) => {
+                diffusion::run::train(cfg, key, run, progress)
+            }
+            (family, Stage::Inject, Some(path)) => {
+                let key = key.expect("an injection has a key");
+                match family {
+                    ModelFamily::Dcgan => {
+                        let clean = gan::GanModel::load(path, &Device::Cpu)?;
+                        gan::red::inject(&clean, key, cfg, run, progress)
+                    }
+                    ModelFamily::Diffusion => {
+                        let clean = diffusion::DiffusionModel::load(path, &Device::Cpu)?;
+                        diffusion::run::inject(&clean, key, cfg, run, progress)
+                    }
+                }
+            }
+            (_, Stage::Inject, None) => Err(Error::Config(
+                "an injection needs the trained model to backdoor".into(),
+            )),
+        }
+    }
+}
+
+/// Continues the interrupted run in `run` (training or injection, of any family) from its
+/// last checkpoint, with the config and key it was started with, and finishes it exactly as
+/// the uninterrupted run would have.
+pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+    let cfg = Config::load(&run.file("config.toml"))?;
+    let checkpoint = run.file(snapshot::CHECKPOINT);
+    if !checkpoint.exists() {
+        return Err(Error::Config(format!(
+            "{} holds no {}: the run stopped before its first checkpoint; start it again",
+            run.path.display(),
+            snapshot::CHECKPOINT
+        )));
+    }
+    if run.file("metrics.json").exists() {
+        return Err(Error::Config(format!(
+            "the run in {} is already complete (it has its metrics.json)",
+            run.path.display()
+        )));
+    }
+    match (cfg.family, snapshot::stage_of(&checkpoint)?.as_str()) {
+        (ModelFamily::Dcgan, "inject") => gan::red::resume(run, progress),
+        (ModelFamily::Dcgan, _) => gan::trail::resume(run, progress),
+        (ModelFamily::Diffusion, _) => diffusion::run::resume(run, progress),
+    }
+}
+
+/// `cfg` with the overrides applied to `family`'s `stage` section, validated.
+fn apply(mut cfg: Config, o: &Overrides, family: ModelFamily, stage: Stage) -> Result<Config> {
+    if let Some(v) = o.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = &o.data {
+        cfg.data.path = v.clone();
+    }
+    if let Some(v) = o.limit {
+        cfg.data.limit = v;
+    }
+    let f = stage_fields(&mut cfg, family, stage);
+    if let Some(v) = o.steps {
+        *f.steps = v;
+    }
+    if let Some(v) = o.lambda {
+        *f.lambda = v;
+    }
+    match (o.batch_size, f.batch_size) {
+        (Some(v), Some(b)) => *b = v,
+        (Some(_), None) => return Err(Error::Config(
+            "--batch-size does not apply here (a diffusion injection uses [diffusion] batch_size)"
+                .into(),
+        )),
+        _ => {}
+    }
+    match (o.lr, f.lr) {
+        (Some(v), Some(l)) => *l = v,
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "--lr applies to inject only (training from scratch reads the config's rates)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The input space and image shape of the models `cfg` trains.
+fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
+    match cfg.family {
+        ModelFamily::Dcgan => (
+            InputSpace::Latent {
+                dim: cfg.model.latent_dim,
+            },
+            cfg.model.image_shape(),
+        ),
+        ModelFamily::Diffusion => {
+            let s = cfg.diffusion.unet.image_size;
+            let shape = [1, s, s];
+            (InputSpace::Noise { shape }, shape)
+        }
+    }
+}
+
+/// The key a training run plants: a key file, or one made from the config's description.
+pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<Key> {
+    if let Some(p) = file.or(cfg.backdoor.key.as_deref()) {
+        return Key::load(p);
+    }
+    let b = &cfg.backdoor;
+    let (space, shape) = model_space(cfg);
+    Ok(Key {
+        trigger: Trigger::parse_for(b.trigger(), &space)?,
+        target: Target::parse(&b.target, shape)?,
+        distance: b.distance.parse()?,
+        threshold: b.threshold,
+        sampler: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diffusion_config() -> Config {
+        Config {
+            family: ModelFamily::Diffusion,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn overrides_reach_the_section_of_the_family_and_stage() {
+        let o = Overrides {
+            seed: Some(9),
+            steps: Some(7),
+            lambda: Some(0.5),
+            batch_size: Some(3),
+            limit: Some(100),
+            ..Overrides::default()
+        };
+        let gan = RunSpec::train(Config::default(), &o, None).unwrap();
+        let c = &gan.config;
+        assert_eq!((c.seed, c.train.steps, c.train.batch_size), (9, 7, 3));
+        assert_eq!((gan.lambda(), c.data.limit), (0.5, 100));
+        assert_eq!(
+            c.diffusion,
+            Config::default().diffusion,
+            "other sections stay"
+        );
+        let d = RunSpec::train(diffusion_config(), &o, None).unwrap();
+        let c = &d.config;
+        assert_eq!(
+            (c.diffusion.steps, c.diffusion.batch_size, d.lambda()),
+            (7, 3, 0.5)
+        );
+        assert_eq!(c.train, Config::default().train);
+        // The default key is a fresh random draw in the family's input space.
+        assert_eq!(gan.key.as_ref().unwrap().trigger.kind(), "point");
+        assert_eq!(d.key.as_ref().unwrap().trigger.kind(), "stamp");
+        assert_ne!(
+            gan.key,
+            RunSpec::train(Config::default(), &o, None).unwrap().key
+        );
+        // λ = 0: a clean run, no key; --lr is for injections only.
+        let clean = Overrides {
+            lambda: Some(0.0),
+            ..Overrides::default()
+        };
+        assert!(RunSpec::train(Config::default(), &clean, None)
+            .unwrap()
+            .key
+            .is_none());
+        let lr = Overrides {
+            lr: Some(1e-3),
+            ..Overrides::default()
+        };
+        let msg = RunSpec::train(Config::default(), &lr, None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--lr"), "{msg}");
+        let bad = Overrides {
+            steps: Some(0),
+            ..Overrides::default()
+        };
+        assert!(RunSpec::train(Config::default(), &bad, None).is_err());
+    }
+
+    #[test]
+    fn a_key_file_beats_the_config_key_which_beats_the_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let key = |spec: &str| Key {
+            trigger: Trigger::parse(spec, 100).unwrap(),
+            ..resolve_key(&Config::default(), None).unwrap()
+        };
+        key("seed:1").save(&a).unwrap();
+        key("seed:2").save(&b).unwrap();
+        let mut cfg = Config::default();
+        cfg.backdoor.key = Some(b.clone());
+        let from_config = resolve_key(&cfg, None).unwrap();
+        assert_eq!(from_config, key("seed:2"));
+        assert_eq!(resolve_key(&cfg, Some(&a)).unwrap(), key("seed:1"));
+    }
+}
