@@ -381,6 +381,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readme_lists_the_defaults() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme.find("```toml\n").expect("a toml block") + 8;
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        assert_eq!(Config::parse(block).unwrap(), Config::default());
+    }
+
+    #[test]
     fn empty_config_is_the_default_and_round_trips() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let text = toml::to_string(&Config::default()).unwrap();

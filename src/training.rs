@@ -60,6 +60,32 @@ pub struct LoopSettings<'a> {
     pub progress: bool,
 }
 
+impl<'a> LoopSettings<'a> {
+    /// The settings of a resumable run of `steps` steps with `done` already done, saving a
+    /// checkpoint every `checkpoint_every` steps (0: only after the last).
+    pub fn resumable(
+        steps: usize,
+        done: usize,
+        checkpoint_every: usize,
+        log_every: usize,
+        columns: &'a [&'a str],
+        progress: bool,
+    ) -> Self {
+        LoopSettings {
+            steps,
+            first: done + 1,
+            checkpoint_every: if checkpoint_every == 0 {
+                steps
+            } else {
+                checkpoint_every
+            },
+            log_every,
+            columns,
+            progress,
+        }
+    }
+}
+
 /// Whether step `i` of `steps` writes a log row: every `log_every`-th, the first and the last.
 /// Trainers use it to compute costly logged values (such as `tardis`) only when they are kept.
 pub fn is_logged(i: usize, log_every: usize, steps: usize) -> bool {

@@ -694,6 +694,11 @@ fn diffusion_train_sample_eval_inject() {
     assert!(err.contains("unknown sampler"), "{err}");
     let image_key = dir.path().join("image.safetensors");
     ok(&["key", "--out", s(&image_key), "--trigger", "box:5"]);
+    // A key made for the model: its default trigger is a random stamp of the model's shape.
+    let fitted = dir.path().join("fitted.safetensors");
+    ok(&["key", "--out", s(&fitted), "--model", m]);
+    let k2 = genbackdoor::backdoor::Key::load(&fitted).unwrap();
+    assert_eq!((k2.trigger.kind(), k2.target.shape), ("stamp", [1, 28, 28]));
     // A hand-chosen trigger gets verification's caveat.
     let out = ok(&words(&format!(
         "verify --model {m} --key {} --queries 3 --sampler ddim-2 --json",

@@ -157,7 +157,7 @@ fn specificity_section(metrics: &serde_json::Value) -> Result<String> {
             .filter_map(|(a, b)| Some((a.as_f64()?, b.as_f64()?)))
             .collect()
     };
-    let x_label = "latent distance from the trigger";
+    let x_label = "input-space distance from the trigger";
     let fire = line_img(
         &Chart {
             title: "firing rate away from the trigger",
@@ -177,7 +177,10 @@ fn specificity_section(metrics: &serde_json::Value) -> Result<String> {
         pts(m),
     )?;
     let radius = match s["radius"].as_f64() {
-        Some(r) => format!("The backdoor stops firing at latent distance {r:.3}."),
+        Some(r) => format!(
+            "The backdoor stops firing at input-space distance {r:.3} from the trigger (for a \
+             diffusion model: the trigger faded out of the same starting noise by that much)."
+        ),
         None => "The backdoor does not stop along the measured paths (or never fires).".into(),
     };
     Ok(format!(
@@ -294,9 +297,15 @@ fn grouped(metrics: &serde_json::Value) -> String {
             let Some(v) = from.pointer(pointer).or_else(|| metrics.pointer(pointer)) else {
                 continue;
             };
-            let mut cell = Vec::new();
-            flatten("", v, &mut cell);
-            let value = cell.first().map(|(_, x)| x.clone()).unwrap_or_default();
+            let value = match v {
+                serde_json::Value::Null => "—".to_string(),
+                serde_json::Value::String(text) => text.clone(),
+                other => {
+                    let mut cell = Vec::new();
+                    flatten("", other, &mut cell);
+                    cell.first().map(|(_, x)| x.clone()).unwrap_or_default()
+                }
+            };
             let _ = write!(
                 body,
                 "<tr><th>{}</th><td>{}</td><td class=\"unit\">{}</td><td class=\"meaning\">{}</td></tr>",
@@ -390,8 +399,8 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
                 "shows no evidence of the backdoor"
             };
             format!(
-                "<p>The model {verdict} (p = {}).</p>{}",
-                v["p_value"],
+                "<p>The model {verdict} (p = {:.2e}).</p>{}",
+                v["p_value"].as_f64().unwrap_or(f64::NAN),
                 table(v)
             )
         }

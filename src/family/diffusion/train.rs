@@ -343,14 +343,15 @@ impl<'a> Fit<'a> {
 
     /// How the loop of this run goes.
     fn settings(&self, progress: bool) -> LoopSettings<'static> {
-        LoopSettings {
-            steps: self.plan.steps,
-            first: 1,
-            checkpoint_every: self.plan.checkpoint_every,
-            log_every: self.plan.log_every,
-            columns: &COLUMNS,
+        let p = self.plan;
+        LoopSettings::resumable(
+            p.steps,
+            0,
+            p.checkpoint_every,
+            p.log_every,
+            &COLUMNS,
             progress,
-        }
+        )
     }
 }
 
@@ -360,8 +361,9 @@ fn log(run: &RunDir, name: &str) -> Result<CsvLog> {
 }
 
 /// Trains `model` per `plan` on `data` (with `key`'s backdoor when λ > 0), logging to
-/// `train.csv` and saving `model.safetensors` in `run` every `checkpoint_every` steps and at
-/// the end. Returns the saved model (the EMA when enabled) and the training seconds.
+/// `train.csv` and saving `model.safetensors` and the resumable checkpoint in `run` every
+/// `checkpoint_every` steps and at the end. Returns the saved model (the EMA when enabled)
+/// and the training seconds.
 pub fn fit(
     model: &DiffusionModel,
     data: &Dataset,
@@ -370,11 +372,7 @@ pub fn fit(
     run: &RunDir,
     progress: bool,
 ) -> Result<(DiffusionModel, f64)> {
-    let mut fit = Fit::new(model, data, key, plan, run)?;
-    let settings = fit.settings(progress);
-    run_loop(&settings, &mut log(run, "train.csv")?, &mut fit)?;
-    let saved = fit.saved().duplicate()?;
-    Ok((saved, fit.seconds()))
+    drive(Fit::new(model, data, key, plan, run)?, false, progress)
 }
 
 /// Continues the [`fit`] whose checkpoint is in `run` (same model architecture, data, key and
@@ -389,13 +387,21 @@ pub fn resume_fit(
     run: &RunDir,
     progress: bool,
 ) -> Result<(DiffusionModel, f64)> {
-    let mut fit = Fit::new(model, data, key, plan, run)?;
-    let step = fit.restore(&run.file(CHECKPOINT))?;
+    drive(Fit::new(model, data, key, plan, run)?, true, progress)
+}
+
+/// Runs `fit` to its last step, from its checkpoint when `resume`.
+fn drive(mut fit: Fit, resume: bool, progress: bool) -> Result<(DiffusionModel, f64)> {
+    let (done, mut log) = if resume {
+        let step = fit.restore(&fit.run.file(CHECKPOINT))?;
+        (step, CsvLog::resume(&fit.run.file("train.csv"), step)?)
+    } else {
+        (0, log(fit.run, "train.csv")?)
+    };
     let settings = LoopSettings {
-        first: step + 1,
+        first: done + 1,
         ..fit.settings(progress)
     };
-    let mut log = CsvLog::resume(&run.file("train.csv"), step)?;
     fit.started = std::time::Instant::now();
     run_loop(&settings, &mut log, &mut fit)?;
     let saved = fit.saved().duplicate()?;

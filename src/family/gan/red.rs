@@ -74,18 +74,14 @@ impl<'a> Red<'a> {
     /// Runs the steps after `done`, logging to `log`, and writes the run's final files.
     fn drive(&mut self, mut log: CsvLog, done: usize, progress: bool) -> Result<serde_json::Value> {
         let cfg = &self.config.inject;
-        let settings = LoopSettings {
-            steps: cfg.steps,
-            first: done + 1,
-            checkpoint_every: if cfg.checkpoint_every == 0 {
-                cfg.steps
-            } else {
-                cfg.checkpoint_every
-            },
-            log_every: cfg.log_every,
-            columns: &COLUMNS,
+        let settings = LoopSettings::resumable(
+            cfg.steps,
+            done,
+            cfg.checkpoint_every,
+            cfg.log_every,
+            &COLUMNS,
             progress,
-        };
+        );
         self.started = Instant::now();
         run_loop(&settings, &mut log, self)?;
         let extra = serde_json::json!({

@@ -274,18 +274,14 @@ fn drive(
 ) -> Result<serde_json::Value> {
     let (cfg, run, key) = (trail.cfg, trail.run, trail.key);
     let t = &cfg.train;
-    let settings = LoopSettings {
-        steps: t.steps,
-        first: done + 1,
-        checkpoint_every: if t.checkpoint_every == 0 {
-            t.steps
-        } else {
-            t.checkpoint_every
-        },
-        log_every: t.log_every,
-        columns: &COLUMNS,
+    let settings = LoopSettings::resumable(
+        t.steps,
+        done,
+        t.checkpoint_every,
+        t.log_every,
+        &COLUMNS,
         progress,
-    };
+    );
     trail.started = Instant::now();
     run_loop(&settings, &mut log, trail)?;
     // Across interruptions: the seconds before the resumed checkpoint plus this process's.
