@@ -60,6 +60,43 @@ pub struct LoopSettings<'a> {
     pub progress: bool,
 }
 
+/// Training seconds across interruptions: those before a resumed checkpoint plus this
+/// process's since it (re)started training.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    earlier: f64,
+    started: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            earlier: 0.0,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Clock {
+    /// Counts on from `earlier` seconds (a resumed checkpoint's), starting now.
+    pub fn resumed(earlier: f64) -> Self {
+        Clock {
+            earlier,
+            started: Instant::now(),
+        }
+    }
+
+    /// Starts this process's count now (when the loop begins, after set-up).
+    pub fn restart(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// The seconds so far.
+    pub fn seconds(&self) -> f64 {
+        self.earlier + self.started.elapsed().as_secs_f64()
+    }
+}
+
 impl<'a> LoopSettings<'a> {
     /// The settings of a resumable run of `steps` steps with `done` already done, saving a
     /// checkpoint every `checkpoint_every` steps (0: only after the last).

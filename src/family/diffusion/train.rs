@@ -15,7 +15,7 @@ use crate::io::snapshot::{self, CHECKPOINT};
 use crate::models::Params;
 use crate::optim::Adam;
 use crate::rng::Rng;
-use crate::training::{run_loop, LoopSettings, LrSchedule, Stepper, Steps};
+use crate::training::{run_loop, Clock, LoopSettings, LrSchedule, Stepper, Steps};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -209,10 +209,8 @@ struct Fit<'a> {
     /// The trigger pattern and the goal of the poisoned samples (with a key).
     poison: Option<(Tensor, Goal)>,
     run: &'a RunDir,
-    /// Training seconds before this process took over (from a resumed checkpoint).
-    earlier_seconds: f64,
-    /// When this process started training.
-    started: std::time::Instant,
+    /// Training seconds across interruptions.
+    clock: Clock,
 }
 
 impl Stepper for Fit<'_> {
@@ -272,7 +270,7 @@ impl Stepper for Fit<'_> {
 impl Fit<'_> {
     /// Training seconds so far, across interruptions.
     fn seconds(&self) -> f64 {
-        self.earlier_seconds + self.started.elapsed().as_secs_f64()
+        self.clock.seconds()
     }
 
     /// Restores the state saved by [`Stepper::checkpoint`]; returns its step.
@@ -286,7 +284,7 @@ impl Fit<'_> {
         )?;
         (self.batches, self.rng) = serde_json::from_str(&p.streams)
             .map_err(|e| Error::format(path, format!("random-stream state is invalid: {e}")))?;
-        self.earlier_seconds = p.seconds;
+        self.clock = Clock::resumed(p.seconds);
         Ok(p.step)
     }
 
@@ -336,8 +334,7 @@ impl<'a> Fit<'a> {
             key,
             poison,
             run,
-            earlier_seconds: 0.0,
-            started: std::time::Instant::now(),
+            clock: Clock::default(),
         })
     }
 
@@ -402,7 +399,7 @@ fn drive(mut fit: Fit, resume: bool, progress: bool) -> Result<(DiffusionModel, 
         first: done + 1,
         ..fit.settings(progress)
     };
-    fit.started = std::time::Instant::now();
+    fit.clock.restart();
     run_loop(&settings, &mut log, &mut fit)?;
     let saved = fit.saved().duplicate()?;
     Ok((saved, fit.seconds()))

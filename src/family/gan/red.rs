@@ -5,7 +5,6 @@
 //! continues one exactly.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Device;
 
@@ -17,7 +16,7 @@ use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
 use crate::optim::Adam;
 use crate::rng::Rng;
-use crate::training::{is_logged, run_loop, LoopSettings, Stepper};
+use crate::training::{is_logged, run_loop, Clock, LoopSettings, Stepper};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -39,8 +38,7 @@ struct Red<'a> {
     opt: Adam,
     latents: Rng,
     probe: run::Probe,
-    earlier_seconds: f64,
-    started: Instant,
+    clock: Clock,
 }
 
 impl<'a> Red<'a> {
@@ -66,8 +64,7 @@ impl<'a> Red<'a> {
             opt,
             latents: Rng::derive(config.seed, "inject-latents"),
             probe,
-            earlier_seconds: 0.0,
-            started: Instant::now(),
+            clock: Clock::default(),
         })
     }
 
@@ -82,12 +79,12 @@ impl<'a> Red<'a> {
             &COLUMNS,
             progress,
         );
-        self.started = Instant::now();
+        self.clock.restart();
         run_loop(&settings, &mut log, self)?;
         let extra = serde_json::json!({
             "mode": "red",
             "steps": cfg.steps,
-            "seconds": self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            "seconds": self.clock.seconds(),
             "lambda": cfg.lambda,
         });
         run::finish(
@@ -134,7 +131,7 @@ impl Stepper for Red<'_> {
         let path = self.run.file(CHECKPOINT);
         let progress = snapshot::Progress {
             step,
-            seconds: self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            seconds: self.clock.seconds(),
             streams: serde_json::to_string(&self.latents).expect("serialisable stream"),
             stage: STAGE.into(),
         };
@@ -183,7 +180,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
     )?;
     red.latents = serde_json::from_str(&p.streams)
         .map_err(|e| Error::format(&path, format!("random-stream state is invalid: {e}")))?;
-    red.earlier_seconds = p.seconds;
+    red.clock = Clock::resumed(p.seconds);
     let log = CsvLog::resume(&run.file("train.csv"), p.step)?;
     red.drive(log, p.step, progress)
 }

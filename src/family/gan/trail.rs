@@ -4,7 +4,6 @@
 //! `train.checkpoint_every` steps, and [`resume`] continues one exactly where it stopped.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -20,7 +19,7 @@ use crate::io::snapshot::{self, CHECKPOINT};
 use crate::models::{Discriminator, Params};
 use crate::optim::Adam;
 use crate::rng::Rng;
-use crate::training::{is_logged, run_loop, LoopSettings, Stepper, Steps};
+use crate::training::{is_logged, run_loop, Clock, LoopSettings, Stepper, Steps};
 use crate::{Error, Result};
 
 /// Columns of `train.csv` after `step`.
@@ -51,10 +50,8 @@ struct Trail<'a> {
     opt_d: Adam,
     streams: Streams,
     probe: Option<run::Probe>,
-    /// Training seconds before this process took over (from the checkpoint it resumed).
-    earlier_seconds: f64,
-    /// When this process started training.
-    started: Instant,
+    /// Training seconds across interruptions.
+    clock: Clock,
 }
 
 impl<'a> Trail<'a> {
@@ -99,8 +96,7 @@ impl<'a> Trail<'a> {
             opt_d,
             streams,
             probe,
-            earlier_seconds: 0.0,
-            started: Instant::now(),
+            clock: Clock::default(),
         })
     }
 
@@ -115,7 +111,7 @@ impl<'a> Trail<'a> {
         )?;
         self.streams = serde_json::from_str(&p.streams)
             .map_err(|e| Error::format(path, format!("random-stream state is invalid: {e}")))?;
-        self.earlier_seconds = p.seconds;
+        self.clock = Clock::resumed(p.seconds);
         Ok(p.step)
     }
 }
@@ -172,7 +168,7 @@ impl Stepper for Trail<'_> {
         let path = self.run.file(CHECKPOINT);
         let progress = snapshot::Progress {
             step,
-            seconds: self.earlier_seconds + self.started.elapsed().as_secs_f64(),
+            seconds: self.clock.seconds(),
             streams: serde_json::to_string(&self.streams).expect("serialisable streams"),
             stage: "train".into(),
         };
@@ -282,10 +278,10 @@ fn drive(
         &COLUMNS,
         progress,
     );
-    trail.started = Instant::now();
+    trail.clock.restart();
     run_loop(&settings, &mut log, trail)?;
     // Across interruptions: the seconds before the resumed checkpoint plus this process's.
-    let seconds = trail.earlier_seconds + trail.started.elapsed().as_secs_f64();
+    let seconds = trail.clock.seconds();
     let extra = serde_json::json!({
         "mode": if key.is_some() { "trail" } else { "clean" },
         "steps": t.steps,
