@@ -543,6 +543,13 @@ fn verify_attacks_and_the_report() {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "no {id}");
     }
     assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));
+    // The page opens with the verdict in words, the p-value in scientific notation, and the
+    // metrics grouped with their meaning.
+    let verdict = &html[html.find("class=\"verdict\"").expect("a verdict")..];
+    let verdict = &verdict[..verdict.find("</div>").unwrap()];
+    assert!(verdict.contains("Ownership verification:"), "{verdict}");
+    assert!(verdict.contains(&format!("p = {p:.2e}")), "{verdict}");
+    assert!(html.contains("<th>attack success rate</th>"));
     // Two grids, four training curves, two specificity charts, three per attack.
     assert_eq!(check_embedded_images(&html), 2 + 4 + 2 + 3 * 2);
 
