@@ -56,11 +56,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.parse::<Sampler>())
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut model, key) = super::model_and_key(
-        &a.model,
-        a.key.as_deref(),
-        a.samplers.first().map(String::as_str),
-    )?;
+    let (mut model, key) = super::model_and_key(&a.model, a.key.as_deref(), None)?;
+    if let Some(s) = samplers.first() {
+        model.set_sampler(*s)?;
+    }
     let mut v = serde_json::json!({});
     if a.quality_samples > 0 {
         let reference = QualityReference::bundled()?;

@@ -23,14 +23,7 @@ use crate::Result;
 /// The samplers every run is measured with: DDPM over all T steps and DDIM with 50 steps
 /// (T when T < 50).
 pub fn eval_samplers(model: &DiffusionModel) -> [Sampler; 2] {
-    [Sampler::Ddpm, ddim_eval(model)]
-}
-
-/// DDIM with 50 steps (T when T < 50): quality samples and grids use it.
-fn ddim_eval(model: &DiffusionModel) -> Sampler {
-    Sampler::Ddim {
-        steps: 50.min(model.schedule.steps()),
-    }
+    [Sampler::Ddpm, Sampler::default_for(&model.schedule)]
 }
 
 /// Triggered (and as many clean) starts measured per sampler at the end of a run and by
@@ -79,9 +72,7 @@ fn evaluate_keeping(
     seed: u64,
     keep: usize,
 ) -> Result<(BTreeMap<String, SamplerReport>, Vec<Tensor>)> {
-    let shape = model.image_shape();
-    key.trigger.check_fits_image(shape)?;
-    key.target.check_fits(shape)?;
+    key.check_model(model)?;
     let mut rng = Rng::derive(seed, "diffusion-eval");
     // Triggered and clean starts go through the sampler as one batch.
     let starts = Tensor::cat(
@@ -139,7 +130,7 @@ pub fn finish(
 ) -> Result<serde_json::Value> {
     let seed = settings.seed;
     let mut model = model.duplicate()?;
-    model.sampler = ddim_eval(&model);
+    model.sampler = Sampler::default_for(&model.schedule);
     model.save(&run.file("model.safetensors"))?;
     save_samples(&model, &run.file("samples.png"), 64, seed)?;
     let obj = extra.as_object_mut().expect("extra is an object");

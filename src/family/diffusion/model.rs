@@ -45,8 +45,7 @@ pub struct DiffusionModel {
     pub schedule: NoiseSchedule,
     /// Where its tensors live.
     pub device: Device,
-    /// The sampler [`Generative::generate`] runs (DDIM with 50 steps, or T when T < 50,
-    /// unless set).
+    /// The sampler [`Generative::generate`] runs ([`Sampler::default_for`] unless set).
     pub sampler: Sampler,
 }
 
@@ -60,9 +59,7 @@ impl DiffusionModel {
             params,
             unet,
             arch: arch.clone(),
-            sampler: Sampler::Ddim {
-                steps: 50.min(schedule.steps()),
-            },
+            sampler: Sampler::default_for(&schedule),
             schedule,
             device: device.clone(),
         })

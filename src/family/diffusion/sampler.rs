@@ -54,6 +54,14 @@ impl std::str::FromStr for Sampler {
 }
 
 impl Sampler {
+    /// A diffusion model's default sampler (samples, grids, clean quality, and `generate`
+    /// unless another is set): DDIM with 50 steps, or T when the schedule has fewer.
+    pub fn default_for(schedule: &NoiseSchedule) -> Sampler {
+        Sampler::Ddim {
+            steps: 50.min(schedule.steps()),
+        }
+    }
+
     /// The timesteps visited, from the noisiest down to 1; after the last comes t = 0.
     pub fn timesteps(&self, schedule: &NoiseSchedule) -> Result<Vec<usize>> {
         let total = schedule.steps();
