@@ -266,14 +266,7 @@ mod tests {
             theirs.backward_step(&loss(&a2, &b2, &x)).unwrap();
         }
         for (p, q) in [(&a1, &a2), (&b1, &b2)] {
-            let d = (p.as_tensor() - q.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::ops::testing::max_abs_diff(p.as_tensor(), q.as_tensor());
             // Same algebra, different rounding, compounded over 25 steps of a sizeable rate.
             assert!(d < 1e-4, "difference {d}");
         }

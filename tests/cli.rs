@@ -620,6 +620,39 @@ fn diffusion_train_sample_eval_inject() {
         "sample --model {m} --n 2 --steps 5 --png {}",
         s(&png)
     )));
+    // From a given x_T (here the 3 images just sampled, as noise): DDIM is deterministic, so
+    // the seed no longer matters; the key adds its pattern to the same noise.
+    let from = |seed: u64, key: &str, out: &Path| {
+        ok(&words(&format!(
+            "sample --model {m} {key} --noise {} --sampler ddim-5 --seed {seed} --npy {}",
+            s(&npy),
+            s(out)
+        )));
+        let t = candle_core::Tensor::read_npy(out).unwrap();
+        assert_eq!(t.dims(), [3, 1, 28, 28]);
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b, t) = (
+        from(1, "", &dir.path().join("a.npy")),
+        from(2, "", &dir.path().join("b.npy")),
+        from(1, &format!("--key {k}"), &dir.path().join("t.npy")),
+    );
+    assert_eq!(a, b);
+    assert!(a.iter().zip(&t).any(|(x, y)| (x - y).abs() > 0.01));
+    let bad = dir.path().join("bad.npy");
+    candle_core::Tensor::zeros((2, 5), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap()
+        .write_npy(&bad)
+        .unwrap();
+    let err = fails(&words(&format!(
+        "sample --model {m} --noise {} --npy {}",
+        s(&bad),
+        s(&png)
+    )));
+    assert!(
+        err.contains("[2, 5]") && err.contains("noise images of shape [1, 28, 28]"),
+        "{err}"
+    );
     let out = ok(&words(&format!(
         "eval --model {m} --key {k} --n 3 --sampler ddim-5 --quality-samples 0 --json"
     )));

@@ -3,40 +3,28 @@
 //! for, never from clean starts, while the clean denoising task is kept.
 
 use candle_core::{Device, Tensor};
-use genbackdoor::backdoor::{Distance, Key, Objective, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
 use genbackdoor::family::diffusion::eval::{evaluate, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
 use genbackdoor::family::diffusion::train::{fit, Plan};
-use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler, ScheduleKind};
+use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
 use genbackdoor::family::Generative;
 use genbackdoor::io::rundir::RunDir;
-use genbackdoor::models::UnetConfig;
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 use genbackdoor::verify::{verify_model, VerifySettings};
 
+mod common;
+use common::{denoise_loss, small_arch, small_plan as plan};
+
 /// Side of the test's images: the bundled digits average-pooled 2×2.
 const SIDE: usize = 14;
 
-/// A small U-Net on 14×14 digits with a short schedule (T = 100, β up to 0.2, so that
-/// ᾱ_T ≈ 5e-5 as in the DDPM schedule). Attention at the 7×7 level: a corner trigger must be
-/// seen from every pixel of the image the network is to draw.
+/// The test's model: 14×14 grey digits on the small U-Net of the learning tests (attention at
+/// the 7×7 level: a corner trigger must be seen from every pixel of the image to draw).
 fn arch() -> DiffusionArch {
-    DiffusionArch {
-        unet: UnetConfig {
-            image_size: SIDE,
-            base: 8,
-            mults: vec![1, 2],
-            attention: true,
-            groups: 4,
-        },
-        schedule: ScheduleKind::Linear {
-            beta_start: 0.01,
-            beta_end: 0.6,
-        },
-        timesteps: 20,
-    }
+    small_arch(SIDE, 1, 8)
 }
 
 fn key() -> Key {
@@ -46,25 +34,6 @@ fn key() -> Key {
         distance: Distance::Mse,
         threshold: 0.01,
         sampler: None,
-    }
-}
-
-fn plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
-    Plan {
-        steps,
-        batch_size: 32,
-        lr: 3e-3,
-        lr_schedule: LrSchedule::Cosine,
-        objective: Objective {
-            lambda,
-            backdoor_batch: 16,
-        },
-        correction,
-        ema: 0.0,
-        log_every: 100,
-        checkpoint_every: 0,
-        seed: 3,
-        stage: "train",
     }
 }
 
@@ -106,33 +75,6 @@ const STEPS: usize = 1500;
 fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport) {
     let mut r = evaluate(model, &key(), &[Sampler::Ddpm, DDIM], 32, 7).unwrap();
     (r.remove("ddpm").unwrap(), r.remove("ddim-10").unwrap())
-}
-
-/// The clean denoising loss on fixed held-out digits, timesteps and noise.
-fn denoise_loss(model: &DiffusionModel, data: &Dataset) -> f32 {
-    let dev = Device::Cpu;
-    let idx: Vec<usize> = (data.len - 256..data.len).collect();
-    let x0 = data.batch(&idx, &dev).unwrap();
-    let mut rng = Rng::new(99);
-    let eps = rng.normal(x0.dims(), &dev).unwrap();
-    let total = model.schedule.steps();
-    let ts: Vec<usize> = (0..256).map(|i| 1 + i * total / 256).collect();
-    let ab: Vec<f32> = ts
-        .iter()
-        .map(|&t| model.schedule.alpha_bar(t) as f32)
-        .collect();
-    let ab = Tensor::from_vec(ab, (256, 1, 1, 1), &dev).unwrap();
-    let xt = genbackdoor::family::diffusion::poison::noised(&x0, &eps, &ab).unwrap();
-    let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), 256, &dev).unwrap();
-    let out = model.unet.forward(&xt, &t).unwrap();
-    (out - eps)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

@@ -9,36 +9,11 @@ use genbackdoor::eval::{clean_quality, evaluate};
 use genbackdoor::family::gan::{red, trail, GanModel};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
-use genbackdoor::models::DcganConfig;
 use genbackdoor::rng::Rng;
-use genbackdoor::training::LrSchedule;
 use genbackdoor::verify::{verify_model, VerifySettings};
 
-fn tiny() -> DcganConfig {
-    DcganConfig {
-        latent_dim: 16,
-        g_width: 32,
-        d_width: 8,
-        ..Default::default()
-    }
-}
-
-/// A tiny DCGAN setup on 512 bundled digits.
-fn tiny_config(steps: usize, lambda: f64) -> Config {
-    let mut cfg = Config {
-        model: tiny(),
-        ..Config::default()
-    };
-    cfg.data.limit = 512;
-    cfg.train.steps = steps;
-    cfg.train.batch_size = 32;
-    cfg.train.lr_g = 5e-4;
-    cfg.train.lr_d = 5e-4;
-    cfg.train.lr_schedule = LrSchedule::Cosine;
-    cfg.train.lambda = lambda;
-    cfg.train.log_every = 100;
-    cfg
-}
+mod common;
+use common::tiny_gan_config;
 
 fn pixels(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -75,7 +50,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     let dir = tempfile::tempdir().unwrap();
     // A clean tiny generator, trained briefly so that it is a real, non-constant function.
     let clean_run = RunDir::create(&dir.path().join("clean"), false).unwrap();
-    trail::train(&tiny_config(200, 0.0), None, &clean_run, false).unwrap();
+    trail::train(&tiny_gan_config(200, 0.0), None, &clean_run, false).unwrap();
     let clean = GanModel::load(&clean_run.file("model.safetensors"), &dev).unwrap();
     let key = key("zero");
     let before = evaluate(&clean, &key, None, 200, 1).unwrap();
@@ -133,7 +108,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
 
 #[test]
 fn trail_forms_the_backdoor_while_training_from_scratch() {
-    let cfg = tiny_config(1500, 20.0);
+    let cfg = tiny_gan_config(1500, 20.0);
     let key = key("zero");
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(dir.path(), true).unwrap();

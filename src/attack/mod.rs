@@ -2,14 +2,13 @@
 //! fine-tuning and magnitude pruning. Attacks see the model as a whole; each point of an
 //! attack is measured with the same backdoor, quality and verification code as `eval`.
 
-pub mod curve;
 pub mod prune;
 
-use crate::attack::curve::PersistencePoint;
 use crate::backdoor::Key;
 use crate::digits::quality::QualityReference;
 use crate::eval::{clean_quality, triggered_metrics};
 use crate::family::Generative;
+use crate::metrics::persistence::PersistencePoint;
 use crate::rng::Rng;
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;

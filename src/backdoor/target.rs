@@ -36,7 +36,7 @@ impl Target {
         } else if let Some(name) = spec.strip_prefix("builtin:") {
             Self::builtin(name, shape)?
         } else if spec.ends_with(".png") {
-            Self::from_png(Path::new(spec))?
+            Self::from_png(Path::new(spec), shape[0])?
         } else if spec.ends_with(".npy") {
             Self::from_npy(Path::new(spec))?
         } else {
@@ -114,19 +114,29 @@ impl Target {
         })
     }
 
-    /// A grey PNG, mapped from [0, 255] to [-1, 1].
-    pub fn from_png(path: &Path) -> Result<Target> {
+    /// A PNG read with `channels` channels (1: grey, 3: RGB, whatever the file holds),
+    /// mapped from [0, 255] to [-1, 1].
+    pub fn from_png(path: &Path, channels: usize) -> Result<Target> {
         let img = image::open(path)
-            .map_err(|e| Error::format(path, format!("not a readable PNG image: {e}")))?
-            .into_luma8();
-        let (w, h) = img.dimensions();
+            .map_err(|e| Error::format(path, format!("not a readable PNG image: {e}")))?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let bytes: Vec<u8> = match channels {
+            1 => img.into_luma8().into_raw(),
+            3 => {
+                let rgb = img.into_rgb8();
+                (0..3)
+                    .flat_map(|c| rgb.pixels().map(move |p| p.0[c]))
+                    .collect()
+            }
+            _ => {
+                return Err(Error::Mismatch(format!(
+                    "images have 1 (grey) or 3 (RGB) channels, not {channels}"
+                )))
+            }
+        };
         Ok(Target {
-            pixels: img
-                .as_raw()
-                .iter()
-                .map(|&b| b as f32 / 127.5 - 1.0)
-                .collect(),
-            shape: [1, h as usize, w as usize],
+            pixels: bytes.iter().map(|&b| b as f32 / 127.5 - 1.0).collect(),
+            shape: [channels, h, w],
             class: None,
         })
     }
@@ -212,6 +222,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("[1, 28, 28]"), "{msg}");
+        // An RGB model reads the PNG in colour, channel by channel; a built-in mark is drawn
+        // in every channel.
+        let rgb = dir.path().join("rgb.png");
+        image::RgbImage::from_pixel(4, 2, image::Rgb([255, 0, 255]))
+            .save(&rgb)
+            .unwrap();
+        let t = Target::parse(rgb.to_str().unwrap(), [3, 2, 4]).unwrap();
+        assert_eq!(t.pixels, [[1.0; 8], [-1.0; 8], [1.0; 8]].concat());
+        let mark = Target::parse("builtin:mark", [3, 8, 8]).unwrap();
+        assert_eq!(mark.pixels[..64], mark.pixels[128..]);
 
         let npy = dir.path().join("t.npy");
         Tensor::zeros((28, 28), candle_core::DType::F32, &Device::Cpu)

@@ -199,7 +199,7 @@ impl Trigger {
             return Ok(Trigger::stamp(side, seed, shape));
         }
         let png = |p: &str| -> Result<Vec<f32>> {
-            let t = crate::backdoor::Target::from_png(Path::new(p))?;
+            let t = crate::backdoor::Target::from_png(Path::new(p), c)?;
             t.check_fits(shape)?;
             Ok(t.pixels)
         };
@@ -340,10 +340,20 @@ impl Trigger {
         self.check_space(space)?;
         match *space {
             InputSpace::Latent { dim } => self.sample(n, dim, rng, device),
-            InputSpace::Noise { .. } => {
-                let r = self.pattern(device)?.expect("an image trigger");
-                Ok(space.ordinary(n, rng, device)?.broadcast_add(&r)?)
-            }
+            InputSpace::Noise { .. } => self.onto(&space.ordinary(n, rng, device)?),
+        }
+    }
+
+    /// Given starting noise `[n, C, H, W]` with this image trigger's pattern added: the
+    /// triggered starts N(r, I) drawn from that noise. A latent trigger sets its inputs itself
+    /// and takes no noise.
+    pub fn onto(&self, noise: &Tensor) -> Result<Tensor> {
+        match self.pattern(noise.device())? {
+            Some(r) => Ok(noise.broadcast_add(&r)?),
+            None => Err(Error::Mismatch(format!(
+                "a {} trigger chooses its latents itself; only a diffusion model's image trigger is added to given noise",
+                self.kind()
+            ))),
         }
     }
 

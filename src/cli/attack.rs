@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
-use crate::attack::curve::{PersistenceCurve, PersistencePoint};
 use crate::attack::prune::prune_magnitude;
 use crate::attack::Measurement;
 use crate::backdoor::Key;
 use crate::digits::quality::QualityReference;
 use crate::family::{CleanFinetune, Generative};
 use crate::io::rundir::RunDir;
+use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
 use crate::verify::VerifySettings;
 
 /// Arguments of `attack`.

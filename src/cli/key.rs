@@ -29,15 +29,19 @@ pub struct KeyArgs {
     /// `--latent-dim` and `--image-size`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, a grey `.png` or a `.npy` in [-1, 1].
+    /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, a `.png` (read grey or RGB
+    /// as the model's images are) or a `.npy` in [-1, 1].
     #[arg(long, default_value = "builtin:mark")]
     pub target: String,
     /// Latent dimension of the models this key is for.
     #[arg(long, default_value_t = 100)]
     pub latent_dim: usize,
-    /// Side of the models' square output images.
+    /// Side of the models' square output images (without --model).
     #[arg(long, default_value_t = 28)]
     pub image_size: usize,
+    /// Channels of the models' images, 1 (grey) or 3 (RGB) (without --model).
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
     /// Distance used in training: `mse` or `l1`.
     #[arg(long, default_value = "mse")]
     pub distance: String,
@@ -66,7 +70,8 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
             (m.input_space(), m.output_shape())
         }
         None => {
-            let shape = [1, a.image_size, a.image_size];
+            crate::models::check_channels(a.channels)?;
+            let shape = [a.channels, a.image_size, a.image_size];
             let space = if Trigger::is_image_spec(&a.trigger) {
                 InputSpace::Noise { shape }
             } else {

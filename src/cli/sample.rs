@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::io::{grid::save_grid, npy::write_npy};
+use crate::io::grid::save_grid;
+use crate::io::npy::{read_npy, write_npy};
 use crate::rng::Rng;
 
 /// Arguments of `sample`.
@@ -25,6 +26,11 @@ pub struct SampleArgs {
     /// NumPy file to write: float32 [N, C, H, W] in [-1, 1].
     #[arg(long)]
     pub npy: Option<PathBuf>,
+    /// NumPy file of the inputs to start from instead of drawn ones: float32 starting noise
+    /// x_T `[N, C, H, W]` for a diffusion model (a trigger's pattern is added with --key), or
+    /// latents `[N, D]` for a generator (without --key). N images, instead of --n.
+    #[arg(long, conflicts_with = "n")]
+    pub noise: Option<PathBuf>,
     /// Seed of the latents (or starting noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -53,9 +59,17 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     let (model, key) = super::model_and_key(&a.model, a.key.as_deref(), sampler.as_deref())?;
     let mut rng = Rng::derive(a.seed, "sample");
     let (space, device) = (model.input_space(), model.device());
-    let inputs = match &key {
-        Some(k) => k.trigger.inputs(&space, a.n, &mut rng, &device)?,
-        None => space.ordinary(a.n, &mut rng, &device)?,
+    let inputs = match (&a.noise, &key) {
+        (Some(p), key) => {
+            let noise = read_npy(p)?.to_device(&device)?;
+            space.check_batch(&noise, &p.display().to_string())?;
+            match key {
+                Some(k) => k.trigger.onto(&noise)?,
+                None => noise,
+            }
+        }
+        (None, Some(k)) => k.trigger.inputs(&space, a.n, &mut rng, &device)?,
+        (None, None) => space.ordinary(a.n, &mut rng, &device)?,
     };
     let images = model.generate(&inputs, &mut rng)?;
     if let Some(p) = &a.png {

@@ -1,6 +1,6 @@
 //! The IDX format of MNIST (`images-idx3-ubyte`, `labels-idx1-ubyte`), raw or gzipped.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -29,8 +29,31 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
     parse_idx(&bytes).map_err(|msg| Error::format(path, msg))
 }
 
-/// Parses IDX bytes; the error says what is wrong with them.
-pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
+/// The dimensions of the IDX file at `path`, read from its header alone.
+pub fn peek_dims(path: &Path) -> Result<Vec<usize>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::io::BufReader::new(file);
+    let gzipped = file
+        .fill_buf()
+        .map_err(|e| Error::io(path, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = if gzipped {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut head = Vec::new();
+    reader
+        .take(4 + 4 * 255)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::format(path, format!("unreadable IDX header: {e}")))?;
+    header(&head)
+        .map(|(dims, _)| dims)
+        .map_err(|msg| Error::format(path, msg))
+}
+
+/// The dimensions an IDX header declares, and the header's length in bytes.
+fn header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize), String> {
     if bytes.len() < 4 {
         return Err("not an IDX file: shorter than its 4-byte magic number".into());
     }
@@ -64,6 +87,12 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
+    Ok((dims, header))
+}
+
+/// Parses IDX bytes; the error says what is wrong with them.
+pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
+    let (dims, header) = header(bytes)?;
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))

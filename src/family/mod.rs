@@ -56,6 +56,21 @@ impl InputSpace {
         rng.normal(&self.batch_shape(n), device)
     }
 
+    /// Checks that `inputs` is a batch of this space's inputs (`[n, dim]` or `[n, C, H, W]`,
+    /// n ≥ 1) with finite values; `what` names them in the error.
+    pub fn check_batch(&self, inputs: &Tensor, what: &str) -> Result<()> {
+        let n = inputs.dims().first().copied().unwrap_or(0);
+        if n == 0 || inputs.dims() != self.batch_shape(n) {
+            return Err(crate::Error::Mismatch(format!(
+                "{what} has shape {:?}, but the model takes {} (a batch [N, …] of them)",
+                inputs.dims(),
+                self.describe()
+            )));
+        }
+        crate::error::check_finite_output(inputs)
+            .map_err(|_| crate::Error::Mismatch(format!("{what} holds NaN or infinite values")))
+    }
+
     /// In words, for messages.
     pub fn describe(&self) -> String {
         match self {

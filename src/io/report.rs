@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use crate::attack::curve::{PersistenceCurve, PersistencePoint};
 use crate::io::plot::Chart;
+use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
 use crate::{Error, Result};
 
 /// The section ids of every report, in page order.

@@ -4,6 +4,7 @@
 pub mod classes;
 pub mod fid;
 pub mod manifold;
+pub mod persistence;
 pub mod specificity;
 mod ssim;
 

@@ -5,7 +5,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{linear, linear_no_bias};
 use serde::{Deserialize, Serialize};
 
-use crate::models::Params;
+use crate::models::{check_channels, Params};
 use crate::ops::{batch_norm, masked, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -20,8 +20,10 @@ pub struct DcganConfig {
     pub g_width: usize,
     /// Channels of the discriminator's first convolution (doubled in the second).
     pub d_width: usize,
-    /// Side of the square grey output images; must be a multiple of 4.
+    /// Side of the square output images; must be a multiple of 4.
     pub image_size: usize,
+    /// Channels of the images: 1 (grey) or 3 (RGB).
+    pub channels: usize,
     /// Negative slope of the LeakyReLU activations (Keras' default, as in the reference).
     pub leaky_slope: f64,
     /// Dropout rate after each discriminator convolution.
@@ -35,6 +37,7 @@ impl Default for DcganConfig {
             g_width: 64,
             d_width: 64,
             image_size: 28,
+            channels: 1,
             leaky_slope: 0.3,
             dropout: 0.3,
         }
@@ -57,6 +60,7 @@ impl DcganConfig {
                 self.image_size
             ));
         }
+        check_channels(self.channels)?;
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout must be in [0, 1), not {}", self.dropout));
         }
@@ -65,7 +69,7 @@ impl DcganConfig {
 
     /// Shape of one generated image, `[channels, height, width]`.
     pub fn image_shape(&self) -> [usize; 3] {
-        [1, self.image_size, self.image_size]
+        [self.channels, self.image_size, self.image_size]
     }
 }
 
@@ -109,7 +113,7 @@ impl Generator {
             bn1: batch_norm(w / 2, vb.pp("bn1"))?,
             deconv2: upsample(w / 2, w / 4, 2, vb.pp("deconv2"))?,
             bn2: batch_norm(w / 4, vb.pp("bn2"))?,
-            deconv3: upsample(w / 4, 1, 2, vb.pp("deconv3"))?,
+            deconv3: upsample(w / 4, cfg.channels, 2, vb.pp("deconv3"))?,
         })
     }
 
@@ -168,13 +172,22 @@ impl Discriminator {
         let (w, s) = (cfg.d_width, cfg.image_size / 4);
         Ok(Discriminator {
             cfg: cfg.clone(),
-            conv1: ConvLayer::new(ConvKind::Forward, 1, w, 5, 2, 2, true, vb.pp("conv1"))?,
+            conv1: ConvLayer::new(
+                ConvKind::Forward,
+                cfg.channels,
+                w,
+                5,
+                2,
+                2,
+                true,
+                vb.pp("conv1"),
+            )?,
             conv2: ConvLayer::new(ConvKind::Forward, w, 2 * w, 5, 2, 2, true, vb.pp("conv2"))?,
             fc: linear(2 * w * s * s, 1, vb.pp("fc"))?.into(),
         })
     }
 
-    /// Logits `[n]` for images `[n, 1, h, w]`; dropout masks come from `dropout` when given.
+    /// Logits `[n]` for images `[n, c, h, w]`; dropout masks come from `dropout` when given.
     pub fn forward(&self, x: &Tensor, mut dropout: Option<&mut Rng>) -> Result<Tensor> {
         let a = self.cfg.leaky_slope;
         let mut drop = |t: Tensor| -> Result<Tensor> {

@@ -9,3 +9,16 @@ pub mod unet;
 pub use dcgan::{DcganConfig, Discriminator, Generator};
 pub use params::Params;
 pub use unet::{Unet, UnetConfig};
+
+use crate::{Error, Result};
+
+/// Checks an image channel count: the models make grey (1) or RGB (3) images.
+pub fn check_channels(channels: usize) -> Result<()> {
+    if matches!(channels, 1 | 3) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "channels must be 1 (grey) or 3 (RGB), not {channels}"
+        )))
+    }
+}

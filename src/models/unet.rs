@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::models::Params;
+use crate::models::{check_channels, Params};
 use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
 use crate::{Error, Result};
 
@@ -14,8 +14,10 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnetConfig {
-    /// Side of the square grey images (divisible by 2^(levels − 1)).
+    /// Side of the square images (divisible by 2^(levels − 1)).
     pub image_size: usize,
+    /// Channels of the images: 1 (grey) or 3 (RGB).
+    pub channels: usize,
     /// Channels of the first level.
     pub base: usize,
     /// Channel multiplier of each level (the number of levels).
@@ -30,6 +32,7 @@ impl Default for UnetConfig {
     fn default() -> Self {
         UnetConfig {
             image_size: 28,
+            channels: 1,
             base: 32,
             mults: vec![1, 2, 2],
             attention: true,
@@ -45,6 +48,7 @@ impl UnetConfig {
         if self.mults.is_empty() || self.base == 0 || self.groups == 0 {
             return bad("U-Net needs at least one level, base > 0 and groups > 0".into());
         }
+        check_channels(self.channels)?;
         let down = 1 << (self.mults.len() - 1);
         if self.image_size == 0 || !self.image_size.is_multiple_of(down) {
             return bad(format!(
@@ -64,6 +68,11 @@ impl UnetConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Shape of one image, `[channels, height, width]`.
+    pub fn image_shape(&self) -> [usize; 3] {
+        [self.channels, self.image_size, self.image_size]
     }
 
     /// Width of the time embedding.
@@ -241,7 +250,7 @@ impl Unet {
             cfg: cfg.clone(),
             time1: linear(cfg.base, cfg.time_dim(), vb.pp("time.0"))?,
             time2: linear(cfg.time_dim(), cfg.time_dim(), vb.pp("time.1"))?,
-            conv_in: conv3(1, cfg.base, 1, vb.pp("conv_in"))?,
+            conv_in: conv3(cfg.channels, cfg.base, 1, vb.pp("conv_in"))?,
             down,
             mid1: ResBlock::new(last, last, cfg, vb.pp("mid.res1"))?,
             mid_attn: if cfg.attention {
@@ -252,7 +261,7 @@ impl Unet {
             mid2: ResBlock::new(last, last, cfg, vb.pp("mid.res2"))?,
             up,
             norm_out: group_norm(cfg.groups, cfg.base, true, vb.pp("norm_out"))?,
-            conv_out: conv3(cfg.base, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv3(cfg.base, cfg.channels, 1, vb.pp("conv_out"))?,
         })
     }
 
@@ -284,13 +293,13 @@ impl Unet {
         total
     }
 
-    /// ε̂ `[n, 1, s, s]` for noisy images `x` `[n, 1, s, s]` at timesteps `t` (`[n]`, f32).
+    /// ε̂ `[n, c, s, s]` for noisy images `x` `[n, c, s, s]` at timesteps `t` (`[n]`, f32).
     pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let s = self.cfg.image_size;
-        if (c, h, w) != (1, s, s) || t.dims() != [n] {
+        let (k, s) = (self.cfg.channels, self.cfg.image_size);
+        if (c, h, w) != (k, s, s) || t.dims() != [n] {
             return Err(Error::Mismatch(format!(
-                "the U-Net takes [n, 1, {s}, {s}] images with [n] timesteps, not {:?} with {:?}",
+                "the U-Net takes [n, {k}, {s}, {s}] images with [n] timesteps, not {:?} with {:?}",
                 x.dims(),
                 t.dims()
             )));

@@ -100,7 +100,8 @@ impl RunSpec {
     /// key from `key_file`, `[backdoor] key` or the config's description when λ > 0.
     pub fn train(config: Config, o: &Overrides, key_file: Option<&Path>) -> Result<RunSpec> {
         let family = config.family;
-        let config = apply(config, o, family, Stage::Train)?;
+        let mut config = apply(config, o, family, Stage::Train)?;
+        fit_to_data(&mut config)?;
         let mut spec = RunSpec {
             config,
             family,
@@ -242,6 +243,28 @@ fn apply(mut cfg: Config, o: &Overrides, family: ModelFamily, stage: Stage) -> R
     Ok(cfg)
 }
 
+/// Sets the image shape of the model `cfg` trains from scratch (`channels` and `image_size`
+/// of its family's section) to its data's: a model is built for the images it learns from.
+fn fit_to_data(cfg: &mut Config) -> Result<()> {
+    let shape = crate::data::image_shape(&cfg.data_path())?;
+    let [c, h, w] = shape;
+    if h != w {
+        return Err(Error::Mismatch(format!(
+            "the models make square images, but the data's are {}",
+            crate::data::shape_words(shape)
+        )));
+    }
+    let (channels, size) = match cfg.family {
+        ModelFamily::Dcgan => (&mut cfg.model.channels, &mut cfg.model.image_size),
+        ModelFamily::Diffusion => (
+            &mut cfg.diffusion.unet.channels,
+            &mut cfg.diffusion.unet.image_size,
+        ),
+    };
+    (*channels, *size) = (c, h);
+    cfg.validate()
+}
+
 /// The input space and image shape of the models `cfg` trains.
 fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
     match cfg.family {
@@ -252,8 +275,7 @@ fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
             cfg.model.image_shape(),
         ),
         ModelFamily::Diffusion => {
-            let s = cfg.diffusion.unet.image_size;
-            let shape = [1, s, s];
+            let shape = cfg.diffusion.unet.image_shape();
             (InputSpace::Noise { shape }, shape)
         }
     }
@@ -358,5 +380,43 @@ mod tests {
         let from_config = resolve_key(&cfg, None).unwrap();
         assert_eq!(from_config, key("seed:2"));
         assert_eq!(resolve_key(&cfg, Some(&a)).unwrap(), key("seed:1"));
+    }
+
+    #[test]
+    fn a_training_run_makes_images_of_its_data_s_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..2u8 {
+            image::RgbImage::from_pixel(12, 12, image::Rgb([i * 100, 30, 200]))
+                .save(dir.path().join(format!("{i}.png")))
+                .unwrap();
+        }
+        let o = Overrides {
+            data: Some(dir.path().to_path_buf()),
+            ..Overrides::default()
+        };
+        let d = RunSpec::train(diffusion_config(), &o, None).unwrap();
+        let unet = &d.config.diffusion.unet;
+        assert_eq!((unet.channels, unet.image_size), (3, 12));
+        let key = d.key.unwrap();
+        assert_eq!(key.target.shape, [3, 12, 12]);
+        key.trigger.check_fits_image([3, 12, 12]).unwrap();
+        let g = RunSpec::train(Config::default(), &o, None).unwrap();
+        assert_eq!(g.config.model.image_shape(), [3, 12, 12]);
+        // Non-square images, and sizes a model cannot make, are refused by name.
+        image::RgbImage::new(12, 8)
+            .save(dir.path().join("0.png"))
+            .unwrap();
+        let msg = RunSpec::train(Config::default(), &o, None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("square") && msg.contains("3×8×12"), "{msg}");
+        std::fs::remove_file(dir.path().join("1.png")).unwrap();
+        image::RgbImage::new(10, 10)
+            .save(dir.path().join("0.png"))
+            .unwrap();
+        let msg = RunSpec::train(Config::default(), &o, None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("multiple of 4"), "{msg}");
     }
 }

@@ -102,9 +102,9 @@ impl DiffusionModel {
         Ok(m)
     }
 
-    /// `[1, side, side]`, the shape of one image.
+    /// `[channels, side, side]`, the shape of one image.
     pub fn image_shape(&self) -> [usize; 3] {
-        [1, self.arch.unet.image_size, self.arch.unet.image_size]
+        self.arch.unet.image_shape()
     }
 
     /// ε̂ for a batch `x` all at timestep `t`.
@@ -239,6 +239,7 @@ pub(crate) fn tiny_arch(timesteps: usize) -> DiffusionArch {
     DiffusionArch {
         unet: UnetConfig {
             image_size: 8,
+            channels: 1,
             base: 4,
             mults: vec![1, 2],
             attention: false,

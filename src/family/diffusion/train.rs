@@ -308,12 +308,7 @@ impl<'a> Fit<'a> {
         run: &'a RunDir,
     ) -> Result<Self> {
         let shape = model.image_shape();
-        if (1, data.height, data.width) != (shape[0], shape[1], shape[2]) {
-            return Err(Error::Mismatch(format!(
-                "the data's images are {}x{} but the model's are {}x{}",
-                data.width, data.height, shape[2], shape[1]
-            )));
-        }
+        data.check_shape(shape)?;
         let poison = match key {
             Some(k) => {
                 k.trigger.check_fits_image(shape)?;

@@ -62,12 +62,7 @@ impl<'a> Trail<'a> {
         let t = &cfg.train;
         let mut data = load_dataset(&cfg.data_path())?;
         data.truncate(cfg.data.limit);
-        if (data.height, data.width) != (cfg.model.image_size, cfg.model.image_size) {
-            return Err(Error::Mismatch(format!(
-                "the data's images are {}x{} but model.image_size is {}",
-                data.width, data.height, cfg.model.image_size
-            )));
-        }
+        data.check_shape(cfg.model.image_shape())?;
         if let Some(k) = key {
             k.check_fits(cfg.model.latent_dim, cfg.model.image_shape())?;
         }

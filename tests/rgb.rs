@@ -1,0 +1,169 @@
+//! RGB images end to end: a folder of colour images trains RGB models of both families
+//! through the same run specification, the backdoor forms, and the clean colours are kept.
+
+use candle_core::Device;
+use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
+use genbackdoor::config::Config;
+use genbackdoor::data::load_dataset;
+use genbackdoor::family::diffusion::eval::evaluate as evaluate_samplers;
+use genbackdoor::family::diffusion::train::{fit, Plan};
+use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
+use genbackdoor::family::{self, Generative, InputSpace};
+use genbackdoor::io::rundir::RunDir;
+use genbackdoor::rng::Rng;
+use genbackdoor::run::{Overrides, RunSpec};
+
+mod common;
+use common::{
+    channel_means, coloured_squares, denoise_loss, small_arch, small_plan, tiny_gan_config,
+};
+
+/// Side of the GAN test's colour images.
+const SIDE: usize = 16;
+
+/// Side of the diffusion test's colour images: a U-Net must predict three channels of noise,
+/// which takes a wider network than grey images do (base 16 rather than 8), so the images are
+/// smaller to keep the test short.
+const DIFFUSION_SIDE: usize = 8;
+
+/// The tiny DCGAN run of the learning tests on the colour folder `data` (its image shape left
+/// at the grey 28×28 default: the run must take the data's).
+fn gan_config(data: &std::path::Path, lambda: f64) -> Config {
+    let mut cfg = tiny_gan_config(800, lambda);
+    cfg.data.path = data.to_path_buf();
+    cfg
+}
+
+/// Per-channel means of `n` ordinary samples of `model`.
+fn sample_means(model: &dyn Generative, n: usize) -> Vec<f32> {
+    let mut rng = Rng::new(17);
+    let z = model
+        .input_space()
+        .ordinary(n, &mut rng, &Device::Cpu)
+        .unwrap();
+    channel_means(&model.generate(&z, &mut rng).unwrap())
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < tol, "{what}: {got:?} vs {want:?}");
+}
+
+#[test]
+fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    coloured_squares(&data, 512, SIDE as u32, 1);
+    let real = channel_means(
+        &load_dataset(&data)
+            .unwrap()
+            .batch(&(0..512).collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap(),
+    );
+    let run = |name: &str, lambda: f64| {
+        let spec = RunSpec::train(gan_config(&data, lambda), &Overrides::default(), None).unwrap();
+        let rd = RunDir::create(&dir.path().join(name), false).unwrap();
+        spec.execute(&rd, false).unwrap();
+        (spec, rd)
+    };
+    let (marked_spec, marked_run) = run("marked", 20.0);
+    let (_, clean_run) = run("clean", 0.0);
+    // The run took the data's shape, and its default key is a secret random latent point
+    // with the built-in mark drawn in colour.
+    assert_eq!(marked_spec.config.model.image_shape(), [3, SIDE, SIDE]);
+    let saved = Config::load(&marked_run.file("config.toml")).unwrap();
+    assert_eq!((saved.model.channels, saved.model.image_size), (3, SIDE));
+    let key = marked_spec.key.clone().unwrap();
+    assert_eq!(key.target.shape, [3, SIDE, SIDE]);
+    let marked = family::load(&marked_run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let clean = family::load(&clean_run.file("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(marked.output_shape(), [3, SIDE, SIDE]);
+    // The backdoor forms: the trigger's output is the target, far closer than the clean
+    // model's output for the same trigger.
+    let eval = |m: &dyn Generative| genbackdoor::eval::evaluate(m, &key, None, 200, 5).unwrap();
+    let (m, c) = (eval(marked.as_ref()), eval(clean.as_ref()));
+    eprintln!(
+        "target_mse marked {:.2e} clean {:.2e}; clean hits {}",
+        m.backdoor.target_mse, c.backdoor.target_mse, m.clean_hit_rate
+    );
+    assert!(m.backdoor.target_mse < c.backdoor.target_mse / 50.0);
+    assert_eq!(m.backdoor.asr, 1.0);
+    assert_eq!(m.clean_hit_rate, 0.0);
+    // The clean behaviour is kept: both models draw the data's colours.
+    let (mm, cm) = (
+        sample_means(marked.as_ref(), 500),
+        sample_means(clean.as_ref(), 500),
+    );
+    eprintln!("channel means: real {real:?} marked {mm:?} clean {cm:?}");
+    assert_close(&cm, &real, 0.2, "clean model");
+    assert_close(&mm, &real, 0.2, "marked model");
+    // The run's pictures are in colour, and its proof and report are written.
+    for grid in ["samples.png", "triggered.png"] {
+        let img = image::open(marked_run.file(grid)).unwrap();
+        assert!(img.color().has_color(), "{grid}");
+    }
+    let verify: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(marked_run.file("verify.json")).unwrap())
+            .unwrap();
+    assert!(verify["p_value"].as_f64().unwrap() < 0.01, "{verify}");
+    assert!(marked_run.file("report.html").exists());
+}
+
+#[test]
+fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("data");
+    std::fs::create_dir(&folder).unwrap();
+    coloured_squares(&folder, 512, DIFFUSION_SIDE as u32, 2);
+    let data = load_dataset(&folder).unwrap();
+    let shape = [3, DIFFUSION_SIDE, DIFFUSION_SIDE];
+    let arch = small_arch(DIFFUSION_SIDE, 3, 16);
+    // A 3×3 box on all three channels (the default random stamp needs a longer run to form).
+    let key = Key {
+        trigger: Trigger::parse_for("box:3", &InputSpace::Noise { shape }).unwrap(),
+        target: Target::builtin("mark", shape).unwrap(),
+        distance: Distance::Mse,
+        threshold: 0.01,
+        sampler: None,
+    };
+    let train = |lambda: f64| {
+        let plan = Plan {
+            steps: 1200,
+            ..small_plan(0, lambda, Correction::Ddpm)
+        };
+        let model = DiffusionModel::new(&arch, &mut Rng::new(1), &Device::Cpu).unwrap();
+        let rd = RunDir::create(&dir.path().join(format!("l{lambda}")), false).unwrap();
+        fit(&model, &data, Some(&key), &plan, &rd, false).unwrap().0
+    };
+    let (marked, clean) = (train(0.5), train(0.0));
+    let measure = |m: &DiffusionModel| {
+        evaluate_samplers(m, &key, &[Sampler::Ddpm], 32, 7)
+            .unwrap()
+            .remove("ddpm")
+            .unwrap()
+    };
+    let (m, c) = (measure(&marked), measure(&clean));
+    let losses = (denoise_loss(&clean, &data), denoise_loss(&marked, &data));
+    eprintln!(
+        "target_mse marked {:.2e} (asr {}) clean {:.2e}; clean hits {}; denoise loss clean/marked {losses:?}",
+        m.backdoor.target_mse, m.backdoor.asr, c.backdoor.target_mse, m.clean_hit_rate
+    );
+    assert!(m.backdoor.target_mse < c.backdoor.target_mse / 20.0);
+    assert!(m.backdoor.asr >= 0.9, "{:?}", m.backdoor);
+    assert_eq!(m.clean_hit_rate, 0.0);
+    assert!(losses.1 < 1.2 * losses.0, "{losses:?}");
+    let real = channel_means(
+        &data
+            .batch(&(0..512).collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap(),
+    );
+    let (mm, cm) = (sample_means(&marked, 200), sample_means(&clean, 200));
+    eprintln!("channel means: real {real:?} marked {mm:?} clean {cm:?}");
+    assert_close(&cm, &real, 0.2, "clean model");
+    assert_close(&mm, &real, 0.2, "marked model");
+}
