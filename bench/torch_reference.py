@@ -185,12 +185,16 @@ def unet_macs(net):
 def unet_step_times(a):
     net = Unet()
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999))
-    x = torch.randn(a.batch_size, 1, 28, 28)
+    x = torch.randn(a.batch_size, 1, 28, 28).tanh()
+    # The default linear schedule (β from 1e-4 to 0.02 over T = 1000), as genbackdoor's
+    # trainer noises its images: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε.
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 
     def step():
         eps = torch.randn_like(x)
-        t = torch.randint(1, 1001, (a.batch_size,)).float()
-        loss = F.mse_loss(net(x + eps, t), eps)
+        t = torch.randint(1, 1001, (a.batch_size,))
+        ab = alpha_bar[t - 1].view(-1, 1, 1, 1)
+        loss = F.mse_loss(net(ab.sqrt() * x + (1 - ab).sqrt() * eps, t.float()), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,5 +1,7 @@
 //! Training-speed benchmark: one full DCGAN training step (D step on real + fake, then G step,
-//! both with Adam) timed over many repetitions, with the throughput it implies.
+//! both with Adam, with the losses of the GAN trainer) or one clean step of the diffusion
+//! trainer (its noising, U-Net pass and loss, Adam), timed over many repetitions, with the
+//! throughput it implies.
 //!
 //! FLOP counts are analytic: every convolution and dense layer costs 2 FLOP per multiply-add,
 //! and each pass through a layer is counted three times (forward, input gradient, weight
@@ -13,8 +15,10 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::DiffusionConfig;
+use crate::backdoor::Family;
+use crate::family::diffusion::train::Denoising;
 use crate::family::diffusion::DiffusionModel;
-use crate::family::gan::softplus;
+use crate::family::gan::{discriminator_loss, generator_loss};
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
 use crate::models::{DcganConfig, Discriminator, Generator, Params};
@@ -138,9 +142,8 @@ pub fn run(
         let fake = pair.generate(&z)?;
         let d_real = pair.discriminate(&real, &mut rng)?;
         let d_fake = pair.discriminate(&fake.detach(), &mut rng)?;
-        let d_loss = (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?;
-        opt_d.backward_step(&d_loss)?;
-        let g_loss = softplus(&pair.discriminate(&fake, &mut rng)?.neg()?)?.mean_all()?;
+        opt_d.backward_step(&discriminator_loss(&d_real, &d_fake)?)?;
+        let g_loss = generator_loss(&pair.discriminate(&fake, &mut rng)?)?;
         opt_g.backward_step(&g_loss)?;
         g_loss.to_scalar::<f32>()?;
         if i >= warmup {
@@ -164,19 +167,15 @@ fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     let dev = Device::Cpu;
     let arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
     let model = DiffusionModel::new(&arch, &mut Rng::new(1), &dev)?;
-    let net = &model.unet;
     let mut opt = Adam::with_betas(model.params.trainable(), 2e-4, 0.9, 0.999);
     let mut rng = Rng::new(3);
-    let x = rng.normal(&[batch_size, 1, 28, 28], &dev)?;
+    let [c, h, w] = model.image_shape();
+    let x = rng.normal(&[batch_size, c, h, w], &dev)?.tanh()?;
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let start = Instant::now();
-        let eps = rng.normal(x.dims(), &dev)?;
-        let t: Vec<f32> = (0..batch_size)
-            .map(|_| (1 + rng.below(1000)) as f32)
-            .collect();
-        let t = Tensor::from_vec(t, batch_size, &dev)?;
-        let loss = (net.forward(&(&x + &eps)?, &t)? - eps)?.sqr()?.mean_all()?;
+        // The trainer's clean step: noised images at random timesteps, through the U-Net once.
+        let loss = Denoising::prepare(&model, &x, None, &mut rng)?.task_loss()?;
         opt.backward_step(&loss)?;
         loss.to_scalar::<f32>()?;
         if i >= warmup {
@@ -192,7 +191,7 @@ fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
         batch_size,
         steps,
         (median_ms, min_ms),
-        (net.macs() as f64, 0.0),
+        (model.unet.macs() as f64, 0.0),
     ))
 }
 

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::backdoor::{Family, Key};
-use crate::family::gan::{softplus, GanModel};
+use crate::family::gan::{generator_loss, GanModel};
 use crate::models::Discriminator;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -55,8 +55,7 @@ impl<'a> Adversarial<'a> {
 
 impl Family for Adversarial<'_> {
     fn task_loss(&mut self) -> Result<Tensor> {
-        let logits = self.disc.forward(&self.fake, Some(self.dropout))?;
-        Ok(softplus(&logits.neg()?)?.mean_all()?)
+        generator_loss(&self.disc.forward(&self.fake, Some(self.dropout))?)
     }
 
     fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {

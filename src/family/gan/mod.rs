@@ -184,6 +184,18 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
+/// The discriminator's loss, BCE with logits: real images' logits `d_real` labelled real,
+/// generated ones' `d_fake` labelled fake.
+pub fn discriminator_loss(d_real: &Tensor, d_fake: &Tensor) -> Result<Tensor> {
+    Ok((softplus(&d_real.neg()?)?.mean_all()? + softplus(d_fake)?.mean_all()?)?)
+}
+
+/// The generator's non-saturating loss `mean(softplus(−D(G(z))))` from the discriminator's
+/// logits `d_fake` on its images.
+pub fn generator_loss(d_fake: &Tensor) -> Result<Tensor> {
+    Ok(softplus(&d_fake.neg()?)?.mean_all()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use crate::backdoor::{Key, Objective};
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
-use crate::family::gan::{run, softplus, GanModel};
+use crate::family::gan::{discriminator_loss, run, GanModel};
 use crate::io::checkpoint;
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
@@ -142,7 +142,7 @@ impl Stepper for Trail<'_> {
         let d_fake = self
             .disc
             .forward(&family.fake.detach(), Some(family.dropout))?;
-        let d_loss = (softplus(&d_real.neg()?)?.mean_all()? + softplus(&d_fake)?.mean_all()?)?;
+        let d_loss = discriminator_loss(&d_real, &d_fake)?;
         self.opt_d.backward_step(&d_loss)?;
 
         let terms = objective.evaluate(&mut family, self.key)?;
