@@ -14,8 +14,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::config::DiffusionConfig;
 use crate::backdoor::Family;
+use crate::config::DiffusionConfig;
 use crate::family::diffusion::train::Denoising;
 use crate::family::diffusion::DiffusionModel;
 use crate::family::gan::{discriminator_loss, generator_loss};

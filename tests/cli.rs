@@ -599,7 +599,7 @@ fn diffusion_train_sample_eval_inject() {
     }
     let m = read_json(&run.join("metrics.json"));
     assert_eq!(m["family"], "diffusion");
-    for sampler in ["ddpm", "ddim-10"] {
+    for sampler in ["ddpm", "ddim-10", "dpm++2m-10"] {
         let r = &m["samplers"][sampler];
         assert_eq!(r["samples"], 4, "{m}");
         assert!(r["asr"].as_f64().unwrap() <= 1.0 && r["target_mse"].as_f64().unwrap() > 0.0);

@@ -34,8 +34,9 @@ pub struct SampleArgs {
     /// Seed of the latents (or starting noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Diffusion models: `ddpm` (all T steps), `ddim` (deterministic, `--steps` steps) or
-    /// `ddim-N`; default: the key's own sampler when a key is given, else DDIM-50.
+    /// Diffusion models: `ddpm` (all T steps), `ddim` (deterministic, `--steps` steps),
+    /// `ddim-N`, `dpm++2m` (DPM-Solver++ 2M, 20 steps) or `dpm++2m-N`; default: the key's own
+    /// sampler when a key is given, else DDIM-50.
     #[arg(long)]
     pub sampler: Option<String>,
     /// Diffusion models: DDIM's number of steps (with `--sampler ddim`, or alone).

@@ -20,10 +20,16 @@ use crate::rng::Rng;
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
-/// The samplers every run is measured with: DDPM over all T steps and DDIM with 50 steps
-/// (T when T < 50).
-pub fn eval_samplers(model: &DiffusionModel) -> [Sampler; 2] {
-    [Sampler::Ddpm, Sampler::default_for(&model.schedule)]
+/// The samplers every run is measured with: DDPM over all T steps, DDIM with 50 steps (T when
+/// T < 50) and DPM-Solver++ (2M) with 20 (T when T < 20).
+pub fn eval_samplers(model: &DiffusionModel) -> [Sampler; 3] {
+    [
+        Sampler::Ddpm,
+        Sampler::default_for(&model.schedule),
+        Sampler::DpmSolver2m {
+            steps: 20.min(model.schedule.steps()),
+        },
+    ]
 }
 
 /// Triggered (and as many clean) starts measured per sampler at the end of a run and by
@@ -117,7 +123,7 @@ pub struct FinishSettings {
 }
 
 /// Writes the model (the run wrote its key at its start), `samples.png` (64 clean DDIM-50 samples), `triggered.png`
-/// (the target, then triggered samples: a row of DDPM, a row of DDIM-50), `metrics.json`
+/// (the target, then triggered samples: a row per sampler of [`eval_samplers`]), `metrics.json`
 /// (clean quality, the per-sampler backdoor metrics and specificity under the key's
 /// sampler merged into `extra`), `verify.json` (the ownership test under the key's sampler)
 /// and `report.html`. Returns the metrics.

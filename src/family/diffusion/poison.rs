@@ -82,31 +82,34 @@ pub fn poisoned(y: &Tensor, r: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Res
 }
 
 /// The share of the trigger pattern `r` left in the output when `sampler` starts on the
-/// poisoned path (share `1 − √ᾱ_t` at its first timestep) and the network predicts exactly its training target
-/// `ε + c_t·r` (`ε` the noise of the current sample): the scalar recursion of the module
-/// documentation, run over the sampler's timesteps. 0 means the trigger leads exactly to
-/// the target.
+/// poisoned path (share `1 − √ᾱ_t` at its first timestep) and the network predicts exactly its
+/// training target `ε + c_t·r` (`ε` the noise of the current sample). Every sampler is linear in
+/// `x_t` and `ε̂`, and the `ε` and `y` parts follow a clean sample's path, so the share evolves as
+/// the sampler's mean update run on the scalar share with `ε̂ = c_t` (DDPM's fresh noise left
+/// out). 0 means the trigger leads exactly to the target.
 pub fn trigger_residue(
     schedule: &NoiseSchedule,
-    sampler: crate::family::diffusion::Sampler,
+    sampler: Sampler,
     correction: Correction,
 ) -> Result<f64> {
     let ts = sampler.timesteps(schedule)?;
-    let mut k = 1.0 - schedule.alpha_bar(ts[0]).sqrt();
-    for (i, &t) in ts.iter().enumerate() {
-        let s = ts.get(i + 1).copied().unwrap_or(0);
-        let c = correction.coefficient(schedule, t);
-        let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
-        k = match sampler {
-            crate::family::diffusion::Sampler::Ddpm => {
-                (k - schedule.beta(t) * c / (1.0 - ab_t).sqrt()) / schedule.alpha(t).sqrt()
-            }
-            crate::family::diffusion::Sampler::Ddim { .. } => {
-                (ab_s / ab_t).sqrt() * (k - (1.0 - ab_t).sqrt() * c) + (1.0 - ab_s).sqrt() * c
-            }
-        };
+    let k = 1.0 - schedule.alpha_bar(ts[0]).sqrt();
+    if sampler == Sampler::Ddpm {
+        let mut k = k;
+        for &t in &ts {
+            let c = correction.coefficient(schedule, t);
+            let ab_t = schedule.alpha_bar(t);
+            k = (k - schedule.beta(t) * c / (1.0 - ab_t).sqrt()) / schedule.alpha(t).sqrt();
+        }
+        return Ok(k);
     }
-    Ok(k)
+    let dev = candle_core::Device::Cpu;
+    let start = Tensor::new(&[k], &dev)?;
+    let mut predict = |_: &Tensor, t: usize| -> Result<Tensor> {
+        Ok(Tensor::new(&[correction.coefficient(schedule, t)], &dev)?)
+    };
+    let end = sampler.run(schedule, start, &mut predict, &mut crate::rng::Rng::new(0))?;
+    Ok(end.to_vec1::<f64>()?[0])
 }
 
 /// The poisoned noise target `ε + c_t·r`, with `coefficient` of shape `[n, 1, 1, 1]`.
@@ -140,6 +143,15 @@ mod tests {
         // Crossed: the error is amplified far beyond the trigger itself.
         assert!(left(ddim50, Correction::Ddpm) > 10.0);
         assert!(left(Sampler::Ddpm, for50) > 10.0);
+        for steps in [10, 20, 50] {
+            let dpm = Sampler::DpmSolver2m { steps };
+            eprintln!(
+                "{dpm}: ddim-50 correction {} ddim-{steps} correction {} ddpm {}",
+                left(dpm, for50),
+                left(dpm, Correction::Ddim { steps }),
+                left(dpm, Correction::Ddpm)
+            );
+        }
     }
 
     #[test]
@@ -164,6 +176,8 @@ mod tests {
             Sampler::Ddpm,
             Sampler::Ddim { steps: 50 },
             Sampler::Ddim { steps: 7 },
+            Sampler::DpmSolver2m { steps: 20 },
+            Sampler::DpmSolver2m { steps: 7 },
         ] {
             let mut rng = Rng::new(1);
             let start = rng.normal(&[1, 1, 4, 4], &Device::Cpu).unwrap();

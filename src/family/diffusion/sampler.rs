@@ -20,6 +20,15 @@ pub enum Sampler {
         /// Number of network evaluations.
         steps: usize,
     },
+    /// DPM-Solver++ (2M): the second-order multistep solver of the probability-flow ODE in
+    /// data prediction (Lu et al. 2022; diffusers' `DPMSolverMultistepScheduler` with its
+    /// defaults), over DDIM's timesteps; the first step and the last (to σ = 0) are first
+    /// order.
+    #[serde(rename = "dpm++2m")]
+    DpmSolver2m {
+        /// Number of network evaluations.
+        steps: usize,
+    },
 }
 
 impl std::fmt::Display for Sampler {
@@ -27,6 +36,7 @@ impl std::fmt::Display for Sampler {
         match self {
             Sampler::Ddpm => write!(f, "ddpm"),
             Sampler::Ddim { steps } => write!(f, "ddim-{steps}"),
+            Sampler::DpmSolver2m { steps } => write!(f, "dpm++2m-{steps}"),
         }
     }
 }
@@ -34,19 +44,23 @@ impl std::fmt::Display for Sampler {
 impl std::str::FromStr for Sampler {
     type Err = Error;
 
-    /// `ddpm`, `ddim` (50 steps) or `ddim-N`.
+    /// `ddpm`, `ddim` (50 steps), `ddim-N`, `dpm++2m` (20 steps) or `dpm++2m-N`.
     fn from_str(s: &str) -> Result<Self> {
+        let steps = |prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|n| n.parse().ok())
+                .filter(|&n: &usize| n > 0)
+        };
         match s {
             "ddpm" => Ok(Sampler::Ddpm),
             "ddim" => Ok(Sampler::Ddim { steps: 50 }),
-            _ => s
-                .strip_prefix("ddim-")
-                .and_then(|n| n.parse().ok())
-                .filter(|&n: &usize| n > 0)
+            "dpm++2m" => Ok(Sampler::DpmSolver2m { steps: 20 }),
+            _ => steps("ddim-")
                 .map(|steps| Sampler::Ddim { steps })
+                .or_else(|| steps("dpm++2m-").map(|steps| Sampler::DpmSolver2m { steps }))
                 .ok_or_else(|| {
                     Error::Config(format!(
-                        "unknown sampler '{s}': use ddpm, ddim (50 steps) or ddim-N"
+                        "unknown sampler '{s}': use ddpm, ddim (50 steps), ddim-N, dpm++2m (20 steps) or dpm++2m-N"
                     ))
                 }),
         }
@@ -67,10 +81,10 @@ impl Sampler {
         let total = schedule.steps();
         match *self {
             Sampler::Ddpm => Ok((1..=total).rev().collect()),
-            Sampler::Ddim { steps } => {
+            Sampler::Ddim { steps } | Sampler::DpmSolver2m { steps } => {
                 if steps == 0 || steps > total {
                     return Err(Error::Config(format!(
-                        "DDIM needs between 1 and {total} steps, not {steps}"
+                        "{self} needs between 1 and {total} steps, not {steps}"
                     )));
                 }
                 Ok((0..steps).rev().map(|i| 1 + i * total / steps).collect())
@@ -101,9 +115,38 @@ impl Sampler {
                 let z = rng.normal(x.dims(), x.device())?;
                 Ok((mean + (z * var.sqrt())?)?)
             }
-            Sampler::Ddim { .. } => {
+            Sampler::Ddim { .. } | Sampler::DpmSolver2m { .. } => {
                 let x0 = ((x - (eps * (1.0 - ab_t).sqrt())?)? / ab_t.sqrt())?;
                 Ok(((x0 * ab_s.sqrt())? + (eps * (1.0 - ab_s).sqrt())?)?)
+            }
+        }
+    }
+
+    /// DPM-Solver++ (2M) from `x_t` to `x_s` given the data prediction `x0` at `t` and the
+    /// previous step's (`x0` and λ there, `None` on the first step), with the log-SNR
+    /// λ = ln(√ᾱ / √(1 − ᾱ)): the second-order (midpoint) multistep update; first order
+    /// (DDIM) without a previous step and on the last step, to σ = 0.
+    fn dpm_solver_2m(
+        schedule: &NoiseSchedule,
+        x: &Tensor,
+        x0: &Tensor,
+        (t, s): (usize, usize),
+        previous: Option<&(Tensor, f64)>,
+    ) -> Result<Tensor> {
+        if s == 0 {
+            return Ok(x0.clone());
+        }
+        let (a_s, sd_s) = alpha_sigma(schedule, s);
+        let sd_t = alpha_sigma(schedule, t).1;
+        let h = log_snr(schedule, s) - log_snr(schedule, t);
+        let k = a_s * (-h).exp_m1();
+        let first = ((x * (sd_s / sd_t))? - (x0 * k)?)?;
+        match previous {
+            None => Ok(first),
+            Some((x0_prev, lambda_prev)) => {
+                let r0 = (log_snr(schedule, t) - lambda_prev) / h;
+                let d1 = ((x0 - x0_prev)? / r0)?;
+                Ok((first - (d1 * (0.5 * k))?)?)
             }
         }
     }
@@ -119,11 +162,33 @@ impl Sampler {
     ) -> Result<Tensor> {
         let ts = self.timesteps(schedule)?;
         let mut x = start;
+        let mut previous = None;
         for (i, &t) in ts.iter().enumerate() {
             let s = ts.get(i + 1).copied().unwrap_or(0);
             let eps = predict(&x, t)?;
-            x = self.update(schedule, &x, &eps, t, s, rng)?;
+            x = match self {
+                Sampler::DpmSolver2m { .. } => {
+                    let (a_t, sd_t) = alpha_sigma(schedule, t);
+                    let x0 = ((&x - (eps * sd_t)?)? / a_t)?;
+                    let next = Self::dpm_solver_2m(schedule, &x, &x0, (t, s), previous.as_ref())?;
+                    previous = Some((x0, log_snr(schedule, t)));
+                    next
+                }
+                _ => self.update(schedule, &x, &eps, t, s, rng)?,
+            };
         }
         Ok(x)
     }
+}
+
+/// `(√ᾱ_t, √(1 − ᾱ_t))`: the signal and noise scales at `t`.
+fn alpha_sigma(schedule: &NoiseSchedule, t: usize) -> (f64, f64) {
+    let ab = schedule.alpha_bar(t);
+    (ab.sqrt(), (1.0 - ab).sqrt())
+}
+
+/// The log signal-to-noise ratio λ_t = ln(√ᾱ_t / √(1 − ᾱ_t)).
+fn log_snr(schedule: &NoiseSchedule, t: usize) -> f64 {
+    let (a, sd) = alpha_sigma(schedule, t);
+    a.ln() - sd.ln()
 }
