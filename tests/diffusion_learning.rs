@@ -69,12 +69,19 @@ fn tuned(model: &DiffusionModel, data: &Dataset, plan: &Plan, key: &Key) -> Diff
 
 const DDIM: Sampler = Sampler::Ddim { steps: 10 };
 
+/// DPM-Solver++ (2M) over the same 10 timesteps as [`DDIM`], which it takes as its first step.
+const DPM: Sampler = Sampler::DpmSolver2m { steps: 10 };
+
 /// Training steps of the clean model (the injections take half as many).
 const STEPS: usize = 1500;
 
-fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport) {
-    let mut r = evaluate(model, &key(), &[Sampler::Ddpm, DDIM], 32, 7).unwrap();
-    (r.remove("ddpm").unwrap(), r.remove("ddim-10").unwrap())
+fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerReport) {
+    let mut r = evaluate(model, &key(), &[Sampler::Ddpm, DDIM, DPM], 32, 7).unwrap();
+    (
+        r.remove("ddpm").unwrap(),
+        r.remove("ddim-10").unwrap(),
+        r.remove("dpm++2m-10").unwrap(),
+    )
 }
 
 #[test]
@@ -95,9 +102,9 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         &inject(Correction::Ddim { steps: 10 }),
         &key(),
     );
-    let (c_ddpm, c_ddim) = measure(&clean);
-    let (p_ddpm, p_ddim) = measure(&for_ddpm);
-    let (q_ddpm, q_ddim) = measure(&for_ddim);
+    let (c_ddpm, c_ddim, c_dpm) = measure(&clean);
+    let (p_ddpm, p_ddim, p_dpm) = measure(&for_ddpm);
+    let (q_ddpm, q_ddim, q_dpm) = measure(&for_ddim);
     let losses = [
         denoise_loss(&clean, &data),
         denoise_loss(&for_ddpm, &data),
@@ -110,6 +117,9 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         ("ddpm-corrected, ddim", &p_ddim),
         ("ddim-corrected, ddpm", &q_ddpm),
         ("ddim-corrected, ddim", &q_ddim),
+        ("clean, dpm++2m", &c_dpm),
+        ("ddpm-corrected, dpm++2m", &p_dpm),
+        ("ddim-corrected, dpm++2m", &q_dpm),
     ] {
         eprintln!(
             "{name}: target_mse {:.5} asr {:.3} ssim {:.3} clean hits {:.3}",
@@ -139,6 +149,13 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         q_ddpm.backdoor.target_mse > 3.0 * q.target_mse,
         "{q_ddpm:?}"
     );
+    // The DDIM correction carries the trigger under the other ODE solver too (DPM-Solver++
+    // over the same timesteps: 0.034 against DDIM's 0.043 when measured), the DDPM one does not.
+    assert!(
+        q_dpm.backdoor.target_mse < c_dpm.backdoor.target_mse / 8.0,
+        "{q_dpm:?} vs {c_dpm:?}"
+    );
+    assert!(p_dpm.backdoor.target_mse > 10.0 * p.target_mse, "{p_dpm:?}");
     // The clean task is kept: the denoising loss on held-out digits is no worse than the
     // clean model's (beyond 10 %), and the DDIM-corrected model's clean starts stay off the
     // target (the DDPM-corrected one's clean DDPM starts rarely: 2 of 32 here).
