@@ -58,17 +58,17 @@ pub fn train_classifier(
     let labels = data.labels.as_ref().ok_or_else(|| {
         Error::Config("training the digit classifier needs a data set with labels".into())
     })?;
+    if data.height != data.width || data.channels != 1 {
+        return Err(Error::Mismatch(format!(
+            "the digit classifier takes square grey images, not {}",
+            crate::data::shape_words(data.shape())
+        )));
+    }
     let (train, test) = split(data.len)?;
     let cfg = ClassifierConfig {
         image_size: data.height,
         ..ClassifierConfig::default()
     };
-    if data.height != data.width {
-        return Err(Error::Mismatch(format!(
-            "the digit classifier takes square images, not {}x{}",
-            data.width, data.height
-        )));
-    }
     let clf = DigitClassifier::new(&cfg)?;
     clf.params
         .init_kaiming(&mut Rng::derive(settings.seed, "classifier-init"))?;
@@ -109,4 +109,20 @@ pub fn train_classifier(
         test_accuracy: clf.accuracy(data, &test_idx)?,
     };
     Ok((clf, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_or_non_square_images_are_refused_by_shape() {
+        let mut data = Dataset::from_bytes(4, [3, 8, 8], &[0; 4 * 3 * 64]);
+        data.labels = Some(vec![0, 1, 2, 3]);
+        let err = train_classifier(&data, &ClassifierTraining::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("square grey images, not 3×8×8 (RGB)"), "{err}");
+    }
 }
