@@ -1,5 +1,5 @@
 //! The diffusion model family: noise schedules, the samplers' update rules (DDPM ancestral,
-//! DDIM deterministic), the poisoned forward process with the trigger-correction coefficient
+//! DDIM deterministic, DPM-Solver++ 2M multistep), the poisoned forward process with the trigger-correction coefficient
 //! each sampler needs, the model (U-Net + schedule), its training with the unified
 //! objective, and its evaluation per sampler.
 
