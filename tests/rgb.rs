@@ -4,7 +4,7 @@
 use candle_core::Device;
 use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::config::Config;
-use genbackdoor::data::load_dataset;
+use genbackdoor::data::{load_dataset, Dataset};
 use genbackdoor::family::diffusion::eval::evaluate as evaluate_samplers;
 use genbackdoor::family::diffusion::train::{fit, Plan};
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
@@ -12,6 +12,7 @@ use genbackdoor::family::{self, Generative, InputSpace};
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::rng::Rng;
 use genbackdoor::run::{Overrides, RunSpec};
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::{
@@ -28,7 +29,7 @@ const DIFFUSION_SIDE: usize = 8;
 
 /// The tiny DCGAN run of the learning tests on the colour folder `data` (its image shape left
 /// at the grey 28×28 default: the run must take the data's).
-fn gan_config(data: &std::path::Path, lambda: f64) -> Config {
+fn gan_config(data: &Path, lambda: f64) -> Config {
     let mut cfg = tiny_gan_config(800, lambda);
     cfg.data.path = data.to_path_buf();
     cfg
@@ -44,6 +45,18 @@ fn sample_means(model: &dyn Generative, n: usize) -> Vec<f32> {
     channel_means(&model.generate(&z, &mut rng).unwrap())
 }
 
+/// 512 coloured squares of `side`×`side` drawn from `seed` in a `data` folder under `dir`:
+/// the folder, the loaded data set, and its per-channel means.
+fn colour_data(dir: &Path, side: usize, seed: u64) -> (PathBuf, Dataset, Vec<f32>) {
+    let folder = dir.join("data");
+    std::fs::create_dir(&folder).unwrap();
+    coloured_squares(&folder, 512, side as u32, seed);
+    let data = load_dataset(&folder).unwrap();
+    let all: Vec<usize> = (0..data.len).collect();
+    let means = channel_means(&data.batch(&all, &Device::Cpu).unwrap());
+    (folder, data, means)
+}
+
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     let worst = got
         .iter()
@@ -56,15 +69,7 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 #[test]
 fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    coloured_squares(&data, 512, SIDE as u32, 1);
-    let real = channel_means(
-        &load_dataset(&data)
-            .unwrap()
-            .batch(&(0..512).collect::<Vec<_>>(), &Device::Cpu)
-            .unwrap(),
-    );
+    let (data, _, real) = colour_data(dir.path(), SIDE, 1);
     let run = |name: &str, lambda: f64| {
         let spec = RunSpec::train(gan_config(&data, lambda), &Overrides::default(), None).unwrap();
         let rd = RunDir::create(&dir.path().join(name), false).unwrap();
@@ -117,10 +122,7 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
 #[test]
 fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_task() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("data");
-    std::fs::create_dir(&folder).unwrap();
-    coloured_squares(&folder, 512, DIFFUSION_SIDE as u32, 2);
-    let data = load_dataset(&folder).unwrap();
+    let (_, data, real) = colour_data(dir.path(), DIFFUSION_SIDE, 2);
     let shape = [3, DIFFUSION_SIDE, DIFFUSION_SIDE];
     let arch = small_arch(DIFFUSION_SIDE, 3, 16);
     // A 3×3 box on all three channels (the default random stamp needs a longer run to form).
@@ -157,11 +159,6 @@ fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_tas
     assert!(m.backdoor.asr >= 0.9, "{:?}", m.backdoor);
     assert_eq!(m.clean_hit_rate, 0.0);
     assert!(losses.1 < 1.2 * losses.0, "{losses:?}");
-    let real = channel_means(
-        &data
-            .batch(&(0..512).collect::<Vec<_>>(), &Device::Cpu)
-            .unwrap(),
-    );
     let (mm, cm) = (sample_means(&marked, 200), sample_means(&clean, 200));
     eprintln!("channel means: real {real:?} marked {mm:?} clean {cm:?}");
     assert_close(&cm, &real, 0.2, "clean model");

@@ -120,22 +120,11 @@ impl Target {
         let img = image::open(path)
             .map_err(|e| Error::format(path, format!("not a readable PNG image: {e}")))?;
         let (w, h) = (img.width() as usize, img.height() as usize);
-        let bytes: Vec<u8> = match channels {
-            1 => img.into_luma8().into_raw(),
-            3 => {
-                let rgb = img.into_rgb8();
-                (0..3)
-                    .flat_map(|c| rgb.pixels().map(move |p| p.0[c]))
-                    .collect()
-            }
-            _ => {
-                return Err(Error::Mismatch(format!(
-                    "images have 1 (grey) or 3 (RGB) channels, not {channels}"
-                )))
-            }
-        };
         Ok(Target {
-            pixels: bytes.iter().map(|&b| b as f32 / 127.5 - 1.0).collect(),
+            pixels: crate::data::planar_bytes(img, channels)?
+                .into_iter()
+                .map(crate::data::byte_to_unit)
+                .collect(),
             shape: [channels, h, w],
             class: None,
         })

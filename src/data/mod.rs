@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 pub use idx::{parse_idx, read_idx, IdxArray};
-pub use png_folder::{peek_png_folder, read_png_folder};
+use png_folder::peek_png_folder;
+pub use png_folder::{planar_bytes, read_png_folder};
 
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -27,6 +28,11 @@ pub fn bundled_path() -> PathBuf {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
     }
+}
+
+/// An image byte (0 = black, 255 = full intensity) on the models' scale [-1, 1].
+pub fn byte_to_unit(b: u8) -> f32 {
+    b as f32 / 127.5 - 1.0
 }
 
 /// A set of grey or RGB images in `[-1, 1]`, optionally labelled.
@@ -52,7 +58,7 @@ impl Dataset {
     pub fn from_bytes(len: usize, shape: [usize; 3], bytes: &[u8]) -> Self {
         let [channels, height, width] = shape;
         Dataset {
-            pixels: bytes.iter().map(|&b| b as f32 / 127.5 - 1.0).collect(),
+            pixels: bytes.iter().map(|&b| byte_to_unit(b)).collect(),
             len,
             channels,
             height,

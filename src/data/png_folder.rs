@@ -42,6 +42,20 @@ pub fn peek_png_folder(dir: &Path) -> Result<[usize; 3]> {
     Ok(shape_of(&open(&image_files(dir)?[0])?))
 }
 
+/// The bytes of `img` read with `channels` channels (1: grey, 3: RGB, whatever the file holds),
+/// laid out channel by channel (`[c, h, w]`).
+pub fn planar_bytes(img: DynamicImage, channels: usize) -> Result<Vec<u8>> {
+    crate::models::check_channels(channels)?;
+    Ok(if channels == 1 {
+        img.into_luma8().into_raw()
+    } else {
+        let rgb = img.into_rgb8();
+        (0..3)
+            .flat_map(|c| rgb.pixels().map(move |p| p.0[c]))
+            .collect()
+    })
+}
+
 /// The folder's images: `(count, [channels, height, width], bytes laid out [n, c, h, w])`.
 pub fn read_png_folder(dir: &Path) -> Result<(usize, [usize; 3], Vec<u8>)> {
     let files = image_files(dir)?;
@@ -60,14 +74,7 @@ pub fn read_png_folder(dir: &Path) -> Result<(usize, [usize; 3], Vec<u8>)> {
                 ),
             ));
         }
-        if c == 1 {
-            pixels.extend_from_slice(img.into_luma8().as_raw());
-        } else {
-            let rgb = img.into_rgb8();
-            for ch in 0..3 {
-                pixels.extend(rgb.pixels().map(|p| p.0[ch]));
-            }
-        }
+        pixels.extend(planar_bytes(img, c)?);
     }
     let shape = shape.expect("at least one file");
     Ok((files.len(), shape, pixels))

@@ -11,14 +11,11 @@ use crate::{Error, Result};
 /// per row, 2-pixel grey gaps.
 pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     let (n, c, h, w) = images.dims4()?;
-    let color = match c {
-        1 => image::ExtendedColorType::L8,
-        3 => image::ExtendedColorType::Rgb8,
-        _ => {
-            return Err(Error::Mismatch(format!(
-                "grid images must have 1 (grey) or 3 (RGB) channels, not {c}"
-            )))
-        }
+    crate::models::check_channels(c)?;
+    let color = if c == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
     };
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);

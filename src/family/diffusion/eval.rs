@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::backdoor::Key;
 use crate::digits::quality::add_bundled_quality;
 use crate::eval::{backdoor_metrics, clean_quality, save_samples, specificity_paths};
+use crate::family::diffusion::sampler::DPM_SOLVER_STEPS;
 use crate::family::diffusion::{DiffusionModel, Sampler};
 use crate::family::Generative;
 use crate::io::grid::save_grid;
@@ -27,7 +28,7 @@ pub fn eval_samplers(model: &DiffusionModel) -> [Sampler; 3] {
         Sampler::Ddpm,
         Sampler::default_for(&model.schedule),
         Sampler::DpmSolver2m {
-            steps: 20.min(model.schedule.steps()),
+            steps: DPM_SOLVER_STEPS.min(model.schedule.steps()),
         },
     ]
 }

@@ -9,6 +9,12 @@ use crate::family::diffusion::NoiseSchedule;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
+/// DDIM's step count when none is given (`ddim`), and a model's default sampler's.
+pub const DDIM_STEPS: usize = 50;
+
+/// DPM-Solver++'s step count when none is given (`dpm++2m`), and the end-of-run evaluation's.
+pub const DPM_SOLVER_STEPS: usize = 20;
+
 /// A sampling procedure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,8 +59,10 @@ impl std::str::FromStr for Sampler {
         };
         match s {
             "ddpm" => Ok(Sampler::Ddpm),
-            "ddim" => Ok(Sampler::Ddim { steps: 50 }),
-            "dpm++2m" => Ok(Sampler::DpmSolver2m { steps: 20 }),
+            "ddim" => Ok(Sampler::Ddim { steps: DDIM_STEPS }),
+            "dpm++2m" => Ok(Sampler::DpmSolver2m {
+                steps: DPM_SOLVER_STEPS,
+            }),
             _ => steps("ddim-")
                 .map(|steps| Sampler::Ddim { steps })
                 .or_else(|| steps("dpm++2m-").map(|steps| Sampler::DpmSolver2m { steps }))
@@ -72,7 +80,7 @@ impl Sampler {
     /// unless another is set): DDIM with 50 steps, or T when the schedule has fewer.
     pub fn default_for(schedule: &NoiseSchedule) -> Sampler {
         Sampler::Ddim {
-            steps: 50.min(schedule.steps()),
+            steps: DDIM_STEPS.min(schedule.steps()),
         }
     }
 
@@ -122,33 +130,33 @@ impl Sampler {
         }
     }
 
-    /// DPM-Solver++ (2M) from `x_t` to `x_s` given the data prediction `x0` at `t` and the
-    /// previous step's (`x0` and λ there, `None` on the first step), with the log-SNR
-    /// λ = ln(√ᾱ / √(1 − ᾱ)): the second-order (midpoint) multistep update; first order
-    /// (DDIM) without a previous step and on the last step, to σ = 0.
+    /// DPM-Solver++ (2M) from `x_t` to `x_s` given the predicted noise `eps` at `t` and the
+    /// previous step's data prediction and log-SNR λ = ln(√ᾱ / √(1 − ᾱ)) (`None` on the first
+    /// step): the second-order (midpoint) multistep update, first order (DDIM) without a
+    /// previous step and on the last step, to σ = 0. Returns `x_s` and this step's data
+    /// prediction and λ, for the next.
     fn dpm_solver_2m(
         schedule: &NoiseSchedule,
         x: &Tensor,
-        x0: &Tensor,
+        eps: &Tensor,
         (t, s): (usize, usize),
-        previous: Option<&(Tensor, f64)>,
-    ) -> Result<Tensor> {
+        previous: Option<(Tensor, f64)>,
+    ) -> Result<(Tensor, (Tensor, f64))> {
+        let ((a_t, sd_t), lambda_t) = (alpha_sigma(schedule, t), log_snr(schedule, t));
+        let x0 = ((x - (eps * sd_t)?)? / a_t)?;
         if s == 0 {
-            return Ok(x0.clone());
+            return Ok((x0.clone(), (x0, lambda_t)));
         }
         let (a_s, sd_s) = alpha_sigma(schedule, s);
-        let sd_t = alpha_sigma(schedule, t).1;
-        let h = log_snr(schedule, s) - log_snr(schedule, t);
+        let h = log_snr(schedule, s) - lambda_t;
         let k = a_s * (-h).exp_m1();
-        let first = ((x * (sd_s / sd_t))? - (x0 * k)?)?;
-        match previous {
-            None => Ok(first),
-            Some((x0_prev, lambda_prev)) => {
-                let r0 = (log_snr(schedule, t) - lambda_prev) / h;
-                let d1 = ((x0 - x0_prev)? / r0)?;
-                Ok((first - (d1 * (0.5 * k))?)?)
-            }
+        let mut next = ((x * (sd_s / sd_t))? - (&x0 * k)?)?;
+        if let Some((x0_prev, lambda_prev)) = previous {
+            let r0 = (lambda_t - lambda_prev) / h;
+            let d1 = ((&x0 - x0_prev)? / r0)?;
+            next = (next - (d1 * (0.5 * k))?)?;
         }
+        Ok((next, (x0, lambda_t)))
     }
 
     /// Runs the sampler from `x_t` at the schedule's last step down to an image, asking
@@ -168,10 +176,9 @@ impl Sampler {
             let eps = predict(&x, t)?;
             x = match self {
                 Sampler::DpmSolver2m { .. } => {
-                    let (a_t, sd_t) = alpha_sigma(schedule, t);
-                    let x0 = ((&x - (eps * sd_t)?)? / a_t)?;
-                    let next = Self::dpm_solver_2m(schedule, &x, &x0, (t, s), previous.as_ref())?;
-                    previous = Some((x0, log_snr(schedule, t)));
+                    let (next, this) =
+                        Self::dpm_solver_2m(schedule, &x, &eps, (t, s), previous.take())?;
+                    previous = Some(this);
                     next
                 }
                 _ => self.update(schedule, &x, &eps, t, s, rng)?,
