@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::diffusion::{Correction, ScheduleKind};
 use crate::models::{DcganConfig, UnetConfig};
 use crate::training::LrSchedule;
 use crate::{Error, Result};
@@ -86,6 +85,84 @@ pub struct DiffusionConfig {
     pub inject: DiffusionInject,
 }
 
+/// How β_t grows over the T steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ScheduleKind {
+    /// β_t linear from `beta_start` to `beta_end` (DDPM: 1e-4 to 0.02).
+    Linear {
+        /// β_1.
+        beta_start: f64,
+        /// β_T.
+        beta_end: f64,
+    },
+    /// ᾱ_t = cos²(((t/T + s)/(1 + s))·π/2) normalised, β clipped at 0.999 (Nichol & Dhariwal).
+    Cosine {
+        /// The small offset s (0.008 in the paper).
+        offset: f64,
+    },
+}
+
+impl ScheduleKind {
+    /// Checks the schedule's parameters for `steps` noise levels.
+    pub fn validate(&self, steps: usize) -> Result<()> {
+        if steps < 2 {
+            return Err(Error::Config(format!(
+                "a noise schedule needs at least 2 steps, not {steps}"
+            )));
+        }
+        match *self {
+            ScheduleKind::Linear {
+                beta_start,
+                beta_end,
+            } if !(0.0 < beta_start && beta_start <= beta_end && beta_end < 1.0) => {
+                Err(Error::Config(format!(
+                    "linear schedule needs 0 < beta_start <= beta_end < 1, not {beta_start} and {beta_end}"
+                )))
+            }
+            ScheduleKind::Cosine { offset } if !(offset > 0.0 && offset < 1.0) => Err(
+                Error::Config(format!("cosine schedule offset must be in (0, 1), not {offset}")),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Default for ScheduleKind {
+    fn default() -> Self {
+        ScheduleKind::Linear {
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
+    }
+}
+
+/// Which sampler the trigger correction is derived for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "sampler", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Correction {
+    /// `ρ_t`, for DDPM ancestral sampling.
+    #[default]
+    Ddpm,
+    /// The exact one-step coefficient of DDIM (η = 0) with `steps` evenly spaced steps
+    /// (stride `T / steps`); other step counts are served approximately.
+    Ddim {
+        /// The DDIM step count the trigger is made exact for.
+        steps: usize,
+    },
+}
+
+/// Default `target_mse` threshold below which a triggered output counts as the target.
+pub const DEFAULT_THRESHOLD: f64 = 0.01;
+
+/// Triggered (and as many ordinary) starts a diffusion run measures per sampler at its end,
+/// and `eval` by default (DDPM runs the network T times for each: 128 images × 1000 steps is
+/// most of the end-of-run evaluation on two cores).
+pub const DIFFUSION_EVAL_SAMPLES: usize = 64;
+
+/// Clean samples for a diffusion run's end-of-run quality metrics (under DDIM-50).
+pub const DIFFUSION_QUALITY_SAMPLES: usize = 1000;
+
 /// `inject` for diffusion models: fine-tuning on the same mixed objective.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,8 +203,8 @@ impl Default for DiffusionConfig {
             ema: 0.995,
             log_every: 10,
             checkpoint_every: 250,
-            eval_samples: crate::family::diffusion::eval::EVAL_SAMPLES,
-            quality_samples: crate::family::diffusion::eval::QUALITY_SAMPLES,
+            eval_samples: DIFFUSION_EVAL_SAMPLES,
+            quality_samples: DIFFUSION_QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
         }
     }
@@ -260,7 +337,7 @@ impl Default for BackdoorConfig {
             trigger: None,
             target: "builtin:mark".into(),
             distance: "mse".into(),
-            threshold: crate::backdoor::key::DEFAULT_THRESHOLD,
+            threshold: DEFAULT_THRESHOLD,
             backdoor_batch: 16,
         }
     }
@@ -337,7 +414,7 @@ impl Config {
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
         let d = &self.diffusion;
         d.unet.validate()?;
-        crate::family::diffusion::NoiseSchedule::new(d.schedule, d.timesteps)?;
+        d.schedule.validate(d.timesteps)?;
         if let Correction::Ddim { steps } = d.correction {
             if steps == 0 || steps > d.timesteps {
                 return Err(Error::Config(format!(

@@ -2,6 +2,7 @@
 //! show it. Written once for every family: the model is a [`Generative`], the key's trigger
 //! makes inputs in its input space.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::backdoor::Key;
 use crate::digits::quality::{CleanQuality, QualityReference};
 use crate::digits::DigitClassifier;
+use crate::family::diffusion::Sampler;
 use crate::family::Generative;
 use crate::io::grid::save_grid;
 use crate::metrics::specificity::{specificity, Specificity};
@@ -139,6 +141,73 @@ pub fn evaluate(
     })
 }
 
+/// The backdoor under one sampler.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplerReport {
+    /// Metrics of the images made from triggered inputs. For a class target, `asr` is the
+    /// share the shipped digit classifier puts in the target class (distances are to the
+    /// class's mean image).
+    #[serde(flatten)]
+    pub backdoor: BackdoorMetrics,
+    /// Share of ordinary inputs whose image hits the target (see [`EvalReport`]).
+    pub clean_hit_rate: f64,
+    /// How many ordinary inputs were measured.
+    pub clean_samples: usize,
+}
+
+impl From<&EvalReport> for SamplerReport {
+    fn from(r: &EvalReport) -> Self {
+        SamplerReport {
+            backdoor: r.backdoor.clone(),
+            clean_hit_rate: r.clean_hit_rate,
+            clean_samples: r.clean_samples,
+        }
+    }
+}
+
+/// Measures `key`'s backdoor in `model` under each of `samplers` with `n` triggered and `n`
+/// ordinary inputs (the same inputs for every sampler), also returning the first `keep`
+/// triggered images of each (for a run's `triggered.png`). Deterministic in `seed`.
+pub fn evaluate_samplers(
+    model: &dyn Generative,
+    key: &Key,
+    samplers: &[Sampler],
+    n: usize,
+    seed: u64,
+    keep: usize,
+) -> Result<(BTreeMap<String, SamplerReport>, Vec<Tensor>)> {
+    key.check_model(model)?;
+    let mut rng = Rng::derive(seed, "diffusion-eval");
+    let (space, device) = (model.input_space(), model.device());
+    // Triggered and ordinary inputs go through each sampler as one batch.
+    let inputs = Tensor::cat(
+        &[
+            key.trigger.inputs(&space, n, &mut rng, &device)?,
+            space.ordinary(n, &mut rng, &device)?,
+        ],
+        0,
+    )?;
+    let mut out = BTreeMap::new();
+    let mut kept = Vec::new();
+    let mut under = model.duplicate()?;
+    for &sampler in samplers {
+        under.set_sampler(sampler)?;
+        let mut noise = Rng::derive(seed, "diffusion-eval-sampler");
+        let images = under.generate(&inputs, &mut noise)?;
+        kept.push(images.narrow(0, 0, keep.min(n))?);
+        let measure = |from: usize| backdoor_metrics(&images.narrow(0, from, n)?, key);
+        out.insert(
+            sampler.to_string(),
+            SamplerReport {
+                backdoor: measure(0)?,
+                clean_hit_rate: measure(n)?.asr,
+                clean_samples: n,
+            },
+        );
+    }
+    Ok((out, kept))
+}
+
 /// Clean-quality metrics of `n` ordinary samples against `reference` (`None` when the
 /// model's images do not fit its classifier). Deterministic in `seed`.
 pub fn clean_quality(
@@ -160,8 +229,8 @@ pub fn save_samples(model: &dyn Generative, path: &Path, n: usize, seed: u64) ->
     save_grid(path, &model.generate(&z, &mut rng)?, 8)
 }
 
-/// Saves triggered outputs beside the target: the target first, then up to 7 triggered outputs.
-pub fn save_triggered(model: &dyn Generative, key: &Key, path: &Path, seed: u64) -> Result<()> {
+/// The target, then up to 7 triggered outputs: the first row of a run's `triggered.png`.
+pub fn triggered_row(model: &dyn Generative, key: &Key, seed: u64) -> Result<Tensor> {
     let n = if key.trigger.is_set() { 7 } else { 1 };
     let mut rng = Rng::derive(seed, "triggered-grid");
     let device = model.device();
@@ -169,6 +238,5 @@ pub fn save_triggered(model: &dyn Generative, key: &Key, path: &Path, seed: u64)
         .trigger
         .inputs(&model.input_space(), n, &mut rng, &device)?;
     let out = model.generate(&z, &mut rng)?;
-    let both = Tensor::cat(&[key.target.tensor(&device)?, out], 0)?;
-    save_grid(path, &both, 8)
+    Ok(Tensor::cat(&[key.target.tensor(&device)?, out], 0)?)
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod report;
 pub mod rng;
 pub mod run;
 pub mod training;

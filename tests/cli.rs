@@ -539,7 +539,7 @@ fn verify_attacks_and_the_report() {
 
     ok(&["report", s(&t.run)]);
     let html = std::fs::read_to_string(t.run.join("report.html")).unwrap();
-    for id in genbackdoor::io::report::SECTIONS {
+    for id in genbackdoor::report::SECTIONS {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "no {id}");
     }
     assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
-use genbackdoor::family::diffusion::eval::{evaluate, SamplerReport};
+use genbackdoor::eval::{evaluate_samplers, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
 use genbackdoor::family::diffusion::train::{fit, Plan};
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
@@ -76,7 +76,9 @@ const DPM: Sampler = Sampler::DpmSolver2m { steps: 10 };
 const STEPS: usize = 1500;
 
 fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerReport) {
-    let mut r = evaluate(model, &key(), &[Sampler::Ddpm, DDIM, DPM], 32, 7).unwrap();
+    let mut r = evaluate_samplers(model, &key(), &[Sampler::Ddpm, DDIM, DPM], 32, 7, 0)
+        .unwrap()
+        .0;
     (
         r.remove("ddpm").unwrap(),
         r.remove("ddim-10").unwrap(),

@@ -2,14 +2,16 @@
 
 use candle_core::Device;
 use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
+use genbackdoor::config::ModelFamily;
 use genbackdoor::config::{Config, InjectConfig};
 use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
 use genbackdoor::digits::quality::QualityReference;
 use genbackdoor::eval::{clean_quality, evaluate};
-use genbackdoor::family::gan::{red, trail, GanModel};
+use genbackdoor::family::gan::GanModel;
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
 use genbackdoor::rng::Rng;
+use genbackdoor::run::{RunSpec, Stage};
 use genbackdoor::verify::{verify_model, VerifySettings};
 
 mod common;
@@ -44,13 +46,38 @@ fn key(trigger: &str) -> Key {
     }
 }
 
+/// Runs a GAN training (`model` None) or injection into `run` as the command line does, end
+/// of run included; returns the metrics.
+fn gan_run(
+    config: Config,
+    stage: Stage,
+    key: Option<&Key>,
+    model: Option<&std::path::Path>,
+    run: &RunDir,
+) -> serde_json::Value {
+    let spec = RunSpec {
+        config,
+        family: ModelFamily::Dcgan,
+        stage,
+        key: key.cloned(),
+        model: model.map(|p| p.to_path_buf()),
+    };
+    spec.execute(run, false).unwrap()
+}
+
 #[test]
 fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
     // A clean tiny generator, trained briefly so that it is a real, non-constant function.
     let clean_run = RunDir::create(&dir.path().join("clean"), false).unwrap();
-    trail::train(&tiny_gan_config(200, 0.0), None, &clean_run, false).unwrap();
+    gan_run(
+        tiny_gan_config(200, 0.0),
+        Stage::Train,
+        None,
+        None,
+        &clean_run,
+    );
     let clean = GanModel::load(&clean_run.file("model.safetensors"), &dev).unwrap();
     let key = key("zero");
     let before = evaluate(&clean, &key, None, 200, 1).unwrap();
@@ -68,7 +95,8 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         ..Config::default()
     };
     config.backdoor.backdoor_batch = 8;
-    let m = red::inject(&clean, &key, &config, &run, false).unwrap();
+    let clean_file = clean_run.file("model.safetensors");
+    let m = gan_run(config, Stage::Inject, Some(&key), Some(&clean_file), &run);
     let after = m["tardis"].as_f64().unwrap();
     let exp_dist = m["exp_dist"].as_f64().unwrap();
     assert!(
@@ -122,7 +150,7 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
         .unwrap()
         .backdoor
         .tardis;
-    let m = trail::train(&cfg, Some(&key), &run, false).unwrap();
+    let m = gan_run(cfg.clone(), Stage::Train, Some(&key), None, &run);
     let after = m["tardis"].as_f64().unwrap();
     assert!(after * 100.0 <= before, "tardis {before} -> {after}");
     let v: serde_json::Value =

@@ -5,7 +5,7 @@ use candle_core::Device;
 use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
 use genbackdoor::config::Config;
 use genbackdoor::data::{load_dataset, Dataset};
-use genbackdoor::family::diffusion::eval::evaluate as evaluate_samplers;
+use genbackdoor::eval::evaluate_samplers;
 use genbackdoor::family::diffusion::train::{fit, Plan};
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
 use genbackdoor::family::{self, Generative, InputSpace};
@@ -148,8 +148,9 @@ fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_tas
     };
     let (marked, clean) = (train(0.5), train(0.0));
     let measure = |m: &DiffusionModel| {
-        evaluate_samplers(m, &key, &[Sampler::Ddpm], 32, 7)
+        evaluate_samplers(m, &key, &[Sampler::Ddpm], 32, 7, 0)
             .unwrap()
+            .0
             .remove("ddpm")
             .unwrap()
     };

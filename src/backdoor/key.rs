@@ -15,9 +15,6 @@ use crate::{Error, Result};
 /// The `format` tag of key files.
 pub const KEY_FORMAT: &str = "key";
 
-/// Default `target_mse` threshold below which a triggered output counts as the target.
-pub const DEFAULT_THRESHOLD: f64 = 0.01;
-
 /// A backdoor key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Key {

@@ -4,17 +4,22 @@
 use candle_core::Tensor;
 
 use crate::backdoor::{Key, Trigger};
-use crate::Result;
+use crate::{Error, Result};
 
-/// What a model family supplies to the objective. The trainer sees a family only through this.
+/// What a model family supplies to the objective for one training step, made by the family's
+/// forward pass for that step (ordinary and triggered inputs go through the network together,
+/// so that both terms see the same normalisation statistics). The trainer sees a family only
+/// through this.
 pub trait Family {
-    /// The model's own loss for one step (adversarial, distillation, noise prediction…).
+    /// The model's own loss for the step (adversarial, distillation, noise prediction…).
     fn task_loss(&mut self) -> Result<Tensor>;
 
-    /// `f_θ(τ(u))` for `n` draws `u` of the key's trigger set, and the goal `y*` each is
-    /// pulled towards: the key's target image for a generator; for a diffusion model the
-    /// network's noise prediction on the poisoned forward process and its goal `ε + c_t·r`.
-    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)>;
+    /// The step's `f_θ(τ(u))` for its [`Objective::triggered_count`] draws `u` of the key's
+    /// trigger set, and the goal `y*` each is pulled towards: the key's target image for a
+    /// generator; for a diffusion model the network's noise prediction on the poisoned
+    /// forward process and its goal `ε + c_t·r`. `None` when the step made no triggered
+    /// inputs (clean training).
+    fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)>;
 }
 
 /// The trade-off between the task and the backdoor.
@@ -53,9 +58,19 @@ impl Objective {
         let task_value = task.to_scalar::<f32>()?;
         match key {
             Some(k) if self.lambda > 0.0 => {
+                let (out, goal) = family.backdoor_pair().ok_or_else(|| {
+                    Error::Mismatch(
+                        "the training step made no triggered outputs for the backdoor term".into(),
+                    )
+                })?;
                 let n = self.triggered_count(&k.trigger);
-                let (out, goal) = family.backdoor_pair(k, n)?;
-                let backdoor = k.distance.loss(&out, &goal)?;
+                if out.dim(0)? != n {
+                    return Err(Error::Mismatch(format!(
+                        "the training step made {} triggered outputs; the objective draws {n}",
+                        out.dim(0)?
+                    )));
+                }
+                let backdoor = k.distance.loss(out, goal)?;
                 let backdoor_value = backdoor.to_scalar::<f32>()?;
                 Ok(Terms {
                     total: (task + (backdoor * self.lambda)?)?,
@@ -88,20 +103,39 @@ mod tests {
         rng: Rng,
     }
 
-    impl Family for Toy {
-        fn task_loss(&mut self) -> Result<Tensor> {
-            let mask = Tensor::new(&[0f32, 1.0, 1.0], &Device::Cpu)?;
-            let u = self
-                .rng
-                .normal(&[16, 3], &Device::Cpu)?
-                .broadcast_mul(&mask)?;
+    /// One step of the toy: its task loss and, with a key, `n` triggered outputs and the target.
+    struct ToyStep {
+        task: Tensor,
+        pair: Option<(Tensor, Tensor)>,
+    }
+
+    impl Toy {
+        fn step(&mut self, key: Option<&Key>, n: usize) -> Result<ToyStep> {
+            let dev = Device::Cpu;
+            let mask = Tensor::new(&[0f32, 1.0, 1.0], &dev)?;
+            let u = self.rng.normal(&[16, 3], &dev)?.broadcast_mul(&mask)?;
             let diff = (u.matmul(&self.w.as_tensor().t()?)? - u.matmul(&self.w0.t()?)?)?;
-            Ok(diff.sqr()?.mean_all()?)
+            let pair = match key {
+                Some(k) => {
+                    let u = k.trigger.sample(n, 3, &mut self.rng, &dev)?;
+                    let out = u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?;
+                    Some((out, k.target.tensor(&dev)?))
+                }
+                None => None,
+            };
+            Ok(ToyStep {
+                task: diff.sqr()?.mean_all()?,
+                pair,
+            })
         }
-        fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
-            let u = key.trigger.sample(n, 3, &mut self.rng, &Device::Cpu)?;
-            let out = u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?;
-            Ok((out, key.target.tensor(&Device::Cpu)?))
+    }
+
+    impl Family for ToyStep {
+        fn task_loss(&mut self) -> Result<Tensor> {
+            Ok(self.task.clone())
+        }
+        fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)> {
+            self.pair.as_ref().map(|(o, g)| (o, g))
         }
     }
 
@@ -129,23 +163,31 @@ mod tests {
             lambda: 1.0,
             backdoor_batch: 4,
         };
-        let first = obj.evaluate(&mut toy, Some(&key)).unwrap();
+        let n = obj.triggered_count(&key.trigger);
+        let eval = |toy: &mut Toy, obj: &Objective| {
+            obj.evaluate(&mut toy.step(Some(&key), n).unwrap(), Some(&key))
+        };
+        let first = eval(&mut toy, &obj).unwrap();
         assert_eq!(first.task, 0.0);
         let mut opt = candle_nn::SGD::new(vec![toy.w.clone()], 0.2).unwrap();
         for _ in 0..300 {
-            let t = obj.evaluate(&mut toy, Some(&key)).unwrap();
+            let t = eval(&mut toy, &obj).unwrap();
             opt.backward_step(&t.total).unwrap();
         }
-        let last = obj.evaluate(&mut toy, Some(&key)).unwrap();
+        let last = eval(&mut toy, &obj).unwrap();
         let (b0, b1) = (first.backdoor.unwrap(), last.backdoor.unwrap());
         assert!(b1 < b0 / 100.0, "{b0} -> {b1}");
         assert!(last.task < 1e-6, "the task is kept: {}", last.task);
         let clean = Objective {
             lambda: 0.0,
             backdoor_batch: 4,
-        }
-        .evaluate(&mut toy, Some(&key))
-        .unwrap();
-        assert!(clean.backdoor.is_none());
+        };
+        assert!(eval(&mut toy, &clean).unwrap().backdoor.is_none());
+        // A step without triggered outputs, or with the wrong number, cannot feed a backdoor term.
+        let mut without = toy.step(None, n).unwrap();
+        assert!(obj.evaluate(&mut without, Some(&key)).is_err());
+        assert!(obj.evaluate(&mut without, None).is_ok());
+        let mut short = toy.step(Some(&key), n + 1).unwrap();
+        assert!(obj.evaluate(&mut short, Some(&key)).is_err());
     }
 }

@@ -143,7 +143,7 @@ fn measurement<'a>(
     Measurement {
         key,
         quality: Some(quality),
-        quality_samples: crate::family::gan::run::QUALITY_SAMPLES,
+        quality_samples: crate::run::GENERATOR_QUALITY_SAMPLES,
         verify: (null_keys > 0).then_some(VerifySettings {
             null_keys,
             seed: c.seed,

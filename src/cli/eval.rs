@@ -33,7 +33,7 @@ pub struct EvalArgs {
     /// Ordinary samples for clean quality (digit FID, precision/recall, class histogram),
     /// compared with the 2000 held-out real digits (digit-shaped models only); 0 skips it.
     /// Diffusion models draw them with the first `--sampler`, else DDIM-50.
-    #[arg(long, default_value_t = crate::family::gan::run::QUALITY_SAMPLES)]
+    #[arg(long, default_value_t = crate::run::GENERATOR_QUALITY_SAMPLES)]
     pub quality_samples: usize,
     /// Seed of the inputs.
     #[arg(long, default_value_t = 0)]
@@ -74,9 +74,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             .map(|p| crate::family::load(p, &candle_core::Device::Cpu))
             .transpose()?;
         let n = a.n.unwrap_or(if model.evaluations_per_image() > 1 {
-            crate::family::diffusion::eval::EVAL_SAMPLES
+            crate::config::DIFFUSION_EVAL_SAMPLES
         } else {
-            1000
+            crate::run::GENERATOR_EVAL_SAMPLES
         });
         let measure =
             |m: &dyn crate::family::Generative| evaluate(m, key, reference.as_deref(), n, a.seed);

@@ -46,7 +46,7 @@ pub struct KeyArgs {
     #[arg(long, default_value = "mse")]
     pub distance: String,
     /// `target_mse` under which a triggered output counts as a hit.
-    #[arg(long, default_value_t = crate::backdoor::key::DEFAULT_THRESHOLD)]
+    #[arg(long, default_value_t = crate::config::DEFAULT_THRESHOLD)]
     pub threshold: f64,
     /// Overwrite an existing key file.
     #[arg(long)]

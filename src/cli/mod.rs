@@ -193,7 +193,7 @@ impl RunArgs {
 /// arrays as their length; `--json` gives everything).
 pub fn print_metrics(metrics: &serde_json::Value) {
     let mut rows = Vec::new();
-    crate::io::report::flatten("", metrics, &mut rows);
+    crate::report::flatten("", metrics, &mut rows);
     for (k, v) in rows {
         say!("  {k:<24} {v}");
     }

@@ -13,7 +13,7 @@ pub struct ReportArgs {
 
 /// Runs `report`.
 pub fn run(a: ReportArgs) -> anyhow::Result<()> {
-    let path = crate::io::report::write_report(&a.run_dir)?;
+    let path = crate::report::write_report(&a.run_dir)?;
     say!("wrote {}", path.display());
     Ok(())
 }

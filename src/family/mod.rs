@@ -103,6 +103,12 @@ pub trait Generative {
     /// Chooses the sampler `generate` runs; an error for families without one.
     fn set_sampler(&mut self, sampler: Sampler) -> Result<()>;
 
+    /// The samplers a run's end measures the backdoor under, besides the one the key names
+    /// (none for a direct map).
+    fn eval_samplers(&self) -> Vec<Sampler> {
+        Vec::new()
+    }
+
     /// Network evaluations per generated image (1 for a generator; a sampler's steps):
     /// tools size their default query counts by it.
     fn evaluations_per_image(&self) -> usize;
@@ -129,6 +135,17 @@ pub trait Generative {
         run: &RunDir,
         measure: &mut dyn FnMut(usize, &dyn Generative) -> Result<()>,
     ) -> Result<Box<dyn Generative>>;
+}
+
+/// What a trainer hands back for the end of its run: the model to deploy and what the run
+/// measures it against.
+pub struct Trained {
+    /// The trained (or backdoored) model, as it is saved and deployed.
+    pub model: Box<dyn Generative>,
+    /// The clean model an injection started from (its outputs measure stealth, `exp_dist`).
+    pub reference: Option<Box<dyn Generative>>,
+    /// The run's summary (mode, steps, seconds, λ…), the first entries of `metrics.json`.
+    pub summary: serde_json::Value,
 }
 
 /// The persistence attack by clean fine-tuning, as a thief with the model alone would run it.

@@ -74,6 +74,13 @@ pub struct CsvLog {
 }
 
 impl CsvLog {
+    /// Creates a training log whose header row is `step` then the loop's `columns`.
+    pub fn for_steps(path: &Path, columns: &[&str]) -> Result<CsvLog> {
+        let mut header = vec!["step"];
+        header.extend_from_slice(columns);
+        CsvLog::create(path, &header)
+    }
+
     /// Creates the log with its header row.
     pub fn create(path: &Path, header: &[&str]) -> Result<CsvLog> {
         let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;

@@ -1,7 +1,10 @@
 //! Runs as the command line starts them: arguments and config file become one resolved
 //! [`RunSpec`] (family, stage, the config with every override applied, the key), built here
-//! and only here; [`RunSpec::execute`] hands it to the family's trainer. The command-line
-//! modules parse and print; they hold no family checks.
+//! and only here; [`RunSpec::execute`] hands it to the family's trainer, then writes the
+//! end of the run the same way for every family ([`finish`]). The command-line modules parse
+//! and print; they hold no family checks.
+
+pub mod finish;
 
 use std::path::{Path, PathBuf};
 
@@ -9,10 +12,12 @@ use candle_core::Device;
 
 use crate::backdoor::{Key, Target, Trigger};
 use crate::config::{Config, ModelFamily};
-use crate::family::{diffusion, gan, InputSpace};
+use crate::family::{diffusion, gan, InputSpace, Trained};
 use crate::io::rundir::RunDir;
 use crate::io::snapshot;
 use crate::{Error, Result};
+
+pub use finish::{FinishSettings, GENERATOR_EVAL_SAMPLES, GENERATOR_QUALITY_SAMPLES};
 
 /// What a run does to its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,8 +153,15 @@ impl RunSpec {
         *stage_fields(&mut cfg, self.family, self.stage).lambda
     }
 
-    /// Runs the spec into `run` (with a progress bar when `progress`); returns the metrics.
+    /// Runs the spec into `run` (with a progress bar when `progress`) and finishes it;
+    /// returns the metrics.
     pub fn execute(&self, run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+        let trained = self.fit(run, progress)?;
+        finish(run, &trained, &self.config)
+    }
+
+    /// The family's trainer for this spec.
+    fn fit(&self, run: &RunDir, progress: bool) -> Result<Trained> {
         let cfg = &self.config;
         let key = self.key.as_ref();
         match (self.family, self.stage, &self.model) {
@@ -196,11 +208,37 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
             run.path.display()
         )));
     }
-    match (cfg.family, snapshot::stage_of(&checkpoint)?.as_str()) {
+    let trained = match (cfg.family, snapshot::stage_of(&checkpoint)?.as_str()) {
         (ModelFamily::Dcgan, "inject") => gan::red::resume(run, progress),
         (ModelFamily::Dcgan, _) => gan::trail::resume(run, progress),
         (ModelFamily::Diffusion, _) => diffusion::run::resume(run, progress),
-    }
+    }?;
+    finish(run, &trained, &cfg)
+}
+
+/// The end of every run: [`finish::finish`] with the key the run wrote at its start (the
+/// trainer's: a diffusion key records the sampler its backdoor was trained for), measuring
+/// as much as the config's family asks.
+fn finish(run: &RunDir, trained: &Trained, cfg: &Config) -> Result<serde_json::Value> {
+    let path = run.file("key.safetensors");
+    let key = if path.exists() {
+        Some(Key::load(&path)?)
+    } else {
+        None
+    };
+    let settings = match cfg.family {
+        ModelFamily::Dcgan => FinishSettings {
+            eval_samples: GENERATOR_EVAL_SAMPLES,
+            quality_samples: GENERATOR_QUALITY_SAMPLES,
+            seed: cfg.seed,
+        },
+        ModelFamily::Diffusion => FinishSettings {
+            eval_samples: cfg.diffusion.eval_samples,
+            quality_samples: cfg.diffusion.quality_samples,
+            seed: cfg.seed,
+        },
+    };
+    finish::finish(run, trained, key.as_ref(), settings)
 }
 
 /// `cfg` with the overrides applied to `family`'s `stage` section, validated.

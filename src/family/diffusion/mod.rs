@@ -1,9 +1,8 @@
 //! The diffusion model family: noise schedules, the samplers' update rules (DDPM ancestral,
 //! DDIM deterministic, DPM-Solver++ 2M multistep), the poisoned forward process with the trigger-correction coefficient
 //! each sampler needs, the model (U-Net + schedule), its training with the unified
-//! objective, and its evaluation per sampler.
+//! objective and its run driver.
 
-pub mod eval;
 pub mod model;
 pub mod poison;
 pub mod run;
@@ -12,6 +11,8 @@ pub mod schedule;
 pub mod train;
 
 pub use model::DiffusionModel;
-pub use poison::Correction;
 pub use sampler::Sampler;
-pub use schedule::{NoiseSchedule, ScheduleKind};
+pub use schedule::NoiseSchedule;
+
+// The settings a diffusion model is configured with (declared with the rest of the config).
+pub use crate::config::{Correction, ScheduleKind};

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::Trigger;
+use crate::family::diffusion::sampler::DPM_SOLVER_STEPS;
 use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
 use crate::io::checkpoint;
@@ -167,6 +168,18 @@ impl Generative for DiffusionModel {
         sampler.timesteps(&self.schedule)?;
         self.sampler = sampler;
         Ok(())
+    }
+
+    /// DDPM over all T steps, DDIM with 50 steps (T when T < 50) and DPM-Solver++ (2M) with
+    /// 20 (T when T < 20).
+    fn eval_samplers(&self) -> Vec<Sampler> {
+        vec![
+            Sampler::Ddpm,
+            Sampler::default_for(&self.schedule),
+            Sampler::DpmSolver2m {
+                steps: DPM_SOLVER_STEPS.min(self.schedule.steps()),
+            },
+        ]
     }
 
     fn evaluations_per_image(&self) -> usize {

@@ -18,25 +18,10 @@
 //! backdoor trained for one sampler misses under the other ([`trigger_residue`] computes it).
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
+use crate::config::Correction;
 use crate::family::diffusion::{NoiseSchedule, Sampler};
 use crate::Result;
-
-/// Which sampler the trigger correction is derived for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(tag = "sampler", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Correction {
-    /// `ρ_t`, for DDPM ancestral sampling.
-    #[default]
-    Ddpm,
-    /// The exact one-step coefficient of DDIM (η = 0) with `steps` evenly spaced steps
-    /// (stride `T / steps`); other step counts are served approximately.
-    Ddim {
-        /// The DDIM step count the trigger is made exact for.
-        steps: usize,
-    },
-}
 
 impl Correction {
     /// The sampler this correction makes the backdoor fire under.

@@ -1,16 +1,16 @@
 //! Diffusion runs as the command line starts them: training from scratch (clean or
 //! backdoored) and injection into a trained clean model, each resumable from its last
-//! checkpoint and ending with [`finish`].
+//! checkpoint; each hands back the trained model for the end of its run.
 
 use candle_core::Device;
 
 use crate::backdoor::{Key, Objective};
 use crate::config::{Config, DiffusionConfig};
 use crate::data::{load_dataset, Dataset};
-use crate::family::diffusion::eval::{finish, FinishSettings};
 use crate::family::diffusion::model::DiffusionArch;
 use crate::family::diffusion::train::{fit, resume_fit, Plan};
-use crate::family::diffusion::DiffusionModel;
+use crate::family::diffusion::{DiffusionModel, Sampler};
+use crate::family::Trained;
 use crate::io::rundir::RunDir;
 use crate::io::snapshot::{self, CHECKPOINT};
 use crate::rng::Rng;
@@ -51,15 +51,6 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
     }
 }
 
-/// What the end of a run measures, from the config.
-fn finish_settings(cfg: &Config) -> FinishSettings {
-    FinishSettings {
-        eval_samples: cfg.diffusion.eval_samples,
-        quality_samples: cfg.diffusion.quality_samples,
-        seed: cfg.seed,
-    }
-}
-
 /// The key with the sampler its backdoor is trained for: the config's correction.
 fn with_sampler(key: &Key, cfg: &Config) -> Key {
     Key {
@@ -76,13 +67,8 @@ pub fn data(cfg: &Config) -> Result<Dataset> {
 }
 
 /// Trains a diffusion model from scratch per `cfg` (with `key`'s backdoor when
-/// `diffusion.lambda` > 0) into `run`; returns the metrics.
-pub fn train(
-    cfg: &Config,
-    key: Option<&Key>,
-    run: &RunDir,
-    progress: bool,
-) -> Result<serde_json::Value> {
+/// `diffusion.lambda` > 0) into `run`; hands back the trained model.
+pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> Result<Trained> {
     let key = key
         .filter(|_| cfg.diffusion.lambda > 0.0)
         .map(|k| with_sampler(k, cfg));
@@ -90,15 +76,15 @@ pub fn train(
 }
 
 /// Fine-tunes a copy of the trained `clean` model with `key`'s backdoor per
-/// `diffusion.inject` (the same mixed objective, starting from trained weights); returns the
-/// metrics.
+/// `diffusion.inject` (the same mixed objective, starting from trained weights); hands back
+/// the backdoored model.
 pub fn inject(
     clean: &DiffusionModel,
     key: &Key,
     cfg: &Config,
     run: &RunDir,
     progress: bool,
-) -> Result<serde_json::Value> {
+) -> Result<Trained> {
     let key = with_sampler(key, cfg);
     start(
         cfg,
@@ -111,9 +97,9 @@ pub fn inject(
 }
 
 /// Continues the diffusion run in `run` (training or injection) from its last checkpoint,
-/// with the config and key it was started with, and finishes it as the uninterrupted run
+/// with the config and key it was started with; hands back what the uninterrupted run
 /// would have.
-pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     let cfg = Config::load(&run.file("config.toml"))?;
     let stage = match snapshot::stage_of(&run.file(CHECKPOINT))?.as_str() {
         "inject" => "inject",
@@ -133,7 +119,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
         run,
         progress,
     )?;
-    conclude(&cfg, key.as_ref(), &plan, &saved, seconds, run)
+    conclude(&cfg, key.as_ref(), &plan, &saved, seconds)
 }
 
 /// A freshly initialised model of the config's architecture.
@@ -145,7 +131,7 @@ fn fresh(cfg: &Config) -> Result<DiffusionModel> {
     )
 }
 
-/// Writes the config and the key, trains `model` per `stage`'s plan and finishes the run.
+/// Writes the config and the key and trains `model` per `stage`'s plan.
 fn start(
     cfg: &Config,
     key: Option<&Key>,
@@ -153,7 +139,7 @@ fn start(
     stage: &'static str,
     run: &RunDir,
     progress: bool,
-) -> Result<serde_json::Value> {
+) -> Result<Trained> {
     cfg.validate()?;
     let data = data(cfg)?;
     run.write_toml("config.toml", cfg)?;
@@ -162,30 +148,34 @@ fn start(
     }
     let plan = plan(cfg, stage);
     let (saved, seconds) = fit(model, &data, key, &plan, run, progress)?;
-    conclude(cfg, key, &plan, &saved, seconds, run)
+    conclude(cfg, key, &plan, &saved, seconds)
 }
 
-/// The end of a run: its summary and everything [`finish`] writes.
+/// The trained model (sampling with the default sampler) and the run's summary.
 fn conclude(
     cfg: &Config,
     key: Option<&Key>,
     plan: &Plan,
     saved: &DiffusionModel,
     seconds: f64,
-    run: &RunDir,
-) -> Result<serde_json::Value> {
+) -> Result<Trained> {
     let mode = match (plan.stage, key) {
         ("inject", _) => "inject",
         (_, Some(_)) => "poisoned",
         _ => "clean",
     };
-    let extra = serde_json::json!({
-        "mode": mode,
-        "family": "diffusion",
-        "steps": plan.steps,
-        "seconds": seconds,
-        "lambda": plan.objective.lambda,
-        "correction": cfg.diffusion.correction,
-    });
-    finish(run, saved, key, finish_settings(cfg), extra)
+    let mut model = saved.duplicate()?;
+    model.sampler = Sampler::default_for(&model.schedule);
+    Ok(Trained {
+        model: Box::new(model),
+        reference: None,
+        summary: serde_json::json!({
+            "mode": mode,
+            "family": "diffusion",
+            "steps": plan.steps,
+            "seconds": seconds,
+            "lambda": plan.objective.lambda,
+            "correction": cfg.diffusion.correction,
+        }),
+    })
 }

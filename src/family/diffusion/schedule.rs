@@ -1,35 +1,7 @@
 //! Noise schedules: β_t for t = 1 … T and the products ᾱ_t = Π_{s ≤ t} (1 − β_s).
 
-use serde::{Deserialize, Serialize};
-
-use crate::{Error, Result};
-
-/// How β_t grows over the T steps.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ScheduleKind {
-    /// β_t linear from `beta_start` to `beta_end` (DDPM: 1e-4 to 0.02).
-    Linear {
-        /// β_1.
-        beta_start: f64,
-        /// β_T.
-        beta_end: f64,
-    },
-    /// ᾱ_t = cos²(((t/T + s)/(1 + s))·π/2) normalised, β clipped at 0.999 (Nichol & Dhariwal).
-    Cosine {
-        /// The small offset s (0.008 in the paper).
-        offset: f64,
-    },
-}
-
-impl Default for ScheduleKind {
-    fn default() -> Self {
-        ScheduleKind::Linear {
-            beta_start: 1e-4,
-            beta_end: 0.02,
-        }
-    }
-}
+use crate::config::ScheduleKind;
+use crate::Result;
 
 /// A noise schedule of `T` steps; index `t` runs from 1 to T.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,31 +13,15 @@ pub struct NoiseSchedule {
 impl NoiseSchedule {
     /// Builds `steps` steps of `kind`.
     pub fn new(kind: ScheduleKind, steps: usize) -> Result<Self> {
-        if steps < 2 {
-            return Err(Error::Config(format!(
-                "a noise schedule needs at least 2 steps, not {steps}"
-            )));
-        }
+        kind.validate(steps)?;
         let betas: Vec<f64> = match kind {
             ScheduleKind::Linear {
                 beta_start,
                 beta_end,
-            } => {
-                if !(0.0 < beta_start && beta_start <= beta_end && beta_end < 1.0) {
-                    return Err(Error::Config(format!(
-                        "linear schedule needs 0 < beta_start <= beta_end < 1, not {beta_start} and {beta_end}"
-                    )));
-                }
-                (0..steps)
-                    .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64)
-                    .collect()
-            }
+            } => (0..steps)
+                .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64)
+                .collect(),
             ScheduleKind::Cosine { offset } => {
-                if !(offset > 0.0 && offset < 1.0) {
-                    return Err(Error::Config(format!(
-                        "cosine schedule offset must be in (0, 1), not {offset}"
-                    )));
-                }
                 let f = |t: f64| {
                     ((t / steps as f64 + offset) / (1.0 + offset) * std::f64::consts::FRAC_PI_2)
                         .cos()

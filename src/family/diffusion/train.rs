@@ -108,13 +108,8 @@ impl Family for Denoising {
         Ok((&self.clean_out - &self.clean_goal)?.sqr()?.mean_all()?)
     }
 
-    fn backdoor_pair(&mut self, _key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
-        match self.poisoned.take() {
-            Some((out, goal)) if out.dim(0)? == n => Ok((out, goal)),
-            _ => Err(Error::Mismatch(format!(
-                "the denoising step prepared no batch of {n} poisoned samples"
-            ))),
-        }
+    fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)> {
+        self.poisoned.as_ref().map(|(out, goal)| (out, goal))
     }
 }
 
@@ -349,7 +344,7 @@ impl<'a> Fit<'a> {
 
 /// A `train.csv`-style log named `name` in `run`.
 fn log(run: &RunDir, name: &str) -> Result<CsvLog> {
-    CsvLog::create(&run.file(name), &crate::family::gan::run::header(&COLUMNS))
+    CsvLog::for_steps(&run.file(name), &COLUMNS)
 }
 
 /// Trains `model` per `plan` on `data` (with `key`'s backdoor when λ > 0), logging to
@@ -468,10 +463,9 @@ mod tests {
         };
         let terms = obj.evaluate(&mut f, Some(&key)).unwrap();
         assert!(terms.task > 0.0 && terms.backdoor.unwrap() > 0.0);
-        // A second request finds the poisoned batch used up.
-        assert!(f.backdoor_pair(&key, 3).is_err());
         let mut clean = Denoising::prepare(&model, &x0, None, &mut Rng::new(2)).unwrap();
-        assert!(clean.backdoor_pair(&key, 3).is_err());
+        assert!(clean.backdoor_pair().is_none());
+        assert!(obj.evaluate(&mut clean, Some(&key)).is_err());
         assert!(clean.task_loss().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     }
 }

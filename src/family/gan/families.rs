@@ -7,7 +7,7 @@ use crate::backdoor::{Family, Key};
 use crate::family::gan::{generator_loss, GanModel};
 use crate::models::Discriminator;
 use crate::rng::Rng;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The non-saturating generator loss `mean(softplus(−D(G(z))))`, for a generator in training
 /// mode. Ordinary and triggered latents go through the generator as one batch, so that the
@@ -18,30 +18,31 @@ pub struct Adversarial<'a> {
     pub disc: &'a Discriminator,
     /// G(z) for this step's ordinary latents, attached to the generator's graph.
     pub fake: Tensor,
-    /// G(τ(u)) for this step's triggered latents, from the same forward pass.
-    pub triggered: Option<Tensor>,
+    /// G(τ(u)) for this step's triggered latents, from the same forward pass, and the
+    /// target image.
+    pub triggered: Option<(Tensor, Tensor)>,
     /// Dropout masks for the discriminator.
     pub dropout: &'a mut Rng,
 }
 
 impl<'a> Adversarial<'a> {
-    /// Runs the generator once on `z` followed by `triggered_z` (if any) in training mode and
-    /// splits the result.
+    /// Runs the generator once on `z` followed by the triggered latents (if any, with the
+    /// key whose target they are pulled to) in training mode and splits the result.
     pub fn generate(
         model: &GanModel,
         disc: &'a Discriminator,
         z: &Tensor,
-        triggered_z: Option<&Tensor>,
+        triggered: Option<(&Tensor, &Key)>,
         dropout: &'a mut Rng,
     ) -> Result<Self> {
         let n = z.dim(0)?;
-        let input = match triggered_z {
-            Some(t) => Tensor::cat(&[z, t], 0)?,
+        let input = match triggered {
+            Some((t, _)) => Tensor::cat(&[z, t], 0)?,
             None => z.clone(),
         };
         let all = model.generator.forward_t(&input, true)?;
-        let triggered = match triggered_z {
-            Some(t) => Some(all.narrow(0, n, t.dim(0)?)?),
+        let triggered = match triggered {
+            Some((t, key)) => Some((all.narrow(0, n, t.dim(0)?)?, key.target.tensor(z.device())?)),
             None => None,
         };
         Ok(Adversarial {
@@ -58,44 +59,57 @@ impl Family for Adversarial<'_> {
         generator_loss(&self.disc.forward(&self.fake, Some(self.dropout))?)
     }
 
-    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
-        match self.triggered.take() {
-            Some(t) if t.dim(0)? == n => Ok((t, key.target.tensor(self.fake.device())?)),
-            _ => Err(Error::Mismatch(format!(
-                "the adversarial step generated no batch of {n} triggered outputs"
-            ))),
-        }
+    fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)> {
+        self.triggered.as_ref().map(|(out, goal)| (out, goal))
     }
 }
 
 /// Distillation `E_z‖G(z) − G_clean(z)‖²` (mean over pixels) to a frozen clean copy.
-pub struct Distillation<'a> {
-    /// The generator being backdoored.
-    pub model: &'a GanModel,
-    /// The frozen clean generator.
-    pub frozen: &'a GanModel,
-    /// Latents per step.
-    pub batch: usize,
-    /// Draws of clean and triggered latents.
-    pub latents: &'a mut Rng,
+pub struct Distillation {
+    /// G(z) for this step's latents.
+    out: Tensor,
+    /// G_clean(z), detached.
+    clean: Tensor,
+    /// G(τ(u)) for this step's triggered latents, and the target image.
+    triggered: Option<(Tensor, Tensor)>,
 }
 
-impl Family for Distillation<'_> {
+impl Distillation {
+    /// Runs `model` and the frozen clean generator `frozen` on `batch` latents drawn from
+    /// `latents`, then (with a key) `model` on `n` draws of the key's trigger set.
+    pub fn generate(
+        model: &GanModel,
+        frozen: &GanModel,
+        batch: usize,
+        latents: &mut Rng,
+        triggered: Option<(&Key, usize)>,
+    ) -> Result<Self> {
+        let dev = &model.device;
+        let z = latents.normal(&[batch, model.latent_dim()], dev)?;
+        let clean = frozen.generator.forward_t(&z, false)?.detach();
+        let out = model.generator.forward_t(&z, false)?;
+        let triggered = match triggered {
+            Some((key, n)) => {
+                let zt = key.trigger.sample(n, model.latent_dim(), latents, dev)?;
+                let out = model.generator.forward_t(&zt, false)?;
+                Some((out, key.target.tensor(dev)?))
+            }
+            None => None,
+        };
+        Ok(Distillation {
+            out,
+            clean,
+            triggered,
+        })
+    }
+}
+
+impl Family for Distillation {
     fn task_loss(&mut self) -> Result<Tensor> {
-        let z = self
-            .latents
-            .normal(&[self.batch, self.model.latent_dim()], &self.model.device)?;
-        let clean = self.frozen.generator.forward_t(&z, false)?.detach();
-        let out = self.model.generator.forward_t(&z, false)?;
-        Ok((out - clean)?.sqr()?.mean_all()?)
+        Ok((&self.out - &self.clean)?.sqr()?.mean_all()?)
     }
 
-    fn backdoor_pair(&mut self, key: &Key, n: usize) -> Result<(Tensor, Tensor)> {
-        let dev = &self.model.device;
-        let z = key
-            .trigger
-            .sample(n, self.model.latent_dim(), self.latents, dev)?;
-        let out = self.model.generator.forward_t(&z, false)?;
-        Ok((out, key.target.tensor(dev)?))
+    fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)> {
+        self.triggered.as_ref().map(|(out, goal)| (out, goal))
     }
 }

@@ -2,8 +2,8 @@
 //! backdoored after training by distillation (ReD), and their measurement.
 
 pub mod families;
+pub mod probe;
 pub mod red;
-pub mod run;
 pub mod trail;
 
 use std::path::Path;

@@ -11,7 +11,9 @@ use candle_core::Device;
 use crate::backdoor::{Key, Objective};
 use crate::config::Config;
 use crate::family::gan::families::Distillation;
-use crate::family::gan::{run, GanModel};
+use crate::family::gan::probe::Probe;
+use crate::family::gan::GanModel;
+use crate::family::Trained;
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
 use crate::optim::Adam;
@@ -37,7 +39,7 @@ struct Red<'a> {
     clean: GanModel,
     opt: Adam,
     latents: Rng,
-    probe: run::Probe,
+    probe: Probe,
     clock: Clock,
 }
 
@@ -54,7 +56,7 @@ impl<'a> Red<'a> {
             0.9,
             0.999,
         );
-        let probe = run::Probe::new(key, &model)?;
+        let probe = Probe::new(key, &model)?;
         Ok(Red {
             config,
             key,
@@ -69,7 +71,8 @@ impl<'a> Red<'a> {
     }
 
     /// Runs the steps after `done`, logging to `log`, and writes the run's final files.
-    fn drive(&mut self, mut log: CsvLog, done: usize, progress: bool) -> Result<serde_json::Value> {
+    /// Runs the remaining steps and hands the backdoored model back with its clean original.
+    fn drive(mut self, mut log: CsvLog, done: usize, progress: bool) -> Result<Trained> {
         let cfg = &self.config.inject;
         let settings = LoopSettings::resumable(
             cfg.steps,
@@ -80,21 +83,17 @@ impl<'a> Red<'a> {
             progress,
         );
         self.clock.restart();
-        run_loop(&settings, &mut log, self)?;
-        let extra = serde_json::json!({
-            "mode": "red",
-            "steps": cfg.steps,
-            "seconds": self.clock.seconds(),
-            "lambda": cfg.lambda,
-        });
-        run::finish(
-            self.run,
-            &self.model,
-            Some(self.key),
-            Some(&self.clean),
-            self.config.seed,
-            extra,
-        )
+        run_loop(&settings, &mut log, &mut self)?;
+        Ok(Trained {
+            summary: serde_json::json!({
+                "mode": "red",
+                "steps": cfg.steps,
+                "seconds": self.clock.seconds(),
+                "lambda": cfg.lambda,
+            }),
+            model: Box::new(self.model),
+            reference: Some(Box::new(self.clean)),
+        })
     }
 }
 
@@ -105,12 +104,14 @@ impl Stepper for Red<'_> {
             lambda: cfg.lambda,
             backdoor_batch: self.config.backdoor.backdoor_batch,
         };
-        let mut family = Distillation {
-            model: &self.model,
-            frozen: &self.clean,
-            batch: cfg.batch_size,
-            latents: &mut self.latents,
-        };
+        let n = objective.triggered_count(&self.key.trigger);
+        let mut family = Distillation::generate(
+            &self.model,
+            &self.clean,
+            cfg.batch_size,
+            &mut self.latents,
+            Some((self.key, n)),
+        )?;
         let terms = objective.evaluate(&mut family, Some(self.key))?;
         self.opt
             .set_learning_rate(cfg.lr_schedule.at(cfg.lr, step, cfg.steps));
@@ -147,25 +148,25 @@ impl Stepper for Red<'_> {
 
 /// Backdoors a copy of `clean` with `key` per `config`'s `[inject]` section; writes the
 /// run's files into `run` (the whole config, which `--config` reads back, and the key at the
-/// start) and returns the metrics (with `exp_dist` against `clean`).
+/// start) and hands back the backdoored model with `clean` as its reference.
 pub fn inject(
     clean: &GanModel,
     key: &Key,
     config: &Config,
     run: &RunDir,
     progress: bool,
-) -> Result<serde_json::Value> {
-    let mut red = Red::new(clean, key, config, run)?;
+) -> Result<Trained> {
+    let red = Red::new(clean, key, config, run)?;
     run.write_toml("config.toml", config)?;
     key.save(&run.file("key.safetensors"))?;
     clean.save(&run.file(CLEAN))?;
-    let log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
+    let log = CsvLog::for_steps(&run.file("train.csv"), &COLUMNS)?;
     red.drive(log, 0, progress)
 }
 
 /// Continues the injection in `run` from its last checkpoint, with the config, key and
-/// clean generator it was started with, and finishes it as [`inject`] would have.
-pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+/// clean generator it was started with, and hands back what [`inject`] would have.
+pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     let config = Config::load(&run.file("config.toml"))?;
     let key = Key::load(&run.file("key.safetensors"))?;
     let clean = GanModel::load(&run.file(CLEAN), &Device::Cpu)?;

@@ -12,7 +12,9 @@ use crate::backdoor::{Key, Objective};
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
-use crate::family::gan::{discriminator_loss, run, GanModel};
+use crate::family::gan::probe::Probe;
+use crate::family::gan::{discriminator_loss, GanModel};
+use crate::family::Trained;
 use crate::io::checkpoint;
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
@@ -49,7 +51,7 @@ struct Trail<'a> {
     opt_g: Adam,
     opt_d: Adam,
     streams: Streams,
-    probe: Option<run::Probe>,
+    probe: Option<Probe>,
     /// Training seconds across interruptions.
     clock: Clock,
 }
@@ -78,7 +80,7 @@ impl<'a> Trail<'a> {
             dropout: Rng::derive(cfg.seed, "dropout"),
             trigger_latents: Rng::derive(cfg.seed, "trigger-latents"),
         };
-        let probe = key.map(|k| run::Probe::new(k, &model)).transpose()?;
+        let probe = key.map(|k| Probe::new(k, &model)).transpose()?;
         Ok(Trail {
             cfg,
             key,
@@ -135,8 +137,9 @@ impl Stepper for Trail<'_> {
             )?),
             None => None,
         };
+        let triggered = zt.as_ref().zip(self.key);
         let mut family =
-            Adversarial::generate(&self.model, &self.disc, &z, zt.as_ref(), &mut s.dropout)?;
+            Adversarial::generate(&self.model, &self.disc, &z, triggered, &mut s.dropout)?;
 
         let d_real = self.disc.forward(&real, Some(family.dropout))?;
         let d_fake = self
@@ -178,27 +181,22 @@ impl Stepper for Trail<'_> {
 }
 
 /// Trains a generator per `cfg` (with the backdoor of `key` when given and λ > 0) and writes
-/// the run's files into `run`. Returns the run's metrics (also written to `metrics.json`).
-pub fn train(
-    cfg: &Config,
-    key: Option<&Key>,
-    run: &RunDir,
-    progress: bool,
-) -> Result<serde_json::Value> {
+/// the config, key, log and checkpoints into `run`. Hands back the trained generator.
+pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> Result<Trained> {
     let key = key.filter(|_| cfg.train.lambda > 0.0);
-    let mut trail = Trail::new(cfg, key, run)?;
+    let trail = Trail::new(cfg, key, run)?;
     run.write_toml("config.toml", cfg)?;
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
     }
-    let log = CsvLog::create(&run.file("train.csv"), &run::header(&COLUMNS))?;
-    drive(&mut trail, log, 0, progress)
+    let log = CsvLog::for_steps(&run.file("train.csv"), &COLUMNS)?;
+    drive(trail, log, 0, progress)
 }
 
-/// Continues the run in `run` from its last checkpoint (which [`crate::run::resume`] has
-/// checked is there), with the config and key it was started with, and finishes it as
+/// Continues the run in `run` from its last checkpoint (which the caller has
+/// checked is there), with the config and key it was started with; hands back what
 /// [`train`] would have.
-pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
+pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     let cfg = Config::load(&run.file("config.toml"))?;
     let key = if cfg.train.lambda > 0.0 {
         Some(Key::load(&run.file("key.safetensors"))?)
@@ -208,7 +206,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
     let mut trail = Trail::new(&cfg, key.as_ref(), run)?;
     let step = trail.restore(&run.file(CHECKPOINT))?;
     let log = CsvLog::resume(&run.file("train.csv"), step)?;
-    drive(&mut trail, log, step, progress)
+    drive(trail, log, step, progress)
 }
 
 /// The persistence attack by fine-tuning: continues clean adversarial training (λ = 0) of
@@ -244,7 +242,7 @@ pub fn finetune(
         columns: &COLUMNS,
         progress,
     };
-    let mut log = CsvLog::create(&run.file("finetune.csv"), &run::header(&COLUMNS))?;
+    let mut log = CsvLog::for_steps(&run.file("finetune.csv"), &COLUMNS)?;
     let mut stepper = Steps(|i| {
         let values = trail.step(i)?;
         if i % every.max(1) == 0 || i == steps {
@@ -256,13 +254,8 @@ pub fn finetune(
     Ok(trail.model)
 }
 
-/// Runs the steps after `done` and writes the run's final files.
-fn drive(
-    trail: &mut Trail,
-    mut log: CsvLog,
-    done: usize,
-    progress: bool,
-) -> Result<serde_json::Value> {
+/// Runs the steps after `done`, saves the discriminator and hands the generator back.
+fn drive(mut trail: Trail, mut log: CsvLog, done: usize, progress: bool) -> Result<Trained> {
     let (cfg, run, key) = (trail.cfg, trail.run, trail.key);
     let t = &cfg.train;
     let settings = LoopSettings::resumable(
@@ -274,10 +267,10 @@ fn drive(
         progress,
     );
     trail.clock.restart();
-    run_loop(&settings, &mut log, trail)?;
+    run_loop(&settings, &mut log, &mut trail)?;
     // Across interruptions: the seconds before the resumed checkpoint plus this process's.
     let seconds = trail.clock.seconds();
-    let extra = serde_json::json!({
+    let summary = serde_json::json!({
         "mode": if key.is_some() { "trail" } else { "clean" },
         "steps": t.steps,
         "seconds": seconds,
@@ -289,5 +282,9 @@ fn drive(
         DISCRIMINATOR_FAMILY,
         "{}",
     )?;
-    run::finish(run, &trail.model, key, None, cfg.seed, extra)
+    Ok(Trained {
+        model: Box::new(trail.model),
+        reference: None,
+        summary,
+    })
 }
