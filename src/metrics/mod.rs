@@ -5,7 +5,6 @@ pub mod classes;
 pub mod fid;
 pub mod manifold;
 pub mod persistence;
-pub mod specificity;
 mod ssim;
 
 use candle_core::Tensor;

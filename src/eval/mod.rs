@@ -2,6 +2,8 @@
 //! show it. Written once for every family: the model is a [`Generative`], the key's trigger
 //! makes inputs in its input space.
 
+pub mod specificity;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -11,10 +13,10 @@ use serde::Serialize;
 use crate::backdoor::Key;
 use crate::digits::quality::{CleanQuality, QualityReference};
 use crate::digits::DigitClassifier;
+use crate::eval::specificity::{specificity, Specificity};
 use crate::family::diffusion::Sampler;
 use crate::family::Generative;
 use crate::io::grid::save_grid;
-use crate::metrics::specificity::{specificity, Specificity};
 use crate::metrics::{exp_dist, BackdoorMetrics};
 use crate::rng::Rng;
 use crate::{Error, Result};
