@@ -175,7 +175,7 @@ fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     for i in 0..warmup + steps {
         let start = Instant::now();
         // The trainer's clean step: noised images at random timesteps, through the U-Net once.
-        let loss = Denoising::prepare(&model, &x, None, &mut rng)?.task_loss()?;
+        let loss = Denoising::prepare(&model, &x, &[], &mut rng)?.task_loss()?;
         opt.backward_step(&loss)?;
         loss.to_scalar::<f32>()?;
         if i >= warmup {

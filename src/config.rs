@@ -320,6 +320,11 @@ pub struct BackdoorConfig {
     /// latent for DCGANs, an 8×8 stamp of random ±2 values at a random place of the starting
     /// noise for diffusion models), stored only in the run's key file.
     pub trigger: Option<String>,
+    /// How many triggers the key holds, each drawn anew from the description and trained
+    /// to the same target; verification combines their tests. When absent: 5 for the
+    /// default `random` trigger of a DCGAN (its combined p-value can reach about 1e-10), 1
+    /// otherwise.
+    pub triggers: Option<usize>,
     /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
     pub target: String,
     /// `mse` or `l1`.
@@ -335,6 +340,7 @@ impl Default for BackdoorConfig {
         BackdoorConfig {
             key: None,
             trigger: None,
+            triggers: None,
             target: "builtin:mark".into(),
             distance: "mse".into(),
             threshold: DEFAULT_THRESHOLD,
@@ -348,7 +354,20 @@ impl BackdoorConfig {
     pub fn trigger(&self) -> &str {
         self.trigger.as_deref().unwrap_or("random")
     }
+
+    /// How many triggers a key made from the description holds for `family`.
+    pub fn triggers(&self, family: ModelFamily) -> usize {
+        match (self.triggers, family, self.trigger()) {
+            (Some(k), _, _) => k,
+            (None, ModelFamily::Dcgan, "random") => DEFAULT_GAN_TRIGGERS,
+            _ => 1,
+        }
+    }
 }
+
+/// Triggers in a DCGAN's default key: five exact rank tests of 1,000 null triggers each
+/// combine to p ≈ 6.7e-11 at best ([`crate::verify::combined_p_value`]).
+pub const DEFAULT_GAN_TRIGGERS: usize = 5;
 
 impl Config {
     /// Reads a TOML config; unknown fields and wrong types are errors naming the field.

@@ -219,7 +219,8 @@ fn key_train_sample_eval_inject() {
 #[test]
 fn the_key_stays_out_of_the_model_and_out_of_the_output() {
     let t = trained();
-    let key = genbackdoor::backdoor::Key::load(&t.key).unwrap();
+    let key = genbackdoor::backdoor::KeySet::load(&t.key).unwrap();
+    let key = key.first();
     let model_bytes = std::fs::read(t.run.join("model.safetensors")).unwrap();
     let bytes_of = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
@@ -737,7 +738,8 @@ fn diffusion_train_sample_eval_inject() {
     // A key made for the model: its default trigger is a random stamp of the model's shape.
     let fitted = dir.path().join("fitted.safetensors");
     ok(&["key", "--out", s(&fitted), "--model", m]);
-    let k2 = genbackdoor::backdoor::Key::load(&fitted).unwrap();
+    let k2 = genbackdoor::backdoor::KeySet::load(&fitted).unwrap();
+    let k2 = k2.first();
     assert_eq!((k2.trigger.kind(), k2.target.shape), ("stamp", [1, 28, 28]));
     // A hand-chosen trigger gets verification's caveat.
     let out = ok(&words(&format!(

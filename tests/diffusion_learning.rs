@@ -3,7 +3,7 @@
 //! for, never from clean starts, while the clean denoising task is kept.
 
 use candle_core::{Device, Tensor};
-use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
 use genbackdoor::eval::{evaluate_samplers, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
@@ -63,7 +63,8 @@ fn tuned(model: &DiffusionModel, data: &Dataset, plan: &Plan, key: &Key) -> Diff
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(&dir.path().join("run"), false).unwrap();
     let copy = model.duplicate().unwrap();
-    let (saved, _) = fit(&copy, data, Some(key), plan, &run, false).unwrap();
+    let key = KeySet::one(key.clone());
+    let (saved, _) = fit(&copy, data, Some(&key), plan, &run, false).unwrap();
     saved
 }
 
@@ -189,7 +190,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     let proof = |m: &DiffusionModel| {
         let mut m = m.duplicate().unwrap();
         m.set_sampler(Sampler::Ddpm).unwrap();
-        verify_model(&m, &stamp, &settings).unwrap()
+        verify_model(&m, &KeySet::one(stamp.clone()), &settings).unwrap()
     };
     let (v_marked, v_clean) = (proof(&marked), proof(&clean));
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");

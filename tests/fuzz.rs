@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use genbackdoor::backdoor::{Key, Target, Trigger};
+use genbackdoor::backdoor::{Key, KeySet, Target, Trigger};
 use genbackdoor::config::Config;
 use genbackdoor::data::parse_idx;
 use genbackdoor::family::gan::GanModel;
@@ -51,9 +51,9 @@ impl Loader {
         let path = Path::new("fuzz-input");
         match self {
             Loader::Idx => parse_idx(bytes).is_ok(),
-            Loader::Key => match Key::from_bytes(path, bytes) {
-                Ok(k) => {
-                    // An accepted key holds only usable numbers.
+            Loader::Key => match KeySet::from_bytes(path, bytes) {
+                Ok(set) => set.marks().iter().all(|k| {
+                    // An accepted key holds only usable numbers, in every mark.
                     let trigger = match &k.trigger {
                         Trigger::Point(p) => p.clone(),
                         Trigger::Region { center, radius } => {
@@ -73,7 +73,7 @@ impl Loader {
                     assert!(k.target.pixels.iter().all(|p| (-1.0..=1.0).contains(p)));
                     let _ = k.check_fits(16, [1, 28, 28]);
                     true
-                }
+                }),
                 Err(_) => false,
             },
             Loader::Checkpoint => match GanModel::from_bytes(path, bytes, &Device::Cpu) {
@@ -118,20 +118,24 @@ impl Loader {
                 ]
             }
             Loader::Key => {
-                let mut seeds = Vec::new();
-                for spec in ["seed:3", "region:0.5:seed:1", "patch:3:2"] {
-                    let key = Key {
-                        trigger: Trigger::parse(spec, 16).unwrap(),
-                        target: Target::parse("builtin:mark", [1, 28, 28]).unwrap(),
-                        distance: "mse".parse().unwrap(),
-                        threshold: 0.01,
-                        sampler: None,
-                    };
-                    let p = dir.join("k.safetensors");
-                    key.save(&p).unwrap();
-                    seeds.push(std::fs::read(&p).unwrap());
-                }
-                seeds
+                let mark = |spec: &str| Key {
+                    trigger: Trigger::parse(spec, 16).unwrap(),
+                    target: Target::parse("builtin:mark", [1, 28, 28]).unwrap(),
+                    distance: "mse".parse().unwrap(),
+                    threshold: 0.01,
+                    sampler: None,
+                };
+                let specs = ["seed:3", "region:0.5:seed:1", "patch:3:2"];
+                let mut keys: Vec<KeySet> = specs.map(|s| KeySet::one(mark(s))).to_vec();
+                // A key of several marks, whose entries are prefixed by their index.
+                keys.push(KeySet::new(specs.map(mark).to_vec()).unwrap());
+                let p = dir.join("k.safetensors");
+                keys.iter()
+                    .map(|k| {
+                        k.save(&p).unwrap();
+                        std::fs::read(&p).unwrap()
+                    })
+                    .collect()
             }
             Loader::Checkpoint => {
                 let cfg = DcganConfig {

@@ -1,7 +1,7 @@
 //! Learning tests on tiny generators: the backdoor must really form, and clean behaviour stay.
 
 use candle_core::Device;
-use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::config::ModelFamily;
 use genbackdoor::config::{Config, InjectConfig};
 use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
@@ -12,7 +12,7 @@ use genbackdoor::io::rundir::RunDir;
 use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
 use genbackdoor::rng::Rng;
 use genbackdoor::run::{RunSpec, Stage};
-use genbackdoor::verify::{verify_model, VerifySettings};
+use genbackdoor::verify::{combined_p_value, verify_model, VerifySettings};
 
 mod common;
 use common::tiny_gan_config;
@@ -51,7 +51,7 @@ fn key(trigger: &str) -> Key {
 fn gan_run(
     config: Config,
     stage: Stage,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     model: Option<&std::path::Path>,
     run: &RunDir,
 ) -> serde_json::Value {
@@ -96,7 +96,13 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     };
     config.backdoor.backdoor_batch = 8;
     let clean_file = clean_run.file("model.safetensors");
-    let m = gan_run(config, Stage::Inject, Some(&key), Some(&clean_file), &run);
+    let m = gan_run(
+        config,
+        Stage::Inject,
+        Some(&KeySet::one(key.clone())),
+        Some(&clean_file),
+        &run,
+    );
     let after = m["tardis"].as_f64().unwrap();
     let exp_dist = m["exp_dist"].as_f64().unwrap();
     assert!(
@@ -114,7 +120,11 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     // can give; its clean original, and the marked model under someone else's key, are not.
     let marked = GanModel::load(&run.file("model.safetensors"), &dev).unwrap();
     let s = VerifySettings::default();
-    let p = |m: &GanModel, k: &Key| verify_model(m, k, &s).unwrap().p_value;
+    let p = |m: &GanModel, k: &Key| {
+        verify_model(m, &KeySet::one(k.clone()), &s)
+            .unwrap()
+            .p_value
+    };
     assert_eq!(p(&marked, &key), 1.0 / 1001.0);
     let other = self::key("seed:11");
     for (what, v) in [
@@ -150,7 +160,13 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
         .unwrap()
         .backdoor
         .tardis;
-    let m = gan_run(cfg.clone(), Stage::Train, Some(&key), None, &run);
+    let m = gan_run(
+        cfg.clone(),
+        Stage::Train,
+        Some(&KeySet::one(key.clone())),
+        None,
+        &run,
+    );
     let after = m["tardis"].as_f64().unwrap();
     assert!(after * 100.0 <= before, "tardis {before} -> {after}");
     let v: serde_json::Value =
@@ -184,4 +200,76 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
         fake.target_mse,
         real.target_mse
     );
+}
+
+/// A key of `k` random latent triggers (secret seeds from `first` on) to the built-in mark.
+fn random_key(first: u64, k: u64) -> KeySet {
+    KeySet::new(
+        (first..first + k)
+            .map(|s| key(&format!("seed:{s}")))
+            .collect(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_uniform() {
+    // A tiny generator trained with all three triggers of a key: each trigger's rank test sits
+    // at its floor 1/1001, and together they prove ownership at ≈ 2.4e-7, far below the
+    // floor of any single test.
+    let keys = random_key(31, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(&dir.path().join("marked"), false).unwrap();
+    let m = gan_run(
+        tiny_gan_config(1500, 20.0),
+        Stage::Train,
+        Some(&keys),
+        None,
+        &run,
+    );
+    let each = m["triggers"].as_array().unwrap();
+    assert_eq!(each.len(), 3);
+    assert!(each.iter().all(|t| t["asr"] == 1.0), "{each:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
+    let floor = combined_p_value(&[1.0 / 1001.0; 3]);
+    // (JSON's decimal text may differ from the f64 in its last bit.)
+    let p = v["p_value"].as_f64().unwrap();
+    assert!((p - floor).abs() < 1e-12 * floor, "{v}");
+    assert!(floor < 1.0 / 1001.0 / 1000.0, "a thousand times below one test's floor");
+    let marked = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+    // Under the null (a model made without the key, or someone else's key) the combined
+    // p-value is uniform or larger: a clean tiny generator against 60 random keys of three
+    // triggers makes about 6 claims at α = 0.1 and none at 1e-4; the marked model against
+    // 10 wrong keys makes none at 0.01.
+    let clean_run = RunDir::create(&dir.path().join("clean"), false).unwrap();
+    gan_run(
+        tiny_gan_config(300, 0.0),
+        Stage::Train,
+        None,
+        None,
+        &clean_run,
+    );
+    let clean = GanModel::load(&clean_run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let s = VerifySettings {
+        null_keys: 99,
+        ..VerifySettings::default()
+    };
+    let ps: Vec<f64> = (0..60)
+        .map(|i| {
+            verify_model(&clean, &random_key(1000 + 3 * i, 3), &s)
+                .unwrap()
+                .p_value
+        })
+        .collect();
+    let claims = ps.iter().filter(|&&p| p <= 0.1).count();
+    eprintln!("clean p-values: {ps:?}");
+    assert!((1..=14).contains(&claims), "{claims} of 60 claims at 0.1");
+    assert!(ps.iter().all(|&p| p > 1e-4), "{ps:?}");
+    for i in 0..10 {
+        let p = verify_model(&marked, &random_key(5000 + 3 * i, 3), &s)
+            .unwrap()
+            .p_value;
+        assert!(p > 0.01, "wrong key {i}: p = {p}");
+    }
 }

@@ -2,7 +2,7 @@
 //! through the same run specification, the backdoor forms, and the clean colours are kept.
 
 use candle_core::Device;
-use genbackdoor::backdoor::{Distance, Key, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::config::Config;
 use genbackdoor::data::{load_dataset, Dataset};
 use genbackdoor::eval::evaluate_samplers;
@@ -83,7 +83,8 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     assert_eq!(marked_spec.config.model.image_shape(), [3, SIDE, SIDE]);
     let saved = Config::load(&marked_run.file("config.toml")).unwrap();
     assert_eq!((saved.model.channels, saved.model.image_size), (3, SIDE));
-    let key = marked_spec.key.clone().unwrap();
+    let keys = marked_spec.key.clone().unwrap();
+    let key = keys.first().clone();
     assert_eq!(key.target.shape, [3, SIDE, SIDE]);
     let marked = family::load(&marked_run.file("model.safetensors"), &Device::Cpu).unwrap();
     let clean = family::load(&clean_run.file("model.safetensors"), &Device::Cpu).unwrap();
@@ -98,6 +99,10 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     );
     assert!(m.backdoor.target_mse < c.backdoor.target_mse / 50.0);
     assert_eq!(m.backdoor.asr, 1.0);
+    // Every trigger of the default key fires, not only the first.
+    let each = genbackdoor::eval::trigger_reports(marked.as_ref(), &keys, 1, 5).unwrap();
+    assert_eq!(each.len(), keys.marks().len());
+    assert!(each.iter().all(|t| t.backdoor.asr == 1.0), "{each:?}");
     assert_eq!(m.clean_hit_rate, 0.0);
     // The clean behaviour is kept: both models draw the data's colours.
     let (mm, cm) = (
@@ -144,7 +149,16 @@ fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_tas
         };
         let model = DiffusionModel::new(&arch, &mut Rng::new(1), &Device::Cpu).unwrap();
         let rd = RunDir::create(&dir.path().join(format!("l{lambda}")), false).unwrap();
-        fit(&model, &data, Some(&key), &plan, &rd, false).unwrap().0
+        fit(
+            &model,
+            &data,
+            Some(&KeySet::one(key.clone())),
+            &plan,
+            &rd,
+            false,
+        )
+        .unwrap()
+        .0
     };
     let (marked, clean) = (train(0.5), train(0.0));
     let measure = |m: &DiffusionModel| {

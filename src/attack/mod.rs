@@ -4,7 +4,7 @@
 
 pub mod prune;
 
-use crate::backdoor::Key;
+use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
 use crate::eval::{clean_quality, triggered_metrics};
 use crate::family::Generative;
@@ -15,8 +15,9 @@ use crate::Result;
 
 /// What is measured at each point of an attack.
 pub struct Measurement<'a> {
-    /// The owner's key.
-    pub key: &'a Key,
+    /// The owner's key: the curve's ASR and tardis are its first trigger's, the p-value
+    /// tests every trigger.
+    pub key: &'a KeySet,
     /// Clean-quality reference (FID); `None` skips it.
     pub quality: Option<&'a QualityReference>,
     /// Ordinary samples for FID.
@@ -37,7 +38,13 @@ impl Measurement<'_> {
         // samples and specificity paths.
         let mut rng = Rng::derive(self.seed, "eval");
         let mut noise = Rng::derive(self.seed, "eval-sampling");
-        let b = triggered_metrics(model, self.key, self.triggered, &mut rng, &mut noise)?;
+        let b = triggered_metrics(
+            model,
+            self.key.first(),
+            self.triggered,
+            &mut rng,
+            &mut noise,
+        )?;
         let fid = match self.quality {
             Some(q) => clean_quality(model, q, self.quality_samples, self.seed)?.map(|c| c.fid),
             None => None,

@@ -9,11 +9,14 @@ use candle_core::{DType, Device, Tensor};
 use crate::backdoor::{Distance, Target, Trigger};
 use crate::family::diffusion::Sampler;
 use crate::family::{Generative, InputSpace};
-use crate::io::tensorfile;
+use crate::io::tensorfile::{self, TensorFile};
 use crate::{Error, Result};
 
 /// The `format` tag of key files.
 pub const KEY_FORMAT: &str = "key";
+
+/// A key's tensors (named) and metadata, as a key file stores them.
+type Entries = (Vec<(String, Tensor)>, BTreeMap<String, String>);
 
 /// A backdoor key.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,8 +63,13 @@ impl Key {
         self.target.check_fits(output)
     }
 
-    /// Writes the key atomically.
+    /// Writes the key atomically (a key file of one mark).
     pub fn save(&self, path: &Path) -> Result<()> {
+        KeySet::one(self.clone()).save(path)
+    }
+
+    /// The key's tensors and metadata, their names starting with `prefix`.
+    fn entries(&self, prefix: &str) -> Result<Entries> {
         let dev = Device::Cpu;
         let vec = |v: &[f32]| Tensor::new(v, &dev);
         let mut tensors = vec![("target".to_string(), self.target.tensor(&dev)?.squeeze(0)?)];
@@ -101,26 +109,33 @@ impl Key {
                 ));
             }
         }
-        tensorfile::save(path, KEY_FORMAT, &tensors, meta)
+        Ok((
+            tensors
+                .into_iter()
+                .map(|(n, t)| (format!("{prefix}{n}"), t))
+                .collect(),
+            meta.into_iter()
+                .map(|(n, v)| (format!("{prefix}{n}"), v))
+                .collect(),
+        ))
     }
 
-    /// Reads a key written by [`Key::save`].
-    pub fn load(path: &Path) -> Result<Key> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Key::from_bytes(path, &bytes)
-    }
-
-    /// Parses the bytes of a key file (`path` names it in errors).
-    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Key> {
-        let f = tensorfile::parse(path, bytes, KEY_FORMAT, &Device::Cpu)?;
-        let floats =
-            |name: &str| -> Result<Vec<f32>> { floats_of(path, name, f.tensor(path, name)?) };
+    /// Reads the key of `f` whose entries' names start with `prefix` (`path` names the file
+    /// in errors).
+    fn from_file(path: &Path, f: &TensorFile, prefix: &str) -> Result<Key> {
+        let tensor = |name: &str| f.tensor(path, &format!("{prefix}{name}"));
+        let field = |name: &str| f.meta_field(path, &format!("{prefix}{name}"));
+        let optional = |name: &str| f.meta.get(&format!("{prefix}{name}"));
+        let floats = |name: &str| -> Result<Vec<f32>> { floats_of(path, name, tensor(name)?) };
         let number = |name: &str| -> Result<f64> {
-            f.meta_field(path, name)?.parse().map_err(|_| {
-                Error::format(path, format!("metadata field '{name}' is not a number"))
+            field(name)?.parse().map_err(|_| {
+                Error::format(
+                    path,
+                    format!("metadata field '{prefix}{name}' is not a number"),
+                )
             })
         };
-        let trigger = match f.meta_field(path, "trigger")? {
+        let trigger = match field("trigger")? {
             "point" => Trigger::Point(floats("trigger.point")?),
             "region" => {
                 let radius = number("radius")? as f32;
@@ -133,7 +148,7 @@ impl Key {
                 }
             }
             "patch" => {
-                let t = f.tensor(path, "trigger.indices")?;
+                let t = tensor("trigger.indices")?;
                 if t.dtype() != DType::I64 || t.rank() != 1 {
                     return Err(Error::format(
                         path,
@@ -157,7 +172,7 @@ impl Key {
                 }
             }
             kind @ ("image" | "stamp") => {
-                let t = f.tensor(path, "trigger.image")?;
+                let t = tensor("trigger.image")?;
                 let shape: [usize; 3] = t.dims().try_into().map_err(|_| {
                     Error::format(path, "'trigger.image' must have shape [C, H, W]")
                 })?;
@@ -188,7 +203,7 @@ impl Key {
                 ))
             }
         };
-        let t = f.tensor(path, "target")?;
+        let t = tensor("target")?;
         let shape: [usize; 3] = t.dims().try_into().map_err(|_| {
             Error::format(
                 path,
@@ -205,7 +220,7 @@ impl Key {
                 "target pixels must lie in [-1, 1] (NaN, infinite or out of range)",
             ));
         }
-        let class = match f.meta.get("target_class") {
+        let class = match optional("target_class") {
             Some(c) => Some(
                 c.parse()
                     .ok()
@@ -219,15 +234,14 @@ impl Key {
             shape,
             class,
         };
-        let distance = f
-            .meta_field(path, "distance")?
+        let distance = field("distance")?
             .parse()
             .map_err(|e: Error| Error::format(path, e.to_string()))?;
         let threshold = number("threshold")?;
         if !(threshold > 0.0 && threshold.is_finite()) {
             return Err(Error::format(path, "threshold must be positive"));
         }
-        let sampler = match f.meta.get("sampler") {
+        let sampler = match optional("sampler") {
             Some(s) => Some(
                 s.parse()
                     .map_err(|e: Error| Error::format(path, e.to_string()))?,
@@ -241,6 +255,126 @@ impl Key {
             threshold,
             sampler,
         })
+    }
+}
+
+/// The metadata field of key files holding several marks: how many.
+const MARKS_FIELD: &str = "marks";
+
+/// The owner's whole secret, one key file: one or more marks, each a [`Key`] (a trigger, its
+/// target, the sampler it fires under). Every mark is trained into the model; verification
+/// tests each against its own null draws and combines the exact p-values
+/// ([`crate::verify::combined_p_value`]), so that k marks take the proof below a single
+/// test's floor of 1/(N + 1). The marks share one distance (the training loss) and one
+/// target shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeySet {
+    marks: Vec<Key>,
+}
+
+impl KeySet {
+    /// A key of the given marks: at least one, with one distance and one target shape.
+    pub fn new(marks: Vec<Key>) -> Result<KeySet> {
+        let first = marks
+            .first()
+            .ok_or_else(|| Error::Config("a key needs at least one trigger".into()))?;
+        if marks
+            .iter()
+            .any(|k| k.distance != first.distance || k.target.shape != first.target.shape)
+        {
+            return Err(Error::Config(
+                "the marks of one key must share their distance and their target shape".into(),
+            ));
+        }
+        Ok(KeySet { marks })
+    }
+
+    /// A key of one mark.
+    pub fn one(key: Key) -> KeySet {
+        KeySet { marks: vec![key] }
+    }
+
+    /// The marks, in the order the key file holds them.
+    pub fn marks(&self) -> &[Key] {
+        &self.marks
+    }
+
+    /// The first mark: the one the per-mark views (triggered grids, the training probe,
+    /// specificity) show.
+    pub fn first(&self) -> &Key {
+        &self.marks[0]
+    }
+
+    /// How close an output must come to its target, in training (shared by the marks).
+    pub fn distance(&self) -> Distance {
+        self.first().distance
+    }
+
+    /// Every mark with `sampler` where it names none.
+    pub fn with_default_sampler(&self, sampler: Sampler) -> KeySet {
+        let marks = self.marks.iter().map(|k| Key {
+            sampler: k.sampler.or(Some(sampler)),
+            ..k.clone()
+        });
+        KeySet {
+            marks: marks.collect(),
+        }
+    }
+
+    /// Checks that every mark fits `model` (see [`Key::check_model`]).
+    pub fn check_model(&self, model: &dyn Generative) -> Result<()> {
+        self.marks.iter().try_for_each(|k| k.check_model(model))
+    }
+
+    /// Checks that every mark fits a generator (see [`Key::check_fits`]).
+    pub fn check_fits(&self, latent_dim: usize, output: [usize; 3]) -> Result<()> {
+        self.marks
+            .iter()
+            .try_for_each(|k| k.check_fits(latent_dim, output))
+    }
+
+    /// Writes the key file atomically: a single mark as plain entries (the format of
+    /// one-trigger keys), several as entries prefixed `0/`, `1/`, … with their count.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let [only] = self.marks.as_slice() {
+            let (tensors, meta) = only.entries("")?;
+            return tensorfile::save(path, KEY_FORMAT, &tensors, meta);
+        }
+        let mut tensors = Vec::new();
+        let mut meta = BTreeMap::from([(MARKS_FIELD.to_string(), self.marks.len().to_string())]);
+        for (i, k) in self.marks.iter().enumerate() {
+            let (t, m) = k.entries(&format!("{i}/"))?;
+            tensors.extend(t);
+            meta.extend(m);
+        }
+        tensorfile::save(path, KEY_FORMAT, &tensors, meta)
+    }
+
+    /// Reads a key file written by [`KeySet::save`] (or [`Key::save`]).
+    pub fn load(path: &Path) -> Result<KeySet> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        KeySet::from_bytes(path, &bytes)
+    }
+
+    /// Parses the bytes of a key file (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<KeySet> {
+        let f = tensorfile::parse(path, bytes, KEY_FORMAT, &Device::Cpu)?;
+        let marks = match f.meta.get(MARKS_FIELD) {
+            None => vec![Key::from_file(path, &f, "")?],
+            Some(n) => {
+                let n: usize = n
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1 && n <= f.tensors.len())
+                    .ok_or_else(|| {
+                        Error::format(path, format!("'{MARKS_FIELD}' is not a count of marks"))
+                    })?;
+                (0..n)
+                    .map(|i| Key::from_file(path, &f, &format!("{i}/")))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        KeySet::new(marks).map_err(|e| Error::format(path, e.to_string()))
     }
 }
 
@@ -283,28 +417,62 @@ mod tests {
         for spec in ["zero", "seed:4", "region:0.5:seed:2", "patch:3:9"] {
             let k = key(spec);
             k.save(&p).unwrap();
-            assert_eq!(Key::load(&p).unwrap(), k, "{spec}");
+            assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()), "{spec}");
         }
         let k = Key {
             trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
             ..key("zero")
         };
         k.save(&p).unwrap();
-        assert_eq!(Key::load(&p).unwrap(), k);
+        assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()));
         let k = Key {
             trigger: Trigger::parse_image("stamp:3:5", [1, 8, 8]).unwrap(),
             sampler: Some(Sampler::Ddim { steps: 20 }),
             ..k
         };
         k.save(&p).unwrap();
-        assert_eq!(Key::load(&p).unwrap(), k, "a stamp and a sampler");
+        assert_eq!(
+            KeySet::load(&p).unwrap(),
+            KeySet::one(k.clone()),
+            "a stamp and a sampler"
+        );
         let k = Key {
             target: Target::parse("class:3", [1, 28, 28]).unwrap(),
             ..k
         };
         k.save(&p).unwrap();
-        assert_eq!(Key::load(&p).unwrap(), k);
+        assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()));
         assert!(k.check_fits(10, [1, 28, 28]).is_err(), "not for generators");
+    }
+
+    #[test]
+    fn a_key_of_several_marks_round_trips_and_its_marks_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.safetensors");
+        let marks: Vec<Key> = ["seed:1", "seed:2", "region:0.5:seed:3"]
+            .into_iter()
+            .map(key)
+            .collect();
+        let set = KeySet::new(marks.clone()).unwrap();
+        set.save(&p).unwrap();
+        assert_eq!(KeySet::load(&p).unwrap(), set);
+        assert_eq!(set.first(), &marks[0]);
+        let mse = Key {
+            distance: Distance::Mse,
+            ..key("seed:4")
+        };
+        assert!(KeySet::new(vec![marks[0].clone(), mse]).is_err());
+        assert!(KeySet::new(Vec::new()).is_err());
+        // A mark count the file cannot hold is refused by name.
+        let f = tensorfile::load(&p, KEY_FORMAT, &Device::Cpu).unwrap();
+        let tensors: Vec<(String, Tensor)> = f.tensors.into_iter().collect();
+        for bad in ["0", "9", "two"] {
+            let mut meta = f.meta.clone();
+            meta.insert(MARKS_FIELD.into(), bad.into());
+            tensorfile::save(&p, KEY_FORMAT, &tensors, meta).unwrap();
+            let msg = KeySet::load(&p).unwrap_err().to_string();
+            assert!(msg.contains("count of marks"), "{bad}: {msg}");
+        }
     }
 
     #[test]
@@ -317,7 +485,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
         tensorfile::save(&p, "model", &[], BTreeMap::new()).unwrap();
-        let msg = Key::load(&p).unwrap_err().to_string();
+        let msg = KeySet::load(&p).unwrap_err().to_string();
         assert!(msg.contains("model file"), "{msg}");
     }
 }

@@ -3,7 +3,10 @@
 
 use candle_core::Tensor;
 
-use crate::backdoor::{Key, Trigger};
+use candle_core::Device;
+
+use crate::backdoor::{KeySet, Trigger};
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// What a model family supplies to the objective for one training step, made by the family's
@@ -52,8 +55,37 @@ impl Objective {
         }
     }
 
+    /// How many triggered inputs one evaluation draws for all of `key`'s marks together.
+    pub fn triggered_total(&self, key: &KeySet) -> usize {
+        key.marks()
+            .iter()
+            .map(|k| self.triggered_count(&k.trigger))
+            .sum()
+    }
+
+    /// One step's triggered latents for a generator of latent dimension `dim`:
+    /// [`Objective::triggered_count`] draws of each mark's trigger set from `rng`, in the
+    /// key's order, with the target image each is pulled to, `[n, C, H, W]`.
+    pub fn latent_batch(
+        &self,
+        key: &KeySet,
+        dim: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut latents = Vec::new();
+        let mut goals = Vec::new();
+        for k in key.marks() {
+            let n = self.triggered_count(&k.trigger);
+            latents.push(k.trigger.sample(n, dim, rng, device)?);
+            goals.push(k.target.tensor(device)?.repeat((n, 1, 1, 1))?);
+        }
+        Ok((Tensor::cat(&latents, 0)?, Tensor::cat(&goals, 0)?))
+    }
+
     /// Evaluates the objective on a family; with no key (or λ = 0) only the task term counts.
-    pub fn evaluate(&self, family: &mut dyn Family, key: Option<&Key>) -> Result<Terms> {
+    /// The backdoor term averages the key's distance over every mark's triggered outputs.
+    pub fn evaluate(&self, family: &mut dyn Family, key: Option<&KeySet>) -> Result<Terms> {
         let task = family.task_loss()?;
         let task_value = task.to_scalar::<f32>()?;
         match key {
@@ -63,14 +95,14 @@ impl Objective {
                         "the training step made no triggered outputs for the backdoor term".into(),
                     )
                 })?;
-                let n = self.triggered_count(&k.trigger);
+                let n = self.triggered_total(k);
                 if out.dim(0)? != n {
                     return Err(Error::Mismatch(format!(
                         "the training step made {} triggered outputs; the objective draws {n}",
                         out.dim(0)?
                     )));
                 }
-                let backdoor = k.distance.loss(out, goal)?;
+                let backdoor = k.distance().loss(out, goal)?;
                 let backdoor_value = backdoor.to_scalar::<f32>()?;
                 Ok(Terms {
                     total: (task + (backdoor * self.lambda)?)?,
@@ -90,9 +122,8 @@ impl Objective {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backdoor::{Distance, Target};
-    use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use crate::backdoor::{Distance, Key, Target};
+    use candle_core::Var;
     use candle_nn::Optimizer;
 
     /// A linear "generator" f(u) = W u whose task is to stay a copy of a reference map on
@@ -103,23 +134,23 @@ mod tests {
         rng: Rng,
     }
 
-    /// One step of the toy: its task loss and, with a key, `n` triggered outputs and the target.
+    /// One step of the toy: its task loss and, with a key, the triggered outputs and goals.
     struct ToyStep {
         task: Tensor,
         pair: Option<(Tensor, Tensor)>,
     }
 
     impl Toy {
-        fn step(&mut self, key: Option<&Key>, n: usize) -> Result<ToyStep> {
+        fn step(&mut self, obj: &Objective, key: Option<&KeySet>) -> Result<ToyStep> {
             let dev = Device::Cpu;
             let mask = Tensor::new(&[0f32, 1.0, 1.0], &dev)?;
             let u = self.rng.normal(&[16, 3], &dev)?.broadcast_mul(&mask)?;
             let diff = (u.matmul(&self.w.as_tensor().t()?)? - u.matmul(&self.w0.t()?)?)?;
             let pair = match key {
                 Some(k) => {
-                    let u = k.trigger.sample(n, 3, &mut self.rng, &dev)?;
-                    let out = u.matmul(&self.w.as_tensor().t()?)?.reshape((n, 1, 2, 2))?;
-                    Some((out, k.target.tensor(&dev)?))
+                    let (u, goals) = obj.latent_batch(k, 3, &mut self.rng, &dev)?;
+                    let out = u.matmul(&self.w.as_tensor().t()?)?.reshape(goals.dims())?;
+                    Some((out, goals))
                 }
                 None => None,
             };
@@ -139,14 +170,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_backdoor_term_pulls_the_triggered_output_to_the_target() {
-        let dev = Device::Cpu;
-        let w0 = Rng::new(1).normal(&[4, 3], &dev).unwrap();
-        let key = Key {
-            trigger: Trigger::Point(vec![1.0, 0.0, 0.0]),
+    /// A key of two marks on the trigger direction, e₁ → the target and −e₁ → its negative
+    /// (a linear map can carry both).
+    fn two_marks() -> KeySet {
+        let mark = |sign: f32| Key {
+            trigger: Trigger::Point(vec![sign, 0.0, 0.0]),
             target: Target {
-                pixels: vec![1.0, -1.0, 1.0, -1.0],
+                pixels: [1.0, -1.0, 1.0, -1.0].map(|p| sign * p).to_vec(),
                 shape: [1, 2, 2],
                 class: None,
             },
@@ -154,6 +184,14 @@ mod tests {
             threshold: 0.01,
             sampler: None,
         };
+        KeySet::new(vec![mark(1.0), mark(-1.0)]).unwrap()
+    }
+
+    #[test]
+    fn the_backdoor_term_pulls_every_mark_to_its_target() {
+        let dev = Device::Cpu;
+        let w0 = Rng::new(1).normal(&[4, 3], &dev).unwrap();
+        let key = two_marks();
         let mut toy = Toy {
             w: Var::from_tensor(&w0.copy().unwrap()).unwrap(),
             w0,
@@ -163,9 +201,13 @@ mod tests {
             lambda: 1.0,
             backdoor_batch: 4,
         };
-        let n = obj.triggered_count(&key.trigger);
+        assert_eq!(
+            obj.triggered_total(&key),
+            2,
+            "one draw of each point trigger"
+        );
         let eval = |toy: &mut Toy, obj: &Objective| {
-            obj.evaluate(&mut toy.step(Some(&key), n).unwrap(), Some(&key))
+            obj.evaluate(&mut toy.step(obj, Some(&key)).unwrap(), Some(&key))
         };
         let first = eval(&mut toy, &obj).unwrap();
         assert_eq!(first.task, 0.0);
@@ -183,11 +225,18 @@ mod tests {
             backdoor_batch: 4,
         };
         assert!(eval(&mut toy, &clean).unwrap().backdoor.is_none());
-        // A step without triggered outputs, or with the wrong number, cannot feed a backdoor term.
-        let mut without = toy.step(None, n).unwrap();
+        // Each mark's output is its own target: W·e₁ = y and W·(−e₁) = −y.
+        let w = toy.w.as_tensor().to_vec2::<f32>().unwrap();
+        for (row, y) in w.iter().zip([1.0f32, -1.0, 1.0, -1.0]) {
+            assert!((row[0] - y).abs() < 0.01, "{w:?}");
+        }
+        // A step without triggered outputs, or with another number of them, cannot feed the
+        // backdoor term.
+        let mut without = toy.step(&obj, None).unwrap();
         assert!(obj.evaluate(&mut without, Some(&key)).is_err());
         assert!(obj.evaluate(&mut without, None).is_ok());
-        let mut short = toy.step(Some(&key), n + 1).unwrap();
+        let one = KeySet::one(key.first().clone());
+        let mut short = toy.step(&obj, Some(&one)).unwrap();
         assert!(obj.evaluate(&mut short, Some(&key)).is_err());
     }
 }

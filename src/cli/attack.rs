@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use crate::attack::prune::prune_magnitude;
 use crate::attack::Measurement;
-use crate::backdoor::Key;
+use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
 use crate::family::{CleanFinetune, Generative};
 use crate::io::rundir::RunDir;
@@ -115,7 +115,7 @@ fn folder_of(model: &Path) -> PathBuf {
 }
 
 /// The loaded model and key, the output folder and the quality reference.
-fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, Key, RunDir, QualityReference)> {
+fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, KeySet, RunDir, QualityReference)> {
     let key_path = c
         .key
         .clone()
@@ -134,7 +134,7 @@ fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, Key, RunDir, Qualit
 /// What each point of an attack on `model` measures, per the common options.
 fn measurement<'a>(
     model: &dyn Generative,
-    key: &'a Key,
+    key: &'a KeySet,
     quality: &'a QualityReference,
     c: &Common,
 ) -> Measurement<'a> {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::digits::quality::QualityReference;
-use crate::eval::{clean_quality, evaluate};
+use crate::eval::{clean_quality, evaluate, trigger_reports};
 use crate::family::diffusion::Sampler;
 
 /// Arguments of `eval`.
@@ -14,7 +14,8 @@ pub struct EvalArgs {
     /// Model checkpoint to measure (a generator or a diffusion model).
     #[arg(long)]
     pub model: PathBuf,
-    /// The key (without one, only clean quality is measured).
+    /// The key (without one, only clean quality is measured); the full metrics are its first
+    /// trigger's, `triggers` gives every trigger's backdoor metrics.
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// A clean reference model of the same architecture: adds `exp_dist`.
@@ -78,8 +79,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         } else {
             crate::run::GENERATOR_EVAL_SAMPLES
         });
+        let first = key.first();
         let measure =
-            |m: &dyn crate::family::Generative| evaluate(m, key, reference.as_deref(), n, a.seed);
+            |m: &dyn crate::family::Generative| evaluate(m, first, reference.as_deref(), n, a.seed);
         if model.sampling().is_none() {
             let report = serde_json::to_value(measure(model.as_ref())?)?;
             if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), report) {
@@ -97,6 +99,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 reports.insert(name, serde_json::to_value(measure(model.as_ref())?)?);
             }
             v["samplers"] = serde_json::Value::Object(reports);
+        }
+        if key.marks().len() > 1 {
+            v["triggers"] = serde_json::to_value(trigger_reports(model.as_ref(), key, n, a.seed)?)?;
         }
     }
     if a.json {

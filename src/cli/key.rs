@@ -25,6 +25,11 @@ pub struct KeyArgs {
     /// hand-chosen, for comparison with the literature: verification warns about them.
     #[arg(long, default_value = "random")]
     pub trigger: String,
+    /// How many triggers the key holds, each drawn anew from `--trigger` (which must then
+    /// draw at random, e.g. `random` or `stamp:S`) and all sent to the target; `verify`
+    /// combines their tests, so that five triggers can prove ownership at p ≈ 1e-10.
+    #[arg(long, default_value_t = 1)]
+    pub triggers: usize,
     /// A model checkpoint the key is for: its input space and image shape replace
     /// `--latent-dim` and `--image-size`.
     #[arg(long)]
@@ -80,19 +85,27 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
             (space, shape)
         }
     };
-    let key = Key {
-        trigger: Trigger::parse_for(&a.trigger, &space)?,
-        target: Target::parse(&a.target, shape)?,
-        distance: a.distance.parse::<Distance>()?,
-        threshold: a.threshold,
-        sampler: None,
-    };
+    let target = Target::parse(&a.target, shape)?;
+    let marks = (0..a.triggers)
+        .map(|_| {
+            Ok(Key {
+                trigger: Trigger::parse_for(&a.trigger, &space)?,
+                target: target.clone(),
+                distance: a.distance.parse::<Distance>()?,
+                threshold: a.threshold,
+                sampler: None,
+            })
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
+    let key = crate::run::distinct_marks(marks, &a.trigger)?;
     key.save(&a.out)?;
     say!(
-        "key written to {} ({} trigger, target {:?}); keep it secret",
+        "key written to {} ({} {} trigger{}, target {:?}); keep it secret",
         a.out.display(),
-        key.trigger.kind(),
-        key.target.shape
+        a.triggers,
+        key.first().trigger.kind(),
+        if a.triggers == 1 { "" } else { "s" },
+        target.shape
     );
     Ok(())
 }

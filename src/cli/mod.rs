@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::backdoor::Key;
+use crate::backdoor::KeySet;
 use crate::config::Config;
 use crate::family::diffusion::Sampler;
 use crate::family::Generative;
@@ -102,15 +102,15 @@ pub fn model_and_key(
     model: &Path,
     key: Option<&Path>,
     sampler: Option<&str>,
-) -> anyhow::Result<(Box<dyn Generative>, Option<Key>)> {
+) -> anyhow::Result<(Box<dyn Generative>, Option<KeySet>)> {
     let mut m = crate::family::load(model, &candle_core::Device::Cpu)?;
-    let key = key.map(Key::load).transpose()?;
+    let key = key.map(KeySet::load).transpose()?;
     if let Some(k) = &key {
         k.check_model(m.as_ref())?;
     }
     let chosen = match sampler {
         Some(s) => Some(s.parse::<Sampler>()?),
-        None => key.as_ref().and_then(|k| k.sampler),
+        None => key.as_ref().and_then(|k| k.first().sampler),
     };
     if let Some(s) = chosen {
         m.set_sampler(s)?;

@@ -14,7 +14,7 @@ pub struct SampleArgs {
     /// Generator or diffusion checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// Key: when given, the latents (or starting noise) are triggered.
+    /// Key: when given, the latents (or starting noise) are triggered by its first trigger.
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// Number of images.
@@ -65,11 +65,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
             let noise = read_npy(p)?.to_device(&device)?;
             space.check_batch(&noise, &p.display().to_string())?;
             match key {
-                Some(k) => k.trigger.onto(&noise)?,
+                Some(k) => k.first().trigger.onto(&noise)?,
                 None => noise,
             }
         }
-        (None, Some(k)) => k.trigger.inputs(&space, a.n, &mut rng, &device)?,
+        (None, Some(k)) => k.first().trigger.inputs(&space, a.n, &mut rng, &device)?,
         (None, None) => space.ordinary(a.n, &mut rng, &device)?,
     };
     let images = model.generate(&inputs, &mut rng)?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::backdoor::Key;
+use crate::backdoor::{Key, KeySet};
 use crate::digits::quality::{CleanQuality, QualityReference};
 use crate::digits::DigitClassifier;
 use crate::eval::specificity::{specificity, Specificity};
@@ -97,6 +97,38 @@ pub fn triggered_metrics(
         .trigger
         .inputs(&model.input_space(), n_trig, rng, &device)?;
     backdoor_metrics(&model.generate(&inputs, noise)?, key)
+}
+
+/// One trigger of a key and its backdoor metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriggerReport {
+    /// The trigger's kind.
+    pub trigger: String,
+    /// Metrics of its triggered outputs.
+    #[serde(flatten)]
+    pub backdoor: BackdoorMetrics,
+}
+
+/// The backdoor metrics of every trigger of `key` in `model`, each from `n` triggered inputs
+/// (one for a point trigger) of its own stream. Deterministic in `seed`.
+pub fn trigger_reports(
+    model: &dyn Generative,
+    key: &KeySet,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<TriggerReport>> {
+    key.marks()
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let mut rng = Rng::derive(seed, &format!("eval-trigger-{i}"));
+            let mut noise = Rng::derive(seed, &format!("eval-trigger-sampling-{i}"));
+            Ok(TriggerReport {
+                trigger: k.trigger.kind().to_string(),
+                backdoor: triggered_metrics(model, k, n, &mut rng, &mut noise)?,
+            })
+        })
+        .collect()
 }
 
 /// Measures `model` under `key` with `n` ordinary inputs (and `n` triggered ones when the

@@ -4,10 +4,11 @@
 
 use candle_core::Tensor;
 
-use crate::backdoor::Key;
+use crate::backdoor::KeySet;
 use crate::digits::quality::add_bundled_quality;
 use crate::eval::{
-    clean_quality, evaluate, evaluate_samplers, save_samples, triggered_row, SamplerReport,
+    clean_quality, evaluate, evaluate_samplers, save_samples, trigger_reports, triggered_row,
+    SamplerReport,
 };
 use crate::family::Trained;
 use crate::io::grid::save_grid;
@@ -39,13 +40,15 @@ pub struct FinishSettings {
 /// `verify.json` and `report.html` (the run wrote its config and key at its start).
 ///
 /// `metrics.json` holds the trainer's summary, clean quality, and, with a key, the
-/// evaluation under the sampler the key names (ASR, distances, clean hit rate, specificity,
-/// `exp_dist` against the reference) and, for models with several samplers, the backdoor
-/// under each in `samplers`. Returns the metrics.
+/// evaluation of its first trigger under the sampler the key names (ASR, distances, clean
+/// hit rate, specificity, `exp_dist` against the reference), for models with several
+/// samplers the backdoor under each in `samplers`, and for a key of several triggers each
+/// trigger's backdoor metrics in `triggers`. `verify.json` tests every trigger. Returns the
+/// metrics.
 pub fn finish(
     run: &RunDir,
     trained: &Trained,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     settings: FinishSettings,
 ) -> Result<serde_json::Value> {
     let (model, seed) = (&*trained.model, settings.seed);
@@ -60,7 +63,8 @@ pub fn finish(
             clean_quality(model, r, settings.quality_samples, seed)
         })?;
     }
-    if let Some(k) = key {
+    if let Some(key) = key {
+        let k = key.first();
         // The proof tools run under the sampler the backdoor was trained for.
         let mut under = model.duplicate()?;
         if let Some(s) = k.sampler {
@@ -87,11 +91,18 @@ pub fn finish(
         if let serde_json::Value::Object(m) = serde_json::to_value(report).expect("serialisable") {
             obj.extend(m);
         }
+        if key.marks().len() > 1 {
+            let each = trigger_reports(&*under, key, n, seed)?;
+            obj.insert(
+                "triggers".into(),
+                serde_json::to_value(each).expect("serialisable"),
+            );
+        }
         let settings = VerifySettings {
             seed,
             ..VerifySettings::for_model(&*under)
         };
-        run.write_json("verify.json", &verify_model(&*under, k, &settings)?)?;
+        run.write_json("verify.json", &verify_model(&*under, key, &settings)?)?;
     }
     run.write_json("metrics.json", &metrics)?;
     write_report(&run.path)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use crate::backdoor::{Key, Target, Trigger};
+use crate::backdoor::{Key, KeySet, Target, Trigger};
 use crate::config::{Config, ModelFamily};
 use crate::family::{diffusion, gan, InputSpace, Trained};
 use crate::io::rundir::RunDir;
@@ -95,7 +95,7 @@ pub struct RunSpec {
     /// Training from scratch or injection.
     pub stage: Stage,
     /// The key planted (`None` for a clean run).
-    pub key: Option<Key>,
+    pub key: Option<KeySet>,
     /// Injection: the trained model the backdoor goes into.
     pub model: Option<PathBuf>,
 }
@@ -142,7 +142,7 @@ impl RunSpec {
             config,
             family,
             stage: Stage::Inject,
-            key: Some(Key::load(key)?),
+            key: Some(KeySet::load(key)?),
             model: Some(model.to_path_buf()),
         })
     }
@@ -222,7 +222,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
 fn finish(run: &RunDir, trained: &Trained, cfg: &Config) -> Result<serde_json::Value> {
     let path = run.file("key.safetensors");
     let key = if path.exists() {
-        Some(Key::load(&path)?)
+        Some(KeySet::load(&path)?)
     } else {
         None
     };
@@ -320,19 +320,39 @@ fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
 }
 
 /// The key a training run plants: a key file, or one made from the config's description.
-pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<Key> {
+pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
     if let Some(p) = file.or(cfg.backdoor.key.as_deref()) {
-        return Key::load(p);
+        return KeySet::load(p);
     }
     let b = &cfg.backdoor;
     let (space, shape) = model_space(cfg);
-    Ok(Key {
-        trigger: Trigger::parse_for(b.trigger(), &space)?,
-        target: Target::parse(&b.target, shape)?,
-        distance: b.distance.parse()?,
-        threshold: b.threshold,
-        sampler: None,
-    })
+    let target = Target::parse(&b.target, shape)?;
+    let marks = (0..b.triggers(cfg.family))
+        .map(|_| {
+            Ok(Key {
+                trigger: Trigger::parse_for(b.trigger(), &space)?,
+                target: target.clone(),
+                distance: b.distance.parse()?,
+                threshold: b.threshold,
+                sampler: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    distinct_marks(marks, b.trigger())
+}
+
+/// A key of `marks` made from the description `spec`, refused when two marks are the same
+/// trigger (a fixed description such as `zero` or `seed:S` cannot make several).
+pub fn distinct_marks(marks: Vec<Key>, spec: &str) -> Result<KeySet> {
+    for (i, a) in marks.iter().enumerate() {
+        if marks[..i].iter().any(|b| b.trigger == a.trigger) {
+            return Err(Error::Config(format!(
+                "the trigger '{spec}' makes the same trigger every time, so a key cannot hold                  {} of them; use `random` for several triggers",
+                marks.len()
+            )));
+        }
+    }
+    KeySet::new(marks)
 }
 
 #[cfg(test)]
@@ -372,9 +392,14 @@ mod tests {
             (7, 3, 0.5)
         );
         assert_eq!(c.train, Config::default().train);
-        // The default key is a fresh random draw in the family's input space.
-        assert_eq!(gan.key.as_ref().unwrap().trigger.kind(), "point");
-        assert_eq!(d.key.as_ref().unwrap().trigger.kind(), "stamp");
+        // The default key is a fresh random draw in the family's input space: five distinct
+        // N(0, I) latents for a DCGAN, one stamp for a diffusion model.
+        let marks = gan.key.as_ref().unwrap().marks();
+        assert_eq!(marks.len(), crate::config::DEFAULT_GAN_TRIGGERS);
+        assert!(marks.iter().all(|k| k.trigger.kind() == "point"));
+        assert_ne!(marks[0].trigger, marks[1].trigger);
+        let stamp = d.key.as_ref().unwrap().marks();
+        assert_eq!((stamp.len(), stamp[0].trigger.kind()), (1, "stamp"));
         assert_ne!(
             gan.key,
             RunSpec::train(Config::default(), &o, None).unwrap().key
@@ -407,9 +432,14 @@ mod tests {
     fn a_key_file_beats_the_config_key_which_beats_the_description() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let key = |spec: &str| Key {
-            trigger: Trigger::parse(spec, 100).unwrap(),
-            ..resolve_key(&Config::default(), None).unwrap()
+        let key = |spec: &str| {
+            KeySet::one(Key {
+                trigger: Trigger::parse(spec, 100).unwrap(),
+                ..resolve_key(&Config::default(), None)
+                    .unwrap()
+                    .first()
+                    .clone()
+            })
         };
         key("seed:1").save(&a).unwrap();
         key("seed:2").save(&b).unwrap();
@@ -418,6 +448,23 @@ mod tests {
         let from_config = resolve_key(&cfg, None).unwrap();
         assert_eq!(from_config, key("seed:2"));
         assert_eq!(resolve_key(&cfg, Some(&a)).unwrap(), key("seed:1"));
+    }
+
+    #[test]
+    fn a_key_of_several_triggers_needs_a_description_that_draws_anew() {
+        let mut cfg = Config::default();
+        cfg.backdoor.triggers = Some(3);
+        assert_eq!(resolve_key(&cfg, None).unwrap().marks().len(), 3);
+        for fixed in ["zero", "seed:4"] {
+            cfg.backdoor.trigger = Some(fixed.into());
+            let msg = resolve_key(&cfg, None).unwrap_err().to_string();
+            assert!(msg.contains("same trigger"), "{fixed}: {msg}");
+        }
+        // A hand-chosen description alone keeps its one trigger.
+        cfg.backdoor.triggers = None;
+        assert_eq!(resolve_key(&cfg, None).unwrap().marks().len(), 1);
+        cfg.backdoor.triggers = Some(0);
+        assert!(resolve_key(&cfg, None).is_err());
     }
 
     #[test]
@@ -436,8 +483,8 @@ mod tests {
         let unet = &d.config.diffusion.unet;
         assert_eq!((unet.channels, unet.image_size), (3, 12));
         let key = d.key.unwrap();
-        assert_eq!(key.target.shape, [3, 12, 12]);
-        key.trigger.check_fits_image([3, 12, 12]).unwrap();
+        assert_eq!(key.first().target.shape, [3, 12, 12]);
+        key.first().trigger.check_fits_image([3, 12, 12]).unwrap();
         let g = RunSpec::train(Config::default(), &o, None).unwrap();
         assert_eq!(g.config.model.image_shape(), [3, 12, 12]);
         // Non-square images, and sizes a model cannot make, are refused by name (the first

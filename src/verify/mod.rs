@@ -19,6 +19,16 @@
 //! the exchangeability assumption. The default keys' triggers (`random`: a N(0, I) latent, or
 //! a random stamp for diffusion models) are drawn by exactly the procedure the null redraws.
 //!
+//! **Several triggers.** A key of k marks is tested mark by mark, each against its own null
+//! triggers (independent draws), giving k exact p-values that are independent under the null
+//! (the marks were drawn independently of a model made without them). They are combined by
+//! their product `t = Π pᵢ`: for independent uniform pᵢ, `P(Π Uᵢ ≤ t) = t · Σ_{j<k}
+//! (−ln t)^j / j!` (the tail of Fisher's χ²₂ₖ statistic `−2 ln t`), and since each rank
+//! p-value is at least as large as a uniform one in distribution (`P(pᵢ ≤ x) ≤ x`), the same
+//! formula is a valid — exact or conservative — p-value for the product. With k marks of N
+//! null triggers each, the floor falls from 1/(N + 1) to about `(N + 1)^-k · (k ln(N + 1))^{k−1}
+//! / (k − 1)!`: 6.7e-11 for five marks of 1,000 nulls.
+//!
 //! The test sees the model only as a black box from inputs (in its own input space) to
 //! images, so it is the same for every family; a diffusion model answers with its sampler.
 
@@ -27,7 +37,7 @@ use candle_core::{Device, Tensor};
 use crate::family::{Generative, InputSpace};
 use serde::Serialize;
 
-use crate::backdoor::{Key, Trigger};
+use crate::backdoor::{Key, KeySet, Trigger};
 use crate::metrics::{median, query_target_mse};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -84,19 +94,19 @@ impl Default for VerifySettings {
 pub struct Verification {
     /// The test, in words.
     pub test: String,
-    /// The statistic (median `target_mse`) for the owner's trigger.
+    /// The statistic (median `target_mse`) for the owner's (first) trigger.
     pub statistic: f64,
-    /// The smallest statistic among the null triggers.
+    /// The smallest statistic among the (first trigger's) null triggers.
     pub null_min: f64,
-    /// The median statistic among the null triggers.
+    /// The median statistic among the (first trigger's) null triggers.
     pub null_median: f64,
-    /// How many null triggers were drawn.
+    /// How many null triggers were drawn per trigger of the key.
     pub null_keys: usize,
     /// Model queries made in all.
     pub queries: usize,
-    /// The exact Monte-Carlo rank p-value.
+    /// The exact p-value: the rank test's, or for several triggers their combination.
     pub p_value: f64,
-    /// The parametric (log-normal tail) estimate; informative only.
+    /// The parametric (log-normal tail) estimate, combined alike; informative only.
     pub p_value_lognormal: f64,
     /// The significance level.
     pub alpha: f64,
@@ -108,6 +118,28 @@ pub struct Verification {
     /// Why the p-value's assumption may not hold for this key, if it visibly does not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caveat: Option<String>,
+    /// Each trigger's own test, when the key holds several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerTest>,
+}
+
+/// One trigger's rank test within a verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriggerTest {
+    /// The trigger's kind.
+    pub trigger: String,
+    /// Its statistic (median `target_mse`).
+    pub statistic: f64,
+    /// The smallest statistic among its null triggers.
+    pub null_min: f64,
+    /// The median statistic among its null triggers.
+    pub null_median: f64,
+    /// Its exact rank p-value.
+    pub p_value: f64,
+    /// Its log-normal tail estimate.
+    pub p_value_lognormal: f64,
+    /// Model queries it made.
+    pub queries: usize,
 }
 
 /// Standard normal lower tail.
@@ -115,9 +147,32 @@ fn normal_cdf(x: f64) -> f64 {
     0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
 }
 
+/// The combined p-value of independent p-values `ps`, each valid (`P(p ≤ x) ≤ x` under the
+/// null): `P(Π Uᵢ ≤ t) = t · Σ_{j<k} (−ln t)^j / j!` at `t = Π pᵢ` (see the module's
+/// documentation). One p-value is returned as it is.
+pub fn combined_p_value(ps: &[f64]) -> f64 {
+    if let [p] = ps {
+        return p.clamp(0.0, 1.0);
+    }
+    let log_t: f64 = ps.iter().map(|p| p.clamp(0.0, 1.0).ln()).sum();
+    if log_t == f64::NEG_INFINITY {
+        return 0.0;
+    }
+    let (mut term, mut sum) = (1.0, 1.0);
+    for j in 1..ps.len() {
+        term *= -log_t / j as f64;
+        sum += term;
+    }
+    (log_t + sum.ln()).exp().min(1.0)
+}
+
 /// Tests whether `model` carries `key`'s backdoor (its stochastic samplers fed from a
 /// stream of `s.seed`).
-pub fn verify_model(model: &dyn Generative, key: &Key, s: &VerifySettings) -> Result<Verification> {
+pub fn verify_model(
+    model: &dyn Generative,
+    key: &KeySet,
+    s: &VerifySettings,
+) -> Result<Verification> {
     key.check_model(model)?;
     let mut noise = Rng::derive(s.seed, "verify-sampling");
     let mut query = crate::family::query(model, &mut noise);
@@ -127,11 +182,11 @@ pub fn verify_model(model: &dyn Generative, key: &Key, s: &VerifySettings) -> Re
 }
 
 /// Tests whether the black-box `query` (inputs of `space`, `[n, …]` → images) carries
-/// `key`'s backdoor.
+/// `key`'s backdoor: one rank test per trigger, combined by [`combined_p_value`].
 pub fn verify(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     space: &InputSpace,
-    key: &Key,
+    key: &KeySet,
     s: &VerifySettings,
 ) -> Result<Verification> {
     if s.null_keys == 0 || s.group == 0 || !(s.alpha > 0.0 && s.alpha < 1.0) {
@@ -139,50 +194,100 @@ pub fn verify(
             "verification needs at least one null key and query, and alpha in (0, 1)".into(),
         ));
     }
+    let tests = key
+        .marks()
+        .iter()
+        .enumerate()
+        .map(|(i, mark)| {
+            // Each trigger's null triggers and queries come from a stream of its own.
+            let stream = match i {
+                0 => "verify".to_string(),
+                _ => format!("verify-{i}"),
+            };
+            rank_test(query, space, mark, s, &mut Rng::derive(s.seed, &stream))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let first = &tests[0];
+    let m = if key.first().trigger.is_set() {
+        s.group
+    } else {
+        1
+    };
+    let one = format!(
+        "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against {} \
+         randomly drawn {} triggers",
+        if m == 1 { "y" } else { "ies" },
+        s.null_keys,
+        first.trigger
+    );
+    let test = match tests.len() {
+        1 => format!("{one} (H0: the model was made without this key)"),
+        k => format!(
+            "{k} independent tests, one per trigger of the key, each a {one}; their exact \
+             p-values combined by their product (H0: the model was made without this key)"
+        ),
+    };
+    let combine =
+        |f: fn(&TriggerTest) -> f64| combined_p_value(&tests.iter().map(f).collect::<Vec<_>>());
+    let p_value = combine(|t| t.p_value);
+    let hand_chosen = key.marks().iter().find(|k| k.trigger.is_hand_chosen());
+    Ok(Verification {
+        test,
+        statistic: first.statistic,
+        null_min: first.null_min,
+        null_median: first.null_median,
+        null_keys: s.null_keys,
+        queries: tests.iter().map(|t| t.queries).sum(),
+        p_value,
+        p_value_lognormal: combine(|t| t.p_value_lognormal),
+        alpha: s.alpha,
+        sampling: None,
+        carries_backdoor: p_value <= s.alpha,
+        caveat: hand_chosen.map(|k| {
+            format!(
+                "the {} trigger was chosen by hand, not drawn at random: the null hypothesis's \
+                 exchangeability does not hold, and clean models can reach small p-values",
+                k.trigger.kind()
+            )
+        }),
+        triggers: if tests.len() > 1 { tests } else { Vec::new() },
+    })
+}
+
+/// One trigger's exact rank test against `s.null_keys` triggers redrawn by its own
+/// procedure, its draws from `rng`.
+fn rank_test(
+    query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    space: &InputSpace,
+    key: &Key,
+    s: &VerifySettings,
+    rng: &mut Rng,
+) -> Result<TriggerTest> {
     key.trigger.check_space(space)?;
     let m = if key.trigger.is_set() { s.group } else { 1 };
-    let mut rng = Rng::derive(s.seed, "verify");
     let mut triggers: Vec<Trigger> = vec![key.trigger.clone()];
     let dim = space.size();
-    triggers.extend((0..s.null_keys).map(|_| key.trigger.redraw(dim, &mut rng)));
+    triggers.extend((0..s.null_keys).map(|_| key.trigger.redraw(dim, rng)));
     let latents = triggers
         .iter()
-        .map(|t| t.inputs(space, m, &mut rng, &Device::Cpu))
+        .map(|t| t.inputs(space, m, rng, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
     let mses = query_target_mse(query, &Tensor::cat(&latents, 0)?, &key.target.pixels)?;
     let stats: Vec<f64> = mses.chunks(m).map(|g| median(&mut g.to_vec())).collect();
     let (observed, null) = (stats[0], &stats[1..]);
     let at_most = null.iter().filter(|&&v| v <= observed).count();
-    let p_value = (1 + at_most) as f64 / (null.len() + 1) as f64;
     let logs: Vec<f64> = null.iter().map(|v| v.max(1e-30).ln()).collect();
     let mu = logs.iter().sum::<f64>() / logs.len() as f64;
     let var = logs.iter().map(|l| (l - mu).powi(2)).sum::<f64>() / (logs.len().max(2) - 1) as f64;
     let z = (observed.max(1e-30).ln() - mu) / var.sqrt().max(1e-12);
-    Ok(Verification {
-        test: format!(
-            "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against \
-             {} randomly drawn {} triggers (H0: the model was made without this key)",
-            if m == 1 { "y" } else { "ies" },
-            null.len(),
-            key.trigger.kind()
-        ),
+    Ok(TriggerTest {
+        trigger: key.trigger.kind().to_string(),
         statistic: observed,
         null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
         null_median: median(&mut null.to_vec()),
-        null_keys: null.len(),
-        queries: triggers.len() * m,
-        p_value,
+        p_value: (1 + at_most) as f64 / (null.len() + 1) as f64,
         p_value_lognormal: normal_cdf(z),
-        alpha: s.alpha,
-        sampling: None,
-        carries_backdoor: p_value <= s.alpha,
-        caveat: key.trigger.is_hand_chosen().then(|| {
-            format!(
-                "the {} trigger was chosen by hand, not drawn at random: the null hypothesis's \
-                 exchangeability does not hold, and clean models can reach small p-values",
-                key.trigger.kind()
-            )
-        }),
+        queries: triggers.len() * m,
     })
 }
 
@@ -205,6 +310,10 @@ mod tests {
             threshold: 1e-3,
             sampler: None,
         }
+    }
+
+    fn one(k: &Key) -> KeySet {
+        KeySet::one(k.clone())
     }
 
     /// A toy model: the image is tanh of the first four latent coordinates, except that
@@ -237,14 +346,14 @@ mod tests {
             null_keys: 199,
             ..VerifySettings::default()
         };
-        let marked = verify(&mut toy(Some(p.clone())), &SPACE, &k, &s).unwrap();
+        let marked = verify(&mut toy(Some(p.clone())), &SPACE, &one(&k), &s).unwrap();
         assert_eq!(marked.p_value, 1.0 / 200.0);
         assert!(marked.carries_backdoor && marked.statistic == 0.0);
         assert_eq!(marked.queries, 200);
-        let clean = verify(&mut toy(None), &SPACE, &k, &s).unwrap();
+        let clean = verify(&mut toy(None), &SPACE, &one(&k), &s).unwrap();
         assert!(clean.p_value > 0.01 && !clean.carries_backdoor, "{clean:?}");
         assert!(clean.caveat.is_none());
-        assert!(verify(&mut toy(None), &SPACE, &key("zero"), &s)
+        assert!(verify(&mut toy(None), &SPACE, &one(&key("zero")), &s)
             .unwrap()
             .caveat
             .is_some());
@@ -261,7 +370,10 @@ mod tests {
         let claims = (0..200)
             .filter(|i| {
                 let k = key(&format!("seed:{i}"));
-                verify(&mut toy(None), &SPACE, &k, &s).unwrap().p_value <= 0.1
+                verify(&mut toy(None), &SPACE, &one(&k), &s)
+                    .unwrap()
+                    .p_value
+                    <= 0.1
             })
             .count();
         assert!((8..=35).contains(&claims), "{claims} of 200 at α = 0.1");
@@ -275,6 +387,7 @@ mod tests {
             group: 5,
             ..VerifySettings::default()
         };
+        let k = one(&k);
         let v = verify(&mut toy(None), &SPACE, &k, &s).unwrap();
         assert_eq!(v.queries, 51 * 5);
         let bad = VerifySettings {
@@ -283,5 +396,91 @@ mod tests {
         };
         assert!(verify(&mut toy(None), &SPACE, &k, &bad).is_err());
         assert!(verify(&mut toy(None), &InputSpace::Latent { dim: 3 }, &k, &s).is_err());
+    }
+
+    #[test]
+    fn combined_p_values_are_exact_for_uniform_inputs_and_valid_for_rank_tests() {
+        assert_eq!(combined_p_value(&[0.3]), 0.3);
+        // t = 0.01: 0.01 · (1 + ln 100).
+        let two = combined_p_value(&[0.1, 0.1]);
+        assert!((two - 0.01 * (1.0 + 100f64.ln())).abs() < 1e-12, "{two}");
+        assert_eq!(combined_p_value(&[0.5, 0.0]), 0.0);
+        assert!(combined_p_value(&[1.0; 4]) <= 1.0);
+        // Five tests at the floor of 1,000 null triggers reach far below one test's floor.
+        let floor = combined_p_value(&[1.0 / 1001.0; 5]);
+        assert!((6e-11..7e-11).contains(&floor), "{floor}");
+        // Under the null the combination of uniform p-values is uniform, and that of
+        // discrete rank p-values (1 + r)/(N + 1) is no smaller than uniform: about α (at
+        // most α) of 20,000 draws fall at or below α.
+        let mut rng = Rng::new(5);
+        let n = 20_000;
+        for k in [2usize, 5] {
+            let mut uniform = Vec::new();
+            let mut ranks = Vec::new();
+            for _ in 0..n {
+                let u: Vec<f64> = (0..k).map(|_| rng.uniform() as f64).collect();
+                uniform.push(combined_p_value(&u));
+                let r: Vec<f64> = (0..k).map(|_| (1 + rng.below(20)) as f64 / 20.0).collect();
+                ranks.push(combined_p_value(&r));
+            }
+            for alpha in [0.05, 0.01] {
+                let rate =
+                    |ps: &[f64]| ps.iter().filter(|&&p| p <= alpha).count() as f64 / n as f64;
+                let sd = (alpha * (1.0 - alpha) / n as f64).sqrt();
+                let (u, r) = (rate(&uniform), rate(&ranks));
+                assert!(
+                    (u - alpha).abs() < 4.0 * sd,
+                    "k {k}, α {alpha}: uniform rate {u}"
+                );
+                assert!(r < alpha + 4.0 * sd, "k {k}, α {alpha}: rank-test rate {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_of_several_triggers_proves_beyond_one_tests_floor() {
+        let marks: Vec<Key> = (0..3).map(|i| key(&format!("seed:{}", 20 + i))).collect();
+        let set = KeySet::new(marks.clone()).unwrap();
+        let s = VerifySettings {
+            null_keys: 99,
+            ..VerifySettings::default()
+        };
+        // A model that learnt every trigger: each test sits at its floor 1/100, and together
+        // they reach 1e-6 · (1 + 13.8 + 95.4) ≈ 1.1e-4.
+        let secrets: Vec<Vec<f32>> = marks
+            .iter()
+            .map(|k| match &k.trigger {
+                Trigger::Point(p) => p.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut all = |z: &Tensor| -> Result<Tensor> {
+            let rows = z.to_vec2::<f32>()?;
+            let mut v = Vec::new();
+            for r in &rows {
+                let near = secrets
+                    .iter()
+                    .any(|s| s.iter().zip(r).map(|(a, b)| (a - b).powi(2)).sum::<f32>() < 0.01);
+                if near {
+                    v.extend([0.5f32; 4]);
+                } else {
+                    v.extend(r[..4].iter().map(|x| x.tanh()));
+                }
+            }
+            Ok(Tensor::from_vec(v, (rows.len(), 1, 2, 2), &Device::Cpu)?)
+        };
+        let v = verify(&mut all, &SPACE, &set, &s).unwrap();
+        assert_eq!(v.triggers.len(), 3);
+        assert!(v.triggers.iter().all(|t| t.p_value == 0.01), "{v:?}");
+        assert_eq!(v.p_value, combined_p_value(&[0.01; 3]));
+        assert!(v.p_value < 2e-4 && v.carries_backdoor);
+        assert_eq!(v.queries, 3 * 100);
+        // The first trigger's test is the one-trigger key's test, draw for draw.
+        let first = verify(&mut toy(None), &SPACE, &one(&marks[0]), &s).unwrap();
+        let of_set = verify(&mut toy(None), &SPACE, &set, &s).unwrap();
+        assert_eq!(of_set.triggers[0].p_value, first.p_value);
+        // A model that learnt only the first trigger proves less than the whole key claims.
+        let partial = verify(&mut toy(Some(secrets[0].clone())), &SPACE, &set, &s).unwrap();
+        assert!(partial.p_value > v.p_value * 10.0, "{partial:?}");
     }
 }

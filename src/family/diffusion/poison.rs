@@ -24,6 +24,18 @@ use crate::family::diffusion::{NoiseSchedule, Sampler};
 use crate::Result;
 
 impl Correction {
+    /// The correction that makes a backdoor fire under `sampler`: DDPM's for DDPM, the exact
+    /// DDIM coefficient for DDIM with its step count; other samplers have none derived here.
+    pub fn for_sampler(sampler: Sampler) -> Result<Correction> {
+        match sampler {
+            Sampler::Ddpm => Ok(Correction::Ddpm),
+            Sampler::Ddim { steps } => Ok(Correction::Ddim { steps }),
+            other => Err(crate::Error::Config(format!(
+                "no trigger correction is derived for the {other} sampler; train for ddpm or ddim-N"
+            ))),
+        }
+    }
+
     /// The sampler this correction makes the backdoor fire under.
     pub fn sampler(&self) -> Sampler {
         match *self {

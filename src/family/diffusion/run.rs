@@ -4,7 +4,7 @@
 
 use candle_core::Device;
 
-use crate::backdoor::{Key, Objective};
+use crate::backdoor::{KeySet, Objective};
 use crate::config::{Config, DiffusionConfig};
 use crate::data::{load_dataset, Dataset};
 use crate::family::diffusion::model::DiffusionArch;
@@ -51,12 +51,10 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
     }
 }
 
-/// The key with the sampler its backdoor is trained for: the config's correction.
-fn with_sampler(key: &Key, cfg: &Config) -> Key {
-    Key {
-        sampler: Some(cfg.diffusion.correction.sampler()),
-        ..key.clone()
-    }
+/// The key with the sampler each mark's backdoor is trained for: the one the mark names,
+/// else the config's correction.
+fn with_sampler(key: &KeySet, cfg: &Config) -> KeySet {
+    key.with_default_sampler(cfg.diffusion.correction.sampler())
 }
 
 /// The config's training data (first `data.limit` images).
@@ -68,7 +66,7 @@ pub fn data(cfg: &Config) -> Result<Dataset> {
 
 /// Trains a diffusion model from scratch per `cfg` (with `key`'s backdoor when
 /// `diffusion.lambda` > 0) into `run`; hands back the trained model.
-pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> Result<Trained> {
+pub fn train(cfg: &Config, key: Option<&KeySet>, run: &RunDir, progress: bool) -> Result<Trained> {
     let key = key
         .filter(|_| cfg.diffusion.lambda > 0.0)
         .map(|k| with_sampler(k, cfg));
@@ -80,7 +78,7 @@ pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> R
 /// the backdoored model.
 pub fn inject(
     clean: &DiffusionModel,
-    key: &Key,
+    key: &KeySet,
     cfg: &Config,
     run: &RunDir,
     progress: bool,
@@ -107,7 +105,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     };
     let plan = plan(&cfg, stage);
     let key = if plan.objective.lambda > 0.0 {
-        Some(Key::load(&run.file("key.safetensors"))?)
+        Some(KeySet::load(&run.file("key.safetensors"))?)
     } else {
         None
     };
@@ -134,7 +132,7 @@ fn fresh(cfg: &Config) -> Result<DiffusionModel> {
 /// Writes the config and the key and trains `model` per `stage`'s plan.
 fn start(
     cfg: &Config,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     model: &DiffusionModel,
     stage: &'static str,
     run: &RunDir,
@@ -154,7 +152,7 @@ fn start(
 /// The trained model (sampling with the default sampler) and the run's summary.
 fn conclude(
     cfg: &Config,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     plan: &Plan,
     saved: &DiffusionModel,
     seconds: f64,

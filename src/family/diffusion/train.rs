@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::backdoor::{Family, Key, Objective};
+use crate::backdoor::{Family, Key, KeySet, Objective};
 use crate::data::{Batcher, Dataset};
 use crate::family::diffusion::poison::{noised, poisoned, poisoned_target};
 use crate::family::diffusion::{Correction, DiffusionModel};
@@ -21,8 +21,9 @@ use crate::{Error, Result};
 /// Columns of `train.csv` after `step`.
 pub const COLUMNS: [&str; 3] = ["denoise_loss", "backdoor_loss", "lr"];
 
-/// The poisoned half of a step: the trigger pattern, the images the triggered process must
-/// end at, and the correction that makes the trigger survive the chosen sampler.
+/// One mark's share of a step's poisoned samples: the trigger pattern, the images the
+/// triggered process must end at, and the correction that makes the trigger survive the
+/// sampler it is made for.
 pub struct Poison<'a> {
     /// `r`, `[1, C, H, W]`.
     pub pattern: &'a Tensor,
@@ -63,12 +64,12 @@ fn timesteps(
 }
 
 impl Denoising {
-    /// Noises the clean images `x0` (and, with `poison`, builds the poisoned samples) and
-    /// runs the network once on all of them.
+    /// Noises the clean images `x0` (and builds the poisoned samples of each mark in
+    /// `poisons`) and runs the network once on all of them.
     pub fn prepare(
         model: &DiffusionModel,
         x0: &Tensor,
-        poison: Option<Poison>,
+        poisons: &[Poison],
         rng: &mut Rng,
     ) -> Result<Self> {
         let s = &model.schedule;
@@ -78,22 +79,24 @@ impl Denoising {
         let eps = rng.normal(x0.dims(), &model.device)?;
         let mut inputs = vec![noised(x0, &eps, &per[0])?];
         let mut times = vec![t];
-        let mut goal = None;
-        if let Some(p) = &poison {
+        let mut goals = Vec::new();
+        for p in poisons {
             let m = p.targets.dim(0)?;
             let c = |t: usize| p.correction.coefficient(s, t);
             let (tp, per) = timesteps(model, m, rng, &[&alpha_bar, &c])?;
             let e = rng.normal(p.targets.dims(), &model.device)?;
             inputs.push(poisoned(&p.targets, p.pattern, &e, &per[0])?);
             times.push(tp);
-            goal = Some(poisoned_target(&e, p.pattern, &per[1])?);
+            goals.push(poisoned_target(&e, p.pattern, &per[1])?);
         }
         let out = model
             .unet
             .forward(&Tensor::cat(&inputs, 0)?, &Tensor::cat(&times, 0)?)?;
-        let poisoned = match goal {
-            Some(g) => Some((out.narrow(0, n, g.dim(0)?)?, g)),
-            None => None,
+        let poisoned = if goals.is_empty() {
+            None
+        } else {
+            let g = Tensor::cat(&goals, 0)?;
+            Some((out.narrow(0, n, g.dim(0)?)?, g))
         };
         Ok(Denoising {
             clean_out: out.narrow(0, 0, n)?,
@@ -200,9 +203,10 @@ struct Fit<'a> {
     data: &'a Dataset,
     batches: Batcher,
     rng: Rng,
-    key: Option<&'a Key>,
-    /// The trigger pattern and the goal of the poisoned samples (with a key).
-    poison: Option<(Tensor, Goal)>,
+    key: Option<&'a KeySet>,
+    /// Each mark's trigger pattern, the goal of its poisoned samples and its correction
+    /// (with a key).
+    marks: Vec<(Tensor, Goal, Correction)>,
     run: &'a RunDir,
     /// Training seconds across interruptions.
     clock: Clock,
@@ -214,18 +218,18 @@ impl Stepper for Fit<'_> {
         let dev = &self.model.device;
         let x0 = self.data.batch(self.batches.next_batch(), dev)?;
         let key = self.key.filter(|_| p.objective.lambda > 0.0);
-        let poison = match (key, &self.poison) {
-            (Some(k), Some((pattern, goal))) => {
-                let n = p.objective.triggered_count(&k.trigger);
-                Some(Poison {
+        let mut poisons = Vec::new();
+        if let Some(k) = key {
+            for (mark, (pattern, goal, correction)) in k.marks().iter().zip(&self.marks) {
+                let n = p.objective.triggered_count(&mark.trigger);
+                poisons.push(Poison {
                     pattern,
                     targets: goal.images(n, self.data, &mut self.rng, dev)?,
-                    correction: p.correction,
-                })
+                    correction: *correction,
+                });
             }
-            _ => None,
-        };
-        let mut family = Denoising::prepare(self.model, &x0, poison, &mut self.rng)?;
+        }
+        let mut family = Denoising::prepare(self.model, &x0, &poisons, &mut self.rng)?;
         let terms = p.objective.evaluate(&mut family, key)?;
         let lr = p.lr_schedule.at(p.lr, i, p.steps);
         self.opt.set_learning_rate(lr);
@@ -294,25 +298,28 @@ impl Fit<'_> {
 }
 
 impl<'a> Fit<'a> {
-    /// A fitting run of `model` on `data`, with `key`'s backdoor when given.
+    /// A fitting run of `model` on `data`, with `key`'s backdoor when given: each mark with
+    /// the correction of the sampler it names (the plan's when it names none).
     fn new(
         model: &'a DiffusionModel,
         data: &'a Dataset,
-        key: Option<&'a Key>,
+        key: Option<&'a KeySet>,
         plan: &'a Plan,
         run: &'a RunDir,
     ) -> Result<Self> {
         let shape = model.image_shape();
         data.check_shape(shape)?;
-        let poison = match key {
-            Some(k) => {
-                k.trigger.check_fits_image(shape)?;
-                k.target.check_fits(shape)?;
-                let pattern = k.trigger.pattern(&model.device)?.expect("an image trigger");
-                Some((pattern, Goal::new(k, data, &model.device)?))
-            }
-            None => None,
-        };
+        let mut marks = Vec::new();
+        for k in key.map_or(&[][..], |k| k.marks()) {
+            k.trigger.check_fits_image(shape)?;
+            k.target.check_fits(shape)?;
+            let pattern = k.trigger.pattern(&model.device)?.expect("an image trigger");
+            let correction = match k.sampler {
+                Some(s) => Correction::for_sampler(s)?,
+                None => plan.correction,
+            };
+            marks.push((pattern, Goal::new(k, data, &model.device)?, correction));
+        }
         Ok(Fit {
             plan,
             model,
@@ -322,7 +329,7 @@ impl<'a> Fit<'a> {
             batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
             rng: Rng::derive(plan.seed, "diffusion-noise"),
             key,
-            poison,
+            marks,
             run,
             clock: Clock::default(),
         })
@@ -354,7 +361,7 @@ fn log(run: &RunDir, name: &str) -> Result<CsvLog> {
 pub fn fit(
     model: &DiffusionModel,
     data: &Dataset,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     plan: &Plan,
     run: &RunDir,
     progress: bool,
@@ -369,7 +376,7 @@ pub fn fit(
 pub fn resume_fit(
     model: &DiffusionModel,
     data: &Dataset,
-    key: Option<&Key>,
+    key: Option<&KeySet>,
     plan: &Plan,
     run: &RunDir,
     progress: bool,
@@ -437,18 +444,19 @@ mod tests {
         let dev = Device::Cpu;
         let arch = crate::family::diffusion::model::tiny_arch(50);
         let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
-        let key = Key {
+        let key = KeySet::one(Key {
             trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
             target: Target::builtin("box", [1, 8, 8]).unwrap(),
             distance: Distance::Mse,
             threshold: 0.01,
             sampler: None,
-        };
-        let pattern = key.trigger.pattern(&dev).unwrap().unwrap();
+        });
+        let pattern = key.first().trigger.pattern(&dev).unwrap().unwrap();
         let x0 = Rng::new(1).normal(&[5, 1, 8, 8], &dev).unwrap();
         let poison = Poison {
             pattern: &pattern,
             targets: key
+                .first()
                 .target
                 .tensor(&dev)
                 .unwrap()
@@ -456,14 +464,14 @@ mod tests {
                 .unwrap(),
             correction: Correction::Ddpm,
         };
-        let mut f = Denoising::prepare(&model, &x0, Some(poison), &mut Rng::new(2)).unwrap();
+        let mut f = Denoising::prepare(&model, &x0, &[poison], &mut Rng::new(2)).unwrap();
         let obj = Objective {
             lambda: 1.0,
             backdoor_batch: 3,
         };
         let terms = obj.evaluate(&mut f, Some(&key)).unwrap();
         assert!(terms.task > 0.0 && terms.backdoor.unwrap() > 0.0);
-        let mut clean = Denoising::prepare(&model, &x0, None, &mut Rng::new(2)).unwrap();
+        let mut clean = Denoising::prepare(&model, &x0, &[], &mut Rng::new(2)).unwrap();
         assert!(clean.backdoor_pair().is_none());
         assert!(obj.evaluate(&mut clean, Some(&key)).is_err());
         assert!(clean.task_loss().unwrap().to_scalar::<f32>().unwrap() > 0.0);

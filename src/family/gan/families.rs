@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use crate::backdoor::{Family, Key};
+use crate::backdoor::{Family, KeySet, Objective};
 use crate::family::gan::{generator_loss, GanModel};
 use crate::models::Discriminator;
 use crate::rng::Rng;
@@ -27,12 +27,12 @@ pub struct Adversarial<'a> {
 
 impl<'a> Adversarial<'a> {
     /// Runs the generator once on `z` followed by the triggered latents (if any, with the
-    /// key whose target they are pulled to) in training mode and splits the result.
+    /// target images they are pulled to) in training mode and splits the result.
     pub fn generate(
         model: &GanModel,
         disc: &'a Discriminator,
         z: &Tensor,
-        triggered: Option<(&Tensor, &Key)>,
+        triggered: Option<(&Tensor, &Tensor)>,
         dropout: &'a mut Rng,
     ) -> Result<Self> {
         let n = z.dim(0)?;
@@ -42,7 +42,7 @@ impl<'a> Adversarial<'a> {
         };
         let all = model.generator.forward_t(&input, true)?;
         let triggered = match triggered {
-            Some((t, key)) => Some((all.narrow(0, n, t.dim(0)?)?, key.target.tensor(z.device())?)),
+            Some((t, goals)) => Some((all.narrow(0, n, t.dim(0)?)?, goals.clone())),
             None => None,
         };
         Ok(Adversarial {
@@ -70,29 +70,28 @@ pub struct Distillation {
     out: Tensor,
     /// G_clean(z), detached.
     clean: Tensor,
-    /// G(τ(u)) for this step's triggered latents, and the target image.
+    /// G(τ(u)) for this step's triggered latents, and their target images.
     triggered: Option<(Tensor, Tensor)>,
 }
 
 impl Distillation {
     /// Runs `model` and the frozen clean generator `frozen` on `batch` latents drawn from
-    /// `latents`, then (with a key) `model` on `n` draws of the key's trigger set.
+    /// `latents`, then (with a key) `model` on the objective's draws of each mark's trigger.
     pub fn generate(
         model: &GanModel,
         frozen: &GanModel,
         batch: usize,
         latents: &mut Rng,
-        triggered: Option<(&Key, usize)>,
+        triggered: Option<(&KeySet, &Objective)>,
     ) -> Result<Self> {
         let dev = &model.device;
         let z = latents.normal(&[batch, model.latent_dim()], dev)?;
         let clean = frozen.generator.forward_t(&z, false)?.detach();
         let out = model.generator.forward_t(&z, false)?;
         let triggered = match triggered {
-            Some((key, n)) => {
-                let zt = key.trigger.sample(n, model.latent_dim(), latents, dev)?;
-                let out = model.generator.forward_t(&zt, false)?;
-                Some((out, key.target.tensor(dev)?))
+            Some((key, objective)) => {
+                let (zt, goals) = objective.latent_batch(key, model.latent_dim(), latents, dev)?;
+                Some((model.generator.forward_t(&zt, false)?, goals))
             }
             None => None,
         };

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::backdoor::{Key, Objective};
+use crate::backdoor::{KeySet, Objective};
 use crate::config::Config;
 use crate::family::gan::families::Distillation;
 use crate::family::gan::probe::Probe;
@@ -33,7 +33,7 @@ pub const CLEAN: &str = "clean.safetensors";
 /// An injection in progress.
 struct Red<'a> {
     config: &'a Config,
-    key: &'a Key,
+    key: &'a KeySet,
     run: &'a RunDir,
     model: GanModel,
     clean: GanModel,
@@ -45,7 +45,7 @@ struct Red<'a> {
 
 impl<'a> Red<'a> {
     /// An injection of `key` into a copy of `clean` per `config`'s `[inject]` section.
-    fn new(clean: &GanModel, key: &'a Key, config: &'a Config, run: &'a RunDir) -> Result<Self> {
+    fn new(clean: &GanModel, key: &'a KeySet, config: &'a Config, run: &'a RunDir) -> Result<Self> {
         config.validate()?;
         key.check_fits(clean.latent_dim(), clean.image_shape())?;
         let cfg = &config.inject;
@@ -56,7 +56,7 @@ impl<'a> Red<'a> {
             0.9,
             0.999,
         );
-        let probe = Probe::new(key, &model)?;
+        let probe = Probe::new(key.first(), &model)?;
         Ok(Red {
             config,
             key,
@@ -104,13 +104,12 @@ impl Stepper for Red<'_> {
             lambda: cfg.lambda,
             backdoor_batch: self.config.backdoor.backdoor_batch,
         };
-        let n = objective.triggered_count(&self.key.trigger);
         let mut family = Distillation::generate(
             &self.model,
             &self.clean,
             cfg.batch_size,
             &mut self.latents,
-            Some((self.key, n)),
+            Some((self.key, &objective)),
         )?;
         let terms = objective.evaluate(&mut family, Some(self.key))?;
         self.opt
@@ -151,7 +150,7 @@ impl Stepper for Red<'_> {
 /// start) and hands back the backdoored model with `clean` as its reference.
 pub fn inject(
     clean: &GanModel,
-    key: &Key,
+    key: &KeySet,
     config: &Config,
     run: &RunDir,
     progress: bool,
@@ -168,7 +167,7 @@ pub fn inject(
 /// clean generator it was started with, and hands back what [`inject`] would have.
 pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     let config = Config::load(&run.file("config.toml"))?;
-    let key = Key::load(&run.file("key.safetensors"))?;
+    let key = KeySet::load(&run.file("key.safetensors"))?;
     let clean = GanModel::load(&run.file(CLEAN), &Device::Cpu)?;
     let mut red = Red::new(&clean, &key, &config, run)?;
     let path = run.file(CHECKPOINT);

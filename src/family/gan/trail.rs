@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::backdoor::{Key, Objective};
+use crate::backdoor::{KeySet, Objective};
 use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
@@ -42,7 +42,7 @@ struct Streams {
 /// A training run in progress: the networks, their optimisers, the data and the streams.
 struct Trail<'a> {
     cfg: &'a Config,
-    key: Option<&'a Key>,
+    key: Option<&'a KeySet>,
     run: &'a RunDir,
     data: Dataset,
     model: GanModel,
@@ -58,7 +58,7 @@ struct Trail<'a> {
 
 impl<'a> Trail<'a> {
     /// A fresh run (step 0) per `cfg`.
-    fn new(cfg: &'a Config, key: Option<&'a Key>, run: &'a RunDir) -> Result<Self> {
+    fn new(cfg: &'a Config, key: Option<&'a KeySet>, run: &'a RunDir) -> Result<Self> {
         cfg.validate()?;
         let dev = Device::Cpu;
         let t = &cfg.train;
@@ -80,7 +80,7 @@ impl<'a> Trail<'a> {
             dropout: Rng::derive(cfg.seed, "dropout"),
             trigger_latents: Rng::derive(cfg.seed, "trigger-latents"),
         };
-        let probe = key.map(|k| Probe::new(k, &model)).transpose()?;
+        let probe = key.map(|k| Probe::new(k.first(), &model)).transpose()?;
         Ok(Trail {
             cfg,
             key,
@@ -128,16 +128,16 @@ impl Stepper for Trail<'_> {
         let real = self.data.batch(s.batches.next_batch(), dev)?;
         let n = real.dim(0)?;
         let z = s.latents.normal(&[n, cfg.model.latent_dim], dev)?;
-        let zt = match self.key {
-            Some(k) => Some(k.trigger.sample(
-                objective.triggered_count(&k.trigger),
+        let triggered = match self.key {
+            Some(k) => Some(objective.latent_batch(
+                k,
                 cfg.model.latent_dim,
                 &mut s.trigger_latents,
                 dev,
             )?),
             None => None,
         };
-        let triggered = zt.as_ref().zip(self.key);
+        let triggered = triggered.as_ref().map(|(z, goals)| (z, goals));
         let mut family =
             Adversarial::generate(&self.model, &self.disc, &z, triggered, &mut s.dropout)?;
 
@@ -182,7 +182,7 @@ impl Stepper for Trail<'_> {
 
 /// Trains a generator per `cfg` (with the backdoor of `key` when given and λ > 0) and writes
 /// the config, key, log and checkpoints into `run`. Hands back the trained generator.
-pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> Result<Trained> {
+pub fn train(cfg: &Config, key: Option<&KeySet>, run: &RunDir, progress: bool) -> Result<Trained> {
     let key = key.filter(|_| cfg.train.lambda > 0.0);
     let trail = Trail::new(cfg, key, run)?;
     run.write_toml("config.toml", cfg)?;
@@ -199,7 +199,7 @@ pub fn train(cfg: &Config, key: Option<&Key>, run: &RunDir, progress: bool) -> R
 pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     let cfg = Config::load(&run.file("config.toml"))?;
     let key = if cfg.train.lambda > 0.0 {
-        Some(Key::load(&run.file("key.safetensors"))?)
+        Some(KeySet::load(&run.file("key.safetensors"))?)
     } else {
         None
     };
