@@ -349,6 +349,17 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
         }
         None => lines.push("<b>Clean model</b> (no key: no backdoor was trained).".into()),
     }
+    if let Some(each) = metrics["triggers"].as_array() {
+        let lowest = each
+            .iter()
+            .filter_map(|t| t["asr"].as_f64())
+            .fold(f64::INFINITY, f64::min);
+        lines.push(format!(
+            "The key holds {} triggers; the lowest attack success rate among them is {:.1} %.",
+            each.len(),
+            100.0 * lowest
+        ));
+    }
     if let Some(fid) = metrics["quality"]["fid"].as_f64() {
         lines.push(format!(
             "Clean quality: digit FID {fid:.1} (Fréchet distance to held-out real digits in the              shipped digit classifier's features; real against real is about 5.6, lower is              better), {} of 10 classes drawn.",
@@ -364,9 +375,16 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
         } else {
             "<b>no evidence</b> of the key's backdoor"
         };
+        let against = match v["triggers"].as_array().map(Vec::len) {
+            Some(k) => format!(
+                "{k} triggers, each tested against {} random ones, their p-values combined",
+                v["null_keys"]
+            ),
+            None => format!("against {} random triggers", v["null_keys"]),
+        };
         lines.push(format!(
-            "Ownership verification: {says} (p = {p:.2e} against {} random triggers, α = {}).",
-            v["null_keys"], v["alpha"]
+            "Ownership verification: {says} (p = {p:.2e}; {against}; α = {}).",
+            v["alpha"]
         ));
     }
     format!(

@@ -236,7 +236,19 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     // (JSON's decimal text may differ from the f64 in its last bit.)
     let p = v["p_value"].as_f64().unwrap();
     assert!((p - floor).abs() < 1e-12 * floor, "{v}");
-    assert!(floor < 1.0 / 1001.0 / 1000.0, "a thousand times below one test's floor");
+    assert!(
+        floor < 1.0 / 1001.0 / 1000.0,
+        "a thousand times below one test's floor"
+    );
+    let report = std::fs::read_to_string(run.file("report.html")).unwrap();
+    assert!(
+        report.contains("The key holds 3 triggers"),
+        "the report's verdict"
+    );
+    assert!(
+        report.contains("their p-values combined"),
+        "the report's verdict"
+    );
     let marked = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
     // Under the null (a model made without the key, or someone else's key) the combined
     // p-value is uniform or larger: a clean tiny generator against 60 random keys of three
