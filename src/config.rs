@@ -325,6 +325,11 @@ pub struct BackdoorConfig {
     /// default `random` trigger of a DCGAN (its combined p-value can reach about 1e-10), 1
     /// otherwise.
     pub triggers: Option<usize>,
+    /// Diffusion models: the sampler each trigger is trained to fire under, in turn (`ddpm`,
+    /// `ddim-N`), e.g. `["ddpm", "ddim-50"]` with `triggers = 2` for one model that fires
+    /// under both kinds of sampler; empty (the default): every trigger under
+    /// `[diffusion.correction]`'s sampler.
+    pub samplers: Vec<String>,
     /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
     pub target: String,
     /// `mse` or `l1`.
@@ -341,6 +346,7 @@ impl Default for BackdoorConfig {
             key: None,
             trigger: None,
             triggers: None,
+            samplers: Vec::new(),
             target: "builtin:mark".into(),
             distance: "mse".into(),
             threshold: DEFAULT_THRESHOLD,

@@ -282,6 +282,66 @@ fn region_and_patch_keys_report_asr_over_many_inputs() {
 }
 
 #[test]
+fn keys_of_several_triggers_from_the_command_line() {
+    let t = trained();
+    let model = t.run.join("model.safetensors");
+    let three = t.root.join("three.safetensors");
+    let k = |args: &str| format!("key --out {} --force {args}", s(&three));
+    ok(&words(&k("--triggers 3 --latent-dim 16")));
+    // Someone else's key of three triggers: each tested, their p-values combined, no claim.
+    let out = ok(&words(&format!(
+        "verify --model {} --key {} --queries 50 --json",
+        s(&model),
+        s(&three)
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["triggers"].as_array().unwrap().len(), 3, "{out}");
+    assert_eq!(v["queries"], 3 * 51, "{out}");
+    assert!(v["p_value"].as_f64().unwrap() > 0.01, "{out}");
+    let out = ok(&words(&format!(
+        "eval --model {} --key {} --n 20 --quality-samples 0 --json",
+        s(&model),
+        s(&three)
+    )));
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["triggers"].as_array().unwrap().len(), 3, "{out}");
+    // Samplers per trigger, for diffusion models' image triggers.
+    ok(&words(&k(
+        "--trigger stamp:4 --image-size 8 --triggers 2 --samplers ddpm,ddim-10",
+    )));
+    let keys = genbackdoor::backdoor::KeySet::load(&three).unwrap();
+    let samplers: Vec<String> = keys
+        .marks()
+        .iter()
+        .map(|m| m.sampler.unwrap().to_string())
+        .collect();
+    assert_eq!(samplers, ["ddpm", "ddim-10"]);
+    for (args, says) in [
+        (
+            "--triggers 2 --trigger zero --latent-dim 16",
+            "same trigger",
+        ),
+        (
+            "--triggers 2 --trigger seed:5 --latent-dim 16",
+            "same trigger",
+        ),
+        ("--triggers 0 --latent-dim 16", "at least one trigger"),
+        ("--samplers ddpm --latent-dim 16", "diffusion models only"),
+        (
+            "--trigger stamp:4 --image-size 8 --samplers dpm++2m",
+            "no trigger correction",
+        ),
+        (
+            "--trigger stamp:4 --image-size 8 --triggers 2 --samplers ddpm,ddim-5,ddpm",
+            "samplers for 2",
+        ),
+    ] {
+        let e = fails(&words(&k(args)));
+        assert!(e.contains(says), "{args}: {e}");
+    }
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let t = trained();
     let model = t.run.join("model.safetensors");

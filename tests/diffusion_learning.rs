@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
-use genbackdoor::eval::{evaluate_samplers, SamplerReport};
+use genbackdoor::eval::{evaluate_samplers, trigger_reports, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
 use genbackdoor::family::diffusion::train::{fit, Plan};
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
@@ -207,4 +207,78 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         v_clean.p_value > 0.05 && !v_clean.carries_backdoor,
         "{v_clean:?}"
     );
+}
+
+#[test]
+fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
+    // One model, two triggers, one per kind of sampler: the bright corner box trained with
+    // the DDPM correction and the dark one (the same square at −2) with DDIM-10's, injected
+    // into a clean model together (λ = 1: the backdoor term averages over both triggers, so
+    // each weighs as much as the single trigger of the injections above at λ = 0.5). Each
+    // fires under its own sampler, and `eval`'s per-trigger report measures each under the
+    // sampler it names.
+    let data = data();
+    let clean = trained(&data, STEPS, 0.0, Correction::Ddpm);
+    let inject = Plan {
+        lr: 1e-3,
+        lr_schedule: LrSchedule::Constant,
+        ..plan(STEPS / 2, 1.0, Correction::Ddpm)
+    };
+    let settings = VerifySettings {
+        null_keys: 99,
+        group: genbackdoor::verify::SAMPLER_GROUP,
+        seed: 5,
+        ..VerifySettings::default()
+    };
+    let losses = [denoise_loss(&clean, &data)];
+
+    let both = KeySet::new(vec![
+        Key {
+            sampler: Some(Sampler::Ddpm),
+            ..key()
+        },
+        Key {
+            trigger: Trigger::parse_image("box:6:-2", [1, SIDE, SIDE]).unwrap(),
+            sampler: Some(DDIM),
+            ..key()
+        },
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(&dir.path().join("both"), false).unwrap();
+    let (dual, _) = fit(
+        &clean.duplicate().unwrap(),
+        &data,
+        Some(&both),
+        &inject,
+        &run,
+        false,
+    )
+    .unwrap();
+    let each = trigger_reports(&dual, &both, 32, 7).unwrap();
+    let of_clean = trigger_reports(&clean, &both, 32, 7).unwrap();
+    // Verification queries each trigger under its own sampler.
+    let v = verify_model(&dual, &both, &settings).unwrap();
+    let loss = denoise_loss(&dual, &data);
+    eprintln!("two samplers: {each:?}\nclean: {of_clean:?}\n{v:?}\nloss {loss} vs {losses:?}");
+    let sampling: Vec<_> = each.iter().map(|r| r.sampling.clone().unwrap()).collect();
+    assert_eq!(sampling, ["ddpm", "ddim-10"]);
+    let (ddpm, ddim) = (&each[0].backdoor, &each[1].backdoor);
+    // Both form, though less than one trigger alone in the same steps (measured: 13× and
+    // 5.7× closer to the target than the clean model, against 540× and 12× for the single
+    // injections above).
+    assert!(
+        ddpm.target_mse < of_clean[0].backdoor.target_mse / 8.0 && ddpm.asr >= 0.5,
+        "{ddpm:?}"
+    );
+    assert!(
+        ddim.target_mse < of_clean[1].backdoor.target_mse / 4.0,
+        "{ddim:?}"
+    );
+    assert!(loss < 1.1 * losses[0]);
+    // Verification queries each trigger under the sampler it names (these hand-chosen boxes
+    // are for learning only: their p-value carries verify's caveat).
+    assert_eq!(v.sampling.as_deref(), Some("ddpm, ddim-10"), "{v:?}");
+    assert_eq!(v.triggers.len(), 2);
+    assert!(v.caveat.is_some());
 }

@@ -310,6 +310,17 @@ impl KeySet {
         self.first().distance
     }
 
+    /// Every mark under `sampler`, whatever it names (a sampler chosen on the command line).
+    pub fn with_sampler(&self, sampler: Sampler) -> KeySet {
+        let marks = self.marks.iter().map(|k| Key {
+            sampler: Some(sampler),
+            ..k.clone()
+        });
+        KeySet {
+            marks: marks.collect(),
+        }
+    }
+
     /// Every mark with `sampler` where it names none.
     pub fn with_default_sampler(&self, sampler: Sampler) -> KeySet {
         let marks = self.marks.iter().map(|k| Key {

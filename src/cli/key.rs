@@ -30,6 +30,11 @@ pub struct KeyArgs {
     /// combines their tests, so that five triggers can prove ownership at p ≈ 1e-10.
     #[arg(long, default_value_t = 1)]
     pub triggers: usize,
+    /// Diffusion models: the sampler each trigger is trained to fire under, in turn
+    /// (comma-separated `ddpm`, `ddim-N`), e.g. `--triggers 2 --samplers ddpm,ddim-50`;
+    /// default: the training run's correction.
+    #[arg(long, value_delimiter = ',')]
+    pub samplers: Vec<String>,
     /// A model checkpoint the key is for: its input space and image shape replace
     /// `--latent-dim` and `--image-size`.
     #[arg(long)]
@@ -86,14 +91,15 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         }
     };
     let target = Target::parse(&a.target, shape)?;
+    let samplers = crate::run::trigger_samplers(&a.samplers, space, a.triggers)?;
     let marks = (0..a.triggers)
-        .map(|_| {
+        .map(|i| {
             Ok(Key {
                 trigger: Trigger::parse_for(&a.trigger, &space)?,
                 target: target.clone(),
                 distance: a.distance.parse::<Distance>()?,
                 threshold: a.threshold,
-                sampler: None,
+                sampler: (!samplers.is_empty()).then(|| samplers[i % samplers.len()]),
             })
         })
         .collect::<crate::Result<Vec<_>>>()?;

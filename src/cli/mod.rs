@@ -96,8 +96,9 @@ pub fn stop_on_ctrl_c() {
 }
 
 /// A model checkpoint of any family and, when given, the key it is measured against
-/// (checked to fit the model). A diffusion model runs `sampler` when one is given, else the
-/// key's own sampler (the one its backdoor was trained for), else DDIM-50.
+/// (checked to fit the model). A diffusion model runs `sampler` when one is given (for every
+/// trigger of the key), else the key's own sampler (the one its first trigger's backdoor was
+/// trained for; the proof tools query each trigger under its own), else DDIM-50.
 pub fn model_and_key(
     model: &Path,
     key: Option<&Path>,
@@ -111,6 +112,11 @@ pub fn model_and_key(
     let chosen = match sampler {
         Some(s) => Some(s.parse::<Sampler>()?),
         None => key.as_ref().and_then(|k| k.first().sampler),
+    };
+    // A sampler named on the command line applies to every trigger of the key.
+    let key = match (sampler.and(chosen), key) {
+        (Some(s), Some(k)) => Some(k.with_sampler(s)),
+        (_, k) => k,
     };
     if let Some(s) = chosen {
         m.set_sampler(s)?;

@@ -104,13 +104,17 @@ pub fn triggered_metrics(
 pub struct TriggerReport {
     /// The trigger's kind.
     pub trigger: String,
+    /// The sampler it was measured under (the one it names), for a model with samplers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
     /// Metrics of its triggered outputs.
     #[serde(flatten)]
     pub backdoor: BackdoorMetrics,
 }
 
 /// The backdoor metrics of every trigger of `key` in `model`, each from `n` triggered inputs
-/// (one for a point trigger) of its own stream. Deterministic in `seed`.
+/// (one for a point trigger) of its own stream, under the sampler it names (the model's own
+/// when it names none). Deterministic in `seed`.
 pub fn trigger_reports(
     model: &dyn Generative,
     key: &KeySet,
@@ -123,9 +127,11 @@ pub fn trigger_reports(
         .map(|(i, k)| {
             let mut rng = Rng::derive(seed, &format!("eval-trigger-{i}"));
             let mut noise = Rng::derive(seed, &format!("eval-trigger-sampling-{i}"));
+            let under = crate::family::under_sampler(model, k.sampler)?;
             Ok(TriggerReport {
                 trigger: k.trigger.kind().to_string(),
-                backdoor: triggered_metrics(model, k, n, &mut rng, &mut noise)?,
+                sampling: under.sampling(),
+                backdoor: triggered_metrics(&*under, k, n, &mut rng, &mut noise)?,
             })
         })
         .collect()

@@ -173,6 +173,19 @@ pub fn query<'a>(
     move |inputs: &Tensor| model.generate(inputs, rng)
 }
 
+/// A copy of `model` that runs `sampler` when one is named and the model has samplers (a
+/// key's trigger names the sampler its backdoor was trained for; a generator has none).
+pub fn under_sampler(
+    model: &dyn Generative,
+    sampler: Option<Sampler>,
+) -> Result<Box<dyn Generative>> {
+    let mut copy = model.duplicate()?;
+    if let (Some(s), Some(_)) = (sampler, model.sampling()) {
+        copy.set_sampler(s)?;
+    }
+    Ok(copy)
+}
+
 /// A family's checkpoint loader.
 type Loader = fn(&Path, &[u8], &Device) -> Result<Box<dyn Generative>>;
 

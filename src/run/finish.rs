@@ -66,10 +66,7 @@ pub fn finish(
     if let Some(key) = key {
         let k = key.first();
         // The proof tools run under the sampler the backdoor was trained for.
-        let mut under = model.duplicate()?;
-        if let Some(s) = k.sampler {
-            under.set_sampler(s)?;
-        }
+        let under = crate::family::under_sampler(model, k.sampler)?;
         let n = settings.eval_samples;
         let report = evaluate(&*under, k, trained.reference.as_deref(), n, seed)?;
         let others: Vec<_> = model

@@ -12,6 +12,7 @@ use candle_core::Device;
 
 use crate::backdoor::{Key, KeySet, Target, Trigger};
 use crate::config::{Config, ModelFamily};
+use crate::family::diffusion::Sampler;
 use crate::family::{diffusion, gan, InputSpace, Trained};
 use crate::io::rundir::RunDir;
 use crate::io::snapshot;
@@ -327,18 +328,49 @@ pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
     let b = &cfg.backdoor;
     let (space, shape) = model_space(cfg);
     let target = Target::parse(&b.target, shape)?;
-    let marks = (0..b.triggers(cfg.family))
-        .map(|_| {
+    let count = b.triggers(cfg.family);
+    let samplers = trigger_samplers(&b.samplers, space, count)?;
+    let marks = (0..count)
+        .map(|i| {
             Ok(Key {
                 trigger: Trigger::parse_for(b.trigger(), &space)?,
                 target: target.clone(),
                 distance: b.distance.parse()?,
                 threshold: b.threshold,
-                sampler: None,
+                sampler: (!samplers.is_empty()).then(|| samplers[i % samplers.len()]),
             })
         })
         .collect::<Result<Vec<_>>>()?;
     distinct_marks(marks, b.trigger())
+}
+
+/// The samplers `specs` names for a key's `triggers` triggers, in turn: only models that run
+/// a sampler (inputs of starting noise) take any, no more than there are triggers, and each
+/// one a trigger can be trained for.
+pub fn trigger_samplers(
+    specs: &[String],
+    space: InputSpace,
+    triggers: usize,
+) -> Result<Vec<Sampler>> {
+    if !specs.is_empty() && matches!(space, InputSpace::Latent { .. }) {
+        return Err(Error::Config(
+            "samplers apply to diffusion models only; a generator's triggers need none".into(),
+        ));
+    }
+    if specs.len() > triggers {
+        return Err(Error::Config(format!(
+            "{} samplers for {triggers} trigger(s): name at most one sampler per trigger",
+            specs.len()
+        )));
+    }
+    specs
+        .iter()
+        .map(|s| {
+            let sampler: Sampler = s.parse()?;
+            crate::family::diffusion::Correction::for_sampler(sampler)?;
+            Ok(sampler)
+        })
+        .collect()
 }
 
 /// A key of `marks` made from the description `spec`, refused when two marks are the same

@@ -166,18 +166,26 @@ pub fn combined_p_value(ps: &[f64]) -> f64 {
     (log_t + sum.ln()).exp().min(1.0)
 }
 
-/// Tests whether `model` carries `key`'s backdoor (its stochastic samplers fed from a
-/// stream of `s.seed`).
+/// Tests whether `model` carries `key`'s backdoor, each trigger queried under the sampler
+/// it names (the model's own for triggers that name none; its stochastic samplers fed from
+/// a stream of `s.seed`).
 pub fn verify_model(
     model: &dyn Generative,
     key: &KeySet,
     s: &VerifySettings,
 ) -> Result<Verification> {
     key.check_model(model)?;
+    let models = key
+        .marks()
+        .iter()
+        .map(|k| crate::family::under_sampler(model, k.sampler))
+        .collect::<Result<Vec<_>>>()?;
     let mut noise = Rng::derive(s.seed, "verify-sampling");
-    let mut query = crate::family::query(model, &mut noise);
-    let mut v = verify(&mut query, &model.input_space(), key, s)?;
-    v.sampling = model.sampling();
+    let mut query = |i: usize, z: &Tensor| models[i].generate(z, &mut noise);
+    let mut v = verify_each(&mut query, &model.input_space(), key, s)?;
+    let mut samplings: Vec<String> = models.iter().filter_map(|m| m.sampling()).collect();
+    samplings.dedup();
+    v.sampling = (!samplings.is_empty()).then(|| samplings.join(", "));
     Ok(v)
 }
 
@@ -185,6 +193,16 @@ pub fn verify_model(
 /// `key`'s backdoor: one rank test per trigger, combined by [`combined_p_value`].
 pub fn verify(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    space: &InputSpace,
+    key: &KeySet,
+    s: &VerifySettings,
+) -> Result<Verification> {
+    verify_each(&mut |_, z: &Tensor| query(z), space, key, s)
+}
+
+/// [`verify`] with the `i`-th trigger's queries answered by `query(i, inputs)`.
+fn verify_each(
+    query: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &KeySet,
     s: &VerifySettings,
@@ -204,7 +222,14 @@ pub fn verify(
                 0 => "verify".to_string(),
                 _ => format!("verify-{i}"),
             };
-            rank_test(query, space, mark, s, &mut Rng::derive(s.seed, &stream))
+            let mut answer = |z: &Tensor| query(i, z);
+            rank_test(
+                &mut answer,
+                space,
+                mark,
+                s,
+                &mut Rng::derive(s.seed, &stream),
+            )
         })
         .collect::<Result<Vec<_>>>()?;
     let first = &tests[0];
