@@ -74,6 +74,12 @@ pub fn flatten(prefix: &str, v: &serde_json::Value, rows: &mut Vec<(String, Stri
         serde_json::Value::Array(a) if a.len() > 10 => {
             rows.push((prefix.into(), format!("[{} values]", a.len())))
         }
+        // A list of records (a key's triggers): a row per field of each, numbered from 1.
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {
+            for (i, x) in a.iter().enumerate() {
+                flatten(&format!("{prefix}.{}", i + 1), x, rows);
+            }
+        }
         serde_json::Value::Number(n) => {
             let text = match n.as_f64() {
                 Some(f) if n.is_f64() && f != 0.0 && f.abs() < 1e-3 => format!("{f:.4e}"),
@@ -466,4 +472,20 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let out = run.join(REPORT);
     crate::io::atomic::write_atomic(&out, html.as_bytes())?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flattened_rows_number_the_records_of_a_list() {
+        let v = serde_json::json!({"triggers": [{"asr": 1.0}, {"asr": 0.5}], "x": [1, 2]});
+        let mut rows = Vec::new();
+        flatten("", &v, &mut rows);
+        let keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["triggers.1.asr", "triggers.2.asr", "x"]);
+        assert_eq!(rows[1].1, "0.500000");
+        assert_eq!(rows[2].1, "[1,2]");
+    }
 }
