@@ -312,19 +312,18 @@ impl KeySet {
 
     /// Every mark under `sampler`, whatever it names (a sampler chosen on the command line).
     pub fn with_sampler(&self, sampler: Sampler) -> KeySet {
-        let marks = self.marks.iter().map(|k| Key {
-            sampler: Some(sampler),
-            ..k.clone()
-        });
-        KeySet {
-            marks: marks.collect(),
-        }
+        self.map_samplers(|_| Some(sampler))
     }
 
     /// Every mark with `sampler` where it names none.
     pub fn with_default_sampler(&self, sampler: Sampler) -> KeySet {
+        self.map_samplers(|own| own.or(Some(sampler)))
+    }
+
+    /// The key with each mark's sampler replaced by `f` of it.
+    fn map_samplers(&self, f: impl Fn(Option<Sampler>) -> Option<Sampler>) -> KeySet {
         let marks = self.marks.iter().map(|k| Key {
-            sampler: k.sampler.or(Some(sampler)),
+            sampler: f(k.sampler),
             ..k.clone()
         });
         KeySet {
@@ -386,6 +385,86 @@ impl KeySet {
             }
         };
         KeySet::new(marks).map_err(|e| Error::format(path, e.to_string()))
+    }
+}
+
+/// How a new key is drawn: the descriptions `genbackdoor key` takes on its command line and a
+/// config's `[backdoor]` section holds.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRecipe<'a> {
+    /// Trigger description (see `genbackdoor key --help`), drawn anew for each trigger.
+    pub trigger: &'a str,
+    /// How many triggers the key holds.
+    pub triggers: usize,
+    /// Diffusion models: the sampler each trigger is trained for, in turn (`ddpm`, `ddim-N`);
+    /// empty: none named.
+    pub samplers: &'a [String],
+    /// Target description.
+    pub target: &'a str,
+    /// Distance description (`mse`, `l1`).
+    pub distance: &'a str,
+    /// `target_mse` under which an output counts as a hit.
+    pub threshold: f64,
+}
+
+impl KeyRecipe<'_> {
+    /// Draws the key for models with inputs in `space` and outputs of `shape`. Refused: more
+    /// samplers than triggers, samplers for a generator or ones no trigger correction is
+    /// derived for, and several triggers from a description that makes the same one every
+    /// time (`zero`, `seed:S`).
+    pub fn draw(&self, space: InputSpace, shape: [usize; 3]) -> Result<KeySet> {
+        let target = Target::parse(self.target, shape)?;
+        let distance: Distance = self.distance.parse()?;
+        let samplers = self.samplers(space)?;
+        let marks = (0..self.triggers)
+            .map(|i| {
+                Ok(Key {
+                    trigger: Trigger::parse_for(self.trigger, &space)?,
+                    target: target.clone(),
+                    distance,
+                    threshold: self.threshold,
+                    sampler: (!samplers.is_empty()).then(|| samplers[i % samplers.len()]),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, a) in marks.iter().enumerate() {
+            if marks[..i].iter().any(|b| b.trigger == a.trigger) {
+                return Err(Error::Config(format!(
+                    "the trigger '{}' makes the same trigger every time, so a key cannot hold \
+                     {} of them; use `random` for several triggers",
+                    self.trigger,
+                    marks.len()
+                )));
+            }
+        }
+        KeySet::new(marks)
+    }
+
+    /// The samplers named for the triggers: only models that run a sampler (inputs of starting
+    /// noise) take any, no more than there are triggers, and each one a trigger can be
+    /// trained for.
+    fn samplers(&self, space: InputSpace) -> Result<Vec<Sampler>> {
+        let specs = self.samplers;
+        if !specs.is_empty() && matches!(space, InputSpace::Latent { .. }) {
+            return Err(Error::Config(
+                "samplers apply to diffusion models only; a generator's triggers need none".into(),
+            ));
+        }
+        if specs.len() > self.triggers {
+            return Err(Error::Config(format!(
+                "{} samplers for {} trigger(s): name at most one sampler per trigger",
+                specs.len(),
+                self.triggers
+            )));
+        }
+        specs
+            .iter()
+            .map(|s| {
+                let sampler: Sampler = s.parse()?;
+                crate::family::diffusion::Correction::for_sampler(sampler)?;
+                Ok(sampler)
+            })
+            .collect()
     }
 }
 

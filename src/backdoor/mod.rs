@@ -10,7 +10,7 @@ pub mod target;
 pub mod trigger;
 
 pub use distance::Distance;
-pub use key::{Key, KeySet};
+pub use key::{Key, KeyRecipe, KeySet};
 pub use objective::{Family, Objective, Terms};
 pub use target::Target;
 pub use trigger::Trigger;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::backdoor::{Distance, Key, Target, Trigger};
+use crate::backdoor::{KeyRecipe, Trigger};
 use crate::family::InputSpace;
 
 /// Arguments of `key`.
@@ -90,20 +90,15 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
             (space, shape)
         }
     };
-    let target = Target::parse(&a.target, shape)?;
-    let samplers = crate::run::trigger_samplers(&a.samplers, space, a.triggers)?;
-    let marks = (0..a.triggers)
-        .map(|i| {
-            Ok(Key {
-                trigger: Trigger::parse_for(&a.trigger, &space)?,
-                target: target.clone(),
-                distance: a.distance.parse::<Distance>()?,
-                threshold: a.threshold,
-                sampler: (!samplers.is_empty()).then(|| samplers[i % samplers.len()]),
-            })
-        })
-        .collect::<crate::Result<Vec<_>>>()?;
-    let key = crate::run::distinct_marks(marks, &a.trigger)?;
+    let key = KeyRecipe {
+        trigger: &a.trigger,
+        triggers: a.triggers,
+        samplers: &a.samplers,
+        target: &a.target,
+        distance: &a.distance,
+        threshold: a.threshold,
+    }
+    .draw(space, shape)?;
     key.save(&a.out)?;
     say!(
         "key written to {} ({} {} trigger{}, target {:?}); keep it secret",
@@ -111,7 +106,7 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         a.triggers,
         key.first().trigger.kind(),
         if a.triggers == 1 { "" } else { "s" },
-        target.shape
+        key.first().target.shape
     );
     Ok(())
 }

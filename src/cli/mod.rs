@@ -109,15 +109,13 @@ pub fn model_and_key(
     if let Some(k) = &key {
         k.check_model(m.as_ref())?;
     }
-    let chosen = match sampler {
-        Some(s) => Some(s.parse::<Sampler>()?),
-        None => key.as_ref().and_then(|k| k.first().sampler),
-    };
+    let named = sampler.map(str::parse::<Sampler>).transpose()?;
     // A sampler named on the command line applies to every trigger of the key.
-    let key = match (sampler.and(chosen), key) {
+    let key = match (named, key) {
         (Some(s), Some(k)) => Some(k.with_sampler(s)),
         (_, k) => k,
     };
+    let chosen = named.or_else(|| key.as_ref().and_then(|k| k.first().sampler));
     if let Some(s) = chosen {
         m.set_sampler(s)?;
     }

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use crate::backdoor::{Key, KeySet, Target, Trigger};
+use crate::backdoor::{KeyRecipe, KeySet};
 use crate::config::{Config, ModelFamily};
-use crate::family::diffusion::Sampler;
 use crate::family::{diffusion, gan, InputSpace, Trained};
 use crate::io::rundir::RunDir;
 use crate::io::snapshot;
@@ -327,69 +326,21 @@ pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
     }
     let b = &cfg.backdoor;
     let (space, shape) = model_space(cfg);
-    let target = Target::parse(&b.target, shape)?;
-    let count = b.triggers(cfg.family);
-    let samplers = trigger_samplers(&b.samplers, space, count)?;
-    let marks = (0..count)
-        .map(|i| {
-            Ok(Key {
-                trigger: Trigger::parse_for(b.trigger(), &space)?,
-                target: target.clone(),
-                distance: b.distance.parse()?,
-                threshold: b.threshold,
-                sampler: (!samplers.is_empty()).then(|| samplers[i % samplers.len()]),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    distinct_marks(marks, b.trigger())
-}
-
-/// The samplers `specs` names for a key's `triggers` triggers, in turn: only models that run
-/// a sampler (inputs of starting noise) take any, no more than there are triggers, and each
-/// one a trigger can be trained for.
-pub fn trigger_samplers(
-    specs: &[String],
-    space: InputSpace,
-    triggers: usize,
-) -> Result<Vec<Sampler>> {
-    if !specs.is_empty() && matches!(space, InputSpace::Latent { .. }) {
-        return Err(Error::Config(
-            "samplers apply to diffusion models only; a generator's triggers need none".into(),
-        ));
+    KeyRecipe {
+        trigger: b.trigger(),
+        triggers: b.triggers(cfg.family),
+        samplers: &b.samplers,
+        target: &b.target,
+        distance: &b.distance,
+        threshold: b.threshold,
     }
-    if specs.len() > triggers {
-        return Err(Error::Config(format!(
-            "{} samplers for {triggers} trigger(s): name at most one sampler per trigger",
-            specs.len()
-        )));
-    }
-    specs
-        .iter()
-        .map(|s| {
-            let sampler: Sampler = s.parse()?;
-            crate::family::diffusion::Correction::for_sampler(sampler)?;
-            Ok(sampler)
-        })
-        .collect()
-}
-
-/// A key of `marks` made from the description `spec`, refused when two marks are the same
-/// trigger (a fixed description such as `zero` or `seed:S` cannot make several).
-pub fn distinct_marks(marks: Vec<Key>, spec: &str) -> Result<KeySet> {
-    for (i, a) in marks.iter().enumerate() {
-        if marks[..i].iter().any(|b| b.trigger == a.trigger) {
-            return Err(Error::Config(format!(
-                "the trigger '{spec}' makes the same trigger every time, so a key cannot hold                  {} of them; use `random` for several triggers",
-                marks.len()
-            )));
-        }
-    }
-    KeySet::new(marks)
+    .draw(space, shape)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backdoor::{Key, Trigger};
 
     fn diffusion_config() -> Config {
         Config {
