@@ -255,8 +255,8 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
         false,
     )
     .unwrap();
-    let each = trigger_reports(&dual, &both, 32, 7).unwrap();
-    let of_clean = trigger_reports(&clean, &both, 32, 7).unwrap();
+    let each = trigger_reports(&dual, &both, &[], 32, 7).unwrap();
+    let of_clean = trigger_reports(&clean, &both, &[], 32, 7).unwrap();
     // Verification queries each trigger under its own sampler.
     let v = verify_model(&dual, &both, &settings).unwrap();
     let loss = denoise_loss(&dual, &data);

@@ -100,9 +100,18 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     assert!(m.backdoor.target_mse < c.backdoor.target_mse / 50.0);
     assert_eq!(m.backdoor.asr, 1.0);
     // Every trigger of the default key fires, not only the first.
-    let each = genbackdoor::eval::trigger_reports(marked.as_ref(), &keys, 1, 5).unwrap();
+    let each = genbackdoor::eval::trigger_reports(marked.as_ref(), &keys, &[], 1, 5).unwrap();
     assert_eq!(each.len(), keys.marks().len());
     assert!(each.iter().all(|t| t.backdoor.asr == 1.0), "{each:?}");
+    // The first trigger's entry draws `evaluate`'s inputs (same numbers), and is taken from
+    // `evaluate`'s report when one is given instead of measured again.
+    assert_eq!(each[0].backdoor.target_mse, m.backdoor.target_mse);
+    let mut known = m.clone();
+    known.backdoor.target_mse = -1.0;
+    let reused = genbackdoor::eval::trigger_reports(marked.as_ref(), &keys, &[known], 1, 5);
+    let reused = reused.unwrap();
+    assert_eq!(reused[0].backdoor.target_mse, -1.0);
+    assert_eq!(reused[1].backdoor.target_mse, each[1].backdoor.target_mse);
     assert_eq!(m.clean_hit_rate, 0.0);
     // The clean behaviour is kept: both models draw the data's colours.
     let (mm, cm) = (

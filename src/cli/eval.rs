@@ -82,26 +82,28 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         let first = key.first();
         let measure =
             |m: &dyn crate::family::Generative| evaluate(m, first, reference.as_deref(), n, a.seed);
+        // One report per sampler, the first under the sampler already set (flag or key).
+        let mut reports = vec![measure(model.as_ref())?];
+        for s in samplers.get(1..).unwrap_or(&[]) {
+            model.set_sampler(*s)?;
+            reports.push(measure(model.as_ref())?);
+        }
+        if key.marks().len() > 1 {
+            let each = trigger_reports(model.as_ref(), key, &reports, n, a.seed)?;
+            v["triggers"] = serde_json::to_value(each)?;
+        }
         if model.sampling().is_none() {
-            let report = serde_json::to_value(measure(model.as_ref())?)?;
+            let report = serde_json::to_value(&reports[0])?;
             if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), report) {
                 o.extend(r);
             }
         } else {
-            // One report per sampler, the first under the sampler already set (flag or key).
-            let mut reports = serde_json::Map::new();
-            let others = samplers.get(1..).unwrap_or(&[]);
-            for s in std::iter::once(None).chain(others.iter().map(Some)) {
-                if let Some(s) = s {
-                    model.set_sampler(*s)?;
-                }
-                let name = model.sampling().expect("a diffusion model has a sampler");
-                reports.insert(name, serde_json::to_value(measure(model.as_ref())?)?);
+            let mut by_sampler = serde_json::Map::new();
+            for r in &reports {
+                let name = r.sampling.clone().expect("a diffusion model has a sampler");
+                by_sampler.insert(name, serde_json::to_value(r)?);
             }
-            v["samplers"] = serde_json::Value::Object(reports);
-        }
-        if key.marks().len() > 1 {
-            v["triggers"] = serde_json::to_value(trigger_reports(model.as_ref(), key, n, a.seed)?)?;
+            v["samplers"] = serde_json::Value::Object(by_sampler);
         }
     }
     if a.json {

@@ -85,15 +85,15 @@ pub fn finish(
                 serde_json::to_value(samplers).expect("serialisable"),
             );
         }
-        if let serde_json::Value::Object(m) = serde_json::to_value(report).expect("serialisable") {
-            obj.extend(m);
-        }
         if key.marks().len() > 1 {
-            let each = trigger_reports(&*under, key, n, seed)?;
+            let each = trigger_reports(&*under, key, std::slice::from_ref(&report), n, seed)?;
             obj.insert(
                 "triggers".into(),
                 serde_json::to_value(each).expect("serialisable"),
             );
+        }
+        if let serde_json::Value::Object(m) = serde_json::to_value(report).expect("serialisable") {
+            obj.extend(m);
         }
         let settings = VerifySettings {
             seed,
