@@ -77,8 +77,8 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
         v.null_keys
     );
     say!(
-        "  p (log-normal)   {:.3e} (tail estimate, informative only)",
-        v.p_value_lognormal
+        "  p (log-normal)   10^{:.1} (tail estimate, informative only)",
+        v.log10_p_lognormal
     );
     if let Some(s) = &v.sampling {
         say!("  sampler          {s}");

@@ -13,8 +13,9 @@
 //! **p-value.** `(1 + #{null statistics ≤ observed}) / (null_keys + 1)`: exact (valid at every
 //! sample size, no distributional assumption) under the null, and never below
 //! `1 / (null_keys + 1)`. A parametric tail estimate, fitting a normal to the logarithms of
-//! the null statistics, is reported beside it to say how far beyond the null the observation
-//! lies; it rests on that log-normal assumption and does not decide the verdict.
+//! the null statistics, is reported beside it (as its base-10 logarithm, which stays finite
+//! where the estimate itself is below the smallest double) to say how far beyond the null the
+//! observation lies; it rests on that log-normal assumption and does not decide the verdict.
 //! Hand-chosen triggers (`zero`, a `box`, PNG or blend pattern, a fixed `npy:` file) break
 //! the exchangeability assumption. The default keys' triggers (`random`: a N(0, I) latent, or
 //! a random stamp for diffusion models) are drawn by exactly the procedure the null redraws.
@@ -106,8 +107,9 @@ pub struct Verification {
     pub queries: usize,
     /// The exact p-value: the rank test's, or for several triggers their combination.
     pub p_value: f64,
-    /// The parametric (log-normal tail) estimate, combined alike; informative only.
-    pub p_value_lognormal: f64,
+    /// log10 of the parametric (log-normal tail) estimate of p, combined alike; informative
+    /// only.
+    pub log10_p_lognormal: f64,
     /// The significance level.
     pub alpha: f64,
     /// How the model made its images (a diffusion model's sampler), when there is a choice.
@@ -136,15 +138,22 @@ pub struct TriggerTest {
     pub null_median: f64,
     /// Its exact rank p-value.
     pub p_value: f64,
-    /// Its log-normal tail estimate.
-    pub p_value_lognormal: f64,
+    /// log10 of its log-normal tail estimate of p.
+    pub log10_p_lognormal: f64,
     /// Model queries it made.
     pub queries: usize,
 }
 
-/// Standard normal lower tail.
-fn normal_cdf(x: f64) -> f64 {
-    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+/// Natural logarithm of the standard normal lower tail Φ(x), finite far into the tail
+/// (where Φ itself underflows: below x ≈ −38) through its asymptotic series.
+fn ln_normal_cdf(x: f64) -> f64 {
+    if x > -30.0 {
+        (0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)).ln()
+    } else {
+        let x2 = x * x;
+        -x2 / 2.0 - (-x).ln() - 0.5 * (2.0 * std::f64::consts::PI).ln()
+            + (1.0 - 1.0 / x2 + 3.0 / (x2 * x2)).ln()
+    }
 }
 
 /// The combined p-value of independent p-values `ps`, each valid (`P(p ≤ x) ≤ x` under the
@@ -154,16 +163,23 @@ pub fn combined_p_value(ps: &[f64]) -> f64 {
     if let [p] = ps {
         return p.clamp(0.0, 1.0);
     }
-    let log_t: f64 = ps.iter().map(|p| p.clamp(0.0, 1.0).ln()).sum();
-    if log_t == f64::NEG_INFINITY {
-        return 0.0;
+    let logs: Vec<f64> = ps.iter().map(|p| p.clamp(0.0, 1.0).ln()).collect();
+    combined_ln_p_value(&logs).exp()
+}
+
+/// [`combined_p_value`] in natural logarithms: of p-values given by their logarithms
+/// `ln_ps` (each ≤ 0), the logarithm of the combined p-value.
+pub fn combined_ln_p_value(ln_ps: &[f64]) -> f64 {
+    let log_t: f64 = ln_ps.iter().map(|l| l.min(0.0)).sum();
+    if ln_ps.len() == 1 || log_t == f64::NEG_INFINITY {
+        return log_t;
     }
     let (mut term, mut sum) = (1.0, 1.0);
-    for j in 1..ps.len() {
+    for j in 1..ln_ps.len() {
         term *= -log_t / j as f64;
         sum += term;
     }
-    (log_t + sum.ln()).exp().min(1.0)
+    (log_t + sum.ln()).min(0.0)
 }
 
 /// Tests whether `model` carries `key`'s backdoor, each trigger queried under the sampler
@@ -264,7 +280,12 @@ fn verify_each(
         null_keys: s.null_keys,
         queries: tests.iter().map(|t| t.queries).sum(),
         p_value,
-        p_value_lognormal: combine(|t| t.p_value_lognormal),
+        log10_p_lognormal: combined_ln_p_value(
+            &tests
+                .iter()
+                .map(|t| t.log10_p_lognormal * std::f64::consts::LN_10)
+                .collect::<Vec<_>>(),
+        ) / std::f64::consts::LN_10,
         alpha: s.alpha,
         sampling: None,
         carries_backdoor: p_value <= s.alpha,
@@ -311,7 +332,7 @@ fn rank_test(
         null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
         null_median: median(&mut null.to_vec()),
         p_value: (1 + at_most) as f64 / (null.len() + 1) as f64,
-        p_value_lognormal: normal_cdf(z),
+        log10_p_lognormal: ln_normal_cdf(z) / std::f64::consts::LN_10,
         queries: triggers.len() * m,
     })
 }
@@ -421,6 +442,25 @@ mod tests {
         };
         assert!(verify(&mut toy(None), &SPACE, &k, &bad).is_err());
         assert!(verify(&mut toy(None), &InputSpace::Latent { dim: 3 }, &k, &s).is_err());
+    }
+
+    #[test]
+    fn the_log_normal_tail_stays_finite_beyond_where_the_tail_underflows() {
+        // Where erfc still resolves the tail, the asymptotic series agrees with it.
+        for x in [-31.0, -33.5, -36.0, -37.5] {
+            let exact = (0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)).ln();
+            assert!((ln_normal_cdf(x) - exact).abs() < 1e-7, "{x}");
+        }
+        assert!((ln_normal_cdf(0.0) - 0.5f64.ln()).abs() < 1e-15);
+        // Φ(−40) ≈ 3.66e-350 underflows a double; its logarithm does not.
+        assert_eq!(0.5 * libm::erfc(40.0 / std::f64::consts::SQRT_2), 0.0);
+        let l = ln_normal_cdf(-40.0) / std::f64::consts::LN_10;
+        assert!((-349.44..-349.43).contains(&l), "{l}");
+        // Combined in logarithms as the p-values are.
+        let ps = [0.02, 0.3, 1e-4];
+        let ln: Vec<f64> = ps.iter().map(|p: &f64| p.ln()).collect();
+        assert!((combined_ln_p_value(&ln).exp() - combined_p_value(&ps)).abs() < 1e-15);
+        assert!(combined_ln_p_value(&[-800.0, -900.0]).is_finite());
     }
 
     #[test]
