@@ -440,13 +440,32 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&flipped_key, &k).unwrap();
     fails(&["eval", "--model", s(&model), "--key", s(&flipped_key)]);
 
-    // A checkpoint whose tensor has the wrong dtype, another with a wrong shape.
+    // `--resume` of a folder that holds no run, and of one with a config but no checkpoint.
+    let empty = t.root.join("empty-run");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = fails(&["train", "--resume", s(&empty)]);
+    assert!(e.contains("empty-run") && e.contains("not a run folder"), "{e}");
+    std::fs::copy(t.run.join("config.toml"), empty.join("config.toml")).unwrap();
+    let e = fails(&["train", "--resume", s(&empty)]);
+    assert!(e.contains("checkpoint"), "{e}");
+
+    // Checkpoints whose tensor has the wrong dtype or shape, NaN or infinite weights, or
+    // negative BatchNorm variances: each refused by the tensor's name and what is wrong.
     let file =
         genbackdoor::io::tensorfile::load(&model, "model", &candle_core::Device::Cpu).unwrap();
     type Break = fn(&candle_core::Tensor) -> candle_core::Tensor;
     let to_f64: Break = |t| t.to_dtype(candle_core::DType::F64).unwrap();
     let shorten: Break = |t| t.narrow(0, 0, 1).unwrap();
-    for (name, broken) in [("fc.weight", to_f64), ("bn1.weight", shorten)] {
+    let nan: Break = |t| t.affine(1.0, f64::NAN).unwrap();
+    let inf: Break = |t| t.affine(1.0, f64::INFINITY).unwrap();
+    let negative: Break = |t| t.affine(-1.0, -0.1).unwrap();
+    for (name, broken, why) in [
+        ("fc.weight", to_f64, "F64"),
+        ("bn1.weight", shorten, "needs"),
+        ("fc.weight", nan, "NaN or infinite"),
+        ("bn2.bias", inf, "NaN or infinite"),
+        ("bn1.running_var", negative, "negative variances"),
+    ] {
         let mut tensors: Vec<(String, candle_core::Tensor)> = file
             .tensors
             .iter()
@@ -463,7 +482,7 @@ fn bad_input_gives_clear_errors() {
         let p = t.root.join(format!("broken-{name}.safetensors"));
         genbackdoor::io::tensorfile::save(&p, "model", &tensors, meta).unwrap();
         let e = fails(&["eval", "--model", s(&p), "--key", s(&t.key)]);
-        assert!(e.contains(name), "{e}");
+        assert!(e.contains(name) && e.contains(why), "{e}");
     }
 
     // Target images: not a PNG, and a PNG of the wrong size.

@@ -565,6 +565,89 @@ mod tests {
         }
     }
 
+    /// One value of a key file replaced.
+    enum Change {
+        Tensor(&'static str, Tensor),
+        Field(&'static str, &'static str),
+    }
+
+    /// Writes the key of trigger `spec` to `p`, checks that it loads, applies `change` to
+    /// the file and returns the error loading it gives.
+    fn refusal(p: &Path, spec: &str, change: Change) -> String {
+        let trigger = match spec.starts_with("stamp") {
+            true => Trigger::parse_image(spec, [1, 8, 8]).unwrap(),
+            false => Trigger::parse(spec, 10).unwrap(),
+        };
+        Key {
+            trigger,
+            ..key("zero")
+        }
+        .save(p)
+        .unwrap();
+        assert!(KeySet::load(p).is_ok(), "{spec}: the untouched key loads");
+        let f = tensorfile::load(p, KEY_FORMAT, &Device::Cpu).unwrap();
+        let (mut tensors, mut meta) = (f.tensors, f.meta);
+        match change {
+            Change::Tensor(name, t) => _ = tensors.insert(name.into(), t),
+            Change::Field(name, v) => _ = meta.insert(name.into(), v.into()),
+        }
+        let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        tensorfile::save(p, KEY_FORMAT, &tensors, meta).unwrap();
+        KeySet::load(p).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn key_files_with_values_no_key_can_have_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.safetensors");
+        let dev = Device::Cpu;
+        let mut point = vec![0f32; 10];
+        point[1] = f32::NAN;
+        let nan_point = Tensor::new(point.as_slice(), &dev).unwrap();
+        let mut image = vec![0f32; 64];
+        image[9] = f32::INFINITY;
+        let image = Tensor::from_vec(image, (1, 8, 8), &dev).unwrap();
+        let full = |v: f32| Tensor::full(v, (1, 8, 8), &dev).unwrap();
+        let cases = [
+            (
+                "seed:1",
+                Change::Tensor("trigger.point", nan_point.clone()),
+                "NaN",
+            ),
+            (
+                "region:0.5:seed:1",
+                Change::Tensor("trigger.point", nan_point),
+                "NaN",
+            ),
+            ("stamp:3:5", Change::Tensor("trigger.image", image), "NaN"),
+            (
+                "seed:1",
+                Change::Tensor("target", full(1.5)),
+                "pixels must lie in [-1, 1]",
+            ),
+            (
+                "seed:1",
+                Change::Tensor("target", full(f32::NAN)),
+                "pixels must lie in",
+            ),
+        ];
+        for (spec, change, want) in cases {
+            let msg = refusal(&p, spec, change);
+            assert!(msg.contains(want), "{spec}: {msg}");
+        }
+        for radius in ["0", "-0.5", "NaN"] {
+            let msg = refusal(&p, "region:0.5:seed:1", Change::Field("radius", radius));
+            assert!(msg.contains("radius must be positive"), "{radius}: {msg}");
+        }
+        for threshold in ["0", "-0.01", "inf", "NaN"] {
+            let msg = refusal(&p, "seed:1", Change::Field("threshold", threshold));
+            assert!(
+                msg.contains("threshold must be positive"),
+                "{threshold}: {msg}"
+            );
+        }
+    }
+
     #[test]
     fn key_must_fit_the_model_and_model_files_are_not_keys() {
         let k = key("zero");

@@ -193,7 +193,14 @@ impl RunSpec {
 /// last checkpoint, with the config and key it was started with, and finishes it exactly as
 /// the uninterrupted run would have.
 pub fn resume(run: &RunDir, progress: bool) -> Result<serde_json::Value> {
-    let cfg = Config::load(&run.file("config.toml"))?;
+    let config = run.file("config.toml");
+    if !config.exists() {
+        return Err(Error::Config(format!(
+            "{} is not a run folder (it has no config.toml): nothing to resume",
+            run.path.display()
+        )));
+    }
+    let cfg = Config::load(&config)?;
     let checkpoint = run.file(snapshot::CHECKPOINT);
     if !checkpoint.exists() {
         return Err(Error::Config(format!(
