@@ -444,7 +444,10 @@ fn bad_input_gives_clear_errors() {
     let empty = t.root.join("empty-run");
     std::fs::create_dir_all(&empty).unwrap();
     let e = fails(&["train", "--resume", s(&empty)]);
-    assert!(e.contains("empty-run") && e.contains("not a run folder"), "{e}");
+    assert!(
+        e.contains("empty-run") && e.contains("not a run folder"),
+        "{e}"
+    );
     std::fs::copy(t.run.join("config.toml"), empty.join("config.toml")).unwrap();
     let e = fails(&["train", "--resume", s(&empty)]);
     assert!(e.contains("checkpoint"), "{e}");

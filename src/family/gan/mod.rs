@@ -240,5 +240,14 @@ mod tests {
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let msg = GanModel::load(&p, &dev).err().unwrap().to_string();
         assert!(msg.contains("corrupt or truncated"), "{msg}");
+        // Finite weights that overflow f32 in the forward pass give an error, not images.
+        for (name, var) in back.params.named() {
+            if name.ends_with(".weight") {
+                var.set(&var.as_tensor().affine(1e20, 0.0).unwrap())
+                    .unwrap();
+            }
+        }
+        let msg = back.generate(&z).err().unwrap().to_string();
+        assert!(msg.contains("NaN or infinite outputs"), "{msg}");
     }
 }
