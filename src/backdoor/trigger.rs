@@ -636,6 +636,74 @@ mod tests {
         assert_eq!(r.anchor(64).iter().filter(|&&v| v == BOX_VALUE).count(), 4);
     }
 
+    /// The two-sample Kolmogorov–Smirnov distance: the largest gap between the empirical
+    /// distribution functions of `a` and `b`.
+    fn ks_distance(mut a: Vec<f32>, mut b: Vec<f32>) -> f64 {
+        a.sort_by(f32::total_cmp);
+        b.sort_by(f32::total_cmp);
+        let (mut i, mut j, mut d) = (0, 0, 0f64);
+        while i < a.len() && j < b.len() {
+            let x = a[i].min(b[j]);
+            while i < a.len() && a[i] <= x {
+                i += 1;
+            }
+            while j < b.len() && b[j] <= x {
+                j += 1;
+            }
+            d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+        }
+        d
+    }
+
+    /// The p-value's whole assumption: under the null, the owner's trigger is one more draw of
+    /// what `redraw` draws. 2,000 keys made as `key` makes them (from the operating system's
+    /// randomness) against 2,000 redraws, by a two-sample KS test per statistic at α ≈ 1e-6
+    /// (critical distance 0.085 for 2,000 against 2,000), which a redraw 10 % too narrow fails.
+    #[test]
+    fn redraws_are_distributed_as_keys_are_made() {
+        const N: usize = 2000;
+        const CRITICAL: f64 = 0.085;
+        let mut rng = Rng::new(17);
+        let latent = InputSpace::Latent { dim: 5 };
+        let made: Vec<Trigger> = (0..N)
+            .map(|_| Trigger::parse_for("random", &latent).unwrap())
+            .collect();
+        let redrawn: Vec<Trigger> = made.iter().map(|t| t.redraw(5, &mut rng)).collect();
+        let stat = |ts: &[Trigger], f: &dyn Fn(&[f32]) -> f32| -> Vec<f32> {
+            ts.iter().map(|t| f(&t.anchor(5))).collect()
+        };
+        let norm = |z: &[f32]| z.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let first = |z: &[f32]| z[0];
+        let last = |z: &[f32]| z[4];
+        for (name, f) in [
+            ("norm", &norm as &dyn Fn(&[f32]) -> f32),
+            ("z0", &first),
+            ("z4", &last),
+        ] {
+            let d = ks_distance(stat(&made, f), stat(&redrawn, f));
+            assert!(d < CRITICAL, "{name}: KS distance {d}");
+        }
+        // The test has the power to see a redraw that is 10 % too narrow.
+        let narrow: Vec<f32> = stat(&redrawn, &norm).iter().map(|v| 0.9 * v).collect();
+        assert!(ks_distance(stat(&made, &norm), narrow) > CRITICAL);
+        // Random stamps: where the square lies and its signs.
+        let noise = InputSpace::Noise { shape: [1, 28, 28] };
+        let made: Vec<Trigger> = (0..N)
+            .map(|_| Trigger::parse_for("random", &noise).unwrap())
+            .collect();
+        let redrawn: Vec<Trigger> = made.iter().map(|t| t.redraw(0, &mut rng)).collect();
+        let corner = |p: &[f32]| p.iter().position(|&v| v != 0.0).unwrap() as f32;
+        let positive = |p: &[f32]| p.iter().filter(|&&v| v > 0.0).count() as f32;
+        for (name, f) in [
+            ("corner", &corner as &dyn Fn(&[f32]) -> f32),
+            ("signs", &positive),
+        ] {
+            let (a, b) = (stat(&made, f), stat(&redrawn, f));
+            let d = ks_distance(a, b);
+            assert!(d < CRITICAL, "stamp {name}: KS distance {d}");
+        }
+    }
+
     #[test]
     fn random_stamps_are_drawn_the_way_the_null_redraws_them() {
         let shape = [3, 10, 12];
