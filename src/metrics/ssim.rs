@@ -1,5 +1,8 @@
 //! Structural similarity (Wang et al. 2004): 11×11 Gaussian window (σ = 1.5), valid positions,
-//! images mapped to [0, 1], K1 = 0.01, K2 = 0.03 — the usual `skimage`/TF settings.
+//! images mapped to [0, 1], K1 = 0.01, K2 = 0.03, colour images channel by channel and
+//! averaged — `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+//! use_sample_covariance=False, data_range=1, channel_axis=0)`, which `tests/ssim.rs` checks
+//! against a fixture that scikit-image made.
 
 const WIN: usize = 11;
 const SIGMA: f64 = 1.5;
@@ -32,10 +35,16 @@ fn filter(x: &[f64], h: usize, w: usize, win: usize, g: &[f64]) -> Vec<f64> {
     out
 }
 
-/// Mean SSIM between two images in [-1, 1], `width` pixels wide (channels stacked as rows).
-/// Images smaller than the window use a window of their own size with uniform weights.
+/// Mean SSIM between two images in [-1, 1], `width` pixels wide: square channels of
+/// `width × width` (their mean SSIM), or else one plane of `width`-pixel rows. Images smaller
+/// than the window use a window of their own size with uniform weights.
 pub fn ssim(a: &[f32], b: &[f32], width: usize) -> f64 {
     assert_eq!(a.len(), b.len(), "ssim: image sizes differ");
+    let plane = width * width;
+    if a.len() > plane && a.len().is_multiple_of(plane) {
+        let planes = a.chunks(plane).zip(b.chunks(plane));
+        return planes.map(|(p, q)| ssim(p, q, width)).sum::<f64>() / (a.len() / plane) as f64;
+    }
     let (w, h) = (width, a.len() / width);
     let to01 = |v: &[f32]| {
         v.iter()
