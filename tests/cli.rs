@@ -618,7 +618,23 @@ fn verify_attacks_and_the_report() {
         .map(|p| p["x"].as_f64().unwrap())
         .collect();
     assert_eq!(xs, [0.0, 1.0, 2.0]);
-    assert!(t.run.join("finetuned.safetensors").exists());
+    // Both curves start from the untouched model, measured alike; each attack then changes
+    // what the model makes, and the fine-tuned weights are saved and differ.
+    let point = |curve: &serde_json::Value, i: usize, field: &str| {
+        curve["points"][i][field].as_f64().unwrap()
+    };
+    for field in ["tardis", "asr", "fid"] {
+        assert_eq!(point(&ft, 0, field), point(&prune, 0, field), "{field}");
+    }
+    assert_ne!(point(&prune, 1, "tardis"), point(&prune, 0, "tardis"));
+    assert_ne!(point(&ft, 2, "tardis"), point(&ft, 0, "tardis"));
+    let finetuned = std::fs::read(t.run.join("finetuned.safetensors")).unwrap();
+    assert_ne!(finetuned, std::fs::read(&model).unwrap());
+    genbackdoor::family::load(
+        &t.run.join("finetuned.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
 
     ok(&["report", s(&t.run)]);
     let html = std::fs::read_to_string(t.run.join("report.html")).unwrap();
