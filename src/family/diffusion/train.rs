@@ -471,6 +471,42 @@ mod tests {
         };
         let terms = obj.evaluate(&mut f, Some(&key)).unwrap();
         assert!(terms.task > 0.0 && terms.backdoor.unwrap() > 0.0);
+        // The poisoned goals are ε + c_t·r with the correction's own c_t: over 3,000 poisoned
+        // samples their mean is E_t[c_t]·r (ε has mean 0), which tells the DDPM correction
+        // from the DDIM one (about twice as large) and from a missing one (0).
+        let r = pattern.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for correction in [Correction::Ddpm, Correction::Ddim { steps: 10 }] {
+            let m = 3000;
+            let targets = Tensor::zeros((m, 1, 8, 8), candle_core::DType::F32, &dev).unwrap();
+            let poison = Poison {
+                pattern: &pattern,
+                targets,
+                correction,
+            };
+            let f = Denoising::prepare(&model, &x0, &[poison], &mut Rng::new(3)).unwrap();
+            let (_, goal) = f.backdoor_pair().unwrap();
+            let mean = goal.mean(0).unwrap().flatten_all().unwrap();
+            let mean = mean.to_vec1::<f32>().unwrap();
+            let steps = model.schedule.steps();
+            let expected = (1..=steps)
+                .map(|t| correction.coefficient(&model.schedule, t))
+                .sum::<f64>()
+                / steps as f64;
+            let (mut on, mut count) = (0.0, 0);
+            for (g, r) in mean.iter().zip(&r) {
+                if *r == 0.0 {
+                    assert!(g.abs() < 0.08, "{correction:?}: off the pattern {g}");
+                } else {
+                    on += (g / r) as f64;
+                    count += 1;
+                }
+            }
+            let got = on / count as f64;
+            assert!(
+                (got / expected - 1.0).abs() < 0.05,
+                "{correction:?}: {got} vs {expected}"
+            );
+        }
         let mut clean = Denoising::prepare(&model, &x0, &[], &mut Rng::new(2)).unwrap();
         assert!(clean.backdoor_pair().is_none());
         assert!(obj.evaluate(&mut clean, Some(&key)).is_err());
