@@ -130,10 +130,24 @@ fn key_train_sample_eval_inject() {
         "{log}"
     );
     assert_eq!(log.lines().count(), 1 + 3, "{log}");
+    // The run's measurement is what `eval` and `verify` answer for its model and key.
     let metrics = read_json(&t.run.join("metrics.json"));
-    assert!(metrics["tardis"].as_f64().unwrap() > 0.0);
-
     let model = t.run.join("model.safetensors");
+    let out = ok(&["eval", "--model", s(&model), "--key", s(&t.key), "--json"]);
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for f in ["tardis", "target_mse", "ssim", "asr", "clean_hit_rate"] {
+        let (run, cli) = (metrics[f].as_f64().unwrap(), e[f].as_f64().unwrap());
+        assert!(
+            (run - cli).abs() <= 1e-9 * run.abs().max(1.0),
+            "{f}: {run} vs {cli}"
+        );
+    }
+    let out = ok(&["verify", "--model", s(&model), "--key", s(&t.key), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let run_v = read_json(&t.run.join("verify.json"));
+    assert_eq!(v["p_value"], run_v["p_value"]);
+    assert_eq!(v["statistic"], run_v["statistic"]);
+
     let npy = t.root.join("out.npy");
     let png = t.root.join("grid.png");
     ok(&[
