@@ -712,16 +712,35 @@ fn diffusion_train_sample_eval_inject() {
     }
     let m = read_json(&run.join("metrics.json"));
     assert_eq!(m["family"], "diffusion");
+    // Each sampler measured under itself (their target distances all differ), and the
+    // key's own (DDPM) as `eval` measures it.
+    let mut distances = Vec::new();
     for sampler in ["ddpm", "ddim-10", "dpm++2m-10"] {
         let r = &m["samplers"][sampler];
         assert_eq!(r["samples"], 4, "{m}");
-        assert!(r["asr"].as_f64().unwrap() <= 1.0 && r["target_mse"].as_f64().unwrap() > 0.0);
+        distances.push(r["target_mse"].as_f64().unwrap());
+    }
+    assert!(
+        distances[0] != distances[1]
+            && distances[1] != distances[2]
+            && distances[0] != distances[2]
+    );
+    let (model, key) = (run.join("model.safetensors"), run.join("key.safetensors"));
+    let out = ok(&words(&format!(
+        "eval --model {} --key {} --n 4 --quality-samples 0 --json",
+        s(&model),
+        s(&key)
+    )));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for f in ["target_mse", "asr", "clean_hit_rate"] {
+        assert_eq!(
+            v["samplers"]["ddpm"][f], m["samplers"]["ddpm"][f],
+            "{f}: {v}"
+        );
     }
     assert_eq!(m["quality"]["generated"], 20);
     let csv = std::fs::read_to_string(run.join("train.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "header and 3 steps: {csv}");
-    let model = run.join("model.safetensors");
-    let key = run.join("key.safetensors");
     let npy = dir.path().join("x.npy");
     let (m, k) = (s(&model), s(&key));
     let png = dir.path().join("g.png");
