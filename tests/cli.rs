@@ -644,6 +644,28 @@ fn verify_attacks_and_the_report() {
     assert_ne!(point(&ft, 2, "tardis"), point(&ft, 0, "tardis"));
     let finetuned = std::fs::read(t.run.join("finetuned.safetensors")).unwrap();
     assert_ne!(finetuned, std::fs::read(&model).unwrap());
+    // With the run's own discriminator instead of a fresh one (all else as above) the
+    // thief's training differs; a file that is no discriminator of this model is refused.
+    let given = t.root.join("given-d");
+    let with_d = |d: &Path| {
+        let d = s(d).to_string();
+        let args = format!(
+            "attack finetune --model {} --config {} --steps 2 --every 1 --null-keys 10 --quiet --out {} --discriminator {d}",
+            s(&model),
+            s(&t.config),
+            s(&given)
+        );
+        bin().args(words(&args)).output().unwrap()
+    };
+    assert!(with_d(&t.run.join("discriminator.safetensors"))
+        .status
+        .success());
+    let tuned_with_d = std::fs::read(given.join("finetuned.safetensors")).unwrap();
+    assert_ne!(tuned_with_d, finetuned);
+    let wrong = with_d(&model);
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("error:"), "{err}");
     genbackdoor::family::load(
         &t.run.join("finetuned.safetensors"),
         &candle_core::Device::Cpu,
