@@ -319,6 +319,35 @@ fn keys_of_several_triggers_from_the_command_line() {
     )));
     let e: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(e["triggers"].as_array().unwrap().len(), 3, "{out}");
+    // `sample` takes any trigger of the key; a number the key has not is refused.
+    let sample = |i: usize| {
+        let npy = t.root.join(format!("trigger-{i}.npy"));
+        let args = format!(
+            "sample --model {} --key {} --trigger {i} --n 2 --npy {}",
+            s(&model),
+            s(&three),
+            s(&npy)
+        );
+        (args, npy)
+    };
+    let read = |p: &Path| {
+        candle_core::Tensor::read_npy(p)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    };
+    let outputs: Vec<Vec<f32>> = [1, 2]
+        .map(|i| {
+            let (args, npy) = sample(i);
+            ok(&words(&args));
+            read(&npy).to_vec1::<f32>().unwrap()
+        })
+        .into();
+    assert_ne!(outputs[0], outputs[1]);
+    for i in [0, 4] {
+        let e = fails(&words(&sample(i).0));
+        assert!(e.contains("holds 3 trigger(s)"), "{e}");
+    }
     // Samplers per trigger, for diffusion models' image triggers.
     ok(&words(&k(
         "--trigger stamp:4 --image-size 8 --triggers 2 --samplers ddpm,ddim-10",

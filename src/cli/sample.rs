@@ -14,9 +14,14 @@ pub struct SampleArgs {
     /// Generator or diffusion checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// Key: when given, the latents (or starting noise) are triggered by its first trigger.
+    /// Key: when given, the latents (or starting noise) are triggered by one of its triggers
+    /// (`--trigger`).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Which trigger of the key (1 = the first), sampled under the sampler it was trained
+    /// for unless `--sampler` names one.
+    #[arg(long, default_value_t = 1, requires = "key")]
+    pub trigger: usize,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     pub n: usize,
@@ -57,19 +62,37 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         (Some(_), Some(_)) => anyhow::bail!("--steps goes with --sampler ddim only"),
         (other, None) => other.map(str::to_string),
     };
-    let (model, key) = super::model_and_key(&a.model, a.key.as_deref(), sampler.as_deref())?;
+    let (mut model, key) = super::model_and_key(&a.model, a.key.as_deref(), sampler.as_deref())?;
+    let mark = match &key {
+        Some(k) => {
+            let marks = k.marks();
+            let mark = a.trigger.checked_sub(1).and_then(|i| marks.get(i));
+            let mark = mark.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--trigger {} is not in the key: it holds {} trigger(s), numbered from 1",
+                    a.trigger,
+                    marks.len()
+                )
+            })?;
+            if let Some(s) = mark.sampler {
+                model.set_sampler(s)?;
+            }
+            Some(mark)
+        }
+        None => None,
+    };
     let mut rng = Rng::derive(a.seed, "sample");
     let (space, device) = (model.input_space(), model.device());
-    let inputs = match (&a.noise, &key) {
-        (Some(p), key) => {
+    let inputs = match (&a.noise, mark) {
+        (Some(p), mark) => {
             let noise = read_npy(p)?.to_device(&device)?;
             space.check_batch(&noise, &p.display().to_string())?;
-            match key {
-                Some(k) => k.first().trigger.onto(&noise)?,
+            match mark {
+                Some(k) => k.trigger.onto(&noise)?,
                 None => noise,
             }
         }
-        (None, Some(k)) => k.first().trigger.inputs(&space, a.n, &mut rng, &device)?,
+        (None, Some(k)) => k.trigger.inputs(&space, a.n, &mut rng, &device)?,
         (None, None) => space.ordinary(a.n, &mut rng, &device)?,
     };
     let images = model.generate(&inputs, &mut rng)?;
