@@ -131,9 +131,10 @@ pub fn trigger_reports(
         .enumerate()
         .map(|(i, k)| {
             let under = crate::family::under_sampler(model, k.sampler)?;
-            let done = known
-                .iter()
-                .find(|r| i == 0 && r.sampling == under.sampling());
+            let done = match i {
+                0 => known.iter().find(|r| r.sampling == under.sampling()),
+                _ => None,
+            };
             let backdoor = match done {
                 Some(r) => r.backdoor.clone(),
                 None => {

@@ -268,9 +268,7 @@ fn verify_each(
              p-values combined by their product (H0: the model was made without this key)"
         ),
     };
-    let combine =
-        |f: fn(&TriggerTest) -> f64| combined_p_value(&tests.iter().map(f).collect::<Vec<_>>());
-    let p_value = combine(|t| t.p_value);
+    let p_value = combined_p_value(&tests.iter().map(|t| t.p_value).collect::<Vec<_>>());
     let hand_chosen = key.marks().iter().find(|k| k.trigger.is_hand_chosen());
     Ok(Verification {
         test,
