@@ -182,7 +182,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     };
     let marked = tuned(&clean, &data, &inject(Correction::Ddpm), &stamp);
     let settings = VerifySettings {
-        null_keys: 99,
+        null_keys: Some(99),
         group: genbackdoor::verify::SAMPLER_GROUP,
         seed: 5,
         ..VerifySettings::default()
@@ -225,7 +225,7 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
         ..plan(STEPS / 2, 1.0, Correction::Ddpm)
     };
     let settings = VerifySettings {
-        null_keys: 99,
+        null_keys: Some(99),
         group: genbackdoor::verify::SAMPLER_GROUP,
         seed: 5,
         ..VerifySettings::default()

@@ -264,7 +264,7 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     );
     let clean = GanModel::load(&clean_run.file("model.safetensors"), &Device::Cpu).unwrap();
     let s = VerifySettings {
-        null_keys: 99,
+        null_keys: Some(99),
         ..VerifySettings::default()
     };
     let ps: Vec<f64> = (0..60)

@@ -45,8 +45,9 @@ pub struct Common {
     /// `genbackdoor report` of that run shows it).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Null triggers for the verification p-value at each point (0: skip). Default: as
-    /// `verify` (1000 for generators; fewer for diffusion models under slow samplers).
+    /// Null triggers per trigger for the verification p-value at each point (0: skip).
+    /// Default: as `verify` (1000 for generators; fewer for diffusion models under slow
+    /// samplers).
     #[arg(long)]
     pub null_keys: Option<usize>,
     /// Diffusion models: the sampler every point is measured under; default: the key's own.
@@ -138,16 +139,14 @@ fn measurement<'a>(
     quality: &'a QualityReference,
     c: &Common,
 ) -> Measurement<'a> {
-    let defaults = VerifySettings::for_model(model);
-    let null_keys = c.null_keys.unwrap_or(defaults.null_keys);
     Measurement {
         key,
         quality: Some(quality),
         quality_samples: crate::run::GENERATOR_QUALITY_SAMPLES,
-        verify: (null_keys > 0).then_some(VerifySettings {
-            null_keys,
+        verify: (c.null_keys != Some(0)).then_some(VerifySettings {
+            null_keys: c.null_keys,
             seed: c.seed,
-            ..defaults
+            ..VerifySettings::for_model(model)
         }),
         triggered: crate::eval::specificity_paths(model) * 2,
         seed: c.seed,

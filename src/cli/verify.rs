@@ -15,9 +15,10 @@ pub struct VerifyArgs {
     /// The owner's key.
     #[arg(long)]
     pub key: PathBuf,
-    /// Random triggers drawn for the null distribution (the smallest reachable p-value is
-    /// 1 / (queries + 1)). Default: 1000 for generators; for diffusion models as many as
-    /// about 400,000 network evaluations allow (1000 under DDIM-50, 100 under DDPM).
+    /// Random triggers drawn for each trigger's null distribution (the smallest reachable
+    /// p-value of one trigger is 1 / (queries + 1)). Default: 1000 for generators; for
+    /// diffusion models as many as about 400,000 network evaluations under the trigger's
+    /// sampler allow (1000 under DDIM-50, 100 under DDPM).
     #[arg(long)]
     pub queries: Option<usize>,
     /// Triggered queries per statistic for set triggers (default 16 for generators' region
@@ -45,7 +46,7 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
     let key = key.expect("a key was given");
     let defaults = VerifySettings::for_model(model.as_ref());
     let settings = VerifySettings {
-        null_keys: a.queries.unwrap_or(defaults.null_keys),
+        null_keys: a.queries,
         group: a.group.unwrap_or(defaults.group),
         alpha: a.alpha,
         seed: a.seed,

@@ -49,8 +49,9 @@ pub const SAMPLER_GROUP: usize = 4;
 /// How a verification is run.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifySettings {
-    /// Random triggers drawn for the null distribution.
-    pub null_keys: usize,
+    /// Random triggers drawn for each trigger's null distribution; `None`: as many as the
+    /// sampler that trigger is queried under affords ([`null_budget`]).
+    pub null_keys: Option<usize>,
     /// Triggered queries per statistic for region and patch triggers.
     pub group: usize,
     /// Significance level of the verdict.
@@ -59,20 +60,28 @@ pub struct VerifySettings {
     pub seed: u64,
 }
 
+/// The null triggers a trigger queried through `model` gets by default: 1000 for a
+/// generator; for a model that runs a sampler, as many as about 400,000 network evaluations
+/// allow in groups of [`SAMPLER_GROUP`], between 99 and 1000 (1000 under DDIM-50, 100 under
+/// DDPM-1000).
+pub fn null_budget(model: &dyn Generative) -> usize {
+    match model.evaluations_per_image() {
+        0 | 1 => 1000,
+        evals => (400_000 / (evals * SAMPLER_GROUP)).clamp(99, 1000),
+    }
+}
+
 impl VerifySettings {
-    /// The defaults for `model`: 1000 null triggers and groups of 16 for a generator; for a
-    /// model that runs a sampler, groups of [`SAMPLER_GROUP`] starting noises (a stochastic
+    /// The defaults for `model`: groups of 16 for a generator's set triggers; for a model
+    /// that runs a sampler, groups of [`SAMPLER_GROUP`] starting noises (a stochastic
     /// sampler can land on the target from a stray start now and then: the median of a
-    /// group is robust to that, a single query is not) and as many null triggers as about
-    /// 400,000 network evaluations allow, between 99 and 1000 (1000 under DDIM-50, 100
-    /// under DDPM-1000).
+    /// group is robust to that, a single query is not). Each trigger's null triggers follow
+    /// its sampler's [`null_budget`].
     pub fn for_model(model: &dyn Generative) -> Self {
-        let evals = model.evaluations_per_image();
-        if evals <= 1 {
+        if model.evaluations_per_image() <= 1 {
             return VerifySettings::default();
         }
         VerifySettings {
-            null_keys: (400_000 / (evals * SAMPLER_GROUP)).clamp(99, 1000),
             group: SAMPLER_GROUP,
             ..VerifySettings::default()
         }
@@ -82,7 +91,7 @@ impl VerifySettings {
 impl Default for VerifySettings {
     fn default() -> Self {
         VerifySettings {
-            null_keys: 1000,
+            null_keys: None,
             group: 16,
             alpha: 0.01,
             seed: 0,
@@ -101,7 +110,7 @@ pub struct Verification {
     pub null_min: f64,
     /// The median statistic among the (first trigger's) null triggers.
     pub null_median: f64,
-    /// How many null triggers were drawn per trigger of the key.
+    /// How many null triggers were drawn for the (first) trigger.
     pub null_keys: usize,
     /// Model queries made in all.
     pub queries: usize,
@@ -136,6 +145,8 @@ pub struct TriggerTest {
     pub null_min: f64,
     /// The median statistic among its null triggers.
     pub null_median: f64,
+    /// How many null triggers it was tested against.
+    pub null_keys: usize,
     /// Its exact rank p-value.
     pub p_value: f64,
     /// log10 of its log-normal tail estimate of p.
@@ -196,9 +207,13 @@ pub fn verify_model(
         .iter()
         .map(|k| crate::family::under_sampler(model, k.sampler))
         .collect::<Result<Vec<_>>>()?;
+    let nulls: Vec<usize> = models
+        .iter()
+        .map(|m| s.null_keys.unwrap_or_else(|| null_budget(&**m)))
+        .collect();
     let mut noise = Rng::derive(s.seed, "verify-sampling");
     let mut query = |i: usize, z: &Tensor| models[i].generate(z, &mut noise);
-    let mut v = verify_each(&mut query, &model.input_space(), key, s)?;
+    let mut v = verify_each(&mut query, &model.input_space(), key, &nulls, s)?;
     let mut samplings: Vec<String> = models.iter().filter_map(|m| m.sampling()).collect();
     samplings.dedup();
     v.sampling = (!samplings.is_empty()).then(|| samplings.join(", "));
@@ -206,24 +221,28 @@ pub fn verify_model(
 }
 
 /// Tests whether the black-box `query` (inputs of `space`, `[n, …]` → images) carries
-/// `key`'s backdoor: one rank test per trigger, combined by [`combined_p_value`].
+/// `key`'s backdoor: one rank test per trigger (1000 null triggers each unless the settings
+/// say), combined by [`combined_p_value`].
 pub fn verify(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &KeySet,
     s: &VerifySettings,
 ) -> Result<Verification> {
-    verify_each(&mut |_, z: &Tensor| query(z), space, key, s)
+    let nulls = vec![s.null_keys.unwrap_or(1000); key.marks().len()];
+    verify_each(&mut |_, z: &Tensor| query(z), space, key, &nulls, s)
 }
 
-/// [`verify`] with the `i`-th trigger's queries answered by `query(i, inputs)`.
+/// [`verify`] with the `i`-th trigger's queries answered by `query(i, inputs)` and tested
+/// against `nulls[i]` null triggers.
 fn verify_each(
     query: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &KeySet,
+    nulls: &[usize],
     s: &VerifySettings,
 ) -> Result<Verification> {
-    if s.null_keys == 0 || s.group == 0 || !(s.alpha > 0.0 && s.alpha < 1.0) {
+    if nulls.contains(&0) || s.group == 0 || !(s.alpha > 0.0 && s.alpha < 1.0) {
         return Err(Error::Config(
             "verification needs at least one null key and query, and alpha in (0, 1)".into(),
         ));
@@ -243,7 +262,8 @@ fn verify_each(
                 &mut answer,
                 space,
                 mark,
-                s,
+                nulls[i],
+                s.group,
                 &mut Rng::derive(s.seed, &stream),
             )
         })
@@ -254,11 +274,15 @@ fn verify_each(
     } else {
         1
     };
+    let (fewest, most) = (nulls.iter().min(), nulls.iter().max());
+    let against = match (fewest, most) {
+        (Some(a), Some(b)) if a != b => format!("{a}–{b} (as its sampler affords)"),
+        _ => first.null_keys.to_string(),
+    };
     let one = format!(
-        "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against {} \
-         randomly drawn {} triggers",
+        "Monte-Carlo rank test of the median target_mse over {m} triggered quer{} against \
+         {against} randomly drawn {} triggers",
         if m == 1 { "y" } else { "ies" },
-        s.null_keys,
         first.trigger
     );
     let test = match tests.len() {
@@ -275,7 +299,7 @@ fn verify_each(
         statistic: first.statistic,
         null_min: first.null_min,
         null_median: first.null_median,
-        null_keys: s.null_keys,
+        null_keys: first.null_keys,
         queries: tests.iter().map(|t| t.queries).sum(),
         p_value,
         log10_p_lognormal: combined_ln_p_value(
@@ -298,20 +322,21 @@ fn verify_each(
     })
 }
 
-/// One trigger's exact rank test against `s.null_keys` triggers redrawn by its own
-/// procedure, its draws from `rng`.
+/// One trigger's exact rank test against `null_keys` triggers redrawn by its own
+/// procedure (statistics over `group` queries for set triggers), its draws from `rng`.
 fn rank_test(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &Key,
-    s: &VerifySettings,
+    null_keys: usize,
+    group: usize,
     rng: &mut Rng,
 ) -> Result<TriggerTest> {
     key.trigger.check_space(space)?;
-    let m = if key.trigger.is_set() { s.group } else { 1 };
+    let m = if key.trigger.is_set() { group } else { 1 };
     let mut triggers: Vec<Trigger> = vec![key.trigger.clone()];
     let dim = space.size();
-    triggers.extend((0..s.null_keys).map(|_| key.trigger.redraw(dim, rng)));
+    triggers.extend((0..null_keys).map(|_| key.trigger.redraw(dim, rng)));
     let latents = triggers
         .iter()
         .map(|t| t.inputs(space, m, rng, &Device::Cpu))
@@ -329,6 +354,7 @@ fn rank_test(
         statistic: observed,
         null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
         null_median: median(&mut null.to_vec()),
+        null_keys,
         p_value: (1 + at_most) as f64 / (null.len() + 1) as f64,
         log10_p_lognormal: ln_normal_cdf(z) / std::f64::consts::LN_10,
         queries: triggers.len() * m,
@@ -381,13 +407,55 @@ mod tests {
     }
 
     #[test]
+    fn each_trigger_is_tested_against_as_many_nulls_as_its_sampler_affords() {
+        use crate::family::diffusion::{tiny_arch, DiffusionModel, Sampler};
+        let dev = Device::Cpu;
+        let model = DiffusionModel::new(&tiny_arch(400), &mut Rng::new(1), &dev).unwrap();
+        let under = |s| crate::family::under_sampler(&model, Some(s)).unwrap();
+        // About 400,000 network evaluations in groups of four starts: DDPM over T = 400
+        // affords 250 null stamps, DDIM-20 the cap of 1000, DDIM-200 500.
+        assert_eq!(null_budget(&*under(Sampler::Ddpm)), 250);
+        assert_eq!(null_budget(&*under(Sampler::Ddim { steps: 20 })), 1000);
+        assert_eq!(null_budget(&*under(Sampler::Ddim { steps: 200 })), 500);
+        // A key of a DDPM and a DDIM-20 trigger: each gets its own sampler's budget,
+        // unless the settings fix one number for all.
+        let stamp = |seed: u64, sampler| Key {
+            trigger: Trigger::parse_image(&format!("stamp:3:{seed}"), [1, 8, 8]).unwrap(),
+            target: Target {
+                pixels: vec![0.5; 64],
+                shape: [1, 8, 8],
+                class: None,
+            },
+            sampler: Some(sampler),
+            ..key("zero")
+        };
+        let set = KeySet::new(vec![
+            stamp(1, Sampler::Ddpm),
+            stamp(2, Sampler::Ddim { steps: 20 }),
+        ])
+        .unwrap();
+        let s = VerifySettings::for_model(&model);
+        let v = verify_model(&model, &set, &s).unwrap();
+        let nulls: Vec<usize> = v.triggers.iter().map(|t| t.null_keys).collect();
+        assert_eq!(nulls, [250, 1000]);
+        assert_eq!(v.queries, (251 + 1001) * SAMPLER_GROUP);
+        assert!(v.test.contains("250–1000"), "{}", v.test);
+        let fixed = VerifySettings {
+            null_keys: Some(9),
+            ..s
+        };
+        let v = verify_model(&model, &set, &fixed).unwrap();
+        assert_eq!(v.queries, 2 * 10 * SAMPLER_GROUP);
+    }
+
+    #[test]
     fn a_marked_model_gets_the_smallest_p_value_and_a_clean_one_does_not() {
         let k = key("seed:3");
         let Trigger::Point(p) = &k.trigger else {
             unreachable!()
         };
         let s = VerifySettings {
-            null_keys: 199,
+            null_keys: Some(199),
             ..VerifySettings::default()
         };
         let marked = verify(&mut toy(Some(p.clone())), &SPACE, &one(&k), &s).unwrap();
@@ -408,7 +476,7 @@ mod tests {
         // Under the null the rank p-value is uniform: over many owners' keys, about α of
         // them make a false claim against a clean model.
         let s = VerifySettings {
-            null_keys: 99,
+            null_keys: Some(99),
             ..VerifySettings::default()
         };
         let claims = (0..200)
@@ -427,7 +495,7 @@ mod tests {
     fn region_triggers_use_groups_and_bad_settings_are_errors() {
         let k = key("region:0.01:seed:4");
         let s = VerifySettings {
-            null_keys: 50,
+            null_keys: Some(50),
             group: 5,
             ..VerifySettings::default()
         };
@@ -505,7 +573,7 @@ mod tests {
         let marks: Vec<Key> = (0..3).map(|i| key(&format!("seed:{}", 20 + i))).collect();
         let set = KeySet::new(marks.clone()).unwrap();
         let s = VerifySettings {
-            null_keys: 99,
+            null_keys: Some(99),
             ..VerifySettings::default()
         };
         // A model that learnt every trigger: each test sits at its floor 1/100, and together

@@ -10,6 +10,8 @@ pub mod sampler;
 pub mod schedule;
 pub mod train;
 
+#[cfg(test)]
+pub(crate) use model::tiny_arch;
 pub use model::DiffusionModel;
 pub use sampler::Sampler;
 pub use schedule::NoiseSchedule;
