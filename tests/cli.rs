@@ -235,31 +235,76 @@ fn the_key_stays_out_of_the_model_and_out_of_the_output() {
     let t = trained();
     let key = genbackdoor::backdoor::KeySet::load(&t.key).unwrap();
     let key = key.first();
-    let model_bytes = std::fs::read(t.run.join("model.safetensors")).unwrap();
     let bytes_of = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let trigger = key.trigger.anchor(16);
-    assert!(
-        !contains(&model_bytes, &bytes_of(&trigger[..4])),
-        "trigger in the checkpoint"
-    );
     // Eight consecutive target pixels from a row with both colours.
     let row = &key.target.pixels[28 * 5..28 * 6];
-    assert!(
-        !contains(&model_bytes, &bytes_of(&row[..8])),
-        "target in the checkpoint"
-    );
-    for args in [vec!["eval", "--json"], vec!["eval"]] {
+    let (m, k) = (t.run.join("model.safetensors"), t.key.clone());
+    // A thief's fine-tuning writes finetuned.safetensors (and its curve) into the run.
+    ok(&[
+        "attack",
+        "finetune",
+        "--model",
+        s(&m),
+        "--steps",
+        "2",
+        "--every",
+        "1",
+        "--null-keys",
+        "9",
+        "--quiet",
+    ]);
+    for f in [
+        "model.safetensors",
+        "checkpoint.safetensors",
+        "discriminator.safetensors",
+        "finetuned.safetensors",
+    ] {
+        let bytes = std::fs::read(t.run.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(
+            !contains(&bytes, &bytes_of(&trigger[..4])),
+            "trigger in {f}"
+        );
+        assert!(!contains(&bytes, &bytes_of(&row[..8])), "target in {f}");
+    }
+    // No output shows the trigger's values, neither rounded to the four decimals of a table
+    // nor as the first five decimals of a full-precision number (JSON, debug output).
+    let shows_trigger = |text: &str| {
+        trigger[..4].iter().find(|v| {
+            let cut = format!("{:.5}", (**v as f64 * 1e5).trunc() / 1e5);
+            text.contains(&format!("{v:.4}")) || text.contains(&cut)
+        })
+    };
+    let npy = t.root.join("triggered.npy");
+    let mut outputs = Vec::new();
+    for args in [
+        vec!["eval", "--json"],
+        vec!["eval"],
+        vec!["verify", "--queries", "9", "--json"],
+        vec!["verify", "--queries", "9"],
+        vec!["sample", "--n", "2", "--npy", s(&npy)],
+    ] {
         let mut a = args.clone();
-        let (m, k) = (t.run.join("model.safetensors"), t.key.clone());
         a.extend(["--model", s(&m), "--key", s(&k)]);
-        let out = ok(&a);
-        for v in &trigger[..4] {
-            assert!(
-                !out.contains(&format!("{:.4}", v)),
-                "{args:?} prints the trigger: {out}"
-            );
-        }
+        outputs.push((format!("{args:?}"), ok(&a)));
+    }
+    ok(&["report", s(&t.run)]);
+    for f in [
+        "report.html",
+        "metrics.json",
+        "verify.json",
+        "attack-finetune.json",
+    ] {
+        let text = std::fs::read_to_string(t.run.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        outputs.push((f.to_string(), text));
+    }
+    for (what, text) in &outputs {
+        assert!(
+            shows_trigger(text).is_none(),
+            "{what} shows the trigger value {:?}: {text}",
+            shows_trigger(text)
+        );
     }
 }
 
