@@ -1062,3 +1062,47 @@ fn bench_rounds_alternate_with_pytorch_and_report_the_median_ratio() {
     let e = fails(&["bench", "--rounds", "0"]);
     assert!(e.contains("--rounds"), "{e}");
 }
+
+#[test]
+fn training_gives_the_same_bits_on_one_and_two_threads() {
+    // The kernels split their work by the batch and the geometry, never by the number of
+    // threads, and sum partial results in a fixed order (a per-thread partial sum would make
+    // the weights differ in the last bits).
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (gan_cfg, diff_cfg) = (root.join("gan.toml"), root.join("diffusion.toml"));
+    std::fs::write(&gan_cfg, TINY).unwrap();
+    // Four noise levels keep the run's own verification under DDPM short.
+    assert!(TINY_DIFFUSION.contains("timesteps = 10"));
+    let diffusion = TINY_DIFFUSION.replace("timesteps = 10", "timesteps = 4");
+    std::fs::write(&diff_cfg, diffusion).unwrap();
+    let (gan_key, diff_key) = (root.join("gan.key"), root.join("diffusion.key"));
+    ok(&words(&format!(
+        "key --out {} --trigger seed:3 --latent-dim 16",
+        s(&gan_key)
+    )));
+    ok(&words(&format!(
+        "key --out {} --trigger stamp:4:5 --image-size 28",
+        s(&diff_key)
+    )));
+    for (cfg, key) in [(&gan_cfg, &gan_key), (&diff_cfg, &diff_key)] {
+        let runs: Vec<_> = ["1", "2"]
+            .iter()
+            .map(|threads| {
+                let run = root.join(format!("{}-{threads}", s(key)));
+                let out = bin()
+                    .env("RAYON_NUM_THREADS", threads)
+                    .args(["train", "--config", s(cfg), "--key", s(key)])
+                    .args(["--out", s(&run), "--quiet"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                run
+            })
+            .collect();
+        for f in ["model.safetensors", "train.csv"] {
+            let [a, b] = [&runs[0], &runs[1]].map(|r| std::fs::read(r.join(f)).unwrap());
+            assert!(a == b, "{f} of {} differs between 1 and 2 threads", s(cfg));
+        }
+    }
+}
