@@ -302,3 +302,59 @@ pub fn triggered_row(model: &dyn Generative, key: &Key, seed: u64) -> Result<Ten
     let out = model.generate(&z, &mut rng)?;
     Ok(Tensor::cat(&[key.target.tensor(&device)?, out], 0)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backdoor::{Distance, Target, Trigger};
+    use candle_core::Device;
+
+    #[test]
+    fn a_class_target_counts_the_images_the_classifier_puts_in_its_class() {
+        let data = crate::data::load_dataset(&crate::data::bundled_path()).unwrap();
+        let labels = data.labels.clone().unwrap();
+        let per = data.height * data.width;
+        // Held-out digits (the classifier trained on the first 8,000): 40 of each class.
+        let of = |class: u8| -> Vec<f32> {
+            (8000..data.len)
+                .filter(|&i| labels[i] == class)
+                .take(40)
+                .flat_map(|i| data.pixels[i * per..(i + 1) * per].to_vec())
+                .collect()
+        };
+        let images = |px: Vec<f32>| {
+            let n = px.len() / per;
+            Tensor::from_vec(px, (n, 1, data.height, data.width), &Device::Cpu).unwrap()
+        };
+        let key = Key {
+            trigger: Trigger::parse("seed:1", 16).unwrap(),
+            target: Target::class(3).unwrap(),
+            distance: Distance::Mse,
+            threshold: 0.01,
+            sampler: None,
+        };
+        let threes = backdoor_metrics(&images(of(3)), &key).unwrap();
+        let fives = backdoor_metrics(&images(of(5)), &key).unwrap();
+        assert!(threes.asr >= 0.95, "threes: {}", threes.asr);
+        assert!(fives.asr <= 0.05, "fives: {}", fives.asr);
+        // 40 threes among 160 images of four classes: a quarter.
+        let mixed: Vec<f32> = [3, 0, 5, 8].into_iter().flat_map(of).collect();
+        let mixed = backdoor_metrics(&images(mixed), &key).unwrap();
+        assert!((mixed.asr - 0.25).abs() <= 0.03, "mixed: {}", mixed.asr);
+        // Distances are to the class's mean image: threes are nearer to it than fives.
+        assert!(threes.target_mse < fives.target_mse);
+        // Without the class, the same images hit by distance only, and no digit is within
+        // 0.01 of the mean three.
+        let by_distance = Key {
+            target: Target {
+                class: None,
+                ..key.target.clone()
+            },
+            ..key
+        };
+        assert_eq!(
+            backdoor_metrics(&images(of(3)), &by_distance).unwrap().asr,
+            0.0
+        );
+    }
+}

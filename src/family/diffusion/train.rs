@@ -440,6 +440,74 @@ mod tests {
     use crate::backdoor::{Distance, Target, Trigger};
 
     #[test]
+    fn the_saved_weights_are_the_moving_average_of_the_trained_ones() {
+        let dev = Device::Cpu;
+        let arch = crate::family::diffusion::model::tiny_arch(50);
+        let start = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
+        let bytes: Vec<u8> = (0..32 * 64).map(|i| (i * 37 % 256) as u8).collect();
+        let data = Dataset::from_bytes(32, [1, 8, 8], &bytes);
+        let plan = |steps, ema| Plan {
+            steps,
+            batch_size: 8,
+            lr: 1e-2,
+            lr_schedule: LrSchedule::Constant,
+            objective: Objective {
+                lambda: 0.0,
+                backdoor_batch: 0,
+            },
+            correction: Correction::Ddpm,
+            ema,
+            log_every: 1,
+            checkpoint_every: 0,
+            seed: 4,
+            stage: "train",
+        };
+        let weights = |m: &DiffusionModel| -> Vec<Vec<f32>> {
+            m.params
+                .named()
+                .into_iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let train = |steps, ema| {
+            let dir = tempfile::tempdir().unwrap();
+            let run = RunDir::create(&dir.path().join("run"), false).unwrap();
+            let model = start.duplicate().unwrap();
+            let (saved, _) = fit(&model, &data, None, &plan(steps, ema), &run, false).unwrap();
+            let on_disk = DiffusionModel::load(&run.file("model.safetensors"), &dev).unwrap();
+            assert_eq!(
+                weights(&on_disk),
+                weights(&saved),
+                "the file holds what is returned"
+            );
+            (weights(&model), weights(&saved))
+        };
+        let w0 = weights(&start);
+        // Without EMA the trained weights themselves are saved.
+        let (w1, saved) = train(1, 0.0);
+        assert_eq!(saved, w1);
+        assert_ne!(w1, w0);
+        // One step with decay d saves d·θ₀ + (1 − d)·θ₁; two steps d²·θ₀ + d(1 − d)·θ₁ +
+        // (1 − d)·θ₂ (the same stream, so the first step is the same).
+        let d = 0.75f32;
+        let (trained, ema) = train(1, d as f64);
+        assert_eq!(trained, w1);
+        let (w2, ema2) = train(2, d as f64);
+        for (i, v) in ema.iter().enumerate() {
+            for (j, e) in v.iter().enumerate() {
+                let one = d * w0[i][j] + (1.0 - d) * w1[i][j];
+                let two = d * one + (1.0 - d) * w2[i][j];
+                assert!((e - one).abs() < 1e-6, "one step: {e} vs {one}");
+                assert!(
+                    (ema2[i][j] - two).abs() < 1e-6,
+                    "two steps: {} vs {two}",
+                    ema2[i][j]
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_family_builds_clean_and_poisoned_goals() {
         let dev = Device::Cpu;
         let arch = crate::family::diffusion::model::tiny_arch(50);
