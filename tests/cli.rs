@@ -1106,3 +1106,47 @@ fn training_gives_the_same_bits_on_one_and_two_threads() {
         }
     }
 }
+
+#[test]
+fn red_leaves_frozen_tensors_as_they_were() {
+    let t = trained();
+    let cfg = t.root.join("freeze.toml");
+    let freeze = |prefixes: &str| {
+        let with = TINY.replace("[inject]\n", &format!("[inject]\nfreeze = [{prefixes}]\n"));
+        assert_ne!(with, TINY);
+        std::fs::write(&cfg, with).unwrap();
+    };
+    freeze(r#""bn0.", "fc.""#);
+    let (clean, out) = (t.run.join("model.safetensors"), t.root.join("frozen"));
+    let inject = |out: &std::path::Path| {
+        format!(
+            "inject --config {} --model {} --key {} --out {} --quiet",
+            s(&cfg),
+            s(&clean),
+            s(&t.key),
+            s(out)
+        )
+    };
+    ok(&words(&inject(&out)));
+    let (a, b) = (
+        std::fs::read(&clean).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+    );
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    for (name, before) in a.tensors() {
+        let same = before.data() == b.tensor(&name).unwrap().data();
+        let frozen =
+            name.starts_with("bn0.") || name.starts_with("fc.") || name.contains("running");
+        assert_eq!(same, frozen, "{name}: unchanged {same}, frozen {frozen}");
+    }
+    // A prefix that names no tensor would freeze nothing: an error that lists the names.
+    freeze(r#""bn0", "conv1.""#);
+    let err = fails(&words(&inject(&t.root.join("misspelt"))));
+    assert!(
+        err.contains("'conv1.…'") && err.contains("deconv1.weight"),
+        "{err}"
+    );
+}

@@ -254,7 +254,9 @@ mod tests {
         assert!(names.contains(&"bn1.running_mean".to_string()));
         assert!(names.contains(&"deconv3.weight".to_string()));
         assert_eq!(p.trainable().len(), names.len() - 6);
-        let frozen = p.trainable_except(&["bn0.".to_string()]);
+        let frozen = p.trainable_except(&["bn0.".to_string()]).unwrap();
         assert_eq!(frozen.len(), names.len() - 6 - 2);
+        let err = p.trainable_except(&["bn9.".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("'bn9.…'"), "{err}");
     }
 }

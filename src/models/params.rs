@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::rng::Rng;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Suffixes of tensors that are state, not parameters (BatchNorm running statistics).
 const STATE_SUFFIXES: [&str; 2] = [".running_mean", ".running_var"];
@@ -45,17 +45,37 @@ impl Params {
 
     /// The variables the optimiser trains (everything but BatchNorm running statistics).
     pub fn trainable(&self) -> Vec<Var> {
-        self.trainable_except(&[])
+        self.trainable_named().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// The trainable variables whose names start with none of `frozen`.
-    pub fn trainable_except(&self, frozen: &[String]) -> Vec<Var> {
+    /// [`Params::trainable`] with their names.
+    fn trainable_named(&self) -> Vec<(String, Var)> {
         self.named()
             .into_iter()
             .filter(|(n, _)| !STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .collect()
+    }
+
+    /// The trainable variables whose names start with none of `frozen`; a prefix that starts
+    /// no tensor's name is an error (a misspelt layer would otherwise freeze nothing).
+    pub fn trainable_except(&self, frozen: &[String]) -> Result<Vec<Var>> {
+        let named = self.named();
+        if let Some(f) = frozen
+            .iter()
+            .find(|f| !named.iter().any(|(n, _)| n.starts_with(f.as_str())))
+        {
+            let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Error::Config(format!(
+                "freeze: no tensor of the model is named '{f}…' (its tensors: {})",
+                names.join(", ")
+            )));
+        }
+        Ok(self
+            .trainable_named()
+            .into_iter()
             .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f.as_str())))
             .map(|(_, v)| v)
-            .collect()
+            .collect())
     }
 
     /// Total number of scalars, running statistics included.

@@ -51,7 +51,7 @@ impl<'a> Red<'a> {
         let cfg = &config.inject;
         let model = clean.duplicate(&clean.device)?;
         let opt = Adam::with_betas(
-            model.params.trainable_except(&cfg.freeze),
+            model.params.trainable_except(&cfg.freeze)?,
             cfg.lr,
             0.9,
             0.999,
