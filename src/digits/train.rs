@@ -116,6 +116,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn training_is_deterministic_in_its_seed() {
+        let data = crate::data::load_dataset(&crate::data::bundled_path()).unwrap();
+        let short = |seed| ClassifierTraining {
+            seed,
+            steps: 20,
+            ..ClassifierTraining::default()
+        };
+        let weights = |clf: &DigitClassifier| -> Vec<Vec<f32>> {
+            clf.params
+                .named()
+                .into_iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let (a, ra) = train_classifier(&data, &short(0)).unwrap();
+        let (b, rb) = train_classifier(&data, &short(0)).unwrap();
+        assert_eq!(weights(&a), weights(&b));
+        assert_eq!(ra.test_accuracy, rb.test_accuracy);
+        let (c, _) = train_classifier(&data, &short(1)).unwrap();
+        assert_ne!(weights(&a), weights(&c));
+    }
+
+    #[test]
     fn colour_or_non_square_images_are_refused_by_shape() {
         let mut data = Dataset::from_bytes(4, [3, 8, 8], &[0; 4 * 3 * 64]);
         data.labels = Some(vec![0, 1, 2, 3]);
