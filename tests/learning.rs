@@ -240,6 +240,29 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
         floor < 1.0 / 1001.0 / 1000.0,
         "a thousand times below one test's floor"
     );
+    // triggered.png holds each trigger's target and output in turn: one row of six tiles,
+    // the targets alike and every output on its target (each trigger fires).
+    let grid = image::open(run.file("triggered.png")).unwrap().to_luma8();
+    let (side, gap) = (28, 2);
+    assert_eq!(grid.dimensions(), (6 * (side + gap) + gap, side + 2 * gap));
+    let tile = |i: u32| -> Vec<f64> {
+        let x0 = gap + i * (side + gap);
+        (0..side * side)
+            .map(|p| grid.get_pixel(x0 + p % side, gap + p / side)[0] as f64)
+            .collect()
+    };
+    let gap_to = |a: &[f64], b: &[f64]| {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64
+    };
+    for i in 0..3 {
+        assert_eq!(tile(2 * i), tile(0), "target of trigger {}", i + 1);
+        let off = gap_to(&tile(2 * i + 1), &tile(0));
+        assert!(
+            off < 15.0,
+            "trigger {}'s output is {off} grey levels off",
+            i + 1
+        );
+    }
     let report = std::fs::read_to_string(run.file("report.html")).unwrap();
     assert!(
         report.contains("The key holds 3 triggers"),

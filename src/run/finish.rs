@@ -77,6 +77,11 @@ pub fn finish(
         let (mut samplers, kept) = evaluate_samplers(model, k, &others, n, seed, 8)?;
         let mut rows = vec![triggered_row(&*under, k, seed)?];
         rows.extend(kept);
+        // Each further trigger of the key after them, under its own sampler.
+        for mark in &key.marks()[1..] {
+            let own = crate::family::under_sampler(model, mark.sampler)?;
+            rows.push(triggered_row(&*own, mark, seed)?);
+        }
         save_grid(&run.file("triggered.png"), &Tensor::cat(&rows, 0)?, 8)?;
         if let Some(s) = under.sampling() {
             samplers.insert(s, SamplerReport::from(&report));
