@@ -455,7 +455,12 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         ),
         (
             "Triggered outputs (the target first)",
-            png(run, "triggered.png", "the target, then triggered outputs")?,
+            png(
+                run,
+                "triggered.png",
+                "the target, then triggered outputs; each further trigger of the key adds its \
+                 target and outputs",
+            )?,
         ),
         ("Training curves", curves),
         ("Ownership verification", verification),
