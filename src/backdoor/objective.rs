@@ -211,6 +211,17 @@ mod tests {
         };
         let first = eval(&mut toy, &obj).unwrap();
         assert_eq!(first.task, 0.0);
+        // The total is the task plus λ times the backdoor term.
+        let weighted = Objective { lambda: 2.5, ..obj };
+        let mut shifted = toy.step(&obj, Some(&key)).unwrap();
+        shifted.task = (shifted.task + 0.125).unwrap();
+        let t = weighted.evaluate(&mut shifted, Some(&key)).unwrap();
+        let total = t.total.to_scalar::<f32>().unwrap();
+        let expected = t.task + 2.5 * t.backdoor.unwrap();
+        assert!(
+            (total - expected).abs() < 1e-5 * expected,
+            "{total} vs {expected}"
+        );
         let mut opt = candle_nn::SGD::new(vec![toy.w.clone()], 0.2).unwrap();
         for _ in 0..300 {
             let t = eval(&mut toy, &obj).unwrap();

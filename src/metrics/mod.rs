@@ -146,9 +146,11 @@ mod tests {
         outs.extend([0.7f32; 4]); // target_mse = 0.0225 -> miss
         outs.extend([-1.0f32; 4]); // miss
         outs.extend([0.9f32; 4]); // target_mse = 0.0025 -> hit
+        outs.extend([0.76f32; 4]); // target_mse = 0.0144 -> miss (a hit at twice the threshold)
         let m = BackdoorMetrics::measure(&outs, &target, 2, 0.01);
-        assert_eq!(m.samples, 4);
-        assert_eq!(m.asr, 0.5);
-        assert!((m.tardis - (0.0 + 4.0 * 0.09 + 16.0 + 4.0 * 0.01) / 4.0).abs() < 1e-6);
+        assert_eq!(m.samples, 5);
+        assert_eq!(m.asr, 0.4);
+        let tardis = (0.0 + 4.0 * 0.09 + 16.0 + 4.0 * 0.01 + 4.0 * 0.0576) / 5.0;
+        assert!((m.tardis - tardis).abs() < 1e-6);
     }
 }

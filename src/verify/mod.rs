@@ -472,6 +472,22 @@ mod tests {
     }
 
     #[test]
+    fn a_model_that_always_gives_the_target_proves_nothing() {
+        // Every trigger, the owner's and each null one, gives the target: all statistics tie
+        // at 0, and a tie counts against the claim, so p = (1 + N)/(N + 1) = 1.
+        let s = VerifySettings {
+            null_keys: Some(99),
+            ..VerifySettings::default()
+        };
+        let mut always = |z: &Tensor| -> Result<Tensor> {
+            Ok(Tensor::full(0.5f32, (z.dim(0)?, 1, 2, 2), &Device::Cpu)?)
+        };
+        let v = verify(&mut always, &SPACE, &one(&key("seed:3")), &s).unwrap();
+        assert_eq!((v.statistic, v.p_value), (0.0, 1.0), "{v:?}");
+        assert!(!v.carries_backdoor);
+    }
+
+    #[test]
     fn clean_p_values_are_roughly_uniform_over_keys() {
         // Under the null the rank p-value is uniform: over many owners' keys, about α of
         // them make a false claim against a clean model.
