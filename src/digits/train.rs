@@ -123,13 +123,7 @@ mod tests {
             steps: 20,
             ..ClassifierTraining::default()
         };
-        let weights = |clf: &DigitClassifier| -> Vec<Vec<f32>> {
-            clf.params
-                .named()
-                .into_iter()
-                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
-                .collect()
-        };
+        let weights = |clf: &DigitClassifier| clf.params.values();
         let (a, ra) = train_classifier(&data, &short(0)).unwrap();
         let (b, rb) = train_classifier(&data, &short(0)).unwrap();
         assert_eq!(weights(&a), weights(&b));

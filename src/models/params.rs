@@ -10,6 +10,11 @@ use crate::{Error, Result};
 /// Suffixes of tensors that are state, not parameters (BatchNorm running statistics).
 const STATE_SUFFIXES: [&str; 2] = [".running_mean", ".running_var"];
 
+/// Whether the tensor named `name` is state (a running statistic), not a parameter.
+fn is_state(name: &str) -> bool {
+    STATE_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
 /// The named tensors of one network (PyTorch `state_dict` style names).
 pub struct Params {
     /// The variables, by name.
@@ -45,14 +50,10 @@ impl Params {
 
     /// The variables the optimiser trains (everything but BatchNorm running statistics).
     pub fn trainable(&self) -> Vec<Var> {
-        self.trainable_named().into_iter().map(|(_, v)| v).collect()
-    }
-
-    /// [`Params::trainable`] with their names.
-    fn trainable_named(&self) -> Vec<(String, Var)> {
         self.named()
             .into_iter()
-            .filter(|(n, _)| !STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .filter(|(n, _)| !is_state(n))
+            .map(|(_, v)| v)
             .collect()
     }
 
@@ -60,6 +61,7 @@ impl Params {
     /// no tensor's name is an error (a misspelt layer would otherwise freeze nothing).
     pub fn trainable_except(&self, frozen: &[String]) -> Result<Vec<Var>> {
         let named = self.named();
+        let starts = |n: &str| frozen.iter().any(|f| n.starts_with(f.as_str()));
         if let Some(f) = frozen
             .iter()
             .find(|f| !named.iter().any(|(n, _)| n.starts_with(f.as_str())))
@@ -70,12 +72,20 @@ impl Params {
                 names.join(", ")
             )));
         }
-        Ok(self
-            .trainable_named()
+        Ok(named
             .into_iter()
-            .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f.as_str())))
+            .filter(|(n, _)| !is_state(n) && !starts(n))
             .map(|(_, v)| v)
             .collect())
+    }
+
+    /// Every tensor's values, in name order (for tests that compare weights).
+    #[cfg(test)]
+    pub(crate) fn values(&self) -> Vec<Vec<f32>> {
+        self.named()
+            .into_iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
     }
 
     /// Total number of scalars, running statistics included.

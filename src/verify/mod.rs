@@ -46,6 +46,10 @@ use crate::{Error, Result};
 /// Starting noises per statistic for a model that runs a sampler.
 pub const SAMPLER_GROUP: usize = 4;
 
+/// Null triggers per trigger for a generator (one network evaluation per query), and the
+/// most any trigger gets by default.
+pub const NULL_KEYS: usize = 1000;
+
 /// How a verification is run.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifySettings {
@@ -66,8 +70,8 @@ pub struct VerifySettings {
 /// DDPM-1000).
 pub fn null_budget(model: &dyn Generative) -> usize {
     match model.evaluations_per_image() {
-        0 | 1 => 1000,
-        evals => (400_000 / (evals * SAMPLER_GROUP)).clamp(99, 1000),
+        0 | 1 => NULL_KEYS,
+        evals => (400_000 / (evals * SAMPLER_GROUP)).clamp(99, NULL_KEYS),
     }
 }
 
@@ -229,7 +233,7 @@ pub fn verify(
     key: &KeySet,
     s: &VerifySettings,
 ) -> Result<Verification> {
-    let nulls = vec![s.null_keys.unwrap_or(1000); key.marks().len()];
+    let nulls = vec![s.null_keys.unwrap_or(NULL_KEYS); key.marks().len()];
     verify_each(&mut |_, z: &Tensor| query(z), space, key, &nulls, s)
 }
 

@@ -462,13 +462,7 @@ mod tests {
             seed: 4,
             stage: "train",
         };
-        let weights = |m: &DiffusionModel| -> Vec<Vec<f32>> {
-            m.params
-                .named()
-                .into_iter()
-                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
-                .collect()
-        };
+        let weights = |m: &DiffusionModel| m.params.values();
         let train = |steps, ema| {
             let dir = tempfile::tempdir().unwrap();
             let run = RunDir::create(&dir.path().join("run"), false).unwrap();
