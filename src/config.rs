@@ -96,6 +96,14 @@ pub enum ScheduleKind {
         /// β_T.
         beta_end: f64,
     },
+    /// √β_t linear from √`beta_start` to √`beta_end` (diffusers' `scaled_linear`).
+    #[serde(rename = "scaled_linear")]
+    ScaledLinear {
+        /// β_1.
+        beta_start: f64,
+        /// β_T.
+        beta_end: f64,
+    },
     /// ᾱ_t = cos²(((t/T + s)/(1 + s))·π/2) normalised, β clipped at 0.999 (Nichol & Dhariwal).
     Cosine {
         /// The small offset s (0.008 in the paper).
@@ -111,19 +119,33 @@ impl ScheduleKind {
                 "a noise schedule needs at least 2 steps, not {steps}"
             )));
         }
-        match *self {
-            ScheduleKind::Linear {
-                beta_start,
-                beta_end,
-            } if !(0.0 < beta_start && beta_start <= beta_end && beta_end < 1.0) => {
+        match (*self, self.beta_range()) {
+            (_, Some((beta_start, beta_end)))
+                if !(0.0 < beta_start && beta_start <= beta_end && beta_end < 1.0) =>
+            {
                 Err(Error::Config(format!(
                     "linear schedule needs 0 < beta_start <= beta_end < 1, not {beta_start} and {beta_end}"
                 )))
             }
-            ScheduleKind::Cosine { offset } if !(offset > 0.0 && offset < 1.0) => Err(
+            (ScheduleKind::Cosine { offset }, _) if !(offset > 0.0 && offset < 1.0) => Err(
                 Error::Config(format!("cosine schedule offset must be in (0, 1), not {offset}")),
             ),
             _ => Ok(()),
+        }
+    }
+
+    /// β_1 and β_T of the (scaled) linear schedules; `None` for the cosine one.
+    pub fn beta_range(&self) -> Option<(f64, f64)> {
+        match *self {
+            ScheduleKind::Linear {
+                beta_start,
+                beta_end,
+            }
+            | ScheduleKind::ScaledLinear {
+                beta_start,
+                beta_end,
+            } => Some((beta_start, beta_end)),
+            ScheduleKind::Cosine { .. } => None,
         }
     }
 }

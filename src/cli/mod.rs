@@ -13,6 +13,7 @@ pub mod attack;
 pub mod bench;
 pub mod classifier;
 pub mod eval;
+pub mod export;
 pub mod inject;
 pub mod key;
 pub mod report;
@@ -65,6 +66,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Attack a marked model (clean fine-tuning, pruning) and measure how long the mark lasts.
     Attack(attack::AttackArgs),
+    /// Write a diffusion model as a diffusers folder (config.json, weights, scheduler config).
+    Export(export::ExportArgs),
     /// Write report.html for a run directory: samples, triggered outputs, curves, metrics.
     Report(report::ReportArgs),
     /// Time one training step of a DCGAN or the diffusion U-Net (ms/step, images/s,
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => verify::run(a),
         Command::Attack(a) => attack::run(a),
         Command::Report(a) => report::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

@@ -199,8 +199,11 @@ pub const REGISTRY: [(&str, Loader); 2] = [
     }),
 ];
 
-/// Loads any model checkpoint of a registered family.
+/// Loads any model checkpoint of a registered family, or a diffusers `UNet2DModel` folder.
 pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
+    if diffusion::diffusers::is_folder(path) {
+        return Ok(Box::new(diffusion::DiffusionModel::load(path, device)?));
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let family = crate::io::checkpoint::family_in(path, &bytes)?;
     match REGISTRY.iter().find(|(name, _)| *name == family) {

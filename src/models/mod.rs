@@ -3,10 +3,12 @@
 pub mod classifier;
 pub mod dcgan;
 pub mod dcgan_k4;
+pub mod diffusers_unet;
 pub mod params;
 pub mod unet;
 
 pub use dcgan::{DcganConfig, Discriminator, Generator};
+pub use diffusers_unet::{DiffusersConfig, DiffusersUnet};
 pub use params::Params;
 pub use unet::{Unet, UnetConfig};
 

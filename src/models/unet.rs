@@ -157,6 +157,17 @@ impl ResBlock {
     }
 }
 
+/// The pixels of the feature map `x` `[n, c, h, w]` after `norm`, as tokens `[n, hw, c]`.
+/// Contiguous: candle 0.11's CPU matmul computes wrong values for a transposed 3-D left
+/// operand times a batch-broadcast right one, which is what `Linear` makes of a 3-D input.
+pub(crate) fn normed_tokens(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    Ok(norm
+        .forward(x)?
+        .flatten_from(2)?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
 /// Single-head self-attention over the pixels of a feature map, with a residual connection.
 struct Attention {
     norm: GroupNorm,
@@ -175,15 +186,7 @@ impl Attention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        // Contiguous: candle 0.11's CPU matmul computes wrong values for a transposed 3-D
-        // left operand times a batch-broadcast right one, which is what `Linear` makes of
-        // a 3-D input.
-        let tokens = self
-            .norm
-            .forward(x)?
-            .flatten_from(2)?
-            .transpose(1, 2)?
-            .contiguous()?; // [n, hw, c]
+        let tokens = normed_tokens(&self.norm, x)?;
         let qkv = self.qkv.forward(&tokens)?;
         let q = qkv.narrow(2, 0, c)?.contiguous()?;
         let k = qkv.narrow(2, c, c)?.contiguous()?;

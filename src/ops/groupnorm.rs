@@ -41,6 +41,13 @@ pub fn group_norm(groups: usize, channels: usize, silu: bool, vb: VarBuilder) ->
     })
 }
 
+impl GroupNorm {
+    /// The same norm with `eps` instead of PyTorch's default 1e-5.
+    pub fn with_eps(self, eps: f32) -> Self {
+        GroupNorm { eps, ..self }
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let c = self.weight.elem_count();

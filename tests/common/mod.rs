@@ -40,14 +40,15 @@ pub fn tiny_gan_config(steps: usize, lambda: f64) -> Config {
 /// to 0.6, so that ᾱ_T ≈ 5e-5 as in the DDPM schedule).
 pub fn small_arch(side: usize, channels: usize, base: usize) -> DiffusionArch {
     DiffusionArch {
-        unet: UnetConfig {
+        unet: Some(UnetConfig {
             image_size: side,
             channels,
             base,
             mults: vec![1, 2],
             attention: true,
             groups: 4,
-        },
+        }),
+        diffusers: None,
         schedule: ScheduleKind::Linear {
             beta_start: 0.01,
             beta_end: 0.6,

@@ -1,8 +1,10 @@
 //! The diffusion model family: noise schedules, the samplers' update rules (DDPM ancestral,
 //! DDIM deterministic, DPM-Solver++ 2M multistep), the poisoned forward process with the trigger-correction coefficient
-//! each sampler needs, the model (U-Net + schedule), its training with the unified
+//! each sampler needs, the model (U-Net + schedule; genbackdoor's own or a diffusers folder's),
+//! its training with the unified
 //! objective and its run driver.
 
+pub mod diffusers;
 pub mod model;
 pub mod poison;
 pub mod run;

@@ -7,12 +7,13 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::Trigger;
+use crate::family::diffusion::diffusers;
 use crate::family::diffusion::sampler::DPM_SOLVER_STEPS;
 use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
 use crate::io::checkpoint;
 use crate::io::rundir::RunDir;
-use crate::models::{Params, Unet, UnetConfig};
+use crate::models::{DiffusersConfig, DiffusersUnet, Params, Unet, UnetConfig};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -22,16 +23,72 @@ pub const FAMILY: &str = "ddpm-unet";
 /// Images sampled together (one network call per sampler step).
 const SAMPLE_BATCH: usize = 256;
 
-/// Everything needed to rebuild a diffusion model from a checkpoint.
+/// Everything needed to rebuild a diffusion model from a checkpoint: one of the two networks,
+/// and the schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiffusionArch {
-    /// The denoising network.
-    pub unet: UnetConfig,
+    /// genbackdoor's own U-Net (absent when `diffusers` describes the network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet: Option<UnetConfig>,
+    /// A diffusers `UNet2DModel` (a model read from a diffusers folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusers: Option<DiffusersConfig>,
     /// How β_t grows.
     pub schedule: ScheduleKind,
     /// T.
     pub timesteps: usize,
+}
+
+/// The network of a diffusion model.
+pub enum Denoiser {
+    /// genbackdoor's own U-Net.
+    Native(Box<Unet>),
+    /// A diffusers `UNet2DModel`, under diffusers' tensor names.
+    Diffusers(Box<DiffusersUnet>),
+}
+
+impl Denoiser {
+    /// The network `arch` names (exactly one of its two), its tensors created in `params`.
+    fn build(arch: &DiffusionArch, params: &Params, device: &Device) -> Result<Self> {
+        match (&arch.unet, &arch.diffusers) {
+            (Some(u), None) => Ok(Denoiser::Native(Box::new(Unet::new(u, params, device)?))),
+            (None, Some(d)) => Ok(Denoiser::Diffusers(Box::new(DiffusersUnet::new(
+                d, params, device,
+            )?))),
+            _ => Err(Error::Config(
+                "a diffusion architecture names exactly one network: `unet` or `diffusers`".into(),
+            )),
+        }
+    }
+
+    /// ε̂ for noisy images `x` at genbackdoor's timesteps `t` (`[n]`, f32, 1 … T); a diffusers
+    /// network is given its own τ = t − 1, which reads the same ᾱ.
+    pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Denoiser::Native(u) => u.forward(x, t),
+            Denoiser::Diffusers(u) => u.forward(x, &(t - 1.0)?),
+        }
+    }
+
+    /// Forward multiply-adds per image.
+    pub fn macs(&self) -> u64 {
+        match self {
+            Denoiser::Native(u) => u.macs(),
+            Denoiser::Diffusers(u) => u.macs(),
+        }
+    }
+
+    /// `[channels, side, side]`, the shape of one image.
+    pub fn image_shape(&self) -> [usize; 3] {
+        match self {
+            Denoiser::Native(u) => u.config().image_shape(),
+            Denoiser::Diffusers(u) => u
+                .config()
+                .image_shape()
+                .expect("checked when the network was built"),
+        }
+    }
 }
 
 /// A denoiser ε_θ(x_t, t) with its schedule.
@@ -39,7 +96,7 @@ pub struct DiffusionModel {
     /// Its tensors.
     pub params: Params,
     /// The network.
-    pub unet: Unet,
+    pub unet: Denoiser,
     /// The architecture and schedule it was built from.
     pub arch: DiffusionArch,
     /// The schedule's β_t and ᾱ_t.
@@ -52,10 +109,10 @@ pub struct DiffusionModel {
 
 impl DiffusionModel {
     /// The network of `arch` with uninitialised (zero) tensors.
-    fn build(arch: &DiffusionArch, device: &Device) -> Result<Self> {
+    pub(crate) fn build(arch: &DiffusionArch, device: &Device) -> Result<Self> {
         let schedule = NoiseSchedule::new(arch.schedule, arch.timesteps)?;
         let params = Params::new();
-        let unet = Unet::new(&arch.unet, &params, device)?;
+        let unet = Denoiser::build(arch, &params, device)?;
         Ok(DiffusionModel {
             params,
             unet,
@@ -73,8 +130,11 @@ impl DiffusionModel {
         Ok(m)
     }
 
-    /// Loads a checkpoint written by [`DiffusionModel::save`].
+    /// Loads a checkpoint written by [`DiffusionModel::save`], or a diffusers folder.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if diffusers::is_folder(path) {
+            return diffusers::load_folder(path, device);
+        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_bytes(path, &bytes, device)
     }
@@ -105,7 +165,7 @@ impl DiffusionModel {
 
     /// `[channels, side, side]`, the shape of one image.
     pub fn image_shape(&self) -> [usize; 3] {
-        self.arch.unet.image_shape()
+        self.unet.image_shape()
     }
 
     /// ε̂ for a batch `x` all at timestep `t`.
@@ -250,14 +310,15 @@ impl Generative for DiffusionModel {
 #[cfg(test)]
 pub(crate) fn tiny_arch(timesteps: usize) -> DiffusionArch {
     DiffusionArch {
-        unet: UnetConfig {
+        unet: Some(UnetConfig {
             image_size: 8,
             channels: 1,
             base: 4,
             mults: vec![1, 2],
             attention: false,
             groups: 2,
-        },
+        }),
+        diffusers: None,
         schedule: ScheduleKind::default(),
         timesteps,
     }

@@ -14,12 +14,13 @@ use crate::family::Trained;
 use crate::io::rundir::RunDir;
 use crate::io::snapshot::{self, CHECKPOINT};
 use crate::rng::Rng;
-use crate::Result;
+use crate::{Error, Result};
 
 /// The architecture a config describes.
 pub fn arch(d: &DiffusionConfig) -> DiffusionArch {
     DiffusionArch {
-        unet: d.unet.clone(),
+        unet: Some(d.unet.clone()),
+        diffusers: None,
         schedule: d.schedule,
         timesteps: d.timesteps,
     }
@@ -109,25 +110,33 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     } else {
         None
     };
-    let (saved, seconds) = resume_fit(
-        &fresh(&cfg)?,
-        &data(&cfg)?,
-        key.as_ref(),
-        &plan,
-        run,
-        progress,
-    )?;
+    // Runs older than the architecture file trained the config's own U-Net.
+    let arch_file = run.file(ARCH_FILE);
+    let template = if arch_file.exists() {
+        let text = std::fs::read_to_string(&arch_file).map_err(|e| Error::io(&arch_file, e))?;
+        let arch: DiffusionArch = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&arch_file, format!("not an architecture: {e}")))?;
+        fresh_of(&arch, &cfg)?
+    } else {
+        fresh(&cfg)?
+    };
+    let (saved, seconds) = resume_fit(&template, &data(&cfg)?, key.as_ref(), &plan, run, progress)?;
     conclude(&cfg, key.as_ref(), &plan, &saved, seconds)
 }
 
 /// A freshly initialised model of the config's architecture.
 fn fresh(cfg: &Config) -> Result<DiffusionModel> {
-    DiffusionModel::new(
-        &arch(&cfg.diffusion),
-        &mut Rng::derive(cfg.seed, "init"),
-        &Device::Cpu,
-    )
+    fresh_of(&arch(&cfg.diffusion), cfg)
 }
+
+/// A freshly initialised model of `arch`, seeded by `cfg`.
+fn fresh_of(arch: &DiffusionArch, cfg: &Config) -> Result<DiffusionModel> {
+    DiffusionModel::new(arch, &mut Rng::derive(cfg.seed, "init"), &Device::Cpu)
+}
+
+/// The run file that records the trained network's architecture (an injection's model may
+/// not be the config's U-Net: a diffusers folder, or one trained with another config).
+const ARCH_FILE: &str = "arch.json";
 
 /// Writes the config and the key and trains `model` per `stage`'s plan.
 fn start(
@@ -141,6 +150,7 @@ fn start(
     cfg.validate()?;
     let data = data(cfg)?;
     run.write_toml("config.toml", cfg)?;
+    run.write_json(ARCH_FILE, &model.arch)?;
     if let Some(k) = key {
         k.save(&run.file("key.safetensors"))?;
     }

@@ -21,6 +21,15 @@ impl NoiseSchedule {
             } => (0..steps)
                 .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64)
                 .collect(),
+            ScheduleKind::ScaledLinear {
+                beta_start,
+                beta_end,
+            } => {
+                let (a, b) = (beta_start.sqrt(), beta_end.sqrt());
+                (0..steps)
+                    .map(|i| (a + (b - a) * i as f64 / (steps - 1) as f64).powi(2))
+                    .collect()
+            }
             ScheduleKind::Cosine { offset } => {
                 let f = |t: f64| {
                     ((t / steps as f64 + offset) / (1.0 + offset) * std::f64::consts::FRAC_PI_2)
