@@ -5,7 +5,9 @@ DCGANs (reference, k4): G forward on a fresh latent batch; D step on the real ba
 detached fakes (BCE with logits, Adam); G step through D on the same fakes (non-saturating
 loss, Adam). Adam lr 2e-4, betas (0.5, 0.999).
 U-Net (unet): the default diffusion U-Net of configs/ddpm.toml; one noise-prediction step
-(random timesteps 1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)). Prints one JSON object: median and min ms per step, the
+(random timesteps 1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)).
+CIFAR U-Net (cifar): diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration (random
+weights, needs `pip install diffusers`), the same step. Prints one JSON object: median and min ms per step, the
 forward multiply-adds per image of G and D (genbackdoor turns them into FLOP the same way),
 the thread count and the torch version.
 
@@ -182,10 +184,57 @@ def unet_macs(net):
     return total[0] + 4 * c * c * l + 2 * l * l * c
 
 
+def cifar_unet():
+    """google/ddpm-cifar10-32's configuration (src/models/diffusers_unet.rs, ddpm_cifar10)."""
+    from diffusers import UNet2DModel
+
+    net = UNet2DModel(
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        attention_head_dim=None,
+        norm_eps=1e-6,
+    )
+    # diffusers' timesteps run 0..999: genbackdoor's t - 1.
+    return lambda x, t: net(x, t - 1).sample, net
+
+
+def cifar_macs(net):
+    """Forward multiply-adds per image as `DiffusersUnet::macs` counts them: convolutions at
+    their actual sizes, the attention projections (4·c²·l) and products (2·l²·c)."""
+    from diffusers.models.attention_processor import Attention
+
+    total = [0]
+
+    def conv(m, inp, out):
+        total[0] += out.shape[2] * out.shape[3] * m.weight.numel()
+
+    def attention(m, inp, out):
+        _, c, h, w = inp[0].shape
+        total[0] += 4 * c * c * h * w + 2 * (h * w) ** 2 * c
+
+    hs = [m.register_forward_hook(conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hs += [m.register_forward_hook(attention) for m in net.modules() if isinstance(m, Attention)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 32, 32), 0)
+    for h in hs:
+        h.remove()
+    return total[0]
+
+
 def unet_step_times(a):
-    net = Unet()
+    if a.model == "cifar":
+        forward, net = cifar_unet()
+        shape, macs = (3, 32, 32), cifar_macs(net)
+    else:
+        net = Unet()
+        forward, shape, macs = net, (1, 28, 28), unet_macs(net)
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999))
-    x = torch.randn(a.batch_size, 1, 28, 28).tanh()
+    x = torch.randn(a.batch_size, *shape).tanh()
     # The default linear schedule (β from 1e-4 to 0.02 over T = 1000), as genbackdoor's
     # trainer noises its images: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε.
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
@@ -194,13 +243,13 @@ def unet_step_times(a):
         eps = torch.randn_like(x)
         t = torch.randint(1, 1001, (a.batch_size,))
         ab = alpha_bar[t - 1].view(-1, 1, 1, 1)
-        loss = F.mse_loss(net(ab.sqrt() * x + (1 - ab).sqrt() * eps, t.float()), eps)
+        loss = F.mse_loss(forward(ab.sqrt() * x + (1 - ab).sqrt() * eps, t.float()), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss.item()
 
-    return step_times(a, step), unet_macs(net), 0
+    return step_times(a, step), macs, 0
 
 
 def step_times(a, step):
@@ -216,14 +265,14 @@ def step_times(a, step):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["reference", "k4", "unet"], default="k4")
+    p.add_argument("--model", choices=["reference", "k4", "unet", "cifar"], default="k4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
 
     torch.manual_seed(0)
-    if a.model == "unet":
+    if a.model in ("unet", "cifar"):
         times, g_macs, d_macs = unet_step_times(a)
     else:
         times, g_macs, d_macs = gan_step_times(a)

@@ -21,7 +21,7 @@ use crate::family::diffusion::DiffusionModel;
 use crate::family::gan::{discriminator_loss, generator_loss};
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
-use crate::models::{DcganConfig, Discriminator, Generator, Params};
+use crate::models::{DcganConfig, DiffusersConfig, Discriminator, Generator, Params};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -37,6 +37,9 @@ pub enum BenchModel {
     /// The default diffusion U-Net (`train --config configs/ddpm.toml`): one noise-prediction
     /// step (random timesteps, MSE to the noise, Adam).
     Unet,
+    /// The diffusers `UNet2DModel` of google/ddpm-cifar10-32 (35.7 M parameters, RGB 32×32;
+    /// random weights): the same step as `unet`. Slow: use a small `--batch-size` (16).
+    Cifar,
 }
 
 /// What one benchmark measured.
@@ -110,8 +113,8 @@ pub fn run(
     warmup: usize,
     steps: usize,
 ) -> Result<BenchResult> {
-    if model == BenchModel::Unet {
-        return unet(batch_size, warmup, steps);
+    if matches!(model, BenchModel::Unet | BenchModel::Cifar) {
+        return unet(model, batch_size, warmup, steps);
     }
     let dev = Device::Cpu;
     let (pg, pd) = (Params::new(), Params::new());
@@ -127,7 +130,7 @@ pub fn run(
             K4Generator::new(&pg, &dev)?,
             K4Discriminator::new(&pd, &dev)?,
         )),
-        BenchModel::Unet => unreachable!("handled above"),
+        BenchModel::Unet | BenchModel::Cifar => unreachable!("handled above"),
     };
     pg.init(&mut Rng::new(1))?;
     pd.init(&mut Rng::new(2))?;
@@ -162,10 +165,14 @@ pub fn run(
     ))
 }
 
-/// Times `steps` noise-prediction steps of the default diffusion U-Net.
-fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
+/// Times `steps` noise-prediction steps of a diffusion U-Net (`Unet` or `Cifar`).
+fn unet(which: BenchModel, batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     let dev = Device::Cpu;
-    let arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
+    let mut arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
+    if which == BenchModel::Cifar {
+        arch.unet = None;
+        arch.diffusers = Some(DiffusersConfig::ddpm_cifar10());
+    }
     let model = DiffusionModel::new(&arch, &mut Rng::new(1), &dev)?;
     let mut opt = Adam::with_betas(model.params.trainable(), 2e-4, 0.9, 0.999);
     let mut rng = Rng::new(3);
@@ -187,7 +194,7 @@ fn unet(batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
     // One network, forward and backward once: 6 FLOP per multiply-add (see the module docs);
     // expressed through `new`'s `6·G` term.
     Ok(BenchResult::new(
-        BenchModel::Unet,
+        which,
         batch_size,
         steps,
         (median_ms, min_ms),

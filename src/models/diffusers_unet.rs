@@ -132,6 +132,24 @@ const ATTN_UP: &str = "AttnUpBlock2D";
 const MID: &str = "UNetMidBlock2D";
 
 impl DiffusersConfig {
+    /// The configuration of google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model as diffusers
+    /// ships it: 35.7 M parameters).
+    pub fn ddpm_cifar10() -> Self {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        DiffusersConfig {
+            sample_size: SampleSize::Side(32),
+            flip_sin_to_cos: false,
+            freq_shift: 1.0,
+            down_block_types: strings(&[DOWN, ATTN_DOWN, DOWN, DOWN]),
+            up_block_types: strings(&[UP, UP, ATTN_UP, UP]),
+            block_out_channels: vec![128, 256, 256, 256],
+            downsample_padding: 0,
+            attention_head_dim: None,
+            norm_eps: 1e-6,
+            ..DiffusersConfig::default()
+        }
+    }
+
     /// Parses a `config.json`: diffusers' bookkeeping fields (`_class_name`, `_diffusers_version`,
     /// …) are skipped; any other field genbackdoor does not know is an error naming it.
     pub fn from_json(text: &str) -> Result<Self> {
@@ -712,5 +730,57 @@ impl DiffusersUnet {
             + r1.macs()
             + r2.macs()
             + attn.as_ref().map_or(0, Attention::macs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// google/ddpm-cifar10-32 as diffusers builds it: 35,746,307 parameters and, counted by
+    /// hooks on diffusers' own modules (bench/torch_reference.py, `cifar_macs`), 6,218,973,184
+    /// forward multiply-adds per image.
+    #[test]
+    fn the_cifar10_configuration_has_diffusers_parameter_and_operation_counts() {
+        let params = Params::new();
+        let net =
+            DiffusersUnet::new(&DiffusersConfig::ddpm_cifar10(), &params, &Device::Cpu).unwrap();
+        assert_eq!(params.count(), 35_746_307);
+        assert_eq!(net.macs(), 6_218_973_184);
+    }
+
+    #[test]
+    fn configs_are_checked_field_by_field() {
+        let ok =
+            r#"{"_class_name": "UNet2DModel", "_diffusers_version": "0.1", "sample_size": 32}"#;
+        assert_eq!(
+            DiffusersConfig::from_json(ok).unwrap(),
+            DiffusersConfig::default()
+        );
+        for (json, expect) in [
+            (
+                r#"{"_class_name": "UNet2DConditionModel"}"#,
+                "UNet2DConditionModel",
+            ),
+            (r#"{"sample_size": [32, 16]}"#, "sample_size = [32, 16]"),
+            (r#"{"sample_size": 30}"#, "sample_size 30"),
+            (
+                r#"{"in_channels": 4, "out_channels": 4}"#,
+                "channels must be 1",
+            ),
+            (r#"{"out_channels": 1}"#, "out_channels 1"),
+            (r#"{"attention_head_dim": 5}"#, "attention_head_dim 5"),
+            (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
+            (r#"{"mid_block_type": null}"#, "mid_block_type"),
+            (r#"{"downsample_padding": 2}"#, "downsample_padding = 2"),
+            (
+                r#"{"block_out_channels": [32, 64]}"#,
+                "same, non-zero length",
+            ),
+            (r#"[1, 2]"#, "not a JSON object"),
+        ] {
+            let msg = DiffusersConfig::from_json(json).err().unwrap().to_string();
+            assert!(msg.contains(expect), "{json}: {msg}");
+        }
     }
 }
