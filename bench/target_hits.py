@@ -2,8 +2,8 @@
 # Not part of CI. How many samples of a `genbackdoor sample --npy` file hit a key's target: a quick
 # ASR for diffusion models under DDPM, where `eval` also runs its (much slower) specificity paths.
 #
-#   bench/target_hits.py KEY.safetensors SAMPLES.npy [TARGET_TENSOR]   (default `target`; `1/target`
-#   for the second trigger of a key of several)
+#   bench/target_hits.py KEY.safetensors SAMPLES.npy [TARGET_TENSOR]   (default `target`; `0/target`, `1/target`, …
+#   for the first, second, … trigger of a key of several)
 import json, struct, sys
 import numpy as np
 b = open(sys.argv[1], 'rb').read(); n = struct.unpack('<Q', b[:8])[0]; h = json.loads(b[8:8+n]); d = b[8+n:]

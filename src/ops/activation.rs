@@ -8,6 +8,9 @@ use crate::Result;
 
 /// `max(x, 0) + slope · min(x, 0)`, element-wise, differentiable.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    if crate::ops::portable::applies(x) {
+        return Ok(crate::ops::portable::leaky_relu(x, slope)?);
+    }
     Ok(x.contiguous()?.apply_op1(LeakyRelu {
         slope: slope as f32,
     })?)

@@ -14,7 +14,7 @@ use crate::ops::cpu::{
     activate, lane_sum, ncs, parallel_pieces, per_channel_block, with_f32, Activation, F32Op,
     F32Op3,
 };
-use crate::ops::leaky_relu;
+use crate::ops::{leaky_relu, portable};
 use crate::Result;
 
 const NAME: &str = "batch-norm-train";
@@ -47,6 +47,35 @@ impl BatchNorm {
     /// Normalises with the batch's statistics and moves the running statistics towards them;
     /// then applies a LeakyReLU of slope `leaky`, if given, in the same graph node.
     fn forward_train(&self, x: &Tensor, leaky: Option<f32>) -> candle_core::Result<Tensor> {
+        let (y, mean, var) = if portable::applies(x) {
+            let (y, mean, var) = portable::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            (
+                portable::activate(y, leaky.map(Activation::LeakyRelu))?,
+                mean,
+                var,
+            )
+        } else {
+            self.fused_train(x, leaky)?
+        };
+        let m = (x.elem_count() / x.dim(1)?) as f64;
+        let blend = |running: &Var, batch: Tensor, scale: f64| -> candle_core::Result<()> {
+            running.set(
+                &((running.as_tensor() * (1.0 - self.momentum))?
+                    + (batch * (self.momentum * scale))?)?,
+            )
+        };
+        blend(&self.running_mean, mean, 1.0)?;
+        blend(&self.running_var, var, m / (m - 1.0).max(1.0))?;
+        Ok(y)
+    }
+
+    /// The fused kernel's training pass: its output and the batch's per-channel mean and
+    /// biased variance (`[c]`).
+    fn fused_train(
+        &self,
+        x: &Tensor,
+        leaky: Option<f32>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let stats = Arc::new(Mutex::new(None));
         let op = BatchNormTrain {
             eps: self.eps,
@@ -61,17 +90,13 @@ impl BatchNorm {
         let Some(s) = stats else {
             candle_core::bail!("batch-norm: statistics were not computed");
         };
-        let m = s.count as f64;
-        let blend = |running: &Var, batch: Vec<f32>, scale: f64| -> candle_core::Result<()> {
-            let batch = Tensor::from_vec(batch, running.dims(), running.device())?;
-            running.set(
-                &((running.as_tensor() * (1.0 - self.momentum))?
-                    + (batch * (self.momentum * scale))?)?,
-            )
-        };
-        blend(&self.running_mean, s.mean, 1.0)?;
-        blend(&self.running_var, s.var, m / (m - 1.0).max(1.0))?;
-        Ok(y)
+        let shape = self.running_mean.dims();
+        let dev = x.device();
+        Ok((
+            y,
+            Tensor::from_vec(s.mean, shape, dev)?,
+            Tensor::from_vec(s.var, shape, dev)?,
+        ))
     }
 
     /// Normalises with the running statistics.
@@ -136,8 +161,6 @@ struct Stats {
     /// Biased (population) variance.
     var: Vec<f32>,
     inv_std: Vec<f32>,
-    /// Values per channel, `n · spatial`.
-    count: usize,
 }
 
 /// The training-mode forward kernel; it leaves its statistics in `stats` for the running
@@ -236,12 +259,7 @@ impl F32Op3 for BatchNormTrain {
         let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
         let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], act);
-        *self.stats.lock().expect("stats lock") = Some(Stats {
-            mean,
-            var,
-            inv_std,
-            count: n * s,
-        });
+        *self.stats.lock().expect("stats lock") = Some(Stats { mean, var, inv_std });
         Ok((y, l1.shape().clone()))
     }
 

@@ -25,6 +25,7 @@ use crate::ops::cpu::{
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
 };
+use crate::ops::portable;
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
@@ -196,11 +197,34 @@ impl Conv {
                 bias.dims()
             )));
         }
+        if portable::applies(x) {
+            return Ok(self.portable(x, weight, bias, act)?);
+        }
         Ok(x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             bias,
             F32Op::with_activation(self, act),
         )?)
+    }
+
+    /// [`Conv::apply`] by candle's own convolutions.
+    fn portable(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Tensor> {
+        let Geometry { k, stride, pad, .. } = self.g;
+        let y = if self.transposed {
+            // The output side is (h − 1)·stride − 2·pad + k + out_pad.
+            let h = x.dim(2)?;
+            let out_pad = self.g.h + 2 * pad - (h - 1) * stride - k;
+            x.conv_transpose2d(weight, pad, out_pad, stride, 1)?
+        } else {
+            x.conv2d(weight, pad, stride, 1, 1)?
+        };
+        portable::activate(y.broadcast_add(&portable::per_channel(bias, 4)?)?, act)
     }
 
     /// Output channels (the bias's length).

@@ -7,6 +7,7 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
 use crate::ops::cpu::{activate, matmul, parallel_pieces, with_f32, Activation, F32Op, F32Op3};
+use crate::ops::portable;
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-dense";
@@ -50,6 +51,10 @@ impl Dense {
             Some(b) => b.clone(),
             None => Tensor::zeros(self.weight.dim(0)?, x.dtype(), x.device())?,
         };
+        if portable::applies(x) {
+            let y = x.reshape((rows, ()))?.matmul(&self.weight.t()?)?;
+            return Ok(y.broadcast_add(&bias)?.reshape(out)?);
+        }
         let op = F32Op::new(DenseOp { rows, out });
         Ok(x.contiguous()?
             .apply_op3(&self.weight.contiguous()?, &bias, op)?)

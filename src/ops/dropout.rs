@@ -17,6 +17,9 @@ pub fn masked(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
             x.dims()
         )));
     }
+    if crate::ops::portable::applies(x) {
+        return Ok((x * mask.detach())?);
+    }
     Ok(x.contiguous()?.apply_op1(Masked {
         mask: mask.detach(),
     })?)

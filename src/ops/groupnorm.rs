@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::ops::cpu::{
     activate, lane_sum, ncs, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
 };
+use crate::ops::portable;
 use crate::Result;
 
 const NAME: &str = "group-norm";
@@ -56,6 +57,10 @@ impl Module for GroupNorm {
                 "group-norm over {c} channels cannot take an input of shape {:?}",
                 x.dims()
             );
+        }
+        if portable::applies(x) {
+            let (w, b) = (&self.weight, &self.bias);
+            return portable::group_norm(x, w, b, self.groups, self.eps, self.silu);
         }
         let op = GroupNormOp {
             groups: self.groups,

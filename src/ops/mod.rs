@@ -3,7 +3,8 @@
 //! candle's CPU `conv_transpose2d` is a direct loop, and the input gradient of its `conv2d`
 //! goes through it. Here both convolutions are written as a matrix product (candle's gemm)
 //! plus one of two memory-rearranging ops, `im2col` and `col2im`, which are each other's
-//! adjoint: the backward pass of one is the other.
+//! adjoint: the backward pass of one is the other. On other devices (and on the CPU when
+//! forced, for tests) every op runs candle's own operations instead ([`portable`]).
 
 mod activation;
 mod batchnorm;
@@ -13,6 +14,7 @@ mod dense;
 mod dropout;
 mod groupnorm;
 mod im2col;
+pub mod portable;
 #[cfg(test)]
 pub(crate) mod testing;
 
