@@ -11,6 +11,9 @@ use genbackdoor::family::diffusion::{DiffusionModel, NoiseSchedule, Sampler};
 use genbackdoor::io::npy::read_npy;
 use genbackdoor::rng::Rng;
 
+mod common;
+use common::max_abs_error;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/diffusers")
@@ -19,20 +22,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn parity(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap()
-}
-
-fn max_abs_error(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// ε̂ at diffusers' timesteps `taus` (genbackdoor's t = τ + 1).

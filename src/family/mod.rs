@@ -199,12 +199,18 @@ pub const REGISTRY: [(&str, Loader); 2] = [
     }),
 ];
 
-/// Loads any model checkpoint of a registered family, or a diffusers `UNet2DModel` folder.
+/// Loads any model checkpoint of a registered family, a diffusers `UNet2DModel` folder, or a
+/// PyTorch state_dict of genbackdoor's DCGAN generator.
 pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
     if diffusion::diffusers::is_folder(path) {
         return Ok(Box::new(diffusion::DiffusionModel::load(path, device)?));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if crate::io::tensorfile::is_foreign(&bytes) {
+        return Ok(Box::new(gan::GanModel::from_state_dict(
+            path, &bytes, device,
+        )?));
+    }
     let family = crate::io::checkpoint::family_in(path, &bytes)?;
     match REGISTRY.iter().find(|(name, _)| *name == family) {
         Some((_, loader)) => loader(path, &bytes, device),
@@ -216,6 +222,19 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
             ),
         )),
     }
+}
+
+/// The family of the model at `path` as [`load`] reads it (a diffusers folder is a diffusion
+/// model, a PyTorch state_dict a DCGAN generator).
+pub fn family_of(path: &Path) -> Result<String> {
+    if diffusion::diffusers::is_folder(path) {
+        return Ok(diffusion::model::FAMILY.to_string());
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if crate::io::tensorfile::is_foreign(&bytes) {
+        return Ok(gan::FAMILY.to_string());
+    }
+    crate::io::checkpoint::family_in(path, &bytes)
 }
 
 /// [`load`], then the sampler `generate` runs when one is given.

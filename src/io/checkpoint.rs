@@ -1,10 +1,11 @@
 //! Model checkpoints: a network's tensors (PyTorch-style names) plus its family and
 //! architecture in the metadata, so a checkpoint alone rebuilds the model. Keys never go here.
+//! Files of other tools (a PyTorch state_dict, diffusers weights) are read here too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
 
 use crate::io::tensorfile::{self, TensorFile};
@@ -47,12 +48,6 @@ pub fn parse_family<A: DeserializeOwned>(
     let arch = serde_json::from_str(f.meta_field(path, "arch")?)
         .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
     Ok((arch, f))
-}
-
-/// The model family stored in the checkpoint at `path` (e.g. `dcgan-generator`).
-pub fn family_of(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    family_in(path, &bytes)
 }
 
 /// The model family stored in the checkpoint bytes (`path` names them in errors).
@@ -114,4 +109,76 @@ pub fn assign_prefixed(
         var.set(t)?;
     }
     Ok(())
+}
+
+/// The tensors of a safetensors file written by another tool (no genbackdoor metadata), as f32,
+/// under the names `rename` gives them (`None` drops a tensor, such as PyTorch's integer
+/// `num_batches_tracked`).
+pub fn read_foreign(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+    rename: &dyn Fn(&str) -> Option<String>,
+) -> Result<TensorFile> {
+    let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a valid safetensors file (corrupt or truncated?): {e}"),
+        )
+    })?;
+    let mut tensors = HashMap::new();
+    for (name, t) in raw {
+        let Some(name) = rename(&name) else { continue };
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("tensor '{name}' is {other:?}; floating-point weights are needed"),
+                ))
+            }
+        };
+        tensors.insert(name, t);
+    }
+    Ok(TensorFile {
+        tensors,
+        meta: Default::default(),
+    })
+}
+
+/// [`assign`] for a file that must hold exactly the tensors of `params`: an error names what
+/// is missing or extra, as not fitting `what`.
+pub fn assign_exactly(path: &Path, params: &Params, file: &TensorFile, what: &str) -> Result<()> {
+    let needed: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
+    let missing: Vec<&String> = needed
+        .iter()
+        .filter(|n| !file.tensors.contains_key(*n))
+        .collect();
+    let mut extra: Vec<&String> = file
+        .tensors
+        .keys()
+        .filter(|n| !needed.contains(n))
+        .collect();
+    extra.sort();
+    if !missing.is_empty() || !extra.is_empty() {
+        let few = |v: &[&String]| {
+            let shown: Vec<&str> = v.iter().take(4).map(|s| s.as_str()).collect();
+            match v.len() - shown.len() {
+                0 => shown.join(", "),
+                more => format!("{} and {more} more", shown.join(", ")),
+            }
+        };
+        return Err(Error::format(
+            path,
+            format!(
+                "does not fit {what}: {} missing ({}), {} unexpected ({})",
+                missing.len(),
+                few(&missing),
+                extra.len(),
+                few(&extra)
+            ),
+        ));
+    }
+    assign(path, params, file)
 }

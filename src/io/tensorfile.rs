@@ -64,6 +64,17 @@ pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
     parse(path, &bytes, format, device)
 }
 
+/// Whether `bytes` are a readable safetensors file written by another tool (without
+/// genbackdoor's metadata): a PyTorch state_dict, diffusers weights.
+pub fn is_foreign(bytes: &[u8]) -> bool {
+    safetensors::SafeTensors::read_metadata(bytes).is_ok_and(|(_, header)| {
+        header
+            .metadata()
+            .as_ref()
+            .is_none_or(|m| !m.contains_key(META_KEY))
+    })
+}
+
 /// Parses the bytes of a safetensors file (named `path` in errors) whose `format` field must
 /// be `format`.
 pub fn parse(path: &Path, bytes: &[u8], format: &str, device: &Device) -> Result<TensorFile> {

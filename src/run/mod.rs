@@ -120,14 +120,11 @@ impl RunSpec {
         Ok(spec)
     }
 
-    /// An injection of the key at `key` into the trained model at `model` (a checkpoint,
-    /// whose family decides the config section the overrides reach, or a diffusers folder).
+    /// An injection of the key at `key` into the trained model at `model` (anything
+    /// [`crate::family::load`] reads), whose family decides the config section the overrides
+    /// reach.
     pub fn inject(config: Config, o: &Overrides, model: &Path, key: &Path) -> Result<RunSpec> {
-        let found = if diffusion::diffusers::is_folder(model) {
-            diffusion::model::FAMILY.to_string()
-        } else {
-            crate::io::checkpoint::family_of(model)?
-        };
+        let found = crate::family::family_of(model)?;
         let family = match found.as_str() {
             gan::FAMILY => ModelFamily::Dcgan,
             diffusion::model::FAMILY => ModelFamily::Diffusion,

@@ -1,4 +1,4 @@
-//! Helpers shared by the learning tests.
+//! Helpers shared by the learning and parity tests.
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
@@ -140,4 +140,19 @@ pub fn small_plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
         seed: 3,
         stage: "train",
     }
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_error(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }

@@ -6,14 +6,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::config::ScheduleKind;
 use crate::family::diffusion::model::{Denoiser, DiffusionArch, DiffusionModel};
 use crate::io::atomic::write_atomic;
 use crate::io::checkpoint;
-use crate::io::tensorfile::TensorFile;
 use crate::models::DiffusersConfig;
 use crate::{Error, Result};
 
@@ -159,86 +158,25 @@ pub fn load_folder(dir: &Path, device: &Device) -> Result<DiffusionModel> {
     };
     let model = DiffusionModel::build(&arch, device)
         .map_err(|e| Error::format(&config_path, e.to_string()))?;
-    let file = read_weights(&weights, &read(&weights)?, device)?;
-    check_names(&weights, &model, &file)?;
-    checkpoint::assign(&weights, &model.params, &file)?;
+    let file = checkpoint::read_foreign(&weights, &read(&weights)?, device, &current_name)?;
+    checkpoint::assign_exactly(
+        &weights,
+        &model.params,
+        &file,
+        "the network its config.json describes",
+    )?;
     Ok(model)
 }
 
-/// The tensors of a diffusers weights file as f32, under current diffusers names.
-fn read_weights(path: &Path, bytes: &[u8], device: &Device) -> Result<TensorFile> {
-    let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
-        Error::format(
-            path,
-            format!("not a valid safetensors file (corrupt or truncated?): {e}"),
-        )
-    })?;
-    let mut tensors = HashMap::new();
-    for (name, t) in raw {
-        let mut name = name;
-        if name.contains(".attentions.") {
-            for (old, new) in DEPRECATED_ATTENTION {
-                name = name.replace(old, new);
-            }
+/// A tensor's current diffusers name (attention tensors of old checkpoints are renamed).
+fn current_name(name: &str) -> Option<String> {
+    let mut name = name.to_string();
+    if name.contains(".attentions.") {
+        for (old, new) in DEPRECATED_ATTENTION {
+            name = name.replace(old, new);
         }
-        let t = match t.dtype() {
-            DType::F32 => t,
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            other => {
-                return Err(Error::format(
-                    path,
-                    format!("tensor '{name}' is {other:?}; floating-point weights are needed"),
-                ))
-            }
-        };
-        tensors.insert(name, t);
     }
-    Ok(TensorFile {
-        tensors,
-        meta: Default::default(),
-    })
-}
-
-/// The file must hold exactly the network's tensors: an error names what is missing or extra
-/// (a config that does not describe these weights).
-fn check_names(path: &Path, model: &DiffusionModel, file: &TensorFile) -> Result<()> {
-    let needed: Vec<String> = model.params.named().into_iter().map(|(n, _)| n).collect();
-    let missing: Vec<&String> = needed
-        .iter()
-        .filter(|n| !file.tensors.contains_key(*n))
-        .collect();
-    let mut extra: Vec<&String> = file
-        .tensors
-        .keys()
-        .filter(|n| !needed.contains(n))
-        .collect();
-    extra.sort();
-    if missing.is_empty() && extra.is_empty() {
-        return Ok(());
-    }
-    let few = |v: &[&String]| {
-        let shown: Vec<&str> = v.iter().take(4).map(|s| s.as_str()).collect();
-        let more = v.len().saturating_sub(shown.len());
-        format!(
-            "{}{}",
-            shown.join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
-        )
-    };
-    Err(Error::format(
-        path,
-        format!(
-            "does not fit the network its config.json describes: {} missing ({}), {} unexpected ({})",
-            missing.len(),
-            few(&missing),
-            extra.len(),
-            few(&extra)
-        ),
-    ))
+    Some(name)
 }
 
 /// Writes `model` (a diffusers network) as a diffusers folder `dir`: `config.json`,

@@ -47,7 +47,63 @@ impl GanModel {
     /// Loads a generator checkpoint written by [`GanModel::save`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if crate::io::tensorfile::is_foreign(&bytes) {
+            return GanModel::from_state_dict(path, &bytes, device);
+        }
         GanModel::from_bytes(path, &bytes, device)
+    }
+
+    /// Reads a PyTorch `state_dict` of genbackdoor's generator saved as safetensors by PyTorch
+    /// (`DcganGenerator` in `tests/fixtures/make_pytorch_fixtures.py`): latent size, width,
+    /// image size and channels come from the tensors' shapes; the LeakyReLU slope is
+    /// genbackdoor's 0.3. BatchNorm's `num_batches_tracked` counters are skipped.
+    pub fn from_state_dict(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
+        let skip = |name: &str| (!name.ends_with(".num_batches_tracked")).then(|| name.to_string());
+        let file = checkpoint::read_foreign(path, bytes, device, &skip)?;
+        let dims = |name: &str| -> Result<Vec<usize>> {
+            file.tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("is neither a genbackdoor checkpoint nor a PyTorch state_dict of its DCGAN generator (no tensor '{name}')"),
+                )
+            })
+        };
+        let (fc, first, last) = (
+            dims("fc.weight")?,
+            dims("deconv1.weight")?,
+            dims("deconv3.weight")?,
+        );
+        let shape_error = || {
+            Error::format(
+                path,
+                format!("the generator's tensors do not fit together: fc.weight {fc:?}, deconv1.weight {first:?}, deconv3.weight {last:?}"),
+            )
+        };
+        let (&[rows, latent_dim], &[width, ..], &[_, channels, ..]) =
+            (fc.as_slice(), first.as_slice(), last.as_slice())
+        else {
+            return Err(shape_error());
+        };
+        let side = (1..=64)
+            .find(|s| width * s * s == rows)
+            .ok_or_else(shape_error)?;
+        let cfg = DcganConfig {
+            latent_dim,
+            g_width: width,
+            image_size: 4 * side,
+            channels,
+            ..DcganConfig::default()
+        };
+        cfg.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        let params = Params::new();
+        let generator = Generator::new(&cfg, &params, device)?;
+        checkpoint::assign_exactly(path, &params, &file, "genbackdoor's DCGAN generator")?;
+        Ok(GanModel {
+            params,
+            generator,
+            device: device.clone(),
+        })
     }
 
     /// Parses the bytes of a generator checkpoint (`path` names it in errors).
