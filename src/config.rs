@@ -47,8 +47,11 @@ pub enum ModelFamily {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiffusionConfig {
-    /// The denoising network.
+    /// The denoising network: genbackdoor's own U-Net…
     pub unet: UnetConfig,
+    /// …or, when given (`[diffusion.diffusers]`, the fields of a diffusers `UNet2DModel`
+    /// config.json), a diffusers `UNet2DModel`, which `export` writes as a diffusers folder.
+    pub diffusers: Option<crate::models::DiffusersConfig>,
     /// How β_t grows (`kind = "linear"` with `beta_start`, `beta_end`, or `"cosine"` with `offset`).
     pub schedule: ScheduleKind,
     /// T, the number of noise levels.
@@ -83,6 +86,10 @@ pub struct DiffusionConfig {
     pub quality_samples: usize,
     /// Fine-tuning a trained clean model with a backdoor (`inject`).
     pub inject: DiffusionInject,
+    /// Draw the poisoned samples of a DDIM-corrected trigger only at the timesteps its DDIM
+    /// sampler visits (1 + i·T/N), not at all T: the deterministic sampler queries the
+    /// network nowhere else.
+    pub poison_on_sampler_steps: bool,
 }
 
 /// How β_t grows over the T steps.
@@ -228,6 +235,8 @@ impl Default for DiffusionConfig {
             eval_samples: DIFFUSION_EVAL_SAMPLES,
             quality_samples: DIFFUSION_QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
+            poison_on_sampler_steps: false,
+            diffusers: None,
         }
     }
 }
@@ -460,7 +469,10 @@ impl Config {
         rate("backdoor.threshold", b.threshold)?;
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
         let d = &self.diffusion;
-        d.unet.validate()?;
+        match &d.diffusers {
+            Some(net) => net.validate()?,
+            None => d.unet.validate()?,
+        }
         d.schedule.validate(d.timesteps)?;
         if let Correction::Ddim { steps } = d.correction {
             if steps == 0 || steps > d.timesteps {

@@ -1150,3 +1150,73 @@ fn red_leaves_frozen_tensors_as_they_were() {
         "{err}"
     );
 }
+
+#[test]
+fn a_diffusion_model_trained_as_a_diffusers_network_exports_as_a_diffusers_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("diffusers.toml");
+    // The tiny run's schedule and steps, on a diffusers UNet2DModel instead of the U-Net.
+    let net = r#"
+[diffusion.diffusers]
+block_out_channels = [4, 8]
+down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
+up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
+layers_per_block = 1
+norm_num_groups = 2
+attention_head_dim = 4
+"#;
+    std::fs::write(&cfg, format!("{TINY_DIFFUSION}{net}")).unwrap();
+    let run = dir.path().join("run");
+    // Clean (λ = 0): no end-of-run verification, which a CI run cannot afford twice.
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--quiet",
+        "--lambda",
+        "0",
+    ]);
+    let arch = read_json(&run.join("arch.json"));
+    assert_eq!(arch["diffusers"]["sample_size"], 28, "{arch}");
+    assert_eq!(
+        arch["diffusers"]["in_channels"], 1,
+        "fitted to the data: {arch}"
+    );
+    assert!(arch.get("unet").is_none(), "{arch}");
+    let folder = dir.path().join("folder");
+    let model = run.join("model.safetensors");
+    ok(&["export", "--model", s(&model), "--out", s(&folder)]);
+    let config = read_json(&folder.join("config.json"));
+    assert_eq!(config["_class_name"], "UNet2DModel");
+    assert_eq!(config["block_out_channels"], serde_json::json!([4, 8]));
+    let scheduler = read_json(&folder.join("scheduler_config.json"));
+    assert_eq!(
+        (
+            &scheduler["beta_start"],
+            &scheduler["beta_end"],
+            &scheduler["num_train_timesteps"]
+        ),
+        (
+            &serde_json::json!(0.01),
+            &serde_json::json!(0.5),
+            &serde_json::json!(10)
+        )
+    );
+    // The folder samples exactly as the checkpoint does.
+    let npys: Vec<_> = [&model, &folder]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let npy = dir.path().join(format!("{i}.npy"));
+            ok(&words(&format!(
+                "sample --model {} --n 3 --sampler ddim-5 --npy {}",
+                s(m),
+                s(&npy)
+            )));
+            std::fs::read(npy).unwrap()
+        })
+        .collect();
+    assert_eq!(npys[0], npys[1]);
+}

@@ -222,7 +222,7 @@ fn folders_that_genbackdoor_cannot_read_are_clear_errors() {
         .err()
         .unwrap()
         .to_string();
-    assert!(msg.contains("diffusers folder"), "{msg}");
+    assert!(msg.contains("[diffusion.diffusers]"), "{msg}");
 }
 
 #[test]

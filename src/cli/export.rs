@@ -13,8 +13,9 @@ use crate::io::rundir::RunDir;
 /// Arguments of `export`.
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The diffusion model: a checkpoint of a diffusers network (such as the model.safetensors
-    /// of an injection into a diffusers folder) or a diffusers folder.
+    /// The diffusion model: a checkpoint of a diffusers network (the model.safetensors of an
+    /// injection into a diffusers folder, or of a run trained with `[diffusion.diffusers]`) or
+    /// a diffusers folder.
     #[arg(long)]
     pub model: PathBuf,
     /// The diffusers folder to write: config.json, diffusion_pytorch_model.safetensors and

@@ -300,14 +300,17 @@ fn fit_to_data(cfg: &mut Config) -> Result<()> {
             crate::data::shape_words(shape)
         )));
     }
-    let (channels, size) = match cfg.family {
-        ModelFamily::Dcgan => (&mut cfg.model.channels, &mut cfg.model.image_size),
-        ModelFamily::Diffusion => (
-            &mut cfg.diffusion.unet.channels,
-            &mut cfg.diffusion.unet.image_size,
-        ),
-    };
-    (*channels, *size) = (c, h);
+    match (cfg.family, &mut cfg.diffusion.diffusers) {
+        (ModelFamily::Dcgan, _) => (cfg.model.channels, cfg.model.image_size) = (c, h),
+        (ModelFamily::Diffusion, Some(net)) => {
+            (net.in_channels, net.out_channels) = (c, c);
+            net.sample_size = crate::models::diffusers_unet::SampleSize::Side(h);
+        }
+        (ModelFamily::Diffusion, None) => {
+            let unet = &mut cfg.diffusion.unet;
+            (unet.channels, unet.image_size) = (c, h);
+        }
+    }
     cfg.validate()
 }
 
@@ -321,7 +324,11 @@ fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
             cfg.model.image_shape(),
         ),
         ModelFamily::Diffusion => {
-            let shape = cfg.diffusion.unet.image_shape();
+            let d = &cfg.diffusion;
+            let shape = match &d.diffusers {
+                Some(net) => net.image_shape().unwrap_or(d.unet.image_shape()),
+                None => d.unet.image_shape(),
+            };
             (InputSpace::Noise { shape }, shape)
         }
     }

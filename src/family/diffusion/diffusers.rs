@@ -185,7 +185,7 @@ fn current_name(name: &str) -> Option<String> {
 pub fn save_folder(model: &DiffusionModel, dir: &Path) -> Result<()> {
     let Denoiser::Diffusers(net) = &model.unet else {
         return Err(Error::Config(
-            "only a model read from a diffusers folder can be written as one (genbackdoor's own U-Net has other blocks)".into(),
+            "only a diffusers UNet2DModel network can be written as a diffusers folder: genbackdoor's own U-Net (`[diffusion.unet]`) has other blocks; train with `[diffusion.diffusers]` for a model that exports".into(),
         ));
     };
     let beta_schedule = match model.arch.schedule {

@@ -19,8 +19,8 @@ use crate::{Error, Result};
 /// The architecture a config describes.
 pub fn arch(d: &DiffusionConfig) -> DiffusionArch {
     DiffusionArch {
-        unet: Some(d.unet.clone()),
-        diffusers: None,
+        unet: d.diffusers.is_none().then(|| d.unet.clone()),
+        diffusers: d.diffusers.clone(),
         schedule: d.schedule,
         timesteps: d.timesteps,
     }
@@ -44,6 +44,7 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
             backdoor_batch: cfg.backdoor.backdoor_batch,
         },
         correction: d.correction,
+        poison_on_sampler_steps: d.poison_on_sampler_steps,
         ema: d.ema,
         log_every: d.log_every,
         checkpoint_every: d.checkpoint_every,
