@@ -12,7 +12,7 @@ fn eps_model(x: &Tensor, t: usize) -> genbackdoor::Result<Tensor> {
 }
 
 #[test]
-fn ddim_and_dpm_solver_match_diffusers_from_the_same_start() {
+fn ddim_dpm_solver_and_heun_match_diffusers_from_the_same_start() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/samplers.json")).unwrap();
     let shape: Vec<usize> = serde_json::from_value(fixture["shape"].clone()).unwrap();
@@ -20,7 +20,11 @@ fn ddim_and_dpm_solver_match_diffusers_from_the_same_start() {
     let x_t = Tensor::from_vec(values(&fixture["x_t"]), shape.as_slice(), &Device::Cpu).unwrap();
     let schedule = NoiseSchedule::new(ScheduleKind::default(), 1000).unwrap();
     let samples = fixture["samples"].as_object().unwrap();
-    assert_eq!(samples.len(), 4, "DDIM and DPM-Solver++ at 10 and 50 steps");
+    assert_eq!(
+        samples.len(),
+        6,
+        "DDIM, DPM-Solver++ and Heun at 10 and 50 steps"
+    );
     for (name, want) in samples {
         let sampler: Sampler = name.parse().unwrap();
         let got = sampler

@@ -40,7 +40,8 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Diffusion models: `ddpm` (all T steps), `ddim` (deterministic, `--steps` steps),
-    /// `ddim-N`, `dpm++2m` (DPM-Solver++ 2M, 20 steps) or `dpm++2m-N`; default: the key's own
+    /// `ddim-N`, `dpm++2m` (DPM-Solver++ 2M, 20 steps), `dpm++2m-N`, `heun` (25 steps) or
+    /// `heun-N`; default: the key's own
     /// sampler when a key is given, else DDIM-50.
     #[arg(long)]
     pub sampler: Option<String>,

@@ -32,7 +32,7 @@ pub struct VerifyArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Diffusion models: the sampler queried (`ddpm`, `ddim` = 50 steps, `ddim-N`,
-    /// `dpm++2m` = 20 steps, `dpm++2m-N`); default: the one the key's backdoor was trained for.
+    /// `dpm++2m` = 20 steps, `dpm++2m-N`, `heun` = 25 steps, `heun-N`); default: the one the key's backdoor was trained for.
     #[arg(long)]
     pub sampler: Option<String>,
     /// Print JSON instead of a verdict.

@@ -243,9 +243,7 @@ impl Generative for DiffusionModel {
     }
 
     fn evaluations_per_image(&self) -> usize {
-        self.sampler
-            .timesteps(&self.schedule)
-            .map_or(1, |t| t.len())
+        self.sampler.evaluations(&self.schedule).unwrap_or(1)
     }
 
     fn params(&self) -> &Params {
