@@ -129,12 +129,10 @@ impl Sampler {
         let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
         match self {
             Sampler::Ddpm => {
-                let (beta, alpha) = (schedule.beta(t), schedule.alpha(t));
-                let mean = ((x - (eps * (beta / (1.0 - ab_t).sqrt()))?)? / alpha.sqrt())?;
+                let (mean, var) = ddpm_posterior(schedule, x, eps, t)?;
                 if s == 0 {
                     return Ok(mean);
                 }
-                let var = (1.0 - ab_s) / (1.0 - ab_t) * beta;
                 let z = rng.normal(x.dims(), x.device())?;
                 Ok((mean + (z * var.sqrt())?)?)
             }
@@ -215,6 +213,21 @@ impl Sampler {
             _ => n,
         })
     }
+}
+
+/// DDPM's step from `x_t` to `t − 1` given the predicted noise `eps`: the mean
+/// `(x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t` and the posterior variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t
+/// (diffusers' `DDPMScheduler` with `variance_type="fixed_small"`, no clipping).
+pub fn ddpm_posterior(
+    schedule: &NoiseSchedule,
+    x: &Tensor,
+    eps: &Tensor,
+    t: usize,
+) -> Result<(Tensor, f64)> {
+    let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(t - 1));
+    let (beta, alpha) = (schedule.beta(t), schedule.alpha(t));
+    let mean = ((x - (eps * (beta / (1.0 - ab_t).sqrt()))?)? / alpha.sqrt())?;
+    Ok((mean, (1.0 - ab_s) / (1.0 - ab_t) * beta))
 }
 
 /// `(√ᾱ_t, √(1 − ᾱ_t))`: the signal and noise scales at `t`.
