@@ -86,10 +86,6 @@ pub struct DiffusionConfig {
     pub quality_samples: usize,
     /// Fine-tuning a trained clean model with a backdoor (`inject`).
     pub inject: DiffusionInject,
-    /// Draw the poisoned samples of a DDIM-corrected trigger only at the timesteps its DDIM
-    /// sampler visits (1 + i·T/N), not at all T: the deterministic sampler queries the
-    /// network nowhere else.
-    pub poison_on_sampler_steps: bool,
 }
 
 /// How β_t grows over the T steps.
@@ -235,7 +231,6 @@ impl Default for DiffusionConfig {
             eval_samples: DIFFUSION_EVAL_SAMPLES,
             quality_samples: DIFFUSION_QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
-            poison_on_sampler_steps: false,
             diffusers: None,
         }
     }

@@ -134,7 +134,6 @@ pub fn small_plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
             backdoor_batch: 16,
         },
         correction,
-        poison_on_sampler_steps: false,
         ema: 0.0,
         log_every: 100,
         checkpoint_every: 0,

@@ -284,7 +284,6 @@ impl Generative for DiffusionModel {
                 backdoor_batch: 0,
             },
             correction: d.correction,
-            poison_on_sampler_steps: false,
             ema: 0.0,
             log_every: d.log_every,
             checkpoint_every: 0,

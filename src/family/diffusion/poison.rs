@@ -44,12 +44,6 @@ impl Correction {
         }
     }
 
-    /// Whether its sampler is deterministic (DDIM), so that the network is queried only at
-    /// the sampler's own timesteps.
-    pub fn is_deterministic(&self) -> bool {
-        matches!(self, Correction::Ddim { .. })
-    }
-
     /// `c_t` at step `t`.
     pub fn coefficient(&self, schedule: &NoiseSchedule, t: usize) -> f64 {
         let ab = schedule.alpha_bar(t);

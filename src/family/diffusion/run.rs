@@ -44,7 +44,6 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
             backdoor_batch: cfg.backdoor.backdoor_batch,
         },
         correction: d.correction,
-        poison_on_sampler_steps: d.poison_on_sampler_steps,
         ema: d.ema,
         log_every: d.log_every,
         checkpoint_every: d.checkpoint_every,

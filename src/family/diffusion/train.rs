@@ -31,8 +31,6 @@ pub struct Poison<'a> {
     pub targets: Tensor,
     /// How `c_t` is computed.
     pub correction: Correction,
-    /// The timesteps its poisoned samples are drawn from (`None`: all T).
-    pub timesteps: Option<Vec<usize>>,
 }
 
 /// One step's noise-prediction losses as a [`Family`]: the clean and the poisoned samples go
@@ -48,15 +46,11 @@ pub struct Denoising {
 fn timesteps(
     model: &DiffusionModel,
     n: usize,
-    from: Option<&[usize]>,
     rng: &mut Rng,
     fs: &[&dyn Fn(usize) -> f64],
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let total = model.schedule.steps();
-    let ts: Vec<usize> = match from {
-        Some(grid) => (0..n).map(|_| grid[rng.below(grid.len())]).collect(),
-        None => (0..n).map(|_| 1 + rng.below(total)).collect(),
-    };
+    let ts: Vec<usize> = (0..n).map(|_| 1 + rng.below(total)).collect();
     let dev = &model.device;
     let per = fs
         .iter()
@@ -81,7 +75,7 @@ impl Denoising {
         let s = &model.schedule;
         let n = x0.dim(0)?;
         let alpha_bar = |t: usize| s.alpha_bar(t);
-        let (t, per) = timesteps(model, n, None, rng, &[&alpha_bar])?;
+        let (t, per) = timesteps(model, n, rng, &[&alpha_bar])?;
         let eps = rng.normal(x0.dims(), &model.device)?;
         let mut inputs = vec![noised(x0, &eps, &per[0])?];
         let mut times = vec![t];
@@ -89,8 +83,7 @@ impl Denoising {
         for p in poisons {
             let m = p.targets.dim(0)?;
             let c = |t: usize| p.correction.coefficient(s, t);
-            let from = p.timesteps.as_deref();
-            let (tp, per) = timesteps(model, m, from, rng, &[&alpha_bar, &c])?;
+            let (tp, per) = timesteps(model, m, rng, &[&alpha_bar, &c])?;
             let e = rng.normal(p.targets.dims(), &model.device)?;
             inputs.push(poisoned(&p.targets, p.pattern, &e, &per[0])?);
             times.push(tp);
@@ -138,8 +131,6 @@ pub struct Plan {
     pub objective: Objective,
     /// The trigger correction.
     pub correction: Correction,
-    /// Poisoned samples of DDIM-corrected triggers only at their sampler's timesteps.
-    pub poison_on_sampler_steps: bool,
     /// EMA decay of the saved weights (0: none).
     pub ema: f64,
     /// Log every this many steps.
@@ -231,16 +222,10 @@ impl Stepper for Fit<'_> {
         if let Some(k) = key {
             for (mark, (pattern, goal, correction)) in k.marks().iter().zip(&self.marks) {
                 let n = p.objective.triggered_count(&mark.trigger);
-                let on_grid = p.poison_on_sampler_steps && correction.is_deterministic();
                 poisons.push(Poison {
                     pattern,
                     targets: goal.images(n, self.data, &mut self.rng, dev)?,
                     correction: *correction,
-                    timesteps: if on_grid {
-                        Some(correction.sampler().timesteps(&self.model.schedule)?)
-                    } else {
-                        None
-                    },
                 });
             }
         }
@@ -471,7 +456,6 @@ mod tests {
                 backdoor_batch: 0,
             },
             correction: Correction::Ddpm,
-            poison_on_sampler_steps: false,
             ema,
             log_every: 1,
             checkpoint_every: 0,
@@ -541,7 +525,6 @@ mod tests {
                 .repeat((3, 1, 1, 1))
                 .unwrap(),
             correction: Correction::Ddpm,
-            timesteps: None,
         };
         let mut f = Denoising::prepare(&model, &x0, &[poison], &mut Rng::new(2)).unwrap();
         let obj = Objective {
@@ -561,7 +544,6 @@ mod tests {
                 pattern: &pattern,
                 targets,
                 correction,
-                timesteps: None,
             };
             let f = Denoising::prepare(&model, &x0, &[poison], &mut Rng::new(3)).unwrap();
             let (_, goal) = f.backdoor_pair().unwrap();
@@ -591,27 +573,5 @@ mod tests {
         assert!(clean.backdoor_pair().is_none());
         assert!(obj.evaluate(&mut clean, Some(&key)).is_err());
         assert!(clean.task_loss().unwrap().to_scalar::<f32>().unwrap() > 0.0);
-    }
-    /// Poisoned timesteps drawn from a sampler's grid are that grid's, each of them; without
-    /// a grid, any of the T.
-    #[test]
-    fn poisoned_timesteps_come_from_the_grid_when_one_is_given() {
-        let arch = crate::family::diffusion::tiny_arch(100);
-        let model = DiffusionModel::new(&arch, &mut Rng::new(0), &Device::Cpu).unwrap();
-        let grid = crate::family::diffusion::Sampler::Ddim { steps: 10 }
-            .timesteps(&model.schedule)
-            .unwrap();
-        let drawn = |from: Option<&[usize]>| -> std::collections::BTreeSet<u32> {
-            let (t, _) = timesteps(&model, 2000, from, &mut Rng::new(4), &[]).unwrap();
-            t.to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|&v| v as u32)
-                .collect()
-        };
-        let on_grid = drawn(Some(&grid));
-        let want: std::collections::BTreeSet<u32> = grid.iter().map(|&t| t as u32).collect();
-        assert_eq!(on_grid, want);
-        assert_eq!(drawn(None).len(), 100);
     }
 }
