@@ -15,9 +15,7 @@ mod common;
 use common::max_abs_error;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/diffusers")
-        .join(name)
+    common::fixture_in("diffusers", name)
 }
 
 fn parity(dir: &Path) -> serde_json::Value {

@@ -13,9 +13,7 @@ mod common;
 use common::max_abs_error;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/pytorch")
-        .join(name)
+    common::fixture_in("pytorch", name)
 }
 
 #[test]

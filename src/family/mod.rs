@@ -199,19 +199,28 @@ pub const REGISTRY: [(&str, Loader); 2] = [
     }),
 ];
 
+/// The family of the model at `path` and, for a file, its bytes: a diffusers folder is a
+/// diffusion model, a safetensors file of another tool (a PyTorch state_dict) a DCGAN
+/// generator, and a checkpoint names its family.
+fn identify(path: &Path) -> Result<(String, Option<Vec<u8>>)> {
+    if diffusion::diffusers::is_folder(path) {
+        return Ok((diffusion::model::FAMILY.to_string(), None));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let family = if crate::io::tensorfile::is_foreign(&bytes) {
+        gan::FAMILY.to_string()
+    } else {
+        crate::io::checkpoint::family_in(path, &bytes)?
+    };
+    Ok((family, Some(bytes)))
+}
+
 /// Loads any model checkpoint of a registered family, a diffusers `UNet2DModel` folder, or a
 /// PyTorch state_dict of genbackdoor's DCGAN generator.
 pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
-    if diffusion::diffusers::is_folder(path) {
+    let (family, Some(bytes)) = identify(path)? else {
         return Ok(Box::new(diffusion::DiffusionModel::load(path, device)?));
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if crate::io::tensorfile::is_foreign(&bytes) {
-        return Ok(Box::new(gan::GanModel::from_state_dict(
-            path, &bytes, device,
-        )?));
-    }
-    let family = crate::io::checkpoint::family_in(path, &bytes)?;
+    };
     match REGISTRY.iter().find(|(name, _)| *name == family) {
         Some((_, loader)) => loader(path, &bytes, device),
         None => Err(Error::format(
@@ -227,14 +236,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
 /// The family of the model at `path` as [`load`] reads it (a diffusers folder is a diffusion
 /// model, a PyTorch state_dict a DCGAN generator).
 pub fn family_of(path: &Path) -> Result<String> {
-    if diffusion::diffusers::is_folder(path) {
-        return Ok(diffusion::model::FAMILY.to_string());
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if crate::io::tensorfile::is_foreign(&bytes) {
-        return Ok(gan::FAMILY.to_string());
-    }
-    crate::io::checkpoint::family_in(path, &bytes)
+    Ok(identify(path)?.0)
 }
 
 /// [`load`], then the sampler `generate` runs when one is given.

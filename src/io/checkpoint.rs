@@ -120,12 +120,8 @@ pub fn read_foreign(
     device: &Device,
     rename: &dyn Fn(&str) -> Option<String>,
 ) -> Result<TensorFile> {
-    let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
-        Error::format(
-            path,
-            format!("not a valid safetensors file (corrupt or truncated?): {e}"),
-        )
-    })?;
+    let raw = candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| tensorfile::corrupt(path, &e))?;
     let mut tensors = HashMap::new();
     for (name, t) in raw {
         let Some(name) = rename(&name) else { continue };

@@ -64,6 +64,14 @@ pub fn load(path: &Path, format: &str, device: &Device) -> Result<TensorFile> {
     parse(path, &bytes, format, device)
 }
 
+/// The error for bytes at `path` that do not parse as safetensors (`e` says why).
+pub fn corrupt(path: &Path, e: &dyn std::fmt::Display) -> Error {
+    Error::format(
+        path,
+        format!("not a valid safetensors file (corrupt or truncated?): {e}"),
+    )
+}
+
 /// Whether `bytes` are a readable safetensors file written by another tool (without
 /// genbackdoor's metadata): a PyTorch state_dict, diffusers weights.
 pub fn is_foreign(bytes: &[u8]) -> bool {
@@ -78,12 +86,7 @@ pub fn is_foreign(bytes: &[u8]) -> bool {
 /// Parses the bytes of a safetensors file (named `path` in errors) whose `format` field must
 /// be `format`.
 pub fn parse(path: &Path, bytes: &[u8], format: &str, device: &Device) -> Result<TensorFile> {
-    let corrupt = |e: &dyn std::fmt::Display| {
-        Error::format(
-            path,
-            format!("not a valid safetensors file (corrupt or truncated?): {e}"),
-        )
-    };
+    let corrupt = |e: &dyn std::fmt::Display| corrupt(path, e);
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(&e))?;
     let meta: BTreeMap<String, String> =
         match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {

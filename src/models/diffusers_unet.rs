@@ -91,7 +91,6 @@ pub enum SampleSize {
 impl Default for DiffusersConfig {
     /// diffusers' `UNet2DModel.__init__` defaults (0.42), with a 32-pixel sample size.
     fn default() -> Self {
-        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         DiffusersConfig {
             sample_size: SampleSize::Side(32),
             in_channels: 3,
@@ -101,9 +100,9 @@ impl Default for DiffusersConfig {
             time_embedding_dim: None,
             freq_shift: 0.0,
             flip_sin_to_cos: true,
-            down_block_types: strings(&[DOWN, ATTN_DOWN, ATTN_DOWN, ATTN_DOWN]),
+            down_block_types: names(&[DOWN, ATTN_DOWN, ATTN_DOWN, ATTN_DOWN]),
             mid_block_type: Some(MID.into()),
-            up_block_types: strings(&[ATTN_UP, ATTN_UP, ATTN_UP, UP]),
+            up_block_types: names(&[ATTN_UP, ATTN_UP, ATTN_UP, UP]),
             block_out_channels: vec![224, 448, 672, 896],
             layers_per_block: 2,
             mid_block_scale_factor: 1.0,
@@ -125,6 +124,16 @@ impl Default for DiffusersConfig {
     }
 }
 
+/// A diffusers config value genbackdoor does not build, as its error says it.
+pub(crate) fn unsupported(field: &str, value: &str, supported: &str) -> String {
+    format!("{field} = {value} is not supported (supported: {supported})")
+}
+
+/// Block type names as a config holds them.
+fn names(types: &[&str]) -> Vec<String> {
+    types.iter().map(|s| s.to_string()).collect()
+}
+
 const DOWN: &str = "DownBlock2D";
 const ATTN_DOWN: &str = "AttnDownBlock2D";
 const UP: &str = "UpBlock2D";
@@ -135,13 +144,12 @@ impl DiffusersConfig {
     /// The configuration of google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model as diffusers
     /// ships it: 35.7 M parameters).
     pub fn ddpm_cifar10() -> Self {
-        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         DiffusersConfig {
             sample_size: SampleSize::Side(32),
             flip_sin_to_cos: false,
             freq_shift: 1.0,
-            down_block_types: strings(&[DOWN, ATTN_DOWN, DOWN, DOWN]),
-            up_block_types: strings(&[UP, UP, ATTN_UP, UP]),
+            down_block_types: names(&[DOWN, ATTN_DOWN, DOWN, DOWN]),
+            up_block_types: names(&[UP, UP, ATTN_UP, UP]),
             block_out_channels: vec![128, 256, 256, 256],
             downsample_padding: 0,
             attention_head_dim: None,
@@ -175,7 +183,8 @@ impl DiffusersConfig {
     pub fn validate(&self) -> Result<()> {
         let unsupported = |field: &str, value: String, supported: &str| {
             Err(Error::Config(format!(
-                "diffusers UNet2DModel config: {field} = {value} is not supported (supported: {supported})"
+                "diffusers UNet2DModel config: {}",
+                unsupported(field, &value, supported)
             )))
         };
         let fixed = [

@@ -101,19 +101,14 @@ impl BatchNorm {
 
     /// Normalises with the running statistics.
     fn forward_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = x.dim(1)?;
-        let mean = self
-            .running_mean
-            .as_detached_tensor()
-            .reshape(shape.as_slice())?;
-        let std = (self.running_var.as_detached_tensor() + self.eps as f64)?
-            .sqrt()?
-            .reshape(shape.as_slice())?;
+        let rank = x.rank();
+        let per_channel = |v: &Tensor| portable::per_channel(v, rank);
+        let mean = per_channel(&self.running_mean.as_detached_tensor())?;
+        let std = per_channel(&(self.running_var.as_detached_tensor() + self.eps as f64)?.sqrt()?)?;
         x.broadcast_sub(&mean)?
             .broadcast_div(&std)?
-            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+            .broadcast_mul(&per_channel(&self.weight)?)?
+            .broadcast_add(&per_channel(&self.bias)?)
     }
 }
 

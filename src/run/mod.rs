@@ -315,8 +315,8 @@ fn fit_to_data(cfg: &mut Config) -> Result<()> {
 }
 
 /// The input space and image shape of the models `cfg` trains.
-fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
-    match cfg.family {
+fn model_space(cfg: &Config) -> Result<(InputSpace, [usize; 3])> {
+    Ok(match cfg.family {
         ModelFamily::Dcgan => (
             InputSpace::Latent {
                 dim: cfg.model.latent_dim,
@@ -326,12 +326,12 @@ fn model_space(cfg: &Config) -> (InputSpace, [usize; 3]) {
         ModelFamily::Diffusion => {
             let d = &cfg.diffusion;
             let shape = match &d.diffusers {
-                Some(net) => net.image_shape().unwrap_or(d.unet.image_shape()),
+                Some(net) => net.image_shape()?,
                 None => d.unet.image_shape(),
             };
             (InputSpace::Noise { shape }, shape)
         }
-    }
+    })
 }
 
 /// The key a training run plants: a key file, or one made from the config's description.
@@ -340,7 +340,7 @@ pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
         return KeySet::load(p);
     }
     let b = &cfg.backdoor;
-    let (space, shape) = model_space(cfg);
+    let (space, shape) = model_space(cfg)?;
     KeyRecipe {
         trigger: b.trigger(),
         triggers: b.triggers(cfg.family),

@@ -142,6 +142,14 @@ pub fn small_plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
     }
 }
 
+/// A file of `tests/fixtures/<dir>/`, the parity fixtures other tools made.
+pub fn fixture_in(dir: &str, name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(dir)
+        .join(name)
+}
+
 /// The largest absolute difference between two tensors of one shape.
 pub fn max_abs_error(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());

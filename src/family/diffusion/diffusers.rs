@@ -13,6 +13,7 @@ use crate::config::ScheduleKind;
 use crate::family::diffusion::model::{Denoiser, DiffusionArch, DiffusionModel};
 use crate::io::atomic::write_atomic;
 use crate::io::checkpoint;
+use crate::models::diffusers_unet::unsupported;
 use crate::models::DiffusersConfig;
 use crate::{Error, Result};
 
@@ -84,9 +85,7 @@ pub fn parse_scheduler(path: &Path, text: &str) -> Result<(ScheduleKind, usize)>
     let c: SchedulerConfig =
         serde_json::from_str(text).map_err(|e| bad(format!("not a scheduler config: {e}")))?;
     let unsupported = |field: &str, value: String, supported: &str| {
-        Err(bad(format!(
-            "{field} = {value} is not supported (supported: {supported})"
-        )))
+        Err(bad(unsupported(field, &value, supported)))
     };
     if c.prediction_type != "epsilon" {
         return unsupported(
@@ -137,12 +136,13 @@ pub fn load_folder(dir: &Path, device: &Device) -> Result<DiffusionModel> {
     let text = String::from_utf8_lossy(&read(&config_path)?).into_owned();
     let cfg = DiffusersConfig::from_json(&text)
         .map_err(|e| Error::format(&config_path, e.to_string()))?;
-    let (schedule, timesteps) = if scheduler.is_file() {
-        let text = String::from_utf8_lossy(&read(&scheduler)?).into_owned();
-        parse_scheduler(&scheduler, &text)?
+    // Without a scheduler config, diffusers' defaults (an empty config).
+    let text = if scheduler.is_file() {
+        String::from_utf8_lossy(&read(&scheduler)?).into_owned()
     } else {
-        (ScheduleKind::default(), 1000)
+        "{}".into()
     };
+    let (schedule, timesteps) = parse_scheduler(&scheduler, &text)?;
     let weights = net.join(WEIGHTS);
     if !weights.is_file() && net.join("diffusion_pytorch_model.bin").is_file() {
         return Err(Error::format(
@@ -202,11 +202,8 @@ pub fn save_folder(model: &DiffusionModel, dir: &Path) -> Result<()> {
     let (beta_start, beta_end) = model.arch.schedule.beta_range().unwrap_or((1e-4, 0.02));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut config = serde_json::to_value(net.config()).expect("serialisable config");
-    let header = serde_json::json!({
-        "_class_name": "UNet2DModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-    });
-    merge(&mut config, header);
+    config["_class_name"] = "UNet2DModel".into();
+    config["_diffusers_version"] = DIFFUSERS_VERSION.into();
     let scheduler = serde_json::json!({
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -231,11 +228,4 @@ pub fn save_folder(model: &DiffusionModel, dir: &Path) -> Result<()> {
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n, t)), Some(meta))
         .map_err(|e| Error::format(dir, format!("cannot serialise the weights: {e}")))?;
     write_atomic(&dir.join(WEIGHTS), &bytes)
-}
-
-/// Adds the fields of `extra` (an object) to `value` (an object).
-fn merge(value: &mut serde_json::Value, extra: serde_json::Value) {
-    if let (Some(v), serde_json::Value::Object(e)) = (value.as_object_mut(), extra) {
-        v.extend(e);
-    }
 }

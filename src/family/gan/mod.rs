@@ -44,12 +44,9 @@ impl GanModel {
         })
     }
 
-    /// Loads a generator checkpoint written by [`GanModel::save`].
+    /// Loads a generator checkpoint written by [`GanModel::save`], or a PyTorch state_dict.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if crate::io::tensorfile::is_foreign(&bytes) {
-            return GanModel::from_state_dict(path, &bytes, device);
-        }
         GanModel::from_bytes(path, &bytes, device)
     }
 
@@ -106,8 +103,12 @@ impl GanModel {
         })
     }
 
-    /// Parses the bytes of a generator checkpoint (`path` names it in errors).
+    /// Parses the bytes of a generator checkpoint, or of a PyTorch state_dict
+    /// ([`GanModel::from_state_dict`]) (`path` names them in errors).
     pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
+        if crate::io::tensorfile::is_foreign(bytes) {
+            return GanModel::from_state_dict(path, bytes, device);
+        }
         let (cfg, file): (DcganConfig, _) = checkpoint::parse_family(path, bytes, FAMILY, device)?;
         cfg.validate()
             .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
