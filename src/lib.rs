@@ -5,7 +5,7 @@
 //! Model families ([`family`]) supply the task loss and the trainable map and implement one
 //! interface, [`family::Generative`]; triggers, targets, distances and metrics are
 //! independent values, and the tools that measure and prove a backdoor ([`eval`],
-//! [`verify`], [`attack`], the report) take any model through that interface.
+//! [`verify`], [`attack`], [`detect`], the report) take any model through that interface.
 
 pub mod attack;
 pub mod backdoor;
@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod detect;
 pub mod digits;
 pub mod error;
 pub mod eval;

@@ -11,12 +11,13 @@ use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
 use crate::{Error, Result};
 
 /// The section ids of every report, in page order.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "metrics",
     "samples",
     "triggered",
     "curves",
     "verification",
+    "detection",
     "specificity",
     "persistence",
 ];
@@ -399,6 +400,30 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
     )
 }
 
+/// The verdict of `genbackdoor detect` on the run's model (`detect.json`, `detect.png`): how
+/// a defender without the key sees it.
+fn detection_section(run: &Path) -> Result<String> {
+    let Some(d) = read_json(&run.join(crate::detect::JSON))? else {
+        return Ok("<p class=\"missing\">detect.json is not in this run \
+                   (<code>genbackdoor detect --model MODEL --out RUN</code> writes it).</p>"
+            .into());
+    };
+    let called = if d["backdoored"].as_bool() == Some(true) {
+        "finds a backdoor"
+    } else {
+        "finds no backdoor"
+    };
+    Ok(format!(
+        "<p>Detection without the key {called}: score {:.3} against threshold {} \
+         ({}).</p>{}<p>What the model makes of the inverted trigger:</p>{}",
+        d["score"].as_f64().unwrap_or(f64::NAN),
+        d["threshold"],
+        escape(d["method"].as_str().unwrap_or("")),
+        table(&d["details"]),
+        png(run, "detect.png", "outputs for the inverted trigger")?
+    ))
+}
+
 /// Writes `report.html` into the run directory `run` (atomically) and returns its path.
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let metrics_path = run.join("metrics.json");
@@ -444,7 +469,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         escape(&run.display().to_string()),
         verdict(&metrics, verify.as_ref())
     );
-    let bodies: [(&str, String); 7] = [
+    let bodies: [(&str, String); 8] = [
         (
             "Metrics",
             grouped(&metrics) + &table(&metrics) + "</details>",
@@ -464,6 +489,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         ),
         ("Training curves", curves),
         ("Ownership verification", verification),
+        ("Detection without the key", detection_section(run)?),
         ("Specificity", specificity_section(&metrics)?),
         ("Persistence under attack", persistence_section(run)?),
     ];

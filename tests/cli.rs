@@ -459,6 +459,29 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&garbage, b"hello").unwrap();
     fails(&["eval", "--model", s(&garbage), "--key", s(&t.key)]);
 
+    // `detect`: inputs that do not fit the model, and settings no search can run with.
+    let wrong_inputs = t.root.join("wrong.npy");
+    genbackdoor::io::npy::write_npy(
+        &wrong_inputs,
+        &candle_core::Tensor::zeros((2, 15), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+    )
+    .unwrap();
+    let e = fails(&["detect", "--model", s(&model), "--input", s(&wrong_inputs)]);
+    assert!(e.contains("latent vectors of dimension 16"), "{e}");
+    let e = fails(&["detect", "--model", s(&model), "--steps", "0"]);
+    assert!(e.contains("--steps"), "{e}");
+    let e = fails(&[
+        "detect",
+        "--model",
+        s(&model),
+        "--input",
+        s(&wrong_inputs),
+        "--alpha",
+        "2",
+    ]);
+    assert!(e.contains("--alpha"), "{e}");
+
     let wide_key = t.root.join("wide.safetensors");
     ok(&["key", "--out", s(&wide_key), "--latent-dim", "100"]);
     let e = fails(&["eval", "--model", s(&model), "--key", s(&wide_key)]);
@@ -751,6 +774,16 @@ fn verify_attacks_and_the_report() {
     for id in genbackdoor::report::SECTIONS {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "no {id}");
     }
+    // The run's end ran `detect`: its verdict and its image are in the page, not the note
+    // that detect.json is missing.
+    assert!(
+        html.contains("Detection without the key finds"),
+        "no detection verdict"
+    );
+    assert!(
+        html.contains("outputs for the inverted trigger"),
+        "no detection image"
+    );
     assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));
     // The page opens with the verdict in words, the p-value in scientific notation, and the
     // metrics grouped with their meaning.

@@ -12,6 +12,7 @@ macro_rules! say {
 pub mod attack;
 pub mod bench;
 pub mod classifier;
+pub mod detect;
 pub mod eval;
 pub mod export;
 pub mod inject;
@@ -64,6 +65,9 @@ pub enum Command {
     Classifier(classifier::ClassifierArgs),
     /// Does a suspect model carry my backdoor? A black-box test with a p-value.
     Verify(verify::VerifyArgs),
+    /// Is there a backdoor in this model (white-box trigger inversion, no key), or is this
+    /// input triggered?
+    Detect(detect::DetectArgs),
     /// Attack a marked model (clean fine-tuning, pruning) and measure how long the mark lasts.
     Attack(attack::AttackArgs),
     /// Write a diffusion model as a diffusers folder (config.json, weights, scheduler config).
@@ -87,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Classifier(a) => classifier::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Attack(a) => attack::run(a),
+        Command::Detect(a) => detect::run(a),
         Command::Report(a) => report::run(a),
         Command::Export(a) => export::run(a),
     }

@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::config::Config;
+use crate::detect::{DetectSettings, Detection};
 use crate::family::diffusion::Sampler;
 use crate::io::rundir::RunDir;
 use crate::models::Params;
@@ -124,6 +125,10 @@ pub trait Generative {
 
     /// An independent copy (same architecture, values and sampler).
     fn duplicate(&self) -> Result<Box<dyn Generative>>;
+
+    /// Looks for a backdoor without the key (white-box): the family's trigger inversion and
+    /// its score against the family's threshold (see [`crate::detect`]).
+    fn detect(&self, settings: &DetectSettings) -> Result<Detection>;
 
     /// A thief's clean fine-tuning of a copy of the model (the family's own task, no
     /// backdoor term), calling `measure(step, model)` before the first step and every

@@ -1,6 +1,7 @@
 //! What every run writes at its end, for any model family: the model, sample grids,
 //! `metrics.json` (the trainer's summary, clean quality and the backdoor's measurement),
-//! `verify.json` (the ownership test) and `report.html`.
+//! `verify.json` (the ownership test), `detect.json` (detection without the key) and
+//! `report.html`.
 
 use candle_core::Tensor;
 
@@ -37,7 +38,8 @@ pub struct FinishSettings {
 /// Writes `model.safetensors`, `samples.png` (64 ordinary samples under the model's own
 /// sampling), `triggered.png` (the target and 7 triggered outputs under the key's sampler,
 /// then a row of 8 per other sampler the family is measured with), `metrics.json`,
-/// `verify.json` and `report.html` (the run wrote its config and key at its start).
+/// `verify.json`, `detect.json`/`detect.png` (see [`crate::detect`]) and `report.html` (the
+/// run wrote its config and key at its start).
 ///
 /// `metrics.json` holds the trainer's summary, clean quality, and, with a key, the
 /// evaluation of its first trigger under the sampler the key names (ASR, distances, clean
@@ -106,6 +108,8 @@ pub fn finish(
         };
         run.write_json("verify.json", &verify_model(&*under, key, &settings)?)?;
     }
+    let detection = model.detect(&crate::detect::DetectSettings { seed, steps: None })?;
+    crate::detect::save(&detection, run)?;
     run.write_json("metrics.json", &metrics)?;
     write_report(&run.path)?;
     Ok(metrics)

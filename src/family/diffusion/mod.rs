@@ -4,6 +4,7 @@
 //! its training with the unified
 //! objective and its run driver.
 
+pub mod detect;
 pub mod diffusers;
 pub mod model;
 pub mod poison;

@@ -262,6 +262,10 @@ impl Generative for DiffusionModel {
         Ok(Box::new(DiffusionModel::duplicate(self)?))
     }
 
+    fn detect(&self, settings: &crate::detect::DetectSettings) -> Result<crate::detect::Detection> {
+        super::detect::detect(self, settings)
+    }
+
     fn finetune_clean(
         &self,
         attack: &CleanFinetune,

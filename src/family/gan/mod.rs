@@ -1,6 +1,7 @@
 //! The GAN model family: DCGAN generators trained from scratch with a backdoor (TrAIL) or
 //! backdoored after training by distillation (ReD), and their measurement.
 
+pub mod detect;
 pub mod families;
 pub mod probe;
 pub mod red;
@@ -212,6 +213,10 @@ impl Generative for GanModel {
 
     fn duplicate(&self) -> Result<Box<dyn Generative>> {
         Ok(Box::new(GanModel::duplicate(self, &self.device)?))
+    }
+
+    fn detect(&self, settings: &crate::detect::DetectSettings) -> Result<crate::detect::Detection> {
+        detect::detect(self, settings)
     }
 
     fn finetune_clean(

@@ -1,0 +1,148 @@
+//! Backdoor detection without the key: the defender's side of the tool.
+//!
+//! * **Model level** (white-box): each family inverts a trigger its own way
+//!   ([`crate::family::Generative::detect`]) and scores what the model makes of it against
+//!   what it makes of ordinary inputs; a score above the family's threshold says
+//!   "backdoored". Generators: a search of the latent space for inputs whose outputs are far
+//!   from every ordinary output. Diffusion models: trigger inversion after Elijah (An et al.,
+//!   AAAI 2024), a shift `r` of the starting noise under which samples from N(r, I) collapse
+//!   onto one output.
+//! * **Input level** ([`input`]): is this latent or starting noise triggered? A test of the
+//!   input against N(0, I) in the spirit of DisDet, and of the model's output for it against
+//!   its ordinary outputs.
+
+pub mod input;
+
+use candle_core::{Tensor, D};
+use serde::Serialize;
+
+use crate::io::grid::save_grid;
+use crate::io::npy::write_npy;
+use crate::io::rundir::RunDir;
+use crate::Result;
+
+/// How a detection runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DetectSettings {
+    /// Seed of every random draw (starting points, noise, reference outputs).
+    pub seed: u64,
+    /// Optimisation steps of the inversion (`None`: the family's default).
+    pub steps: Option<usize>,
+}
+
+/// A model-level verdict, with the inverted trigger and what the model makes of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detection {
+    /// The method, in words, with its source.
+    pub method: String,
+    /// The detection score (higher = more suspicious), in the family's units (see `method`).
+    pub score: f64,
+    /// The score above which a model is called backdoored (measured on clean models, see
+    /// the README's detection table).
+    pub threshold: f64,
+    /// `score > threshold`.
+    pub backdoored: bool,
+    /// Family-specific figures behind the score (each probe's score, reference spreads…).
+    pub details: serde_json::Value,
+    /// The inverted trigger: one input of the model's input space, `[1, …]`.
+    #[serde(skip)]
+    pub trigger: Tensor,
+    /// What the model makes of the inverted trigger: images `[n, C, H, W]` in [-1, 1].
+    #[serde(skip)]
+    pub outputs: Tensor,
+}
+
+impl Detection {
+    /// The verdict from a score and its threshold.
+    pub fn new(
+        method: &str,
+        (score, threshold): (f64, f64),
+        details: serde_json::Value,
+        trigger: Tensor,
+        outputs: Tensor,
+    ) -> Detection {
+        Detection {
+            method: method.to_string(),
+            score,
+            threshold,
+            backdoored: score > threshold,
+            details,
+            trigger,
+            outputs,
+        }
+    }
+}
+
+/// Writes a detection into `run`: `detect.json` (the verdict and its figures),
+/// `detect.png` (what the model makes of the inverted trigger, 8 per row) and
+/// `detect-trigger.npy` (the inverted trigger, a batch of one input: `sample --noise` takes
+/// it for a generator).
+pub fn save(detection: &Detection, run: &RunDir) -> Result<()> {
+    run.write_json(JSON, detection)?;
+    save_grid(&run.file("detect.png"), &detection.outputs, 8)?;
+    write_npy(&run.file("detect-trigger.npy"), &detection.trigger)
+}
+
+/// The file a saved detection's verdict is in.
+pub const JSON: &str = "detect.json";
+
+/// Per row of `x` `[n, …]`: the mean squared distance to its nearest row of `reference`
+/// `[m, …]` (same trailing shape), as a differentiable `[n]` tensor.
+pub fn nearest_distance(x: &Tensor, reference: &Tensor) -> Result<Tensor> {
+    let (x, r) = (x.flatten_from(1)?, reference.flatten_from(1)?);
+    let size = x.dim(1)? as f64;
+    let xx = x.sqr()?.sum_keepdim(1)?;
+    let rr = r.sqr()?.sum_keepdim(1)?.t()?;
+    let cross = x.matmul(&r.t()?)?;
+    let d = (xx.broadcast_add(&rr)? - (cross * 2.0)?)?;
+    Ok((d.min(D::Minus1)? / size)?)
+}
+
+/// The mean squared distance of the images `[n, …]` from their mean image: how spread a
+/// set of outputs is (0 when they all coincide).
+pub fn spread(x: &Tensor) -> Result<f64> {
+    let x = x.flatten_from(1)?;
+    let mean = x.mean_keepdim(0)?;
+    Ok(x.broadcast_sub(&mean)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64)
+}
+
+/// The median of `values` (0 for none).
+pub fn median(values: &[f32]) -> f64 {
+    let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2] as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn nearest_distance_is_the_distance_to_the_closest_reference() {
+        let dev = Device::Cpu;
+        let r = Tensor::new(&[[0f32, 0.0], [2.0, 2.0], [5.0, 0.0]], &dev).unwrap();
+        let x = Tensor::new(&[[1f32, 0.0], [2.0, 3.0], [5.0, 0.0]], &dev).unwrap();
+        let d = nearest_distance(&x, &r).unwrap().to_vec1::<f32>().unwrap();
+        // Squared distances 1, 1 and 0, averaged over the two coordinates.
+        for (got, want) in d.iter().zip([0.5, 0.5, 0.0]) {
+            assert!((got - want).abs() < 1e-5, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn spread_is_zero_for_equal_images_and_the_variance_otherwise() {
+        let dev = Device::Cpu;
+        let same = Tensor::ones((4, 1, 2, 2), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(spread(&same).unwrap(), 0.0);
+        let two = Tensor::new(&[[1f32, -1.0], [-1.0, 1.0]], &dev).unwrap();
+        assert!((spread(&two).unwrap() - 1.0).abs() < 1e-6);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+}
