@@ -792,8 +792,9 @@ fn verify_attacks_and_the_report() {
     assert!(verdict.contains("Ownership verification:"), "{verdict}");
     assert!(verdict.contains(&format!("p = {p:.2e}")), "{verdict}");
     assert!(html.contains("<th>attack success rate</th>"));
-    // Two grids, four training curves, two specificity charts, three per attack.
-    assert_eq!(check_embedded_images(&html), 2 + 4 + 2 + 3 * 2);
+    // Two grids, four training curves, the detection grid, two specificity charts, three
+    // per attack.
+    assert_eq!(check_embedded_images(&html), 2 + 4 + 1 + 2 + 3 * 2);
 
     let e = fails(&[&verify_args[..5], &["--alpha", "0"]].concat());
     assert!(e.contains("alpha"), "{e}");
