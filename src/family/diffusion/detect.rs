@@ -18,6 +18,11 @@
 //! uniformity, with pixel distances for LPIPS). The model's score is the larger; a clean
 //! model's inverted shift leaves samples about as varied as ordinary ones (score ≈ 1), a
 //! backdoor's collapses them onto its target.
+//!
+//! Measured (README, detection table): this does **not** find genbackdoor's own backdoors,
+//! whose random ±2 stamps the network answers only when nearly all of the stamp is there, so
+//! that neither loss has a gradient towards it from a random start (0 of 9 detected, 10 of 10
+//! clean models passed).
 
 use candle_core::{Tensor, Var};
 
@@ -38,8 +43,8 @@ const LR: f64 = 0.1;
 /// Default optimisation steps (Elijah's).
 const STEPS: usize = 100;
 
-/// The score above which a diffusion model is called backdoored (see the README's detection
-/// table for the clean and backdoored models it was measured on).
+/// The score above which a diffusion model is called backdoored (clean models measured at
+/// 1.02–1.08; a collapse onto the target at the true stamp scores about 300).
 pub const THRESHOLD: f64 = 4.0;
 
 /// One probe's inverted shift and the figures of its uniformity test.
@@ -80,7 +85,8 @@ pub fn detect(model: &DiffusionModel, settings: &DetectSettings) -> Result<Detec
     let best = if a.score >= b.score { a } else { b };
     Ok(Detection::new(
         "trigger inversion after Elijah (AAAI 2024): a shift r of the starting noise under \
-         which samples collapse; score = ordinary samples' spread / samples from N(r, I)'s",
+         which samples collapse; score = ordinary samples' spread / samples from N(r, I)'s. \
+         Measured: it does not find genbackdoor's own random-stamp backdoors (README)",
         (best.score, THRESHOLD),
         details,
         best.shift,

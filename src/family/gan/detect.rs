@@ -33,8 +33,8 @@ const STEPS: usize = 150;
 /// Images shown beside the inverted trigger's output: latents around it.
 const AROUND: usize = 15;
 
-/// The score above which a generator is called backdoored (clean generators measured at
-/// 7–15, backdoored ones at 50 and more; see the README's detection table).
+/// The score above which a generator is called backdoored (measured: 10 clean generators at
+/// 7.3–14.4, 16 backdoored ones at 16.7–499, all but one above it; README, detection table).
 pub const THRESHOLD: f64 = 25.0;
 
 /// Runs the search on `model` (see the module's documentation).
