@@ -19,10 +19,10 @@
 //! model's inverted shift leaves samples about as varied as ordinary ones (score ≈ 1), a
 //! backdoor's collapses them onto its target.
 //!
-//! Measured (README, detection table): this does **not** find genbackdoor's own backdoors,
-//! whose random ±2 stamps the network answers only when nearly all of the stamp is there, so
-//! that neither loss has a gradient towards it from a random start (0 of 9 detected, 10 of 10
-//! clean models passed).
+//! Measured (README, detection table): this does **not** find genbackdoor's own backdoors
+//! (0 of 9 random-stamp models and a `box:8` one detected, 10 of 10 clean models passed): the
+//! network answers a stamp only when nearly all of it is there, so neither loss has a
+//! gradient towards it from a random start.
 
 use candle_core::{Tensor, Var};
 
@@ -86,7 +86,7 @@ pub fn detect(model: &DiffusionModel, settings: &DetectSettings) -> Result<Detec
     Ok(Detection::new(
         "trigger inversion after Elijah (AAAI 2024): a shift r of the starting noise under \
          which samples collapse; score = ordinary samples' spread / samples from N(r, I)'s. \
-         Measured: it does not find genbackdoor's own random-stamp backdoors (README)",
+         Measured: it does not find genbackdoor's own stamp or box backdoors (README)",
         (best.score, THRESHOLD),
         details,
         best.shift,
