@@ -109,16 +109,6 @@ pub fn spread(x: &Tensor) -> Result<f64> {
         .to_scalar::<f32>()? as f64)
 }
 
-/// The median of `values` (0 for none).
-pub fn median(values: &[f32]) -> f64 {
-    let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f32::total_cmp);
-    v[v.len() / 2] as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +133,5 @@ mod tests {
         assert_eq!(spread(&same).unwrap(), 0.0);
         let two = Tensor::new(&[[1f32, -1.0], [-1.0, 1.0]], &dev).unwrap();
         assert!((spread(&two).unwrap() - 1.0).abs() < 1e-6);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     }
 }

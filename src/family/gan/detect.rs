@@ -14,7 +14,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::detect::{median, nearest_distance, DetectSettings, Detection};
+use crate::detect::{nearest_distance, DetectSettings, Detection};
 use crate::family::gan::GanModel;
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -44,7 +44,12 @@ pub fn detect(model: &GanModel, settings: &DetectSettings) -> Result<Detection> 
     let mut rng = Rng::derive(settings.seed, "detect");
     let reference = model.generate(&rng.normal(&[REFERENCE, dim], dev)?)?;
     let held = model.generate(&rng.normal(&[HELD_OUT, dim], dev)?)?;
-    let unit = median(&nearest_distance(&held, &reference)?.to_vec1()?).max(1e-12);
+    let mut held_distances: Vec<f64> = nearest_distance(&held, &reference)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let unit = crate::metrics::median(&mut held_distances).max(1e-12);
     let radius = (dim as f64 + 2.0 * (2.0 * dim as f64).sqrt()).sqrt();
     let z = Var::from_tensor(&project(&rng.normal(&[STARTS, dim], dev)?, radius)?)?;
     let mut adam = Adam::with_betas(vec![z.clone()], LR, 0.9, 0.999);
