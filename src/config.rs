@@ -29,6 +29,30 @@ pub struct Config {
     pub backdoor: BackdoorConfig,
     /// Diffusion models: U-Net, noise schedule, training and injection.
     pub diffusion: DiffusionConfig,
+    /// The keyless detector run at the end of every run (`detect.json`, the report's
+    /// detection section).
+    pub detect: DetectConfig,
+}
+
+/// Whether and how long the end of a run searches the model for a backdoor without the key
+/// (what `genbackdoor detect` does).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// Run the detector at the end of the run.
+    pub enabled: bool,
+    /// Optimisation steps of its trigger inversion (absent: the family's default, as
+    /// `detect` without `--steps`).
+    pub steps: Option<usize>,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            enabled: true,
+            steps: None,
+        }
+    }
 }
 
 /// The kinds of generative model a run can train.
@@ -492,6 +516,9 @@ impl Config {
         positive("diffusion.inject.steps", d.inject.steps)?;
         rate("diffusion.inject.lr", d.inject.lr)?;
         weight("diffusion.inject.lambda", d.inject.lambda)?;
+        if let Some(steps) = self.detect.steps {
+            positive("detect.steps", steps)?;
+        }
         Ok(())
     }
 
@@ -563,6 +590,9 @@ mod tests {
             "[diffusion.unet]\ngroups = 5",
             "[diffusion.correction]\nsampler = \"ddim\"\nsteps = 0",
             "[diffusion.schedule]\nkind = \"cosine\"\noffset = 2.0",
+            "[detect]\nsteps = 0",
+            "[detect]\nenabled = 1",
+            "[detect]\nstarts = 4",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }

@@ -18,6 +18,8 @@ log_every = 2
 [inject]
 steps = 4
 batch_size = 8
+[detect]
+steps = 5
 "#;
 
 /// Files every training run writes (GAN runs add their discriminator, verify.json).
@@ -31,9 +33,13 @@ const RUN_FILES: [&str; 7] = [
     "train.csv",
 ];
 
+/// The binary, on one thread: the tests run two at a time on CI's two cores, and two
+/// processes of two threads each would fight over them (measured: the file took 282 s so,
+/// about 150 s with one thread each). A test that needs threads sets `RAYON_NUM_THREADS`.
 fn bin() -> Command {
     let mut c = Command::cargo_bin("genbackdoor").unwrap();
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RAYON_NUM_THREADS", "1");
     c
 }
 
@@ -827,6 +833,8 @@ kind = "linear"
 beta_start = 0.01
 beta_end = 0.5
 [diffusion.inject]
+steps = 2
+[detect]
 steps = 2
 "#;
 

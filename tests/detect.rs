@@ -20,8 +20,10 @@ use common::{small_arch, tiny_gan_config};
 /// end writes its detection.
 fn trained(lambda: f64, key: &KeySet, dir: &std::path::Path) {
     let run = RunDir::create(dir, true).unwrap();
+    let mut config = tiny_gan_config(600, lambda);
+    config.detect.enabled = true;
     let spec = RunSpec {
-        config: tiny_gan_config(600, lambda),
+        config,
         family: ModelFamily::Dcgan,
         stage: Stage::Train,
         key: (lambda > 0.0).then(|| key.clone()),

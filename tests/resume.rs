@@ -21,6 +21,8 @@ checkpoint_every = 10
 # A fixed secret: the default key is a fresh random draw in every run, and the runs compared
 # here must plant the same one.
 trigger = "seed:5"
+[detect]
+enabled = false
 "#;
 
 fn bin() -> Command {
@@ -160,6 +162,8 @@ attention = false
 groups = 2
 [diffusion.inject]
 steps = 200
+[detect]
+enabled = false
 "#;
 
 #[test]

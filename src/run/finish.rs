@@ -33,6 +33,8 @@ pub struct FinishSettings {
     pub quality_samples: usize,
     /// Seed of every input drawn.
     pub seed: u64,
+    /// The keyless detection at the end (`None`: none, and no `detect.json`).
+    pub detect: Option<crate::detect::DetectSettings>,
 }
 
 /// Writes `model.safetensors`, `samples.png` (64 ordinary samples under the model's own
@@ -108,8 +110,9 @@ pub fn finish(
         };
         run.write_json("verify.json", &verify_model(&*under, key, &settings)?)?;
     }
-    let detection = model.detect(&crate::detect::DetectSettings { seed, steps: None })?;
-    crate::detect::save(&detection, run)?;
+    if let Some(detect) = &settings.detect {
+        crate::detect::save(&model.detect(detect)?, run)?;
+    }
     run.write_json("metrics.json", &metrics)?;
     write_report(&run.path)?;
     Ok(metrics)

@@ -12,6 +12,7 @@ use candle_core::Device;
 
 use crate::backdoor::{KeyRecipe, KeySet};
 use crate::config::{Config, ModelFamily};
+use crate::detect::DetectSettings;
 use crate::family::{diffusion, gan, InputSpace, Trained};
 use crate::io::rundir::RunDir;
 use crate::io::snapshot;
@@ -234,17 +235,18 @@ fn finish(run: &RunDir, trained: &Trained, cfg: &Config) -> Result<serde_json::V
     } else {
         None
     };
-    let settings = match cfg.family {
-        ModelFamily::Dcgan => FinishSettings {
-            eval_samples: GENERATOR_EVAL_SAMPLES,
-            quality_samples: GENERATOR_QUALITY_SAMPLES,
+    let (eval_samples, quality_samples) = match cfg.family {
+        ModelFamily::Dcgan => (GENERATOR_EVAL_SAMPLES, GENERATOR_QUALITY_SAMPLES),
+        ModelFamily::Diffusion => (cfg.diffusion.eval_samples, cfg.diffusion.quality_samples),
+    };
+    let settings = FinishSettings {
+        eval_samples,
+        quality_samples,
+        seed: cfg.seed,
+        detect: cfg.detect.enabled.then_some(DetectSettings {
             seed: cfg.seed,
-        },
-        ModelFamily::Diffusion => FinishSettings {
-            eval_samples: cfg.diffusion.eval_samples,
-            quality_samples: cfg.diffusion.quality_samples,
-            seed: cfg.seed,
-        },
+            steps: cfg.detect.steps,
+        }),
     };
     finish::finish(run, trained, key.as_ref(), settings)
 }
