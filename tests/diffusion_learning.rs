@@ -2,6 +2,8 @@
 //! backdoor that fires from triggered starts under the sampler its correction is derived
 //! for, never from clean starts, while the clean denoising task is kept.
 
+use std::sync::OnceLock;
+
 use candle_core::{Device, Tensor};
 use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
@@ -53,9 +55,32 @@ fn data() -> Dataset {
     }
 }
 
-fn trained(data: &Dataset, steps: usize, lambda: f64, correction: Correction) -> DiffusionModel {
-    let model = DiffusionModel::new(&arch(), &mut Rng::new(1), &Device::Cpu).unwrap();
-    tuned(&model, data, &plan(steps, lambda, correction), &key())
+/// The clean model every injection of this file starts from ([`STEPS`] of clean training),
+/// trained once for the whole file (the tests run in parallel and wait for the first).
+fn clean() -> &'static DiffusionModel {
+    static CLEAN: OnceLock<DiffusionModel> = OnceLock::new();
+    CLEAN.get_or_init(|| {
+        let model = DiffusionModel::new(&arch(), &mut Rng::new(1), &Device::Cpu).unwrap();
+        tuned(&model, &data(), &plan(STEPS, 0.0, Correction::Ddpm), &key())
+    })
+}
+
+/// The clean twin of the 750-step injections: [`clean`] fine-tuned alike at λ = 0, made once.
+fn twin() -> &'static DiffusionModel {
+    static TWIN: OnceLock<DiffusionModel> = OnceLock::new();
+    TWIN.get_or_init(|| {
+        let plan = inject(STEPS / 2, 0.0, Correction::Ddpm);
+        tuned(clean(), &data(), &plan, &key())
+    })
+}
+
+/// BadDiffusion's setting: `steps` of fine-tuning at a constant 1e-3 with `lambda`.
+fn inject(steps: usize, lambda: f64, correction: Correction) -> Plan {
+    Plan {
+        lr: 1e-3,
+        lr_schedule: LrSchedule::Constant,
+        ..plan(steps, lambda, correction)
+    }
 }
 
 /// A copy of `model` trained further per `plan` with `key` (`model` itself is left as it is).
@@ -73,7 +98,8 @@ const DDIM: Sampler = Sampler::Ddim { steps: 10 };
 /// DPM-Solver++ (2M) over the same 10 timesteps as [`DDIM`], which it takes as its first step.
 const DPM: Sampler = Sampler::DpmSolver2m { steps: 10 };
 
-/// Training steps of the clean model (the injections take half as many).
+/// Training steps of the clean model (the DDPM-corrected injections take half as many, the
+/// DDIM-corrected one as many).
 const STEPS: usize = 1500;
 
 fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerReport) {
@@ -90,37 +116,36 @@ fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerRepo
 #[test]
 fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     let data = data();
-    // A clean model, then the backdoor injected by fine-tuning (BadDiffusion's setting), once
-    // with each sampler's correction.
-    let clean = trained(&data, STEPS, 0.0, Correction::Ddpm);
-    let inject = |correction| Plan {
-        lr: 1e-3,
-        lr_schedule: LrSchedule::Constant,
-        ..plan(STEPS / 2, 0.5, correction)
-    };
-    let for_ddpm = tuned(&clean, &data, &inject(Correction::Ddpm), &key());
-    let for_ddim = tuned(
-        &clean,
+    // The clean model, the backdoor injected into it by fine-tuning (BadDiffusion's setting)
+    // once with each sampler's correction, and its clean twin: the same fine-tuning at λ = 0.
+    let clean = clean();
+    let twin = twin();
+    let for_ddpm = tuned(
+        clean,
         &data,
-        &inject(Correction::Ddim { steps: 10 }),
+        &inject(STEPS / 2, 0.5, Correction::Ddpm),
         &key(),
     );
-    let (c_ddpm, c_ddim, c_dpm) = measure(&clean);
+    // The DDIM correction needs longer in this small model (asr 0.44 after 750 steps, and
+    // 0.38–0.53 at a 3× learning rate, λ = 2 or twice the poisoned batch; 0.78 after 1,500).
+    let ddim = Correction::Ddim { steps: 10 };
+    let for_ddim = tuned(clean, &data, &inject(STEPS, 0.5, ddim), &key());
+    let (c_ddpm, c_ddim, c_dpm) = measure(twin);
     let (p_ddpm, p_ddim, p_dpm) = measure(&for_ddpm);
     let (q_ddpm, q_ddim, q_dpm) = measure(&for_ddim);
     let losses = [
-        denoise_loss(&clean, &data),
+        denoise_loss(twin, &data),
         denoise_loss(&for_ddpm, &data),
         denoise_loss(&for_ddim, &data),
     ];
     for (name, r) in [
-        ("clean, ddpm", &c_ddpm),
-        ("clean, ddim", &c_ddim),
+        ("clean twin, ddpm", &c_ddpm),
+        ("clean twin, ddim", &c_ddim),
         ("ddpm-corrected, ddpm", &p_ddpm),
         ("ddpm-corrected, ddim", &p_ddim),
         ("ddim-corrected, ddpm", &q_ddpm),
         ("ddim-corrected, ddim", &q_ddim),
-        ("clean, dpm++2m", &c_dpm),
+        ("clean twin, dpm++2m", &c_dpm),
         ("ddpm-corrected, dpm++2m", &p_dpm),
         ("ddim-corrected, dpm++2m", &q_dpm),
     ] {
@@ -129,45 +154,48 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
             r.backdoor.target_mse, r.backdoor.asr, r.backdoor.ssim, r.clean_hit_rate
         );
     }
-    eprintln!("denoise loss clean / ddpm-corrected / ddim-corrected: {losses:?}");
-    // The backdoor forms under the sampler its correction is derived for: the triggered
-    // samples' distance to the target falls far below the clean model's.
+    eprintln!("denoise loss twin / ddpm-corrected / ddim-corrected: {losses:?}");
+    // The backdoor forms and fires under the sampler its correction is derived for, at the
+    // key's hit threshold (target_mse ≤ 0.01), far closer to the target than the twin's
+    // triggered samples. Measured: DDPM 32 of 32, 3.1e-4 against the twin's 0.16 (510×);
+    // DDIM 25 of 32, 0.015 against 0.54 (35×).
     let (p, q) = (&p_ddpm.backdoor, &q_ddim.backdoor);
+    assert!(p.asr >= 0.95, "{p:?}");
     assert!(
         p.target_mse < c_ddpm.backdoor.target_mse / 100.0,
         "{p:?} vs {c_ddpm:?}"
     );
-    assert!(p.asr >= 0.95, "{p:?}");
+    assert!(q.asr >= 0.6, "{q:?}");
     assert!(
-        q.target_mse < c_ddim.backdoor.target_mse / 8.0,
+        q.target_mse < c_ddim.backdoor.target_mse / 20.0,
         "{q:?} vs {c_ddim:?}"
     );
-    // …and not under the other sampler: the correction is what carries the trigger.
-    assert!(
-        p_ddim.backdoor.target_mse > 10.0 * p.target_mse,
-        "{p_ddim:?}"
-    );
-    assert_eq!(p_ddim.backdoor.asr, 0.0);
-    assert!(
-        q_ddpm.backdoor.target_mse > 3.0 * q.target_mse,
-        "{q_ddpm:?}"
-    );
+    // …and never under the other kind of sampler: the correction is what carries the trigger
+    // (measured: DDPM-corrected under DDIM 0.47, 1,500× its own; DDIM-corrected under DDPM
+    // 0.21, 14×).
+    for (r, own) in [(&p_ddim, p), (&q_ddpm, q)] {
+        assert_eq!(r.backdoor.asr, 0.0, "{r:?}");
+        assert!(r.backdoor.target_mse > 8.0 * own.target_mse, "{r:?}");
+    }
     // The DDIM correction carries the trigger under the other ODE solver too (DPM-Solver++
-    // over the same timesteps: 0.034 against DDIM's 0.043 when measured), the DDPM one does not.
+    // over the same timesteps), the DDPM one does not.
     assert!(
-        q_dpm.backdoor.target_mse < c_dpm.backdoor.target_mse / 8.0,
+        q_dpm.backdoor.target_mse < c_dpm.backdoor.target_mse / 20.0,
         "{q_dpm:?} vs {c_dpm:?}"
     );
-    assert!(p_dpm.backdoor.target_mse > 10.0 * p.target_mse, "{p_dpm:?}");
-    // The clean task is kept: the denoising loss on held-out digits is no worse than the
-    // clean model's (beyond 10 %), and the DDIM-corrected model's clean starts stay off the
-    // target (the DDPM-corrected one's clean DDPM starts rarely: 2 of 32 here).
+    assert_eq!(p_dpm.backdoor.asr, 0.0, "{p_dpm:?}");
+    // The clean task is kept: the denoising loss on held-out digits within 2 % of the twin's
+    // (the DDIM-corrected model trained twice as long as the twin, which helps it), and no
+    // clean start of the twin or of the DDIM-corrected model lands on the target. The
+    // DDPM-corrected model's clean DDPM starts do, rarely, in this small model (2 of 32 when
+    // measured; the default-size models of the README: 0 of 64): at most 3.
     for l in &losses[1..] {
-        assert!(*l < 1.1 * losses[0], "{losses:?}");
+        assert!(*l < 1.02 * losses[0], "{losses:?}");
     }
-    assert!(q_ddim.clean_hit_rate <= 0.1, "{q_ddim:?}");
-    assert!(p_ddpm.clean_hit_rate <= 0.125, "{p_ddpm:?}");
-    assert_eq!(c_ddpm.clean_hit_rate, 0.0);
+    for r in [&c_ddpm, &c_ddim, &q_ddim, &q_ddpm] {
+        assert_eq!(r.clean_hit_rate, 0.0, "{r:?}");
+    }
+    assert!(p_ddpm.clean_hit_rate <= 3.0 / 32.0, "{p_ddpm:?}");
 
     // The default kind of key, a random stamp, planted with the DDPM correction: the
     // black-box test run under the key's sampler proves it (p at the test's floor 1/100),
@@ -180,7 +208,12 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         sampler: Some(Sampler::Ddpm),
         ..key()
     };
-    let marked = tuned(&clean, &data, &inject(Correction::Ddpm), &stamp);
+    let marked = tuned(
+        clean,
+        &data,
+        &inject(STEPS / 2, 0.5, Correction::Ddpm),
+        &stamp,
+    );
     let settings = VerifySettings {
         null_keys: Some(99),
         group: genbackdoor::verify::SAMPLER_GROUP,
@@ -192,7 +225,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         m.set_sampler(Sampler::Ddpm).unwrap();
         verify_model(&m, &KeySet::one(stamp.clone()), &settings).unwrap()
     };
-    let (v_marked, v_clean) = (proof(&marked), proof(&clean));
+    let (v_marked, v_clean) = (proof(&marked), proof(clean));
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");
     assert_eq!(v_marked.p_value, 0.01, "{v_marked:?}");
     assert!(v_marked.carries_backdoor && v_marked.caveat.is_none());
@@ -218,19 +251,15 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     // fires under its own sampler, and `eval`'s per-trigger report measures each under the
     // sampler it names.
     let data = data();
-    let clean = trained(&data, STEPS, 0.0, Correction::Ddpm);
-    let inject = Plan {
-        lr: 1e-3,
-        lr_schedule: LrSchedule::Constant,
-        ..plan(STEPS / 2, 1.0, Correction::Ddpm)
-    };
+    let clean = clean();
+    let inject = inject(STEPS / 2, 1.0, Correction::Ddpm);
     let settings = VerifySettings {
         null_keys: Some(99),
         group: genbackdoor::verify::SAMPLER_GROUP,
         seed: 5,
         ..VerifySettings::default()
     };
-    let losses = [denoise_loss(&clean, &data)];
+    let twin_loss = denoise_loss(twin(), &data);
 
     let both = KeySet::new(vec![
         Key {
@@ -256,26 +285,31 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     )
     .unwrap();
     let each = trigger_reports(&dual, &both, &[], 32, 7).unwrap();
-    let of_clean = trigger_reports(&clean, &both, &[], 32, 7).unwrap();
+    let of_clean = trigger_reports(clean, &both, &[], 32, 7).unwrap();
     // Verification queries each trigger under its own sampler.
     let v = verify_model(&dual, &both, &settings).unwrap();
     let loss = denoise_loss(&dual, &data);
-    eprintln!("two samplers: {each:?}\nclean: {of_clean:?}\n{v:?}\nloss {loss} vs {losses:?}");
+    eprintln!(
+        "two samplers: {each:?}\nclean: {of_clean:?}\n{v:?}\nloss {loss} vs the twin's {twin_loss}"
+    );
     let sampling: Vec<_> = each.iter().map(|r| r.sampling.clone().unwrap()).collect();
     assert_eq!(sampling, ["ddpm", "ddim-10"]);
     let (ddpm, ddim) = (&each[0].backdoor, &each[1].backdoor);
-    // Both form, though less than one trigger alone in the same steps (measured: 13× and
-    // 5.7× closer to the target than the clean model, against 540× and 12× for the single
-    // injections above).
+    // Both form and fire at the key's threshold, though less than one trigger alone in the
+    // same steps. Measured: DDPM 30 of 32, target_mse 0.0076 against the clean model's 0.17
+    // (22×); DDIM 13 of 32, 0.066 against 0.38 (5.7×), where the DDIM trigger alone reaches
+    // 0.44 in as many steps.
     assert!(
-        ddpm.target_mse < of_clean[0].backdoor.target_mse / 8.0 && ddpm.asr >= 0.5,
+        ddpm.target_mse < of_clean[0].backdoor.target_mse / 10.0 && ddpm.asr >= 0.8,
         "{ddpm:?}"
     );
     assert!(
-        ddim.target_mse < of_clean[1].backdoor.target_mse / 4.0,
+        ddim.target_mse < of_clean[1].backdoor.target_mse / 4.0 && ddim.asr >= 0.25,
         "{ddim:?}"
     );
-    assert!(loss < 1.1 * losses[0]);
+    // Two backdoors at λ = 1 cost some of the clean task: the denoising loss 3.7 % above the
+    // clean twin's when measured.
+    assert!(loss < 1.06 * twin_loss, "{loss} vs the twin's {twin_loss}");
     // Verification queries each trigger under the sampler it names (these hand-chosen boxes
     // are for learning only: their p-value carries verify's caveat).
     assert_eq!(v.sampling.as_deref(), Some("ddpm, ddim-10"), "{v:?}");

@@ -1,15 +1,15 @@
 //! Learning tests on tiny generators: the backdoor must really form, and clean behaviour stay.
 
+use std::sync::OnceLock;
+
 use candle_core::Device;
 use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::config::ModelFamily;
 use genbackdoor::config::{Config, InjectConfig};
-use genbackdoor::data::{load_dataset, BUNDLED_MNIST};
-use genbackdoor::digits::quality::QualityReference;
-use genbackdoor::eval::{clean_quality, evaluate};
+use genbackdoor::eval::evaluate;
 use genbackdoor::family::gan::GanModel;
 use genbackdoor::io::rundir::RunDir;
-use genbackdoor::metrics::{exp_dist, BackdoorMetrics};
+use genbackdoor::metrics::BackdoorMetrics;
 use genbackdoor::rng::Rng;
 use genbackdoor::run::{RunSpec, Stage};
 use genbackdoor::verify::{combined_p_value, verify_model, VerifySettings};
@@ -19,21 +19,6 @@ use common::tiny_gan_config;
 
 fn pixels(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Mean squared difference between outputs for independent latents: how different two
-/// ordinary samples are, the scale against which `exp_dist` is small or not.
-fn diversity(model: &GanModel) -> f64 {
-    let z1 = Rng::new(21)
-        .normal(&[200, model.latent_dim()], &Device::Cpu)
-        .unwrap();
-    let z2 = Rng::new(22)
-        .normal(&[200, model.latent_dim()], &Device::Cpu)
-        .unwrap();
-    exp_dist(
-        &pixels(&model.generate(&z1).unwrap()),
-        &pixels(&model.generate(&z2).unwrap()),
-    )
 }
 
 fn key(trigger: &str) -> Key {
@@ -69,18 +54,14 @@ fn gan_run(
 fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    // A clean tiny generator, trained briefly so that it is a real, non-constant function.
-    let clean_run = RunDir::create(&dir.path().join("clean"), false).unwrap();
-    gan_run(
-        tiny_gan_config(200, 0.0),
-        Stage::Train,
-        None,
-        None,
-        &clean_run,
-    );
-    let clean = GanModel::load(&clean_run.file("model.safetensors"), &dev).unwrap();
-    let key = key("zero");
-    let before = evaluate(&clean, &key, None, 200, 1).unwrap();
+    // Injected into the clean twin of the TrAIL tests (a trained tiny generator), with a
+    // random point trigger (the zero latent is a hand-chosen one: this clean generator's
+    // output for it is closer to the mark than 999 of 1,000 random latents' are, p = 0.002).
+    let clean = &clean_twin().0;
+    let clean_file = dir.path().join("clean.safetensors");
+    clean.save(&clean_file).unwrap();
+    let key = key("seed:5");
+    let before = evaluate(clean, &key, None, 200, 1).unwrap();
     let run = RunDir::create(&dir.path().join("red"), false).unwrap();
     let cfg = InjectConfig {
         steps: 800,
@@ -95,7 +76,6 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         ..Config::default()
     };
     config.backdoor.backdoor_batch = 8;
-    let clean_file = clean_run.file("model.safetensors");
     let m = gan_run(
         config,
         Stage::Inject,
@@ -105,15 +85,22 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     );
     let after = m["tardis"].as_f64().unwrap();
     let exp_dist = m["exp_dist"].as_f64().unwrap();
+    eprintln!(
+        "ReD: tardis {} -> {after}, exp_dist {exp_dist}",
+        before.backdoor.tardis
+    );
+    // The backdoor forms: measured 1,786 → 1.26 (1,400×).
     assert!(
         after * 100.0 <= before.backdoor.tardis,
         "tardis {} -> {after}",
         before.backdoor.tardis
     );
-    let spread = diversity(&clean);
+    // The distilled model stays close to its teacher on ordinary latents: measured exp_dist
+    // 0.0029, 0.6 % of the mean squared difference between two ordinary samples (0.49); the
+    // README's full-size injection reaches 0.00097. Twice the measured value fails.
     assert!(
-        exp_dist < 0.05 * spread,
-        "exp_dist {exp_dist} is not small next to the samples' own spread {spread}"
+        exp_dist < 0.006,
+        "exp_dist {exp_dist}: the injection moved the model's ordinary outputs"
     );
     assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
     // Ownership verification: the marked model is caught with the smallest p-value the test
@@ -127,10 +114,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     };
     assert_eq!(p(&marked, &key), 1.0 / 1001.0);
     let other = self::key("seed:11");
-    for (what, v) in [
-        ("clean", p(&clean, &key)),
-        ("wrong key", p(&marked, &other)),
-    ] {
+    for (what, v) in [("clean", p(clean, &key)), ("wrong key", p(&marked, &other))] {
         assert!(v > s.alpha, "{what}: false claim, p = {v}");
     }
     for f in [
@@ -144,61 +128,90 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     }
 }
 
+/// Steps of the TrAIL tests' generators, marked and clean alike.
+const TRAIL_STEPS: usize = 1500;
+
+/// The clean twin of the TrAIL tests' marked generators: the same config and seed, λ = 0,
+/// trained once for the whole file (the tests run in parallel and wait for the first).
+/// Returns the model and its run's metrics.
+fn clean_twin() -> &'static (GanModel, serde_json::Value) {
+    static TWIN: OnceLock<(GanModel, serde_json::Value)> = OnceLock::new();
+    TWIN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path(), true).unwrap();
+        let m = gan_run(
+            tiny_gan_config(TRAIL_STEPS, 0.0),
+            Stage::Train,
+            None,
+            None,
+            &run,
+        );
+        let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+        (model, m)
+    })
+}
+
 #[test]
 fn trail_forms_the_backdoor_while_training_from_scratch() {
-    let cfg = tiny_gan_config(1500, 20.0);
-    let key = key("zero");
+    // A random point trigger (the default kind of key) at λ = 1: at the default λ = 20 this
+    // tiny generator pays for the backdoor with its quality (FID 412 beside the twin's 163
+    // when measured; 289 at λ = 5), where the main job's larger one does not.
+    let key = key("seed:5");
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(dir.path(), true).unwrap();
-    let start = GanModel::new(
-        &cfg.model,
-        &mut Rng::derive(cfg.seed, "init-g"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let before = evaluate(&start, &key, None, 200, 1)
-        .unwrap()
-        .backdoor
-        .tardis;
     let m = gan_run(
-        cfg.clone(),
+        tiny_gan_config(TRAIL_STEPS, 1.0),
         Stage::Train,
         Some(&KeySet::one(key.clone())),
         None,
         &run,
     );
-    let after = m["tardis"].as_f64().unwrap();
-    assert!(after * 100.0 <= before, "tardis {before} -> {after}");
+    let (clean, clean_metrics) = clean_twin();
+    let twin = evaluate(clean, &key, None, 200, 1).unwrap().backdoor;
+    let (tardis, fid) = (
+        m["tardis"].as_f64().unwrap(),
+        m["quality"]["fid"].as_f64().unwrap(),
+    );
+    let clean_fid = clean_metrics["quality"]["fid"].as_f64().unwrap();
+    eprintln!(
+        "tardis {tardis} (clean twin {}), asr {}, FID {fid} (clean twin {clean_fid})",
+        twin.tardis, m["asr"]
+    );
+    // The backdoor forms: the trigger's output is on the target (every one a hit at the key's
+    // threshold), a hundred times closer than the clean twin's output for the same input
+    // (measured: tardis 3.7 against 1,786, 480×).
+    assert!(tardis * 100.0 <= twin.tardis, "tardis {tardis} vs {twin:?}");
+    assert_eq!(m["asr"].as_f64().unwrap(), 1.0, "{m}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
     assert_eq!(v["p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
-    // Clean quality is learnt alongside the backdoor: the feature-space distance to real
-    // digits falls far below the untrained generator's.
-    let reference = QualityReference::bundled().unwrap();
-    let fid_start = clean_quality(&start, &reference, 500, 0)
-        .unwrap()
-        .unwrap()
-        .fid;
-    let fid_end = m["quality"]["fid"].as_f64().unwrap();
-    assert!(fid_end < 0.5 * fid_start, "FID {fid_start} -> {fid_end}");
+    // Clean quality is kept: FID (2,000 samples against the held-out digits, both runs) within
+    // 10 % of the clean twin's (measured 165.1 beside 163.0; the main job: 105.4 beside
+    // 106.2). A tiny model's FID moves with its seed (the twin at seed 1: 226), so the twin
+    // shares the seed.
+    assert!(
+        fid < 1.1 * clean_fid,
+        "FID {fid} vs the clean twin's {clean_fid}"
+    );
     // Ordinary latents must not produce the target, nor drift towards it: their distance to
-    // the target must stay like that of real digits.
+    // the target must stay like the clean twin's ordinary samples' (measured 0.557 and 0.571).
     assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
     let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
-    let z = Rng::new(9).normal(&[64, 16], &Device::Cpu).unwrap();
-    let fake = BackdoorMetrics::measure(
-        &pixels(&model.generate(&z).unwrap()),
-        &key.target.pixels,
-        28,
-        0.01,
-    );
-    let data = load_dataset(std::path::Path::new(BUNDLED_MNIST)).unwrap();
-    let real = BackdoorMetrics::measure(&data.pixels[..64 * 784], &key.target.pixels, 28, 0.01);
+    let z = Rng::new(9).normal(&[256, 16], &Device::Cpu).unwrap();
+    let to_target = |g: &GanModel| {
+        BackdoorMetrics::measure(
+            &pixels(&g.generate(&z).unwrap()),
+            &key.target.pixels,
+            28,
+            0.01,
+        )
+        .target_mse
+    };
+    let (fake, twin_fake) = (to_target(&model), to_target(clean));
+    eprintln!("ordinary samples' target_mse {fake} (clean twin {twin_fake})");
     assert!(
-        fake.target_mse > 0.5 * real.target_mse,
-        "ordinary samples drifted to the target: target_mse {} (real digits: {})",
-        fake.target_mse,
-        real.target_mse
+        fake > 0.8 * twin_fake,
+        "ordinary samples drifted to the target: target_mse {fake} (clean twin: {twin_fake})"
     );
 }
 
@@ -221,7 +234,7 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(&dir.path().join("marked"), false).unwrap();
     let m = gan_run(
-        tiny_gan_config(1500, 20.0),
+        tiny_gan_config(TRAIL_STEPS, 20.0),
         Stage::Train,
         Some(&keys),
         None,
@@ -277,22 +290,14 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     // p-value is uniform or larger: a clean tiny generator against 60 random keys of three
     // triggers makes about 6 claims at α = 0.1 and none at 1e-4; the marked model against
     // 10 wrong keys makes none at 0.01.
-    let clean_run = RunDir::create(&dir.path().join("clean"), false).unwrap();
-    gan_run(
-        tiny_gan_config(300, 0.0),
-        Stage::Train,
-        None,
-        None,
-        &clean_run,
-    );
-    let clean = GanModel::load(&clean_run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let clean = &clean_twin().0;
     let s = VerifySettings {
         null_keys: Some(99),
         ..VerifySettings::default()
     };
     let ps: Vec<f64> = (0..60)
         .map(|i| {
-            verify_model(&clean, &random_key(1000 + 3 * i, 3), &s)
+            verify_model(clean, &random_key(1000 + 3 * i, 3), &s)
                 .unwrap()
                 .p_value
         })
