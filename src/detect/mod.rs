@@ -101,12 +101,12 @@ pub fn nearest_distance(x: &Tensor, reference: &Tensor) -> Result<Tensor> {
 /// The mean squared distance of the images `[n, …]` from their mean image: how spread a
 /// set of outputs is (0 when they all coincide).
 pub fn spread(x: &Tensor) -> Result<f64> {
-    let x = x.flatten_from(1)?;
-    let mean = x.mean_keepdim(0)?;
-    Ok(x.broadcast_sub(&mean)?
-        .sqr()?
-        .mean_all()?
-        .to_scalar::<f32>()? as f64)
+    Ok(spread_tensor(x)?.to_scalar::<f32>()? as f64)
+}
+
+/// [`spread`] as a scalar tensor, differentiable in `x` (what an inversion minimises).
+pub fn spread_tensor(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.mean_all()?)
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::detect::{spread, DetectSettings, Detection};
+use crate::detect::{spread, spread_tensor, DetectSettings, Detection};
 use crate::family::diffusion::{DiffusionModel, Sampler};
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -123,9 +123,7 @@ fn probe(
             (eps - (shift.as_tensor() * 0.5)?)?.abs()?.mean_all()?
         } else {
             let mut predict = |x: &Tensor, t: usize| model.predict(x, t);
-            let out = rollout.run(&model.schedule, x, &mut predict, rng)?;
-            let mean = out.mean_keepdim(0)?;
-            out.broadcast_sub(&mean)?.sqr()?.mean_all()?
+            spread_tensor(&rollout.run(&model.schedule, x, &mut predict, rng)?)?
         };
         adam.backward_step(&loss)?;
         shift.set(&constrain(shift.as_tensor(), radius)?)?;
