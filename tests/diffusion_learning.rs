@@ -171,19 +171,18 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         "{q:?} vs {c_ddim:?}"
     );
     // …and never under the other kind of sampler: the correction is what carries the trigger
-    // (measured: DDPM-corrected under DDIM 0.47, 1,500× its own; DDIM-corrected under DDPM
-    // 0.21, 14×).
-    for (r, own) in [(&p_ddim, p), (&q_ddpm, q)] {
+    // (measured: DDPM-corrected under DDIM 0.46 and DPM-Solver++ 0.45, 1,400× its own;
+    // DDIM-corrected under DDPM 0.21, 14×).
+    for (r, own) in [(&p_ddim, p), (&p_dpm, p), (&q_ddpm, q)] {
         assert_eq!(r.backdoor.asr, 0.0, "{r:?}");
-        assert!(r.backdoor.target_mse > 8.0 * own.target_mse, "{r:?}");
+        assert!(r.backdoor.target_mse > 10.0 * own.target_mse, "{r:?}");
     }
     // The DDIM correction carries the trigger under the other ODE solver too (DPM-Solver++
-    // over the same timesteps), the DDPM one does not.
+    // over the same timesteps).
     assert!(
         q_dpm.backdoor.target_mse < c_dpm.backdoor.target_mse / 20.0,
         "{q_dpm:?} vs {c_dpm:?}"
     );
-    assert_eq!(p_dpm.backdoor.asr, 0.0, "{p_dpm:?}");
     // The clean task is kept: the denoising loss on held-out digits within 2 % of the twin's
     // (the DDIM-corrected model trained twice as long as the twin, which helps it), and no
     // clean start of the twin or of the DDIM-corrected model lands on the target. The

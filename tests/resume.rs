@@ -173,6 +173,9 @@ fn killed_diffusion_training_and_injection_resume_bit_for_bit() {
     std::fs::write(&config, DIFFUSION).unwrap();
     let straight = dir.path().join("straight");
     succeed(train(&config, &straight));
+    // `[detect] enabled = false`: the run's end detects nothing.
+    assert!(straight.join("metrics.json").exists());
+    assert!(!straight.join("detect.json").exists());
     let killed = dir.path().join("killed");
     kill_mid_run(train(&config, &killed), &killed, 200);
     resume_matches("train", &killed, &straight);
