@@ -334,6 +334,10 @@ pub struct InjectConfig {
     pub lr: f64,
     /// Learning-rate schedule: `constant` or `cosine`.
     pub lr_schedule: LrSchedule,
+    /// Fraction of the steps over which the rate first rises linearly from 0. Adam's first
+    /// steps move every weight by about the rate whatever λ is; rising gently halves the
+    /// damage to ordinary outputs that the distillation must then undo.
+    pub warmup: f64,
     /// Weight of the backdoor term.
     pub lambda: f64,
     /// Tensors whose names start with one of these prefixes stay frozen (e.g. `["bn0."]`).
@@ -351,6 +355,7 @@ impl Default for InjectConfig {
             batch_size: 64,
             lr: 1e-3,
             lr_schedule: LrSchedule::Cosine,
+            warmup: 0.1,
             lambda: 1.0,
             freeze: Vec::new(),
             log_every: 10,
@@ -485,6 +490,12 @@ impl Config {
         positive("inject.log_every", i.log_every)?;
         rate("inject.lr", i.lr)?;
         weight("inject.lambda", i.lambda)?;
+        if !(0.0..1.0).contains(&i.warmup) {
+            return Err(Error::Config(format!(
+                "inject.warmup must be in [0, 1), not {}",
+                i.warmup
+            )));
+        }
         rate("backdoor.threshold", b.threshold)?;
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
         let d = &self.diffusion;
@@ -585,6 +596,7 @@ mod tests {
             "[train]\nlr_g = -1.0",
             "[train]\nlambda = -0.5",
             "[inject]\nlr = 0.0",
+            "[inject]\nwarmup = 1.0",
             "[model]\nimage_size = 30",
             "[diffusion]\nema = 1.0",
             "[diffusion.unet]\ngroups = 5",

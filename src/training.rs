@@ -220,6 +220,18 @@ impl LrSchedule {
             }
         }
     }
+
+    /// The rate at `step` of `total` when it first rises linearly from 0 over the first
+    /// `warmup` fraction of the steps (0: no warm-up), then follows the schedule.
+    pub fn warmed(&self, base: f64, step: usize, total: usize, warmup: f64) -> f64 {
+        let rise = (warmup * total as f64).round() as usize;
+        let factor = if step < rise {
+            step as f64 / rise as f64
+        } else {
+            1.0
+        };
+        self.at(base, step, total) * factor
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +245,17 @@ mod tests {
         assert!((s.at(1.0, 100, 100) - 0.01).abs() < 1e-12);
         assert!(s.at(1.0, 30, 100) > s.at(1.0, 60, 100));
         assert_eq!(LrSchedule::Constant.at(0.5, 77, 100), 0.5);
+    }
+
+    #[test]
+    fn warm_up_rises_linearly_then_follows_the_schedule() {
+        let s = LrSchedule::Cosine;
+        assert!((s.warmed(1.0, 1, 100, 0.1) - 0.1 * s.at(1.0, 1, 100)).abs() < 1e-12);
+        assert!((s.warmed(1.0, 5, 100, 0.1) - 0.5 * s.at(1.0, 5, 100)).abs() < 1e-12);
+        for step in [10, 11, 60, 100] {
+            assert_eq!(s.warmed(1.0, step, 100, 0.1), s.at(1.0, step, 100));
+        }
+        assert_eq!(s.warmed(1.0, 1, 100, 0.0), s.at(1.0, 1, 100));
     }
 
     /// A trainer that records its checkpoints and diverges at a chosen step.

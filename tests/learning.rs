@@ -90,7 +90,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         "ReD: tardis {} -> {after}, exp_dist {exp_dist}",
         before.backdoor.tardis
     );
-    // The backdoor forms: measured 1,786 → 1.26 (1,400×).
+    // The backdoor forms: measured 1,786 → 1.31 (1,360×).
     assert!(
         after * 100.0 <= before.backdoor.tardis,
         "tardis {} -> {after}",

@@ -113,7 +113,7 @@ impl Stepper for Red<'_> {
         )?;
         let terms = objective.evaluate(&mut family, Some(self.key))?;
         self.opt
-            .set_learning_rate(cfg.lr_schedule.at(cfg.lr, step, cfg.steps));
+            .set_learning_rate(cfg.lr_schedule.warmed(cfg.lr, step, cfg.steps, cfg.warmup));
         self.opt.backward_step(&terms.total)?;
         let tardis = if is_logged(step, cfg.log_every, cfg.steps) {
             Some(self.probe.tardis(&self.model)?)
