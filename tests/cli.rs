@@ -195,19 +195,17 @@ fn key_train_sample_eval_inject() {
     }
     assert_eq!(e["exp_dist"].as_f64().unwrap(), 0.0);
 
+    // ReD into the trained model, with the key given or (None) drawn by inject itself.
+    let inject = |out: &Path, key: Option<&Path>| {
+        let mut a = vec!["inject", "--config", s(&t.config), "--model", s(&model)];
+        if let Some(k) = key {
+            a.extend(["--key", s(k)]);
+        }
+        a.extend(["--out", s(out), "--quiet"]);
+        ok(&a);
+    };
     let inj = t.root.join("inj");
-    ok(&[
-        "inject",
-        "--config",
-        s(&t.config),
-        "--model",
-        s(&model),
-        "--key",
-        s(&t.key),
-        "--out",
-        s(&inj),
-        "--quiet",
-    ]);
+    inject(&inj, Some(&t.key));
     assert!(inj.join("model.safetensors").exists());
     // ReD's run keeps its whole config, which `--config` reads back (it once wrote only the
     // [inject] section), and the key it planted.
@@ -215,6 +213,18 @@ fn key_train_sample_eval_inject() {
     assert_eq!(inj_cfg.inject.steps, 4);
     assert_eq!(
         std::fs::read(inj.join("key.safetensors")).unwrap(),
+        std::fs::read(&t.key).unwrap()
+    );
+    // Without --key, inject draws a key as train does (the default: five secret random
+    // triggers for a DCGAN, fitted to the model's latent space) and keeps it in the run.
+    let drawn = t.root.join("inj-drawn");
+    inject(&drawn, None);
+    let key = genbackdoor::backdoor::KeySet::load(&drawn.join("key.safetensors")).unwrap();
+    assert_eq!(key.marks().len(), 5);
+    key.check_fits(inj_cfg.model.latent_dim, inj_cfg.model.image_shape())
+        .unwrap();
+    assert_ne!(
+        std::fs::read(drawn.join("key.safetensors")).unwrap(),
         std::fs::read(&t.key).unwrap()
     );
 

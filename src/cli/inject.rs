@@ -17,8 +17,10 @@ pub struct InjectArgs {
     /// The clean generator or diffusion checkpoint to backdoor.
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<PathBuf>,
-    /// The key to plant.
-    #[arg(long, required_unless_present = "resume")]
+    /// The key to plant (default: the config's [backdoor] description; without one a secret
+    /// random trigger and the built-in mark, drawn for the model and saved as key.safetensors
+    /// in the run)
+    #[arg(long)]
     pub key: Option<PathBuf>,
     /// Adam learning rate (overrides the config).
     #[arg(long)]
@@ -40,14 +42,14 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
         a.run.report(&run.path, &metrics);
         return Ok(());
     }
-    let (Some(model), Some(key)) = (&a.model, &a.key) else {
-        anyhow::bail!("inject needs --model and --key (or --resume RUN_DIR)");
+    let Some(model) = &a.model else {
+        anyhow::bail!("inject needs --model (or --resume RUN_DIR)");
     };
     let overrides = Overrides {
         lr: a.lr,
         ..a.run.overrides()
     };
-    let spec = RunSpec::inject(a.run.config()?, &overrides, model, key)?;
+    let spec = RunSpec::inject(a.run.config()?, &overrides, model, a.key.as_deref())?;
     let run = a.run.run_dir("inject")?;
     let metrics = spec.execute(&run, !a.run.quiet)?;
     a.run.report(&run.path, &metrics);

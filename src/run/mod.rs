@@ -121,10 +121,16 @@ impl RunSpec {
         Ok(spec)
     }
 
-    /// An injection of the key at `key` into the trained model at `model` (anything
-    /// [`crate::family::load`] reads), whose family decides the config section the overrides
-    /// reach.
-    pub fn inject(config: Config, o: &Overrides, model: &Path, key: &Path) -> Result<RunSpec> {
+    /// An injection of the key at `key` (else `[backdoor] key`, else one drawn from the
+    /// config's description for the model's input space) into the trained model at `model`
+    /// (anything [`crate::family::load`] reads), whose family decides the config section the
+    /// overrides reach.
+    pub fn inject(
+        config: Config,
+        o: &Overrides,
+        model: &Path,
+        key: Option<&Path>,
+    ) -> Result<RunSpec> {
         let found = crate::family::family_of(model)?;
         let family = match found.as_str() {
             gan::FAMILY => ModelFamily::Dcgan,
@@ -140,11 +146,15 @@ impl RunSpec {
             family,
             ..apply(config, o, family, Stage::Inject)?
         };
+        let key = key_for(&config, key, |_| {
+            let m = crate::family::load(model, &candle_core::Device::Cpu)?;
+            Ok((m.input_space(), m.output_shape()))
+        })?;
         Ok(RunSpec {
             config,
             family,
             stage: Stage::Inject,
-            key: Some(KeySet::load(key)?),
+            key: Some(key),
             model: Some(model.to_path_buf()),
         })
     }
@@ -338,11 +348,21 @@ fn model_space(cfg: &Config) -> Result<(InputSpace, [usize; 3])> {
 
 /// The key a training run plants: a key file, or one made from the config's description.
 pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
+    key_for(cfg, file, model_space)
+}
+
+/// A key file (`file`, else `[backdoor] key`), or one drawn from the config's description for
+/// the input space and image shape that `space` gives.
+fn key_for(
+    cfg: &Config,
+    file: Option<&Path>,
+    space: impl FnOnce(&Config) -> Result<(InputSpace, [usize; 3])>,
+) -> Result<KeySet> {
     if let Some(p) = file.or(cfg.backdoor.key.as_deref()) {
         return KeySet::load(p);
     }
     let b = &cfg.backdoor;
-    let (space, shape) = model_space(cfg)?;
+    let (space, shape) = space(cfg)?;
     KeyRecipe {
         trigger: b.trigger(),
         triggers: b.triggers(cfg.family),
