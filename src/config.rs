@@ -335,8 +335,8 @@ pub struct InjectConfig {
     /// Learning-rate schedule: `constant` or `cosine`.
     pub lr_schedule: LrSchedule,
     /// Fraction of the steps over which the rate first rises linearly from 0. Adam's first
-    /// steps move every weight by about the rate whatever λ is; rising gently halves the
-    /// damage to ordinary outputs that the distillation must then undo.
+    /// steps move every weight by about the rate whatever λ is; rising gently cuts the damage
+    /// to ordinary outputs that the distillation must then undo by about a quarter.
     pub warmup: f64,
     /// Weight of the backdoor term.
     pub lambda: f64,
@@ -473,29 +473,28 @@ impl Config {
                 )))
             }
         };
+        let fraction = |name: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{name} must be in [0, 1), not {v}")))
+            }
+        };
         let (t, i, b) = (&self.train, &self.inject, &self.backdoor);
         positive("train.steps", t.steps)?;
         positive("train.batch_size", t.batch_size)?;
         positive("train.log_every", t.log_every)?;
         rate("train.lr_g", t.lr_g)?;
         rate("train.lr_d", t.lr_d)?;
-        for (n, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(Error::Config(format!("{n} must be in [0, 1), not {v}")));
-            }
-        }
+        fraction("train.beta1", t.beta1)?;
+        fraction("train.beta2", t.beta2)?;
         weight("train.lambda", t.lambda)?;
         positive("inject.steps", i.steps)?;
         positive("inject.batch_size", i.batch_size)?;
         positive("inject.log_every", i.log_every)?;
         rate("inject.lr", i.lr)?;
         weight("inject.lambda", i.lambda)?;
-        if !(0.0..1.0).contains(&i.warmup) {
-            return Err(Error::Config(format!(
-                "inject.warmup must be in [0, 1), not {}",
-                i.warmup
-            )));
-        }
+        fraction("inject.warmup", i.warmup)?;
         rate("backdoor.threshold", b.threshold)?;
         positive("backdoor.backdoor_batch", b.backdoor_batch)?;
         let d = &self.diffusion;
@@ -518,12 +517,7 @@ impl Config {
         positive("diffusion.eval_samples", d.eval_samples)?;
         rate("diffusion.lr", d.lr)?;
         weight("diffusion.lambda", d.lambda)?;
-        if !(0.0..1.0).contains(&d.ema) {
-            return Err(Error::Config(format!(
-                "diffusion.ema must be in [0, 1), not {}",
-                d.ema
-            )));
-        }
+        fraction("diffusion.ema", d.ema)?;
         positive("diffusion.inject.steps", d.inject.steps)?;
         rate("diffusion.inject.lr", d.inject.lr)?;
         weight("diffusion.inject.lambda", d.inject.lambda)?;

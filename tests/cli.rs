@@ -999,6 +999,15 @@ fn diffusion_train_sample_eval_inject() {
         s(&injected)
     )));
     assert_eq!(read_json(&injected.join("metrics.json"))["mode"], "inject");
+    // Without --key, inject draws a key that fits the diffusion model (an image trigger).
+    let drawn = dir.path().join("inj-drawn");
+    ok(&words(&format!(
+        "inject --config {c} --model {m} --out {} --quiet",
+        s(&drawn)
+    )));
+    let drawn_key = genbackdoor::backdoor::KeySet::load(&drawn.join("key.safetensors")).unwrap();
+    let loaded = genbackdoor::family::load(&model, &candle_core::Device::Cpu).unwrap();
+    drawn_key.check_model(&*loaded).unwrap();
     // Keys and samplers must fit the model family.
     let latent_key = dir.path().join("latent.safetensors");
     ok(&["key", "--out", s(&latent_key)]);

@@ -75,10 +75,7 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         anyhow::bail!("--threshold must be positive");
     }
     let (space, shape) = match &a.model {
-        Some(p) => {
-            let m = crate::family::load(p, &candle_core::Device::Cpu)?;
-            (m.input_space(), m.output_shape())
-        }
+        Some(p) => crate::family::space_of(p)?,
         None => {
             crate::models::check_channels(a.channels)?;
             let shape = [a.channels, a.image_size, a.image_size];

@@ -238,6 +238,12 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Generative>> {
     }
 }
 
+/// The input space and image shape of the model at `path` (for drawing a key that fits it).
+pub fn space_of(path: &Path) -> Result<(InputSpace, [usize; 3])> {
+    let m = load(path, &Device::Cpu)?;
+    Ok((m.input_space(), m.output_shape()))
+}
+
 /// The family of the model at `path` as [`load`] reads it (a diffusers folder is a diffusion
 /// model, a PyTorch state_dict a DCGAN generator).
 pub fn family_of(path: &Path) -> Result<String> {

@@ -146,10 +146,7 @@ impl RunSpec {
             family,
             ..apply(config, o, family, Stage::Inject)?
         };
-        let key = key_for(&config, key, |_| {
-            let m = crate::family::load(model, &candle_core::Device::Cpu)?;
-            Ok((m.input_space(), m.output_shape()))
-        })?;
+        let key = key_for(&config, key, |_| crate::family::space_of(model))?;
         Ok(RunSpec {
             config,
             family,
