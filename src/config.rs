@@ -308,7 +308,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            steps: 3200,
+            steps: 2800,
             batch_size: 32,
             lr_g: 1.2e-3,
             lr_d: 1.2e-3,
