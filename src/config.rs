@@ -303,6 +303,47 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// TrAIL's fine-tuning-aware injection (`[train.rehearsal]`; off by default).
+    pub rehearsal: RehearsalConfig,
+}
+
+/// TrAIL's fine-tuning-aware injection: every `every` steps from the fraction `start` of
+/// training on, the generator rehearses a thief's clean fine-tuning (`steps` Adam steps at
+/// `lr` against a freshly initialised discriminator, from a copy of its weights), and that
+/// step's update also follows the backdoor term's gradient taken at the rehearsed weights
+/// (weight λ), so that the mark holds where fine-tuning moves the model. Off when `every` is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RehearsalConfig {
+    /// A rehearsal every this many steps (0: none).
+    pub every: usize,
+    /// Fine-tuning steps per rehearsal.
+    pub steps: usize,
+    /// Adam learning rate of the rehearsed fine-tuning: above a thief's 2e-4, so that a
+    /// short rehearsal moves the weights as far as a longer attack.
+    pub lr: f64,
+    /// Fraction of training before the first rehearsal (the backdoor forms first).
+    pub start: f64,
+}
+
+impl Default for RehearsalConfig {
+    fn default() -> Self {
+        RehearsalConfig {
+            every: 0,
+            steps: 50,
+            lr: 1e-3,
+            start: 0.5,
+        }
+    }
+}
+
+impl RehearsalConfig {
+    /// Whether training step `step` of `total` rehearses.
+    pub fn due(&self, step: usize, total: usize) -> bool {
+        self.every > 0
+            && step.is_multiple_of(self.every)
+            && step as f64 >= self.start * total as f64
+    }
 }
 
 impl Default for TrainConfig {
@@ -318,6 +359,7 @@ impl Default for TrainConfig {
             lambda: 20.0,
             log_every: 10,
             checkpoint_every: 100,
+            rehearsal: RehearsalConfig::default(),
         }
     }
 }
@@ -503,6 +545,11 @@ impl Config {
         fraction("train.beta1", t.beta1)?;
         fraction("train.beta2", t.beta2)?;
         weight("train.lambda", t.lambda)?;
+        if t.rehearsal.every > 0 {
+            positive("train.rehearsal.steps", t.rehearsal.steps)?;
+            rate("train.rehearsal.lr", t.rehearsal.lr)?;
+            fraction("train.rehearsal.start", t.rehearsal.start)?;
+        }
         positive("inject.steps", i.steps)?;
         positive("inject.batch_size", i.batch_size)?;
         positive("inject.log_every", i.log_every)?;
@@ -576,14 +623,30 @@ mod tests {
     #[test]
     fn the_shipped_configs_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        let mut n = 0;
+        let mut diffusion = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let p = entry.unwrap().path();
             let cfg = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            assert_eq!(cfg.family, ModelFamily::Diffusion, "{}", p.display());
-            n += 1;
+            if cfg.family == ModelFamily::Diffusion {
+                diffusion += 1;
+            } else {
+                // The DCGAN config (robust.toml) turns the rehearsal on.
+                assert!(cfg.train.rehearsal.every > 0, "{}", p.display());
+            }
         }
-        assert!(n >= 2);
+        assert!(diffusion >= 2);
+    }
+
+    #[test]
+    fn rehearsals_fall_every_n_steps_from_the_start_fraction_on() {
+        let r = RehearsalConfig {
+            every: 50,
+            start: 0.5,
+            ..Default::default()
+        };
+        let due: Vec<usize> = (1..=400).filter(|&s| r.due(s, 400)).collect();
+        assert_eq!(due, vec![200, 250, 300, 350, 400]);
+        assert!(!(1..=400).any(|s| RehearsalConfig::default().due(s, 400)));
     }
 
     #[test]
@@ -613,9 +676,15 @@ mod tests {
             "[detect]\nsteps = 0",
             "[detect]\nenabled = 1",
             "[detect]\nstarts = 4",
+            "[train.rehearsal]\nevery = 50\nstart = 1.0",
+            "[train.rehearsal]\nevery = 50\nsteps = 0",
+            "[train.rehearsal]\nevery = 50\nlr = 0.0",
+            "[train.rehearsal]\nrounds = 3",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
+        // Off (`every = 0`, the default), its other numbers are not used and not checked.
+        assert!(Config::parse("[train.rehearsal]\nsteps = 0").is_ok());
         let msg = Config::parse("[train]\nsteps = -4")
             .unwrap_err()
             .to_string();

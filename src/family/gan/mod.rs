@@ -5,6 +5,7 @@ pub mod detect;
 pub mod families;
 pub mod probe;
 pub mod red;
+pub mod rehearsal;
 pub mod trail;
 
 use std::path::Path;

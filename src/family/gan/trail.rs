@@ -1,5 +1,6 @@
 //! Training a DCGAN from scratch: clean (λ = 0) or with a backdoor (TrAIL: the generator
-//! minimises its adversarial loss plus λ times the backdoor term). Runs save a checkpoint
+//! minimises its adversarial loss plus λ times the backdoor term; with `[train.rehearsal]`, also
+//! at weights a rehearsed clean fine-tuning reaches, see [`super::rehearsal`]). Runs save a checkpoint
 //! (both networks, both optimisers, every random stream and the step) every
 //! `train.checkpoint_every` steps, and [`resume`] continues one exactly where it stopped.
 
@@ -13,6 +14,7 @@ use crate::config::Config;
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
 use crate::family::gan::probe::Probe;
+use crate::family::gan::rehearsal::{add_scaled, Rehearsal};
 use crate::family::gan::{discriminator_loss, GanModel};
 use crate::family::Trained;
 use crate::io::checkpoint;
@@ -149,7 +151,22 @@ impl Stepper for Trail<'_> {
         self.opt_d.backward_step(&d_loss)?;
 
         let terms = objective.evaluate(&mut family, self.key)?;
-        self.opt_g.backward_step(&terms.total)?;
+        let mut grads = terms.total.backward()?;
+        if let (Some(k), Some(triggered)) = (self.key, triggered) {
+            if t.rehearsal.due(step, t.steps) {
+                let rehearsal = Rehearsal {
+                    settings: &t.rehearsal,
+                    model_cfg: &cfg.model,
+                    batch: n,
+                    triggered,
+                    distance: k.distance(),
+                };
+                let mut rng = Rng::derive(cfg.seed, &format!("rehearsal-{step}"));
+                let kept = rehearsal.backdoor_gradient(&self.model, &mut rng)?;
+                add_scaled(&mut grads, &kept, &self.model.params.trainable(), t.lambda)?;
+            }
+        }
+        self.opt_g.step(&grads)?;
         let tardis = match &self.probe {
             Some(p) if is_logged(step, t.log_every, t.steps) => Some(p.tardis(&self.model)?),
             _ => None,

@@ -1,0 +1,201 @@
+//! Fine-tuning-aware injection for TrAIL: the generator rehearses a thief's clean fine-tuning
+//! and is pulled to keep its backdoor at the rehearsed weights (a first-order version of
+//! "keep the backdoor loss low after simulated fine-tuning": the gradient taken at the
+//! rehearsed weights is applied at the current ones, as first-order MAML does).
+//!
+//! The rehearsal copies what hurts a stolen generator most: a fresh Adam, and a discriminator
+//! that has never seen the model (a freshly initialised one, not trained during the rehearsal),
+//! whose first gradients move every weight by about the learning rate.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::backdoor::Distance;
+use crate::config::RehearsalConfig;
+use crate::family::gan::{generator_loss, GanModel};
+use crate::models::{DcganConfig, Discriminator, Params};
+use crate::optim::Adam;
+use crate::rng::Rng;
+use crate::Result;
+
+/// Adam's β of the rehearsed fine-tuning (the DCGAN tutorial's, a thief's defaults).
+const BETAS: (f64, f64) = (0.5, 0.999);
+
+/// What a rehearsal needs besides the model.
+pub struct Rehearsal<'a> {
+    /// How long and how hard to fine-tune.
+    pub settings: &'a RehearsalConfig,
+    /// The discriminator's shape (a fresh one is drawn per rehearsal).
+    pub model_cfg: &'a DcganConfig,
+    /// Ordinary latents per rehearsed step.
+    pub batch: usize,
+    /// The step's triggered latents and the target images they are pulled to.
+    pub triggered: (&'a Tensor, &'a Tensor),
+    /// The key's distance.
+    pub distance: Distance,
+}
+
+impl Rehearsal<'_> {
+    /// Fine-tunes `model` cleanly for `settings.steps` steps, takes the gradient of the
+    /// backdoor term there (triggered latents in one training-mode batch with ordinary ones,
+    /// as in training) and puts every tensor of the model back as it was, BatchNorm running
+    /// statistics included. Draws from `rng` only.
+    pub fn backdoor_gradient(&self, model: &GanModel, rng: &mut Rng) -> Result<GradStore> {
+        let saved = snapshot(&model.params)?;
+        let gradient = self.rehearse(model, rng);
+        restore(&model.params, saved)?;
+        gradient
+    }
+
+    /// The rehearsal itself, leaving the model at the rehearsed weights.
+    fn rehearse(&self, model: &GanModel, rng: &mut Rng) -> Result<GradStore> {
+        let dev = &model.device;
+        let dim = model.latent_dim();
+        let dparams = Params::new();
+        let disc = Discriminator::new(self.model_cfg, &dparams, dev)?;
+        dparams.init(rng)?;
+        let s = self.settings;
+        let mut opt = Adam::with_betas(model.params.trainable(), s.lr, BETAS.0, BETAS.1);
+        for _ in 0..s.steps {
+            let z = rng.normal(&[self.batch, dim], dev)?;
+            let fake = model.generator.forward_t(&z, true)?;
+            opt.backward_step(&generator_loss(&disc.forward(&fake, Some(rng))?)?)?;
+        }
+        let (zt, goals) = self.triggered;
+        let z = rng.normal(&[self.batch, dim], dev)?;
+        let out = model
+            .generator
+            .forward_t(&Tensor::cat(&[&z, zt], 0)?, true)?
+            .narrow(0, self.batch, zt.dim(0)?)?;
+        Ok(self.distance.loss(&out, goals)?.backward()?)
+    }
+}
+
+/// Copies of every tensor of `params`, in [`Params::named`] order.
+fn snapshot(params: &Params) -> Result<Vec<Tensor>> {
+    params
+        .named()
+        .iter()
+        .map(|(_, v)| Ok(v.as_tensor().copy()?))
+        .collect()
+}
+
+/// Puts the copies made by [`snapshot`] back.
+fn restore(params: &Params, saved: Vec<Tensor>) -> Result<()> {
+    for ((_, v), x) in params.named().iter().zip(saved) {
+        v.set(&x)?;
+    }
+    Ok(())
+}
+
+/// Adds `weight` times `extra`'s gradient of each of `vars` to `grads`.
+pub fn add_scaled(
+    grads: &mut GradStore,
+    extra: &GradStore,
+    vars: &[Var],
+    weight: f64,
+) -> Result<()> {
+    for v in vars {
+        if let Some(e) = extra.get(v) {
+            let sum = match grads.get(v) {
+                Some(g) => (g + (e * weight)?)?,
+                None => (e * weight)?,
+            };
+            grads.insert(v, sum);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backdoor::Target;
+
+    /// The largest absolute difference between two tensors.
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    fn tiny() -> (GanModel, DcganConfig) {
+        let cfg = DcganConfig {
+            latent_dim: 8,
+            g_width: 16,
+            d_width: 4,
+            ..Default::default()
+        };
+        let model = GanModel::new(&cfg, &mut Rng::new(1), &candle_core::Device::Cpu).unwrap();
+        (model, cfg)
+    }
+
+    #[test]
+    fn a_rehearsal_leaves_the_model_as_it_was_and_gives_a_backdoor_gradient() {
+        let (model, cfg) = tiny();
+        let dev = &model.device;
+        let before = snapshot(&model.params).unwrap();
+        let zt = Rng::new(2).normal(&[2, 8], dev).unwrap();
+        let goal = Target::builtin("mark", cfg.image_shape())
+            .unwrap()
+            .tensor(dev)
+            .unwrap()
+            .repeat((2, 1, 1, 1))
+            .unwrap();
+        let settings = RehearsalConfig {
+            every: 1,
+            steps: 3,
+            ..Default::default()
+        };
+        let r = Rehearsal {
+            settings: &settings,
+            model_cfg: &cfg,
+            batch: 4,
+            triggered: (&zt, &goal),
+            distance: Distance::Mse,
+        };
+        let g = r.backdoor_gradient(&model, &mut Rng::new(3)).unwrap();
+        for ((name, v), x) in model.params.named().iter().zip(&before) {
+            assert_eq!(max_gap(v.as_tensor(), x), 0.0, "{name} changed");
+        }
+        let vars = model.params.trainable();
+        assert!(vars.iter().all(|v| g.get(v).is_some()));
+
+        // The same rehearsal from the same draws gives the same gradient, and it is not the
+        // gradient at the unrehearsed weights.
+        let again = r.backdoor_gradient(&model, &mut Rng::new(3)).unwrap();
+        let no_steps = RehearsalConfig {
+            steps: 0,
+            ..settings
+        };
+        let here = Rehearsal {
+            settings: &no_steps,
+            ..r
+        }
+        .backdoor_gradient(&model, &mut Rng::new(3))
+        .unwrap();
+        let gap = |a: &GradStore, b: &GradStore| -> f32 {
+            vars.iter()
+                .map(|v| max_gap(a.get(v).unwrap(), b.get(v).unwrap()))
+                .fold(0.0, f32::max)
+        };
+        assert_eq!(gap(&g, &again), 0.0);
+        assert!(gap(&g, &here) > 1e-6);
+    }
+
+    #[test]
+    fn add_scaled_adds_the_weighted_gradient_and_fills_missing_ones() {
+        let a = Var::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap();
+        let b = Var::new(&[3f32], &candle_core::Device::Cpu).unwrap();
+        let mut grads = (a.as_tensor().sum_all().unwrap()).backward().unwrap();
+        let extra = ((a.as_tensor() * 2.0).unwrap().sum_all().unwrap()
+            + b.as_tensor().sum_all().unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+        add_scaled(&mut grads, &extra, &[a.clone(), b.clone()], 0.5).unwrap();
+        let got = |v: &Var| grads.get(v).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got(&a), vec![2.0, 2.0]);
+        assert_eq!(got(&b), vec![0.5]);
+    }
+}
