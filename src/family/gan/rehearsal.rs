@@ -11,15 +11,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::backdoor::Distance;
-use crate::config::RehearsalConfig;
+use crate::config::{RehearsalConfig, TrainConfig};
 use crate::family::gan::{generator_loss, GanModel};
 use crate::models::{DcganConfig, Discriminator, Params};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
-
-/// Adam's β of the rehearsed fine-tuning (the DCGAN tutorial's, a thief's defaults).
-const BETAS: (f64, f64) = (0.5, 0.999);
 
 /// What a rehearsal needs besides the model.
 pub struct Rehearsal<'a> {
@@ -55,7 +52,9 @@ impl Rehearsal<'_> {
         let disc = Discriminator::new(self.model_cfg, &dparams, dev)?;
         dparams.init(rng)?;
         let s = self.settings;
-        let mut opt = Adam::with_betas(model.params.trainable(), s.lr, BETAS.0, BETAS.1);
+        // A thief's Adam (its β), at the rehearsal's rate.
+        let thief = TrainConfig::thief();
+        let mut opt = Adam::with_betas(model.params.trainable(), s.lr, thief.beta1, thief.beta2);
         for _ in 0..s.steps {
             let z = rng.normal(&[self.batch, dim], dev)?;
             let fake = model.generator.forward_t(&z, true)?;
