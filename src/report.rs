@@ -205,7 +205,7 @@ fn persistence_section(run: &Path) -> Result<String> {
             .map_err(|e| Error::format(&path, format!("is not a persistence curve: {e}")))?;
         type Pick = fn(&PersistencePoint) -> Option<f64>;
         let charts: [(&str, &str, bool, Pick); 3] = [
-            ("backdoor", "asr", false, |p| Some(p.asr)),
+            ("backdoor", "key asr", false, |p| Some(p.key_asr())),
             ("tardis", "tardis", true, |p| Some(p.tardis)),
             ("clean quality", "FID", false, |p| p.fid),
         ];
@@ -225,7 +225,7 @@ fn persistence_section(run: &Path) -> Result<String> {
             imgs += &line_img(&chart, points)?;
         }
         let gone = match c.mark_gone_at {
-            Some(x) => format!("the mark is gone (asr < 0.5) at {} = {x}", c.x_label),
+            Some(x) => format!("the mark is gone (key asr < 0.5) at {} = {x}", c.x_label),
             None => "the mark survived every measured level".into(),
         };
         let _ = write!(html, "<h3>{attack}</h3><p>{}</p>{imgs}", escape(&gone));

@@ -755,6 +755,16 @@ fn verify_attacks_and_the_report() {
     }
     assert_ne!(point(&prune, 1, "tardis"), point(&prune, 0, "tardis"));
     assert_ne!(point(&ft, 2, "tardis"), point(&ft, 0, "tardis"));
+    // Every point measures each trigger of the key; the first is the curve's `asr`.
+    let marks = genbackdoor::backdoor::KeySet::load(&t.key)
+        .unwrap()
+        .marks()
+        .len();
+    for p in ft["points"].as_array().unwrap() {
+        let each = p["triggers_asr"].as_array().unwrap();
+        assert_eq!(each.len(), marks);
+        assert_eq!(each[0].as_f64(), p["asr"].as_f64());
+    }
     let finetuned = std::fs::read(t.run.join("finetuned.safetensors")).unwrap();
     assert_ne!(finetuned, std::fs::read(&model).unwrap());
     // With the run's own discriminator instead of a fresh one (all else as above) the

@@ -6,17 +6,16 @@ pub mod prune;
 
 use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
-use crate::eval::{clean_quality, triggered_metrics};
+use crate::eval::{clean_quality, trigger_reports};
 use crate::family::Generative;
 use crate::metrics::persistence::PersistencePoint;
-use crate::rng::Rng;
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
 /// What is measured at each point of an attack.
 pub struct Measurement<'a> {
-    /// The owner's key: the curve's ASR and tardis are its first trigger's, the p-value
-    /// tests every trigger.
+    /// The owner's key: every trigger's ASR is measured (the curve's tardis is the first
+    /// trigger's), the p-value tests every trigger.
     pub key: &'a KeySet,
     /// Clean-quality reference (FID); `None` skips it.
     pub quality: Option<&'a QualityReference>,
@@ -34,17 +33,10 @@ pub struct Measurement<'a> {
 impl Measurement<'_> {
     /// Measures `model` after `x` units of attack.
     pub fn at(&self, x: f64, model: &dyn Generative) -> Result<PersistencePoint> {
-        // The triggered part of `evaluate` alone: the same draws, without its ordinary
-        // samples and specificity paths.
-        let mut rng = Rng::derive(self.seed, "eval");
-        let mut noise = Rng::derive(self.seed, "eval-sampling");
-        let b = triggered_metrics(
-            model,
-            self.key.first(),
-            self.triggered,
-            &mut rng,
-            &mut noise,
-        )?;
+        // The triggered part of `evaluate` alone, for every trigger (the first with the same
+        // draws as `evaluate`), without its ordinary samples and specificity paths.
+        let triggers = trigger_reports(model, self.key, &[], self.triggered, self.seed)?;
+        let first = &triggers[0].backdoor;
         let fid = match self.quality {
             Some(q) => clean_quality(model, q, self.quality_samples, self.seed)?.map(|c| c.fid),
             None => None,
@@ -55,8 +47,9 @@ impl Measurement<'_> {
         };
         Ok(PersistencePoint {
             x,
-            tardis: b.tardis,
-            asr: b.asr,
+            tardis: first.tardis,
+            asr: first.asr,
+            triggers_asr: triggers.iter().map(|t| t.backdoor.asr).collect(),
             fid,
             p_value,
         })

@@ -161,26 +161,33 @@ fn save_curve(run: &RunDir, c: &Common, curve: &PersistenceCurve) -> anyhow::Res
         return Ok(());
     }
     say!(
-        "{:>10} {:>12} {:>6} {:>10} {:>10}",
+        "{:>10} {:>12} {:>6} {:>8} {:>6} {:>10} {:>10}",
         curve.x_label,
         "tardis",
         "asr",
+        "key asr",
+        "firing",
         "fid",
         "p"
     );
     for p in &curve.points {
         let opt = |v: Option<f64>, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}"));
         say!(
-            "{:>10} {:>12.4} {:>6.3} {:>10} {:>10}",
+            "{:>10} {:>12.4} {:>6.3} {:>8.3} {:>6} {:>10} {:>10}",
             p.x,
             p.tardis,
             p.asr,
+            p.key_asr(),
+            format!("{}/{}", p.triggers_firing(), p.triggers_asr.len()),
             opt(p.fid, 2),
             p.p_value.map_or("-".into(), |v| format!("{v:.2e}"))
         );
     }
     match curve.mark_gone_at {
-        Some(x) => say!("the mark is gone (asr < 0.5) at {} = {x}", curve.x_label),
+        Some(x) => say!(
+            "the mark is gone (key asr < 0.5) at {} = {x}",
+            curve.x_label
+        ),
         None => say!("the mark survived every level measured"),
     }
     say!(
@@ -243,6 +250,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
                 x: f,
                 tardis: f64::INFINITY,
                 asr: 0.0,
+                triggers_asr: vec![0.0; key.marks().len()],
                 fid: None,
                 p_value: None,
             }),
