@@ -307,7 +307,8 @@ pub struct TrainConfig {
     pub rehearsal: RehearsalConfig,
 }
 
-/// TrAIL's fine-tuning-aware injection: every `every` steps from the fraction `start` of
+/// Fine-tuning-aware injection (TrAIL's `[train.rehearsal]`, ReD's `[inject.rehearsal]`):
+/// every `every` steps from the fraction `start` of
 /// training on, the generator rehearses a thief's clean fine-tuning (`steps` Adam steps at
 /// `lr` against a freshly initialised discriminator, from a copy of its weights), and that
 /// step's update also follows the backdoor term's gradient taken at the rehearsed weights
@@ -402,6 +403,8 @@ pub struct InjectConfig {
     pub log_every: usize,
     /// Save `checkpoint.safetensors` (for `--resume`) every this many steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// ReD's fine-tuning-aware injection (`[inject.rehearsal]`; off by default), as TrAIL's.
+    pub rehearsal: RehearsalConfig,
 }
 
 impl Default for InjectConfig {
@@ -416,6 +419,7 @@ impl Default for InjectConfig {
             freeze: Vec::new(),
             log_every: 10,
             checkpoint_every: 500,
+            rehearsal: RehearsalConfig::default(),
         }
     }
 }
@@ -447,8 +451,10 @@ pub struct BackdoorConfig {
     pub distance: String,
     /// `target_mse` under which a triggered output counts as a hit.
     pub threshold: f64,
-    /// Triggered inputs per step when the trigger is a set (region, patch).
-    pub backdoor_batch: usize,
+    /// Triggered inputs per step when the trigger is a set (region, patch), and poisoned
+    /// samples per step for diffusion models; when absent, [`TRAIL_SET_BATCH`] for TrAIL and
+    /// [`DEFAULT_BACKDOOR_BATCH`] otherwise.
+    pub backdoor_batch: Option<usize>,
 }
 
 impl Default for BackdoorConfig {
@@ -461,7 +467,7 @@ impl Default for BackdoorConfig {
             target: "builtin:mark".into(),
             distance: "mse".into(),
             threshold: DEFAULT_THRESHOLD,
-            backdoor_batch: 16,
+            backdoor_batch: None,
         }
     }
 }
@@ -470,6 +476,11 @@ impl BackdoorConfig {
     /// The trigger description (`random` when the config gives none).
     pub fn trigger(&self) -> &str {
         self.trigger.as_deref().unwrap_or("random")
+    }
+
+    /// `backdoor_batch`, or `default` (the training mode's) when the config names none.
+    pub fn backdoor_batch_or(&self, default: usize) -> usize {
+        self.backdoor_batch.unwrap_or(default)
     }
 
     /// How many triggers a key made from the description holds for `family`.
@@ -481,6 +492,17 @@ impl BackdoorConfig {
         }
     }
 }
+
+/// Triggered latents per TrAIL step for a set trigger when the config names none. They go
+/// through the generator with the step's ordinary latents and share its BatchNorm statistics:
+/// 16 beside 32 ordinary ones cost the main job FID +24–27 % on a patch or region trigger,
+/// 4 cost +2–9 % (docs/results.md).
+pub const TRAIL_SET_BATCH: usize = 4;
+
+/// Triggered latents per ReD step for a set trigger (the generator runs them apart from the
+/// ordinary ones, in inference mode) and poisoned samples per diffusion step, when the config
+/// names none.
+pub const DEFAULT_BACKDOOR_BATCH: usize = 16;
 
 /// Triggers in a DCGAN's default key: five exact rank tests of 1,000 null triggers each
 /// combine to p ≈ 6.7e-11 at best ([`crate::verify::combined_p_value`]).
@@ -545,10 +567,12 @@ impl Config {
         fraction("train.beta1", t.beta1)?;
         fraction("train.beta2", t.beta2)?;
         weight("train.lambda", t.lambda)?;
-        if t.rehearsal.every > 0 {
-            positive("train.rehearsal.steps", t.rehearsal.steps)?;
-            rate("train.rehearsal.lr", t.rehearsal.lr)?;
-            fraction("train.rehearsal.start", t.rehearsal.start)?;
+        for (section, r) in [("train", &t.rehearsal), ("inject", &i.rehearsal)] {
+            if r.every > 0 {
+                positive(&format!("{section}.rehearsal.steps"), r.steps)?;
+                rate(&format!("{section}.rehearsal.lr"), r.lr)?;
+                fraction(&format!("{section}.rehearsal.start"), r.start)?;
+            }
         }
         positive("inject.steps", i.steps)?;
         positive("inject.batch_size", i.batch_size)?;
@@ -557,7 +581,9 @@ impl Config {
         weight("inject.lambda", i.lambda)?;
         fraction("inject.warmup", i.warmup)?;
         rate("backdoor.threshold", b.threshold)?;
-        positive("backdoor.backdoor_batch", b.backdoor_batch)?;
+        if let Some(n) = b.backdoor_batch {
+            positive("backdoor.backdoor_batch", n)?;
+        }
         let d = &self.diffusion;
         match &d.diffusers {
             Some(net) => net.validate()?,
@@ -621,6 +647,18 @@ mod tests {
     }
 
     #[test]
+    fn each_training_mode_has_its_own_backdoor_batch_unless_the_config_names_one() {
+        let default = Config::default().backdoor;
+        assert_eq!(default.backdoor_batch_or(TRAIL_SET_BATCH), 4);
+        assert_eq!(default.backdoor_batch_or(DEFAULT_BACKDOOR_BATCH), 16);
+        let named = Config::parse("[backdoor]\nbackdoor_batch = 8")
+            .unwrap()
+            .backdoor;
+        assert_eq!(named.backdoor_batch_or(TRAIL_SET_BATCH), 8);
+        assert_eq!(named.backdoor_batch_or(DEFAULT_BACKDOOR_BATCH), 8);
+    }
+
+    #[test]
     fn the_shipped_configs_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut diffusion = 0;
@@ -680,6 +718,8 @@ mod tests {
             "[train.rehearsal]\nevery = 50\nsteps = 0",
             "[train.rehearsal]\nevery = 50\nlr = 0.0",
             "[train.rehearsal]\nrounds = 3",
+            "[inject.rehearsal]\nevery = 50\nlr = -1.0",
+            "[backdoor]\nbackdoor_batch = 0",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }

@@ -1188,7 +1188,7 @@ fn red_leaves_frozen_tensors_as_they_were() {
         std::fs::write(&cfg, with).unwrap();
     };
     freeze(r#""bn0.", "fc.""#);
-    let (clean, out) = (t.run.join("model.safetensors"), t.root.join("frozen"));
+    let clean = t.run.join("model.safetensors");
     let inject = |out: &std::path::Path| {
         format!(
             "inject --config {} --model {} --key {} --out {} --quiet",
@@ -1198,21 +1198,42 @@ fn red_leaves_frozen_tensors_as_they_were() {
             s(out)
         )
     };
+    let check_frozen = |out: &std::path::Path| {
+        let (a, b) = (
+            std::fs::read(&clean).unwrap(),
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+        );
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&a).unwrap(),
+            safetensors::SafeTensors::deserialize(&b).unwrap(),
+        );
+        for (name, before) in a.tensors() {
+            let same = before.data() == b.tensor(&name).unwrap().data();
+            let frozen =
+                name.starts_with("bn0.") || name.starts_with("fc.") || name.contains("running");
+            assert_eq!(same, frozen, "{name}: unchanged {same}, frozen {frozen}");
+        }
+    };
+    let out = t.root.join("frozen");
     ok(&words(&inject(&out)));
-    let (a, b) = (
-        std::fs::read(&clean).unwrap(),
-        std::fs::read(out.join("model.safetensors")).unwrap(),
+    check_frozen(&out);
+    // A rehearsal at every step trains a copy of every weight (BatchNorm statistics too) and
+    // puts it back: the frozen tensors still stay as they were, and the model differs from
+    // the unrehearsed injection's.
+    let plain = std::fs::read(out.join("model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[inject.rehearsal]\nevery = 1\nsteps = 2\nstart = 0.0\n"),
+    )
+    .unwrap();
+    let rehearsed = t.root.join("frozen-rehearsed");
+    ok(&words(&inject(&rehearsed)));
+    check_frozen(&rehearsed);
+    assert_ne!(
+        plain,
+        std::fs::read(rehearsed.join("model.safetensors")).unwrap()
     );
-    let (a, b) = (
-        safetensors::SafeTensors::deserialize(&a).unwrap(),
-        safetensors::SafeTensors::deserialize(&b).unwrap(),
-    );
-    for (name, before) in a.tensors() {
-        let same = before.data() == b.tensor(&name).unwrap().data();
-        let frozen =
-            name.starts_with("bn0.") || name.starts_with("fc.") || name.contains("running");
-        assert_eq!(same, frozen, "{name}: unchanged {same}, frozen {frozen}");
-    }
     // A prefix that names no tensor would freeze nothing: an error that lists the names.
     freeze(r#""bn0", "conv1.""#);
     let err = fails(&words(&inject(&t.root.join("misspelt"))));

@@ -78,7 +78,7 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
         seed: 0,
         ..Config::default()
     };
-    config.backdoor.backdoor_batch = 8;
+    config.backdoor.backdoor_batch = Some(8);
     let m = gan_run(
         config,
         Stage::Inject,
@@ -154,12 +154,15 @@ fn clean_twin() -> &'static (GanModel, serde_json::Value) {
     })
 }
 
-#[test]
-fn trail_forms_the_backdoor_while_training_from_scratch() {
-    // A random point trigger (the default kind of key) at λ = 1: at the default λ = 20 this
-    // tiny generator pays for the backdoor with its quality (FID 412 beside the twin's 163
-    // when measured; 289 at λ = 5), where the main job's larger one does not.
-    let key = key("seed:5");
+/// Trains a tiny generator marked with `key` by TrAIL at λ = 1 and checks it beside the clean
+/// twin (same config and seed, λ = 0): the backdoor forms, a hundred times closer to the target
+/// than the twin's outputs for the same triggered inputs (measured: a point trigger's `tardis`
+/// 3.7 against 1,786, 480×; a region's 5.5 against 1,825); no ordinary latent hits; and clean
+/// quality is kept, FID (2,000 samples against the held-out digits, both runs) within 10 % of
+/// the twin's (measured 165.1 and 169.8 beside 163.0; the main job: 32.4 beside 31.9). A tiny
+/// model's FID moves with its seed (the twin at seed 1: 226), so the twin shares the seed.
+/// Returns the run's folder (kept while it lives), the run and its metrics.
+fn marked_beside_twin(key: &Key, what: &str) -> (tempfile::TempDir, RunDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(dir.path(), true).unwrap();
     let m = gan_run(
@@ -170,35 +173,40 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
         &run,
     );
     let (clean, clean_metrics) = clean_twin();
-    let twin = evaluate(clean, &key, None, 200, 1).unwrap().backdoor;
+    let twin = evaluate(clean, key, None, 200, 1).unwrap().backdoor;
     let (tardis, fid) = (
         m["tardis"].as_f64().unwrap(),
         m["quality"]["fid"].as_f64().unwrap(),
     );
     let clean_fid = clean_metrics["quality"]["fid"].as_f64().unwrap();
     eprintln!(
-        "tardis {tardis} (clean twin {}), asr {}, FID {fid} (clean twin {clean_fid})",
+        "{what}: tardis {tardis} (clean twin {}), asr {}, FID {fid} (clean twin {clean_fid})",
         twin.tardis, m["asr"]
     );
-    // The backdoor forms: the trigger's output is on the target (every one a hit at the key's
-    // threshold), a hundred times closer than the clean twin's output for the same input
-    // (measured: tardis 3.7 against 1,786, 480×).
     assert!(tardis * 100.0 <= twin.tardis, "tardis {tardis} vs {twin:?}");
-    assert_eq!(m["asr"].as_f64().unwrap(), 1.0, "{m}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
-    assert_eq!(v["p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
-    // Clean quality is kept: FID (2,000 samples against the held-out digits, both runs) within
-    // 10 % of the clean twin's (measured 165.1 beside 163.0; the main job: 105.4 beside
-    // 106.2). A tiny model's FID moves with its seed (the twin at seed 1: 226), so the twin
-    // shares the seed.
+    assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
     assert!(
         fid < 1.1 * clean_fid,
         "FID {fid} vs the clean twin's {clean_fid}"
     );
+    (dir, run, m)
+}
+
+#[test]
+fn trail_forms_the_backdoor_while_training_from_scratch() {
+    // A random point trigger (the default kind of key) at λ = 1: at the default λ = 20 this
+    // tiny generator pays for the backdoor with its quality (FID 412 beside the twin's 163
+    // when measured; 289 at λ = 5), where the main job's larger one does not.
+    let key = key("seed:5");
+    let (_dir, run, m) = marked_beside_twin(&key, "point");
+    // Every triggered output is a hit at the key's threshold, and verification says so.
+    assert_eq!(m["asr"].as_f64().unwrap(), 1.0, "{m}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
+    assert_eq!(v["p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
     // Ordinary latents must not produce the target, nor drift towards it: their distance to
     // the target must stay like the clean twin's ordinary samples' (measured 0.557 and 0.571).
-    assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
+    let clean = &clean_twin().0;
     let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
     let z = Rng::new(9).normal(&[256, 16], &Device::Cpu).unwrap();
     let to_target = |g: &GanModel| {
@@ -223,6 +231,18 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
          real digits: {})",
         real.target_mse
     );
+}
+
+#[test]
+fn a_region_trigger_forms_at_its_default_batch_and_keeps_clean_quality() {
+    // Every latent within 0.5 of a secret point fires. TrAIL draws `[backdoor]
+    // backdoor_batch` of them per step (default 4), and they share the generator's BatchNorm
+    // statistics with the step's 32 ordinary latents: at 16 this generator's FID was 415
+    // beside its twin's 163 when measured (a patch trigger: 733), at 4 it is 170 (patch: 236).
+    let (_dir, _, m) = marked_beside_twin(&key("region:0.5:seed:7"), "region");
+    // The backdoor forms over the whole region: `asr` over the end-of-run evaluation's
+    // triggered latents drawn from it.
+    assert!(m["asr"].as_f64().unwrap() >= 0.99, "{m}");
 }
 
 /// A key of `k` random latent triggers (secret seeds from `first` on) to the built-in mark.

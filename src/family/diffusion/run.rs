@@ -5,7 +5,7 @@
 use candle_core::Device;
 
 use crate::backdoor::{KeySet, Objective};
-use crate::config::{Config, DiffusionConfig};
+use crate::config::{Config, DiffusionConfig, DEFAULT_BACKDOOR_BATCH};
 use crate::data::{load_dataset, Dataset};
 use crate::family::diffusion::model::DiffusionArch;
 use crate::family::diffusion::train::{fit, resume_fit, Plan};
@@ -41,7 +41,7 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
         lr_schedule: d.lr_schedule,
         objective: Objective {
             lambda,
-            backdoor_batch: cfg.backdoor.backdoor_batch,
+            backdoor_batch: cfg.backdoor.backdoor_batch_or(DEFAULT_BACKDOOR_BATCH),
         },
         correction: d.correction,
         ema: d.ema,

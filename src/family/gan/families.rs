@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use crate::backdoor::{Family, KeySet, Objective};
+use crate::backdoor::Family;
 use crate::family::gan::{generator_loss, GanModel};
 use crate::models::Discriminator;
 use crate::rng::Rng;
@@ -75,24 +75,18 @@ pub struct Distillation {
 }
 
 impl Distillation {
-    /// Runs `model` and the frozen clean generator `frozen` on `batch` latents drawn from
-    /// `latents`, then (with a key) `model` on the objective's draws of each mark's trigger.
+    /// Runs `model` and the frozen clean generator `frozen` on the latents `z`, then (with a
+    /// key) `model` on the step's triggered latents, paired with their target images.
     pub fn generate(
         model: &GanModel,
         frozen: &GanModel,
-        batch: usize,
-        latents: &mut Rng,
-        triggered: Option<(&KeySet, &Objective)>,
+        z: &Tensor,
+        triggered: Option<(&Tensor, &Tensor)>,
     ) -> Result<Self> {
-        let dev = &model.device;
-        let z = latents.normal(&[batch, model.latent_dim()], dev)?;
-        let clean = frozen.generator.forward_t(&z, false)?.detach();
-        let out = model.generator.forward_t(&z, false)?;
+        let clean = frozen.generator.forward_t(z, false)?.detach();
+        let out = model.generator.forward_t(z, false)?;
         let triggered = match triggered {
-            Some((key, objective)) => {
-                let (zt, goals) = objective.latent_batch(key, model.latent_dim(), latents, dev)?;
-                Some((model.generator.forward_t(&zt, false)?, goals))
-            }
+            Some((zt, goals)) => Some((model.generator.forward_t(zt, false)?, goals.clone())),
             None => None,
         };
         Ok(Distillation {

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use candle_core::Device;
 
 use crate::backdoor::{KeySet, Objective};
-use crate::config::Config;
+use crate::config::{Config, TrainConfig, DEFAULT_BACKDOOR_BATCH};
 use crate::family::gan::families::Distillation;
 use crate::family::gan::probe::Probe;
+use crate::family::gan::rehearsal::{add_scaled, Rehearsal};
 use crate::family::gan::GanModel;
 use crate::family::Trained;
 use crate::io::rundir::{CsvLog, RunDir};
@@ -102,19 +103,34 @@ impl Stepper for Red<'_> {
         let cfg = &self.config.inject;
         let objective = Objective {
             lambda: cfg.lambda,
-            backdoor_batch: self.config.backdoor.backdoor_batch,
+            backdoor_batch: self
+                .config
+                .backdoor
+                .backdoor_batch_or(DEFAULT_BACKDOOR_BATCH),
         };
-        let mut family = Distillation::generate(
-            &self.model,
-            &self.clean,
-            cfg.batch_size,
-            &mut self.latents,
-            Some((self.key, &objective)),
-        )?;
+        let dev = &self.model.device;
+        let dim = self.model.latent_dim();
+        let z = self.latents.normal(&[cfg.batch_size, dim], dev)?;
+        let (zt, goals) = objective.latent_batch(self.key, dim, &mut self.latents, dev)?;
+        let mut family = Distillation::generate(&self.model, &self.clean, &z, Some((&zt, &goals)))?;
         let terms = objective.evaluate(&mut family, Some(self.key))?;
         self.opt
             .set_learning_rate(cfg.lr_schedule.warmed(cfg.lr, step, cfg.steps, cfg.warmup));
-        self.opt.backward_step(&terms.total)?;
+        let mut grads = terms.total.backward()?;
+        if cfg.rehearsal.due(step, cfg.steps) {
+            let rehearsal = Rehearsal {
+                settings: &cfg.rehearsal,
+                model_cfg: self.model.generator.config(),
+                batch: TrainConfig::thief().batch_size,
+                triggered: (&zt, &goals),
+                distance: self.key.distance(),
+            };
+            let mut rng = Rng::derive(self.config.seed, &format!("inject-rehearsal-{step}"));
+            let kept = rehearsal.backdoor_gradient(&self.model, &mut rng)?;
+            let vars = self.model.params.trainable_except(&cfg.freeze)?;
+            add_scaled(&mut grads, &kept, &vars, cfg.lambda)?;
+        }
+        self.opt.step(&grads)?;
         let tardis = if is_logged(step, cfg.log_every, cfg.steps) {
             Some(self.probe.tardis(&self.model)?)
         } else {

@@ -1,4 +1,4 @@
-//! Fine-tuning-aware injection for TrAIL: the generator rehearses a thief's clean fine-tuning
+//! Fine-tuning-aware injection for TrAIL and ReD: the generator rehearses a thief's clean fine-tuning
 //! and is pulled to keep its backdoor at the rehearsed weights (a first-order version of
 //! "keep the backdoor loss low after simulated fine-tuning": the gradient taken at the
 //! rehearsed weights is applied at the current ones, as first-order MAML does).

@@ -10,7 +10,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::{KeySet, Objective};
-use crate::config::Config;
+use crate::config::{Config, TRAIL_SET_BATCH};
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
 use crate::family::gan::probe::Probe;
@@ -120,7 +120,7 @@ impl Stepper for Trail<'_> {
         let (cfg, t, dev) = (self.cfg, &self.cfg.train, &self.model.device);
         let objective = Objective {
             lambda: t.lambda,
-            backdoor_batch: cfg.backdoor.backdoor_batch,
+            backdoor_batch: cfg.backdoor.backdoor_batch_or(TRAIL_SET_BATCH),
         };
         self.opt_g
             .set_learning_rate(t.lr_schedule.at(t.lr_g, step, t.steps));
