@@ -495,8 +495,8 @@ impl BackdoorConfig {
 
 /// Triggered latents per TrAIL step for a set trigger when the config names none. They go
 /// through the generator with the step's ordinary latents and share its BatchNorm statistics:
-/// 16 beside 32 ordinary ones cost the main job FID +24–27 % on a patch or region trigger,
-/// 4 cost +2–9 % (docs/results.md).
+/// 16 beside 32 ordinary ones cost the main job FID +18–27 % on a patch or region trigger,
+/// 4 cost −3 to +9 % (two seeds each; docs/results.md).
 pub const TRAIL_SET_BATCH: usize = 4;
 
 /// Triggered latents per ReD step for a set trigger (the generator runs them apart from the

@@ -1,7 +1,9 @@
-//! Fine-tuning-aware injection for TrAIL and ReD: the generator rehearses a thief's clean fine-tuning
-//! and is pulled to keep its backdoor at the rehearsed weights (a first-order version of
-//! "keep the backdoor loss low after simulated fine-tuning": the gradient taken at the
-//! rehearsed weights is applied at the current ones, as first-order MAML does).
+//! Fine-tuning-aware injection for TrAIL and ReD: the generator rehearses a thief's clean
+//! fine-tuning and is pulled to keep its backdoor at the rehearsed weights (a first-order
+//! version of "keep the backdoor loss low after simulated fine-tuning": the gradient taken at
+//! the rehearsed weights is applied at the current ones, as first-order MAML does). The
+//! gradient is taken as TrAIL trains, triggered latents in one training-mode batch with
+//! ordinary ones, for ReD too (whose own steps run the generator in inference mode).
 //!
 //! The rehearsal copies what hurts a stolen generator most: a fresh Adam, and a discriminator
 //! that has never seen the model (a freshly initialised one, not trained during the rehearsal),
