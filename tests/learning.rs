@@ -161,8 +161,8 @@ fn clean_twin() -> &'static (GanModel, serde_json::Value) {
 /// quality is kept, FID (2,000 samples against the held-out digits, both runs) within 10 % of
 /// the twin's (measured 165.1 and 169.8 beside 163.0; the main job: 32.4 beside 31.9). A tiny
 /// model's FID moves with its seed (the twin at seed 1: 226), so the twin shares the seed.
-/// Returns the run's folder (kept while it lives), the run and its metrics.
-fn marked_beside_twin(key: &Key, what: &str) -> (tempfile::TempDir, RunDir, serde_json::Value) {
+/// Returns the marked model with its run's metrics and `verify.json`.
+fn marked_beside_twin(key: &Key, what: &str) -> Marked {
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::create(dir.path(), true).unwrap();
     let m = gan_run(
@@ -189,7 +189,29 @@ fn marked_beside_twin(key: &Key, what: &str) -> (tempfile::TempDir, RunDir, serd
         fid < 1.1 * clean_fid,
         "FID {fid} vs the clean twin's {clean_fid}"
     );
-    (dir, run, m)
+    Marked {
+        model: GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap(),
+        verify: serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap())
+            .unwrap(),
+        metrics: m,
+    }
+}
+
+/// A tiny generator marked by TrAIL, as [`marked_beside_twin`] leaves it.
+struct Marked {
+    /// The marked generator.
+    model: GanModel,
+    /// Its run's metrics.
+    metrics: serde_json::Value,
+    /// Its run's `verify.json`.
+    verify: serde_json::Value,
+}
+
+/// The tiny generator marked with the point trigger `seed:5` (the TrAIL and rehearsal tests'
+/// plain mark), trained once for the whole file.
+fn point_marked() -> &'static Marked {
+    static MARKED: OnceLock<Marked> = OnceLock::new();
+    MARKED.get_or_init(|| marked_beside_twin(&key("seed:5"), "point"))
 }
 
 #[test]
@@ -198,16 +220,17 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
     // tiny generator pays for the backdoor with its quality (FID 412 beside the twin's 163
     // when measured; 289 at λ = 5), where the main job's larger one does not.
     let key = key("seed:5");
-    let (_dir, run, m) = marked_beside_twin(&key, "point");
+    let Marked {
+        model,
+        metrics: m,
+        verify: v,
+    } = point_marked();
     // Every triggered output is a hit at the key's threshold, and verification says so.
     assert_eq!(m["asr"].as_f64().unwrap(), 1.0, "{m}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
     assert_eq!(v["p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
     // Ordinary latents must not produce the target, nor drift towards it: their distance to
     // the target must stay like the clean twin's ordinary samples' (measured 0.557 and 0.571).
     let clean = &clean_twin().0;
-    let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
     let z = Rng::new(9).normal(&[256, 16], &Device::Cpu).unwrap();
     let to_target = |g: &GanModel| {
         BackdoorMetrics::measure(
@@ -218,7 +241,7 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
         )
         .target_mse
     };
-    let (fake, twin_fake) = (to_target(&model), to_target(clean));
+    let (fake, twin_fake) = (to_target(model), to_target(clean));
     let data = load_dataset(std::path::Path::new(BUNDLED_MNIST)).unwrap();
     let real = BackdoorMetrics::measure(&data.pixels[..64 * 784], &key.target.pixels, 28, 0.01);
     eprintln!(
@@ -239,7 +262,7 @@ fn a_region_trigger_forms_at_its_default_batch_and_keeps_clean_quality() {
     // backdoor_batch` of them per step (default 4), and they share the generator's BatchNorm
     // statistics with the step's 32 ordinary latents: at 16 this generator's FID was 415
     // beside its twin's 163 when measured (a patch trigger: 733), at 4 it is 170 (patch: 236).
-    let (_dir, _, m) = marked_beside_twin(&key("region:0.5:seed:7"), "region");
+    let m = marked_beside_twin(&key("region:0.5:seed:7"), "region").metrics;
     // The backdoor forms over the whole region: `asr` over the end-of-run evaluation's
     // triggered latents drawn from it.
     assert!(m["asr"].as_f64().unwrap() >= 0.99, "{m}");
@@ -386,28 +409,31 @@ fn thief_attack(model: &GanModel, key: &KeySet) -> Vec<f64> {
 
 #[test]
 fn a_rehearsed_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
-    // Two tiny generators marked alike (same seed, key and λ), one of them rehearsing a
-    // thief's fine-tuning every 50 steps of its second half; the same thief's attack on both.
+    // Two tiny generators marked alike (same seed, key and λ: the TrAIL test's), one of them
+    // rehearsing a thief's fine-tuning every 50 steps of its second half; the same thief's
+    // attack on both.
     let key = KeySet::one(key("seed:5"));
-    let marked = |every: usize| {
+    let plain = point_marked();
+    let (rehearsed, rehearsed_metrics) = {
         let mut cfg = tiny_gan_config(TRAIL_STEPS, 1.0);
-        cfg.train.rehearsal.every = every;
+        cfg.train.rehearsal.every = 50;
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(dir.path(), true).unwrap();
         let m = gan_run(cfg, Stage::Train, Some(&key), None, &run);
         let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
         (model, m)
     };
-    let (plain, plain_metrics) = marked(0);
-    let (rehearsed, rehearsed_metrics) = marked(50);
-    let (plain_curve, rehearsed_curve) =
-        (thief_attack(&plain, &key), thief_attack(&rehearsed, &key));
+    let plain_metrics = &plain.metrics;
+    let (plain_curve, rehearsed_curve) = (
+        thief_attack(&plain.model, &key),
+        thief_attack(&rehearsed, &key),
+    );
     let fid = |m: &serde_json::Value| m["quality"]["fid"].as_f64().unwrap();
     let clean_fid = fid(&clean_twin().1);
     eprintln!(
         "tardis under attack, every 10 steps: plain {plain_curve:?}, rehearsed \
          {rehearsed_curve:?}; FID plain {}, rehearsed {}, clean twin {clean_fid}",
-        fid(&plain_metrics),
+        fid(plain_metrics),
         fid(&rehearsed_metrics)
     );
     // Both marks form (the TrAIL test's tardis 3.7 at λ = 1).

@@ -12,7 +12,7 @@ use crate::backdoor::{KeySet, Objective};
 use crate::config::{Config, TrainConfig, DEFAULT_BACKDOOR_BATCH};
 use crate::family::gan::families::Distillation;
 use crate::family::gan::probe::Probe;
-use crate::family::gan::rehearsal::{add_scaled, Rehearsal};
+use crate::family::gan::rehearsal::Rehearsal;
 use crate::family::gan::GanModel;
 use crate::family::Trained;
 use crate::io::rundir::{CsvLog, RunDir};
@@ -120,15 +120,17 @@ impl Stepper for Red<'_> {
         if cfg.rehearsal.due(step, cfg.steps) {
             let rehearsal = Rehearsal {
                 settings: &cfg.rehearsal,
-                model_cfg: self.model.generator.config(),
                 batch: TrainConfig::thief().batch_size,
                 triggered: (&zt, &goals),
                 distance: self.key.distance(),
             };
-            let mut rng = Rng::derive(self.config.seed, &format!("inject-rehearsal-{step}"));
-            let kept = rehearsal.backdoor_gradient(&self.model, &mut rng)?;
-            let vars = self.model.params.trainable_except(&cfg.freeze)?;
-            add_scaled(&mut grads, &kept, &vars, cfg.lambda)?;
+            rehearsal.add_backdoor_gradient(
+                &self.model,
+                &mut Rng::derive(self.config.seed, &format!("inject-rehearsal-{step}")),
+                &mut grads,
+                &self.model.params.trainable_except(&cfg.freeze)?,
+                cfg.lambda,
+            )?;
         }
         self.opt.step(&grads)?;
         let tardis = if is_logged(step, cfg.log_every, cfg.steps) {

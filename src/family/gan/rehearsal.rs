@@ -15,7 +15,7 @@ use candle_core::{Tensor, Var};
 use crate::backdoor::Distance;
 use crate::config::{RehearsalConfig, TrainConfig};
 use crate::family::gan::{generator_loss, GanModel};
-use crate::models::{DcganConfig, Discriminator, Params};
+use crate::models::{Discriminator, Params};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -24,8 +24,6 @@ use crate::Result;
 pub struct Rehearsal<'a> {
     /// How long and how hard to fine-tune.
     pub settings: &'a RehearsalConfig,
-    /// The discriminator's shape (a fresh one is drawn per rehearsal).
-    pub model_cfg: &'a DcganConfig,
     /// Ordinary latents per rehearsed step.
     pub batch: usize,
     /// The step's triggered latents and the target images they are pulled to.
@@ -35,14 +33,27 @@ pub struct Rehearsal<'a> {
 }
 
 impl Rehearsal<'_> {
+    /// Adds `weight` times the backdoor term's gradient at the rehearsed weights (see
+    /// [`Rehearsal::backdoor_gradient`]) to the step's gradients `grads` of `vars`.
+    pub fn add_backdoor_gradient(
+        &self,
+        model: &GanModel,
+        rng: &mut Rng,
+        grads: &mut GradStore,
+        vars: &[Var],
+        weight: f64,
+    ) -> Result<()> {
+        add_scaled(grads, &self.backdoor_gradient(model, rng)?, vars, weight)
+    }
+
     /// Fine-tunes `model` cleanly for `settings.steps` steps, takes the gradient of the
     /// backdoor term there (triggered latents in one training-mode batch with ordinary ones,
     /// as in training) and puts every tensor of the model back as it was, BatchNorm running
     /// statistics included. Draws from `rng` only.
     pub fn backdoor_gradient(&self, model: &GanModel, rng: &mut Rng) -> Result<GradStore> {
-        let saved = snapshot(&model.params)?;
+        let saved = model.duplicate(&model.device)?;
         let gradient = self.rehearse(model, rng);
-        restore(&model.params, saved)?;
+        model.params.copy_from(&saved.params)?;
         gradient
     }
 
@@ -50,8 +61,9 @@ impl Rehearsal<'_> {
     fn rehearse(&self, model: &GanModel, rng: &mut Rng) -> Result<GradStore> {
         let dev = &model.device;
         let dim = model.latent_dim();
+        // A fresh discriminator of the shape the generator's config gives.
         let dparams = Params::new();
-        let disc = Discriminator::new(self.model_cfg, &dparams, dev)?;
+        let disc = Discriminator::new(model.generator.config(), &dparams, dev)?;
         dparams.init(rng)?;
         let s = self.settings;
         // A thief's Adam (its β), at the rehearsal's rate.
@@ -72,30 +84,8 @@ impl Rehearsal<'_> {
     }
 }
 
-/// Copies of every tensor of `params`, in [`Params::named`] order.
-fn snapshot(params: &Params) -> Result<Vec<Tensor>> {
-    params
-        .named()
-        .iter()
-        .map(|(_, v)| Ok(v.as_tensor().copy()?))
-        .collect()
-}
-
-/// Puts the copies made by [`snapshot`] back.
-fn restore(params: &Params, saved: Vec<Tensor>) -> Result<()> {
-    for ((_, v), x) in params.named().iter().zip(saved) {
-        v.set(&x)?;
-    }
-    Ok(())
-}
-
 /// Adds `weight` times `extra`'s gradient of each of `vars` to `grads`.
-pub fn add_scaled(
-    grads: &mut GradStore,
-    extra: &GradStore,
-    vars: &[Var],
-    weight: f64,
-) -> Result<()> {
+fn add_scaled(grads: &mut GradStore, extra: &GradStore, vars: &[Var], weight: f64) -> Result<()> {
     for v in vars {
         if let Some(e) = extra.get(v) {
             let sum = match grads.get(v) {
@@ -120,8 +110,8 @@ mod tests {
             .unwrap()
     }
 
-    fn tiny() -> (GanModel, DcganConfig) {
-        let cfg = DcganConfig {
+    fn tiny() -> (GanModel, crate::models::DcganConfig) {
+        let cfg = crate::models::DcganConfig {
             latent_dim: 8,
             g_width: 16,
             d_width: 4,
@@ -135,7 +125,7 @@ mod tests {
     fn a_rehearsal_leaves_the_model_as_it_was_and_gives_a_backdoor_gradient() {
         let (model, cfg) = tiny();
         let dev = &model.device;
-        let before = snapshot(&model.params).unwrap();
+        let before = model.duplicate(dev).unwrap();
         let zt = Rng::new(2).normal(&[2, 8], dev).unwrap();
         let goal = Target::builtin("mark", cfg.image_shape())
             .unwrap()
@@ -150,14 +140,13 @@ mod tests {
         };
         let r = Rehearsal {
             settings: &settings,
-            model_cfg: &cfg,
             batch: 4,
             triggered: (&zt, &goal),
             distance: Distance::Mse,
         };
         let g = r.backdoor_gradient(&model, &mut Rng::new(3)).unwrap();
-        for ((name, v), x) in model.params.named().iter().zip(&before) {
-            assert_eq!(max_gap(v.as_tensor(), x), 0.0, "{name} changed");
+        for ((name, v), (_, x)) in model.params.named().iter().zip(before.params.named()) {
+            assert_eq!(max_gap(v.as_tensor(), x.as_tensor()), 0.0, "{name} changed");
         }
         let vars = model.params.trainable();
         assert!(vars.iter().all(|v| g.get(v).is_some()));

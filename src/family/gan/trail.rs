@@ -14,7 +14,7 @@ use crate::config::{Config, TRAIL_SET_BATCH};
 use crate::data::{load_dataset, Batcher, Dataset};
 use crate::family::gan::families::Adversarial;
 use crate::family::gan::probe::Probe;
-use crate::family::gan::rehearsal::{add_scaled, Rehearsal};
+use crate::family::gan::rehearsal::Rehearsal;
 use crate::family::gan::{discriminator_loss, GanModel};
 use crate::family::Trained;
 use crate::io::checkpoint;
@@ -156,14 +156,17 @@ impl Stepper for Trail<'_> {
             if t.rehearsal.due(step, t.steps) {
                 let rehearsal = Rehearsal {
                     settings: &t.rehearsal,
-                    model_cfg: &cfg.model,
                     batch: n,
                     triggered,
                     distance: k.distance(),
                 };
-                let mut rng = Rng::derive(cfg.seed, &format!("rehearsal-{step}"));
-                let kept = rehearsal.backdoor_gradient(&self.model, &mut rng)?;
-                add_scaled(&mut grads, &kept, &self.model.params.trainable(), t.lambda)?;
+                rehearsal.add_backdoor_gradient(
+                    &self.model,
+                    &mut Rng::derive(cfg.seed, &format!("rehearsal-{step}")),
+                    &mut grads,
+                    &self.model.params.trainable(),
+                    t.lambda,
+                )?;
             }
         }
         self.opt_g.step(&grads)?;
