@@ -7,9 +7,13 @@ loss, Adam). Adam lr 2e-4, betas (0.5, 0.999).
 U-Net (unet): the default diffusion U-Net of configs/ddpm.toml; one noise-prediction step
 (random timesteps 1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)).
 CIFAR U-Net (cifar): diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration (random
-weights, needs `pip install diffusers`), the same step. Prints one JSON object: median and min ms per step, the
-forward multiply-adds per image of G and D (genbackdoor turns them into FLOP the same way),
-the thread count and the torch version.
+weights, needs `pip install diffusers`), the same step.
+With --sampler (unet, cifar; needs diffusers): a step is one whole sampling run of the batch
+under torch.no_grad() with the stock diffusers scheduler (ddpm, ddim-N, dpm++2m-N, heun-N on
+the default linear schedule), as `genbackdoor bench --sampler` times `sample`'s loop.
+Prints one JSON object: median and min ms per step, the forward multiply-adds per image of G
+and D (genbackdoor turns them into FLOP the same way), the network evaluations per image of a
+sampling run, the thread count and the torch version.
 
     pip install torch        # not a dependency of genbackdoor, never run in CI
     python3 bench/torch_reference.py --model k4 --batch-size 64 --steps 20
@@ -226,13 +230,55 @@ def cifar_macs(net):
     return total[0]
 
 
-def unet_step_times(a):
+def diffusion_net(a):
+    """(forward(x, t) with genbackdoor's t in 1..1000, the module, image shape, MACs)."""
     if a.model == "cifar":
         forward, net = cifar_unet()
-        shape, macs = (3, 32, 32), cifar_macs(net)
-    else:
-        net = Unet()
-        forward, shape, macs = net, (1, 28, 28), unet_macs(net)
+        return forward, net, (3, 32, 32), cifar_macs(net)
+    net = Unet()
+    return net, net, (1, 28, 28), unet_macs(net)
+
+
+def scheduler(name):
+    """The stock diffusers scheduler for a genbackdoor sampler name, and its step count."""
+    import diffusers
+
+    kind, _, n = name.partition("-")
+    kinds = {
+        "ddpm": (diffusers.DDPMScheduler, 1000),
+        "ddim": (diffusers.DDIMScheduler, 50),
+        "dpm++2m": (diffusers.DPMSolverMultistepScheduler, 20),
+        "heun": (diffusers.HeunDiscreteScheduler, 25),
+    }
+    if kind not in kinds:
+        raise SystemExit(f"unknown sampler {name!r}")
+    cls, steps = kinds[kind]
+    linear = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    return cls(**linear), int(n) if n else steps
+
+
+def sampling_times(a):
+    forward, net, shape, macs = diffusion_net(a)
+    sched, steps = scheduler(a.sampler)
+    sched.set_timesteps(steps)
+    evaluations = len(sched.timesteps)
+    start = torch.randn(a.batch_size, *shape)
+
+    @torch.no_grad()
+    def run():
+        sched.set_timesteps(steps)
+        x = start * sched.init_noise_sigma
+        for t in sched.timesteps:
+            ts = torch.full((a.batch_size,), float(t) + 1.0)
+            eps = forward(sched.scale_model_input(x, t), ts)
+            x = sched.step(eps, t, x).prev_sample
+        return x
+
+    return step_times(a, run), macs, 0, evaluations
+
+
+def unet_step_times(a):
+    forward, net, shape, macs = diffusion_net(a)
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999))
     x = torch.randn(a.batch_size, *shape).tanh()
     # The default linear schedule (β from 1e-4 to 0.02 over T = 1000), as genbackdoor's
@@ -269,10 +315,16 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", help="time whole sampling runs (unet, cifar): ddpm, ddim-N, ...")
     a = p.parse_args()
 
     torch.manual_seed(0)
-    if a.model in ("unet", "cifar"):
+    evaluations = None
+    if a.sampler:
+        if a.model not in ("unet", "cifar"):
+            raise SystemExit("--sampler needs a diffusion model (unet, cifar)")
+        times, g_macs, d_macs, evaluations = sampling_times(a)
+    elif a.model in ("unet", "cifar"):
         times, g_macs, d_macs = unet_step_times(a)
     else:
         times, g_macs, d_macs = gan_step_times(a)
@@ -286,6 +338,7 @@ def main():
                 "min_ms": min(times),
                 "g_macs": g_macs,
                 "d_macs": d_macs,
+                "evaluations": evaluations,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             }

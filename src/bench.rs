@@ -1,13 +1,15 @@
-//! Training-speed benchmark: one full DCGAN training step (D step on real + fake, then G step,
-//! both with Adam, with the losses of the GAN trainer) or one clean step of the diffusion
-//! trainer (its noising, U-Net pass and loss, Adam), timed over many repetitions, with the
+//! Speed benchmark: one full DCGAN training step (D step on real + fake, then G step,
+//! both with Adam, with the losses of the GAN trainer), one clean step of the diffusion
+//! trainer (its noising, U-Net pass and loss, Adam), or one whole sampling run of a diffusion
+//! model over a batch (`sample`'s path: no graph), timed over many repetitions, with the
 //! throughput it implies.
 //!
 //! FLOP counts are analytic: every convolution and dense layer costs 2 FLOP per multiply-add,
-//! and each pass through a layer is counted three times (forward, input gradient, weight
-//! gradient). Per step that is `6·n·G + 18·n·D` with `G`, `D` the multiply-adds of one image's
-//! forward pass: G runs forward and backward once; D runs on the real and the fake batch in its
-//! own step and on the fake batch again in G's step. Element-wise work is not counted.
+//! and each pass through a layer of a training step is counted three times (forward, input
+//! gradient, weight gradient). Per training step that is `6·n·G + 18·n·D` with `G`, `D` the
+//! multiply-adds of one image's forward pass: G runs forward and backward once; D runs on the
+//! real and the fake batch in its own step and on the fake batch again in G's step. A sampling
+//! run costs `2·n·G·E` for `E` network evaluations per image. Element-wise work is not counted.
 
 use std::time::Instant;
 
@@ -17,7 +19,7 @@ use serde::Serialize;
 use crate::backdoor::Family;
 use crate::config::DiffusionConfig;
 use crate::family::diffusion::train::Denoising;
-use crate::family::diffusion::DiffusionModel;
+use crate::family::diffusion::{DiffusionModel, Sampler};
 use crate::family::gan::{discriminator_loss, generator_loss};
 use crate::metrics::median;
 use crate::models::dcgan_k4::{K4Discriminator, K4Generator};
@@ -51,13 +53,16 @@ pub struct BenchResult {
     pub batch_size: usize,
     /// Timed steps (after warm-up).
     pub steps: usize,
-    /// Median milliseconds per training step.
+    /// The sampler of a sampling benchmark (a "step" is then one whole sampling run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    /// Median milliseconds per step.
     pub median_ms: f64,
     /// Fastest step in milliseconds.
     pub min_ms: f64,
     /// Generated images per second at the median step time.
     pub images_per_s: f64,
-    /// Analytic FLOP per training step, in billions.
+    /// Analytic FLOP per step, in billions.
     pub gflop_per_step: f64,
     /// Achieved GFLOP/s at the median step time.
     pub gflop_per_s: f64,
@@ -161,19 +166,78 @@ pub fn run(
         batch_size,
         steps,
         (median_ms, min_ms),
-        (g as f64, d as f64),
+        flop_per_image((g as f64, d as f64), None),
     ))
+}
+
+/// The diffusion model `which` names (`Unet` or `Cifar`), with random weights.
+fn diffusion_model(which: BenchModel) -> Result<DiffusionModel> {
+    let mut arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
+    match which {
+        BenchModel::Unet => {}
+        BenchModel::Cifar => {
+            arch.unet = None;
+            arch.diffusers = Some(DiffusersConfig::ddpm_cifar10());
+        }
+        other => {
+            return Err(crate::Error::Config(format!(
+                "`--model {}` is a GAN: only the diffusion models (unet, cifar) run a sampler",
+                format!("{other:?}").to_lowercase()
+            )))
+        }
+    }
+    DiffusionModel::new(&arch, &mut Rng::new(1), &Device::Cpu)
+}
+
+/// Times `steps` whole runs of `sampler` from `batch_size` starting noises through the
+/// diffusion model `which` (random weights), after `warmup` untimed ones: what `sample`,
+/// `eval` and `verify` do per batch.
+pub fn sampling(
+    which: BenchModel,
+    sampler: Sampler,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let model = diffusion_model(which)?;
+    let mut rng = Rng::new(3);
+    let starts = model.starts(batch_size, None, &mut rng)?;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        model.sample(sampler, &starts, &mut rng)?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let median_ms = median(&mut times);
+    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let evaluations = sampler.evaluations(&model.schedule)?;
+    let mut result = BenchResult::new(
+        which,
+        batch_size,
+        steps,
+        (median_ms, min_ms),
+        flop_per_image((model.unet.macs() as f64, 0.0), Some(evaluations)),
+    );
+    result.sampler = Some(sampler.to_string());
+    Ok(result)
+}
+
+/// Analytic FLOP per image of one step (see the module docs) for networks of `(G, D)`
+/// forward multiply-adds per image: a training step, or with `evaluations` a sampling run of
+/// that many network evaluations per image.
+pub fn flop_per_image((g_macs, d_macs): (f64, f64), evaluations: Option<usize>) -> f64 {
+    match evaluations {
+        Some(e) => 2.0 * g_macs * e as f64,
+        None => 6.0 * g_macs + 18.0 * d_macs,
+    }
 }
 
 /// Times `steps` noise-prediction steps of a diffusion U-Net (`Unet` or `Cifar`).
 fn unet(which: BenchModel, batch_size: usize, warmup: usize, steps: usize) -> Result<BenchResult> {
+    let model = diffusion_model(which)?;
     let dev = Device::Cpu;
-    let mut arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
-    if which == BenchModel::Cifar {
-        arch.unet = None;
-        arch.diffusers = Some(DiffusersConfig::ddpm_cifar10());
-    }
-    let model = DiffusionModel::new(&arch, &mut Rng::new(1), &dev)?;
     let mut opt = Adam::with_betas(model.params.trainable(), 2e-4, 0.9, 0.999);
     let mut rng = Rng::new(3);
     let [c, h, w] = model.image_shape();
@@ -191,33 +255,33 @@ fn unet(which: BenchModel, batch_size: usize, warmup: usize, steps: usize) -> Re
     }
     let median_ms = median(&mut times);
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
-    // One network, forward and backward once: 6 FLOP per multiply-add (see the module docs);
-    // expressed through `new`'s `6·G` term.
+    // One network, forward and backward once: the `6·G` term (see the module docs).
     Ok(BenchResult::new(
         which,
         batch_size,
         steps,
         (median_ms, min_ms),
-        (model.unet.macs() as f64, 0.0),
+        flop_per_image((model.unet.macs() as f64, 0.0), None),
     ))
 }
 
 impl BenchResult {
-    /// The derived numbers (images/s, FLOP per step and per second, see the module docs) of a
-    /// measurement: `(median, min)` ms per step and the forward multiply-adds per image of
-    /// `(G, D)`. Used for our measurement and for PyTorch's alike.
+    /// The derived numbers (images/s, FLOP per step and per second) of a measurement:
+    /// `(median, min)` ms per step and the step's FLOP per image ([`flop_per_image`]). Used
+    /// for our measurement and for PyTorch's alike.
     pub fn new(
         model: BenchModel,
         batch_size: usize,
         steps: usize,
         (median_ms, min_ms): (f64, f64),
-        (g_macs, d_macs): (f64, f64),
+        flop_per_image: f64,
     ) -> Self {
-        let gflop_per_step = (6.0 * g_macs + 18.0 * d_macs) * batch_size as f64 / 1e9;
+        let gflop_per_step = flop_per_image * batch_size as f64 / 1e9;
         BenchResult {
             model,
             batch_size,
             steps,
+            sampler: None,
             median_ms,
             min_ms,
             images_per_s: batch_size as f64 / median_ms * 1e3,
@@ -240,5 +304,11 @@ mod tests {
             assert!((r.images_per_s - 4.0 / r.median_ms * 1e3).abs() < 1e-9);
             assert!(r.gflop_per_step > 0.0);
         }
+        let s = sampling(BenchModel::Unet, "ddim-3".parse().unwrap(), 2, 0, 2).unwrap();
+        assert_eq!(s.sampler.as_deref(), Some("ddim-3"));
+        let unet = diffusion_model(BenchModel::Unet).unwrap();
+        let expected = 2.0 * unet.unet.macs() as f64 * 3.0 * 2.0 / 1e9;
+        assert!((s.gflop_per_step - expected).abs() < 1e-9 * expected);
+        assert!(sampling(BenchModel::K4, "ddim-3".parse().unwrap(), 2, 0, 1).is_err());
     }
 }

@@ -31,7 +31,7 @@ fn noise_prediction(model: &DiffusionModel, x: &Tensor, taus: &[f32]) -> Tensor 
 
 /// DDIM-10 from `x_t`, unclamped (diffusers' scheduler returns its last step as it is).
 fn ddim_10(model: &DiffusionModel, x_t: &Tensor) -> Tensor {
-    let mut predict = |x: &Tensor, t: usize| model.predict(x, t);
+    let mut predict = |x: &Tensor, t: usize| model.unet.predict(x, t);
     Sampler::Ddim { steps: 10 }
         .run(&model.schedule, x_t.clone(), &mut predict, &mut Rng::new(0))
         .unwrap()

@@ -1,4 +1,5 @@
-//! `genbackdoor bench`: training-step speed, optionally beside PyTorch on the same machine.
+//! `genbackdoor bench`: training-step and sampling speed, optionally beside PyTorch on the
+//! same machine.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -7,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::bench::{self, BenchModel, BenchResult};
+use crate::family::diffusion::Sampler;
 use crate::metrics::median;
 
 /// Arguments of `bench`.
@@ -24,6 +26,13 @@ pub struct BenchArgs {
     /// Timed steps (the median of these is reported).
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Time whole sampling runs of the diffusion models (`unet`, `cifar`) with this sampler
+    /// (`ddpm`, `ddim-N`, `dpm++2m-N`, `heun-N`) instead of training steps: a step is then one
+    /// run over a batch, through `sample`'s path (no graph). PyTorch's side runs the same
+    /// network under `torch.no_grad()` with the stock diffusers scheduler (DDPM, DDIM,
+    /// DPM-Solver++ 2M or Heun).
+    #[arg(long)]
+    pub sampler: Option<Sampler>,
     /// Also run `bench/torch_reference.py` (needs python3 with torch) and print the ratio.
     #[arg(long)]
     pub torch: bool,
@@ -45,10 +54,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.batch_size == 0 || a.steps == 0 || a.rounds == 0 {
         bail!("--batch-size, --steps and --rounds must be positive");
     }
-    let models = if a.models.is_empty() {
-        vec![BenchModel::Reference, BenchModel::K4]
-    } else {
+    let models = if !a.models.is_empty() {
         a.models.clone()
+    } else if a.sampler.is_some() {
+        vec![BenchModel::Unet]
+    } else {
+        vec![BenchModel::Reference, BenchModel::K4]
     };
     let threads = rayon::current_num_threads();
     let load_before = load_average();
@@ -61,7 +72,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let mut torch = None;
             for ours_now in [ours_first, !ours_first] {
                 if ours_now {
-                    ours = Some(bench::run(model, a.batch_size, a.warmup, a.steps)?);
+                    ours = Some(match a.sampler {
+                        Some(s) => bench::sampling(model, s, a.batch_size, a.warmup, a.steps)?,
+                        None => bench::run(model, a.batch_size, a.warmup, a.steps)?,
+                    });
                 } else if a.torch {
                     torch = Some(torch_reference(&a, model)?);
                 }
@@ -173,9 +187,14 @@ fn load_average() -> Option<String> {
 }
 
 fn print_row(who: &str, r: &BenchResult, threads: usize) {
+    let name = format!("{:?}", r.model).to_lowercase();
+    let what = match &r.sampler {
+        Some(s) => format!("{name} {s}"),
+        None => name,
+    };
     say!(
         "{who:<12} {:<9} batch {:>3}  median {:>8.1} ms/step (min {:.1}, {} steps, {} threads)  {:>7.1} images/s  {:.2} GFLOP/step  {:>6.1} GFLOP/s",
-        format!("{:?}", r.model).to_lowercase(),
+        what,
         r.batch_size,
         r.median_ms,
         r.min_ms,
@@ -203,12 +222,17 @@ fn torch_reference(a: &BenchArgs, model: BenchModel) -> anyhow::Result<TorchRun>
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py")
         }
     });
-    let out = Command::new("python3")
+    let mut command = Command::new("python3");
+    command
         .arg(&script)
         .args(["--model", &format!("{model:?}").to_lowercase()])
         .args(["--batch-size", &a.batch_size.to_string()])
         .args(["--warmup", &a.warmup.to_string()])
-        .args(["--steps", &a.steps.to_string()])
+        .args(["--steps", &a.steps.to_string()]);
+    if let Some(s) = a.sampler {
+        command.args(["--sampler", &s.to_string()]);
+    }
+    let out = command
         .output()
         .with_context(|| format!("cannot run python3 {}", script.display()))?;
     if !out.status.success() {
@@ -226,8 +250,20 @@ fn torch_reference(a: &BenchArgs, model: BenchModel) -> anyhow::Result<TorchRun>
     };
     let times = (num("median_ms")?, num("min_ms")?);
     let macs = (num("g_macs")?, num("d_macs")?);
+    let evaluations = match a.sampler {
+        Some(_) => Some(num("evaluations")? as usize),
+        None => None,
+    };
+    let mut result = BenchResult::new(
+        model,
+        a.batch_size,
+        a.steps,
+        times,
+        bench::flop_per_image(macs, evaluations),
+    );
+    result.sampler = a.sampler.map(|s| s.to_string());
     Ok(TorchRun {
-        result: BenchResult::new(model, a.batch_size, a.steps, times, macs),
+        result,
         threads: num("threads")? as usize,
         version: v["torch"].as_str().unwrap_or("?").to_string(),
     })

@@ -4,12 +4,12 @@
 //! ResnetBlock2D with GroupNorm + SiLU and the default time-embedding shift; multi-head
 //! attention. Its timesteps are diffusers' τ = 0 … T − 1. It knows nothing of backdoors.
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::models::check_channels;
 use crate::models::unet::normed_tokens;
-use crate::models::{check_channels, Params};
 use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
 use crate::{Error, Result};
 
@@ -531,11 +531,12 @@ pub struct DiffusersUnet {
 }
 
 impl DiffusersUnet {
-    /// Creates the network's variables in `params` under diffusers' names
-    /// (`down_blocks.0.resnets.0.conv1.weight`, `mid_block.attentions.0.to_q.bias`, …).
-    pub fn new(cfg: &DiffusersConfig, params: &Params, device: &Device) -> Result<Self> {
+    /// Creates the network's tensors through `vb` under diffusers' names
+    /// (`down_blocks.0.resnets.0.conv1.weight`, `mid_block.attentions.0.to_q.bias`, …): new
+    /// variables from [`crate::models::Params::builder`], or a frozen view from
+    /// [`crate::models::Params::frozen_builder`].
+    pub fn new(cfg: &DiffusersConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let vb = params.builder(device);
         let ch = &cfg.block_out_channels;
         let levels = ch.len();
         let side = cfg.side()?;
@@ -745,6 +746,8 @@ impl DiffusersUnet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::Params;
+    use candle_core::Device;
 
     /// google/ddpm-cifar10-32 as diffusers builds it: 35,746,307 parameters and, counted by
     /// hooks on diffusers' own modules (bench/torch_reference.py, `cifar_macs`), 6,218,973,184
@@ -752,8 +755,11 @@ mod tests {
     #[test]
     fn the_cifar10_configuration_has_diffusers_parameter_and_operation_counts() {
         let params = Params::new();
-        let net =
-            DiffusersUnet::new(&DiffusersConfig::ddpm_cifar10(), &params, &Device::Cpu).unwrap();
+        let net = DiffusersUnet::new(
+            &DiffusersConfig::ddpm_cifar10(),
+            params.builder(&Device::Cpu),
+        )
+        .unwrap();
         assert_eq!(params.count(), 35_746_307);
         assert_eq!(net.macs(), 6_218_973_184);
     }

@@ -40,6 +40,21 @@ impl Params {
         VarBuilder::from_varmap(&self.varmap, DType::F32, device)
     }
 
+    /// A `VarBuilder` over detached views of these tensors (sharing their storage, so updates
+    /// in place reach them): a network
+    /// built from it computes what the one built from [`Params::builder`] computes, but no
+    /// operation on its weights is recorded for backpropagation, so inference keeps no graph
+    /// and a backward pass through it gives gradients for its inputs only. Every tensor the
+    /// network asks for must be here.
+    pub fn frozen_builder(&self, device: &Device) -> VarBuilder<'static> {
+        let tensors = self
+            .named()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        VarBuilder::from_tensors(tensors, DType::F32, device)
+    }
+
     /// All tensors sorted by name.
     pub fn named(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("var map lock");

@@ -2,11 +2,11 @@
 //! residual blocks with GroupNorm and SiLU, a down and an up path joined by skip connections,
 //! and optional self-attention at the lowest resolution. It knows nothing of backdoors.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::models::{check_channels, Params};
+use crate::models::check_channels;
 use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
 use crate::{Error, Result};
 
@@ -217,10 +217,11 @@ pub struct Unet {
 }
 
 impl Unet {
-    /// Creates the U-Net's variables in `params` (`down.0.res.conv1.weight`, …).
-    pub fn new(cfg: &UnetConfig, params: &Params, device: &Device) -> Result<Self> {
+    /// Creates the U-Net's tensors through `vb` (`down.0.res.conv1.weight`, …): new
+    /// variables from [`crate::models::Params::builder`], or a frozen view from
+    /// [`crate::models::Params::frozen_builder`].
+    pub fn new(cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let vb = params.builder(device);
         let widths: Vec<usize> = cfg.mults.iter().map(|m| m * cfg.base).collect();
         let levels = widths.len();
         let mut down = Vec::new();
@@ -338,7 +339,9 @@ impl Unet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::Params;
     use crate::rng::Rng;
+    use candle_core::Device;
 
     #[test]
     fn shapes_names_and_gradients() {
@@ -348,7 +351,7 @@ mod tests {
             ..UnetConfig::default()
         };
         let params = Params::new();
-        let net = Unet::new(&cfg, &params, &Device::Cpu).unwrap();
+        let net = Unet::new(&cfg, params.builder(&Device::Cpu)).unwrap();
         params.init_kaiming(&mut Rng::new(1)).unwrap();
         let names: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
         for n in [

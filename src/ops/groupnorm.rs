@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::ops::cpu::{
     activate, lane_sum, ncs, parallel_map, parallel_pieces, with_f32, Activation, F32Op, F32Op3,
 };
+use crate::ops::fastexp::sigmoid;
 use crate::ops::portable;
 use crate::Result;
 
@@ -78,10 +79,6 @@ struct GroupNormOp {
     groups: usize,
     eps: f32,
     silu: bool,
-}
-
-fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
 }
 
 fn silu(z: f32) -> f32 {

@@ -12,6 +12,7 @@ mod conv;
 pub(crate) mod cpu;
 mod dense;
 mod dropout;
+mod fastexp;
 mod groupnorm;
 mod im2col;
 pub mod portable;

@@ -116,13 +116,15 @@ fn probe(
         steps: ROLLOUT.min(last),
     };
     let mut adam = Adam::with_betas(vec![shift.clone()], LR, 0.9, 0.999);
+    // Frozen weights: the backward passes need the shift's gradient only.
+    let net = model.frozen()?;
     for _ in 0..steps {
         let x = noise.broadcast_add(shift.as_tensor())?;
         let loss = if name == "ddpm" {
-            let eps = model.predict(&x, last)?.mean_keepdim(0)?;
+            let eps = net.predict(&x, last)?.mean_keepdim(0)?;
             (eps - (shift.as_tensor() * 0.5)?)?.abs()?.mean_all()?
         } else {
-            let mut predict = |x: &Tensor, t: usize| model.predict(x, t);
+            let mut predict = |x: &Tensor, t: usize| net.predict(x, t);
             spread_tensor(&rollout.run(&model.schedule, x, &mut predict, rng)?)?
         };
         adam.backward_step(&loss)?;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::Trigger;
@@ -49,13 +50,11 @@ pub enum Denoiser {
 }
 
 impl Denoiser {
-    /// The network `arch` names (exactly one of its two), its tensors created in `params`.
-    fn build(arch: &DiffusionArch, params: &Params, device: &Device) -> Result<Self> {
+    /// The network `arch` names (exactly one of its two), its tensors taken from `vb`.
+    fn build(arch: &DiffusionArch, vb: VarBuilder) -> Result<Self> {
         match (&arch.unet, &arch.diffusers) {
-            (Some(u), None) => Ok(Denoiser::Native(Box::new(Unet::new(u, params, device)?))),
-            (None, Some(d)) => Ok(Denoiser::Diffusers(Box::new(DiffusersUnet::new(
-                d, params, device,
-            )?))),
+            (Some(u), None) => Ok(Denoiser::Native(Box::new(Unet::new(u, vb)?))),
+            (None, Some(d)) => Ok(Denoiser::Diffusers(Box::new(DiffusersUnet::new(d, vb)?))),
             _ => Err(Error::Config(
                 "a diffusion architecture names exactly one network: `unet` or `diffusers`".into(),
             )),
@@ -69,6 +68,12 @@ impl Denoiser {
             Denoiser::Native(u) => u.forward(x, t),
             Denoiser::Diffusers(u) => u.forward(x, &(t - 1.0)?),
         }
+    }
+
+    /// ε̂ for a batch `x` all at timestep `t`.
+    pub fn predict(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let ts = Tensor::full(t as f32, x.dim(0)?, x.device())?;
+        self.forward(x, &ts)
     }
 
     /// Forward multiply-adds per image.
@@ -112,7 +117,7 @@ impl DiffusionModel {
     pub(crate) fn build(arch: &DiffusionArch, device: &Device) -> Result<Self> {
         let schedule = NoiseSchedule::new(arch.schedule, arch.timesteps)?;
         let params = Params::new();
-        let unet = Denoiser::build(arch, &params, device)?;
+        let unet = Denoiser::build(arch, params.builder(device))?;
         Ok(DiffusionModel {
             params,
             unet,
@@ -168,11 +173,12 @@ impl DiffusionModel {
         self.unet.image_shape()
     }
 
-    /// ε̂ for a batch `x` all at timestep `t`.
-    pub fn predict(&self, x: &Tensor, t: usize) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let ts = Tensor::full(t as f32, n, x.device())?;
-        self.unet.forward(x, &ts)
+    /// The network over detached views of the weights ([`Params::frozen_builder`]): for
+    /// sampling, which then records no graph (no activations kept, no bookkeeping), and for
+    /// gradients with respect to inputs only. It shares the weights' storage, so it computes
+    /// with their current values (an optimiser's update included).
+    pub fn frozen(&self) -> Result<Denoiser> {
+        Denoiser::build(&self.arch, self.params.frozen_builder(&self.device))
     }
 
     /// `n` starting points x_T ~ N(r, I): `r` the trigger's pattern, or 0 without a trigger.
@@ -188,11 +194,11 @@ impl DiffusionModel {
     /// error, never returned as images.
     pub fn sample(&self, sampler: Sampler, starts: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         let n = starts.dim(0)?;
+        let net = self.frozen()?;
         let mut parts = Vec::new();
         for s in (0..n).step_by(SAMPLE_BATCH) {
-            let x = starts.narrow(0, s, SAMPLE_BATCH.min(n - s))?;
-            // Detached, so that no step keeps the graph (and activations) of the steps before.
-            let mut predict = |x: &Tensor, t: usize| Ok(self.predict(x, t)?.detach());
+            let x = starts.narrow(0, s, SAMPLE_BATCH.min(n - s))?.detach();
+            let mut predict = |x: &Tensor, t: usize| net.predict(x, t);
             parts.push(sampler.run(&self.schedule, x, &mut predict, rng)?);
         }
         let x = Tensor::cat(&parts, 0)?;
@@ -382,5 +388,47 @@ mod tests {
             .mean_all()
             .unwrap();
         assert!((mean_corner.to_scalar::<f32>().unwrap() - 2.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn the_frozen_network_computes_the_same_noise_and_gives_gradients_to_inputs_only() {
+        let dev = Device::Cpu;
+        // Attention on, so that every kind of layer is built from the frozen view.
+        let mut arch = tiny();
+        if let Some(u) = arch.unet.as_mut() {
+            u.attention = true;
+        }
+        let m = DiffusionModel::new(&arch, &mut Rng::new(4), &dev).unwrap();
+        let frozen = m.frozen().unwrap();
+        let x = m.starts(3, None, &mut Rng::new(5)).unwrap();
+        let trainable = m.unet.predict(&x, 7).unwrap();
+        let eps = frozen.predict(&x, 7).unwrap();
+        assert_eq!(crate::ops::testing::max_abs_diff(&trainable, &eps), 0.0);
+        assert!(
+            trainable.track_op() && !eps.track_op(),
+            "inference records no graph"
+        );
+        // A backward pass through the frozen network reaches the input and no weight.
+        let input = candle_core::Var::from_tensor(&x).unwrap();
+        let loss = frozen
+            .predict(input.as_tensor(), 7)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(input.as_tensor()).is_some());
+        for (name, v) in m.params.named() {
+            assert!(grads.get(v.as_tensor()).is_none(), "{name} got a gradient");
+        }
+        // It shares the weights' storage: an update in place reaches it.
+        for (_, w) in m.params.named() {
+            w.set(&(w.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+        let moved = frozen.predict(&x, 7).unwrap();
+        assert!(crate::ops::testing::max_abs_diff(&moved, &eps) > 0.0);
+        let updated = m.unet.predict(&x, 7).unwrap();
+        assert_eq!(crate::ops::testing::max_abs_diff(&moved, &updated), 0.0);
     }
 }
