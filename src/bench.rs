@@ -166,7 +166,8 @@ pub fn run(
         batch_size,
         steps,
         (median_ms, min_ms),
-        flop_per_image((g as f64, d as f64), None),
+        (g as f64, d as f64),
+        None,
     ))
 }
 
@@ -213,25 +214,14 @@ pub fn sampling(
     let median_ms = median(&mut times);
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
     let evaluations = sampler.evaluations(&model.schedule)?;
-    let mut result = BenchResult::new(
+    Ok(BenchResult::new(
         which,
         batch_size,
         steps,
         (median_ms, min_ms),
-        flop_per_image((model.unet.macs() as f64, 0.0), Some(evaluations)),
-    );
-    result.sampler = Some(sampler.to_string());
-    Ok(result)
-}
-
-/// Analytic FLOP per image of one step (see the module docs) for networks of `(G, D)`
-/// forward multiply-adds per image: a training step, or with `evaluations` a sampling run of
-/// that many network evaluations per image.
-pub fn flop_per_image((g_macs, d_macs): (f64, f64), evaluations: Option<usize>) -> f64 {
-    match evaluations {
-        Some(e) => 2.0 * g_macs * e as f64,
-        None => 6.0 * g_macs + 18.0 * d_macs,
-    }
+        (model.unet.macs() as f64, 0.0),
+        Some((sampler, evaluations)),
+    ))
 }
 
 /// Times `steps` noise-prediction steps of a diffusion U-Net (`Unet` or `Cifar`).
@@ -261,27 +251,34 @@ fn unet(which: BenchModel, batch_size: usize, warmup: usize, steps: usize) -> Re
         batch_size,
         steps,
         (median_ms, min_ms),
-        flop_per_image((model.unet.macs() as f64, 0.0), None),
+        (model.unet.macs() as f64, 0.0),
+        None,
     ))
 }
 
 impl BenchResult {
-    /// The derived numbers (images/s, FLOP per step and per second) of a measurement:
-    /// `(median, min)` ms per step and the step's FLOP per image ([`flop_per_image`]). Used
-    /// for our measurement and for PyTorch's alike.
+    /// The derived numbers (images/s, FLOP per step and per second, see the module docs) of a
+    /// measurement: `(median, min)` ms per step, the forward multiply-adds per image of
+    /// `(G, D)`, and for a sampling run its sampler with the network evaluations per image
+    /// (`None`: a training step). Used for our measurement and for PyTorch's alike.
     pub fn new(
         model: BenchModel,
         batch_size: usize,
         steps: usize,
         (median_ms, min_ms): (f64, f64),
-        flop_per_image: f64,
+        (g_macs, d_macs): (f64, f64),
+        sampling: Option<(Sampler, usize)>,
     ) -> Self {
+        let flop_per_image = match sampling {
+            Some((_, evaluations)) => 2.0 * g_macs * evaluations as f64,
+            None => 6.0 * g_macs + 18.0 * d_macs,
+        };
         let gflop_per_step = flop_per_image * batch_size as f64 / 1e9;
         BenchResult {
             model,
             batch_size,
             steps,
-            sampler: None,
+            sampler: sampling.map(|(s, _)| s.to_string()),
             median_ms,
             min_ms,
             images_per_s: batch_size as f64 / median_ms * 1e3,

@@ -250,20 +250,12 @@ fn torch_reference(a: &BenchArgs, model: BenchModel) -> anyhow::Result<TorchRun>
     };
     let times = (num("median_ms")?, num("min_ms")?);
     let macs = (num("g_macs")?, num("d_macs")?);
-    let evaluations = match a.sampler {
-        Some(_) => Some(num("evaluations")? as usize),
+    let sampling = match a.sampler {
+        Some(s) => Some((s, num("evaluations")? as usize)),
         None => None,
     };
-    let mut result = BenchResult::new(
-        model,
-        a.batch_size,
-        a.steps,
-        times,
-        bench::flop_per_image(macs, evaluations),
-    );
-    result.sampler = a.sampler.map(|s| s.to_string());
     Ok(TorchRun {
-        result,
+        result: BenchResult::new(model, a.batch_size, a.steps, times, macs, sampling),
         threads: num("threads")? as usize,
         version: v["torch"].as_str().unwrap_or("?").to_string(),
     })

@@ -41,11 +41,10 @@ impl Params {
     }
 
     /// A `VarBuilder` over detached views of these tensors (sharing their storage, so updates
-    /// in place reach them): a network
-    /// built from it computes what the one built from [`Params::builder`] computes, but no
-    /// operation on its weights is recorded for backpropagation, so inference keeps no graph
-    /// and a backward pass through it gives gradients for its inputs only. Every tensor the
-    /// network asks for must be here.
+    /// in place reach them): a network built from it computes what the one built from
+    /// [`Params::builder`] computes, but no operation on its weights is recorded for
+    /// backpropagation, so inference keeps no graph and a backward pass through it gives
+    /// gradients for its inputs only. Every tensor the network asks for must be here.
     pub fn frozen_builder(&self, device: &Device) -> VarBuilder<'static> {
         let tensors = self
             .named()
