@@ -379,15 +379,10 @@ impl Resnet {
 
     /// `temb` is the time embedding after its SiLU.
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = self
-            .conv2
-            .forward(&self.norm2.forward(&h.broadcast_add(&t)?)?)?;
+        // The projected embedding `[n, cout]` is added to every position in conv1's own sweep.
+        let t = self.time_emb_proj.forward(temb)?;
+        let h = self.conv1.forward_shifted(&self.norm1.forward(x)?, &t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -721,8 +716,7 @@ impl DiffusersUnet {
                 }
             }
             if let Some(u) = &level.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = u.forward(&crate::ops::upsample2x(&h)?)?;
             }
         }
         Ok(self.conv_out.forward(&self.conv_norm_out.forward(&h)?)?)

@@ -145,9 +145,9 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
-        let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        // The projected embedding `[n, cout]` is added to every position in conv1's own sweep.
+        let t = self.time.forward(temb)?;
+        let h = self.conv1.forward_shifted(&self.norm1.forward(x)?, &t)?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let skip = match &self.skip {
             Some(s) => s.forward(x)?,
@@ -328,8 +328,7 @@ impl Unet {
             let skip = skips.pop().expect("one skip per level");
             h = res.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb)?;
             if let Some(u) = sample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = u.forward(&crate::ops::upsample2x(&h)?)?;
             }
         }
         Ok(self.conv_out.forward(&self.norm_out.forward(&h)?)?)

@@ -79,6 +79,7 @@ fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
         g,
         c2: cout,
         transposed: false,
+        per_image_bias: false,
     })
 }
 
@@ -127,6 +128,7 @@ fn transposed_op(
         g,
         c2: cin,
         transposed: true,
+        per_image_bias: false,
     })
 }
 
@@ -171,12 +173,16 @@ struct Conv {
     g: Geometry,
     c2: usize,
     transposed: bool,
+    /// The bias is `[n, cout]`, one per image and output channel (a time embedding added
+    /// to every position), instead of `[cout]`.
+    per_image_bias: bool,
 }
 
 impl Conv {
-    /// `op(x, weight) + bias`, then the activation if given.
+    /// `op(x, weight) + bias`, then the activation if given; `bias` is `[cout]`, or `[n, cout]`
+    /// for one per image.
     fn apply(
-        self,
+        mut self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -191,12 +197,16 @@ impl Conv {
                 &zeros
             }
         };
-        if bias.dims() != [cout] {
-            return Err(Error::Mismatch(format!(
-                "convolution bias {:?} does not fit {cout} output channels",
-                bias.dims()
-            )));
-        }
+        let n = x.dim(0)?;
+        self.per_image_bias = match bias.dims() {
+            [c] if *c == cout => false,
+            [m, c] if (*m, *c) == (n, cout) => true,
+            d => {
+                return Err(Error::Mismatch(format!(
+                "convolution bias {d:?} fits neither {cout} output channels nor {n} images of them"
+            )))
+            }
+        };
         if portable::applies(x) {
             return Ok(self.portable(x, weight, bias, act)?);
         }
@@ -224,7 +234,11 @@ impl Conv {
         } else {
             x.conv2d(weight, pad, stride, 1, 1)?
         };
-        portable::activate(y.broadcast_add(&portable::per_channel(bias, 4)?)?, act)
+        let bias = match bias.dims() {
+            [n, c] => bias.reshape((*n, *c, 1, 1))?,
+            _ => portable::per_channel(bias, 4)?,
+        };
+        portable::activate(y.broadcast_add(&bias)?, act)
     }
 
     /// Output channels (the bias's length).
@@ -233,6 +247,26 @@ impl Conv {
             self.g.c
         } else {
             self.c2
+        }
+    }
+
+    /// The length of the bias of a group of `g` images.
+    fn bias_len(&self, g: usize) -> usize {
+        if self.per_image_bias {
+            g * self.out_channels()
+        } else {
+            self.out_channels()
+        }
+    }
+
+    /// The bias of the `i`th group of `group` images (of `g`): all of a per-channel `b`, the
+    /// group's rows of a per-image one.
+    fn group_bias<'b>(&self, b: &'b [f32], (i, group, g): (usize, usize, usize)) -> &'b [f32] {
+        if self.per_image_bias {
+            let c = self.out_channels();
+            &b[i * group * c..(i * group + g) * c]
+        } else {
+            b
         }
     }
 
@@ -369,7 +403,8 @@ impl Conv {
     }
 
     /// The forward map of `g` images, with one gemm per channel block for all of them, plus
-    /// the bias `b` and then the activation, if any, in the sweep that writes the output.
+    /// the bias `b` (`[cout]`, or the group's `[g, cout]`) and then the activation, if any, in
+    /// the sweep that writes the output.
     fn forward_group(
         &self,
         (w, b): (&[f32], &[f32]),
@@ -387,7 +422,7 @@ impl Conv {
                 self.scatter((w, m), g, y, cols, planes);
                 let plane = self.g.h * self.g.w;
                 for (r, row) in y[..g * self.g.image()].chunks_mut(plane).enumerate() {
-                    let bias = b[r % self.g.c];
+                    let bias = b[r % b.len()];
                     match act {
                         Some(act) => row.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
                         None => row.iter_mut().for_each(|v| *v += bias),
@@ -400,7 +435,7 @@ impl Conv {
                     self.gather_block(w, &block, rows, m)
                 });
                 self.split_with(m, g, y, |r, dst, src| {
-                    let (bias, pairs) = (b[r % self.c2], dst.iter_mut().zip(src));
+                    let (bias, pairs) = (b[r % b.len()], dst.iter_mut().zip(src));
                     match act {
                         Some(act) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
                         None => pairs.for_each(|(d, &v)| *d = v + bias),
@@ -446,9 +481,10 @@ impl Conv {
                     self.split_with(dm, g, dx, |_, dst, src| dst.copy_from_slice(src));
                 }
                 let plane = self.g.h * self.g.w;
-                let mut db = vec![0f32; self.g.c];
+                let mut db = vec![0f32; self.bias_len(g)];
+                let len = db.len();
                 for (r, row) in dy[..g * self.g.image()].chunks(plane).enumerate() {
-                    db[r % self.g.c] += lane_sum(row, row, |v, _| v);
+                    db[r % len] += lane_sum(row, row, |v, _| v);
                 }
                 db
             } else {
@@ -470,11 +506,58 @@ impl Conv {
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.weight_grad_block(m, &block, rows, dwt)
                 });
-                m.chunks(gp)
-                    .map(|row| lane_sum(row, row, |v, _| v))
-                    .collect()
+                if self.per_image_bias {
+                    // Rows of `m` are (channel, image) pairs; the gradient is `[g, cout]`.
+                    let sums: Vec<f32> = m
+                        .chunks(p)
+                        .map(|row| lane_sum(row, row, |v, _| v))
+                        .collect();
+                    (0..g * self.c2)
+                        .map(|r| sums[(r % self.c2) * g + r / self.c2])
+                        .collect()
+                } else {
+                    m.chunks(gp)
+                        .map(|row| lane_sum(row, row, |v, _| v))
+                        .collect()
+                }
             }
         })
+    }
+
+    /// For a stride-1 convolution (not transposed), the convolution that maps its output
+    /// gradient to its input gradient: the same kernel flipped, with the channels swapped and
+    /// padding `k − 1 − pad`. Gathering through it runs gemm with `c2·k·k` terms per sum, where
+    /// scattering back (`col2im(Wᵀ · dy)`) sums only `c2`, and writes a column matrix as large.
+    fn input_gradient_conv(&self) -> Option<Conv> {
+        let Geometry { k, stride, pad, .. } = self.g;
+        (!self.transposed && stride == 1 && pad < k).then(|| Conv {
+            g: Geometry {
+                c: self.c2,
+                h: self.g.oh(),
+                w: self.g.ow(),
+                k,
+                stride: 1,
+                pad: k - 1 - pad,
+            },
+            c2: self.g.c,
+            transposed: false,
+            per_image_bias: false,
+        })
+    }
+
+    /// `w [c2, c, k, k]` as the kernel `[c, c2, k, k]` of [`Conv::input_gradient_conv`],
+    /// flipped in both spatial directions.
+    fn flipped_kernel(&self, w: &[f32]) -> Vec<f32> {
+        let (c, kk) = (self.g.c, self.g.k * self.g.k);
+        let mut f = vec![0f32; w.len()];
+        for (o, taps) in w.chunks(kk).enumerate() {
+            let (co, ci) = (o / c, o % c);
+            let dst = &mut f[(ci * self.c2 + co) * kk..][..kk];
+            dst.iter_mut()
+                .zip(taps.iter().rev())
+                .for_each(|(d, &t)| *d = t);
+        }
+        f
     }
 
     /// Input (if `need_dx`), weight and bias gradients of a batch of `n` images from the data
@@ -490,6 +573,10 @@ impl Conv {
     ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
         let (in_len, out_len) = self.sizes();
         let group = group_size(n, self.g.rows());
+        let gather = self
+            .input_gradient_conv()
+            .filter(|_| need_dx)
+            .map(|op| (op, self.flipped_kernel(w), vec![0f32; self.g.c]));
         PARTIALS.with_borrow_mut(|buf| {
             let slots: Vec<Mutex<Option<&mut [f32]>>> = resized(buf, n.div_ceil(group) * w.len())
                 .chunks_mut(w.len())
@@ -502,6 +589,25 @@ impl Conv {
                 let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
                 let dwt = slots[i].lock().expect("slot lock").take();
                 let dwt = dwt.expect("every group runs once");
+                let dxs = match (&gather, dxs) {
+                    (Some((op, flipped, zeros)), Some(dxs)) => {
+                        // The output gradient through the fused activation's derivative.
+                        let dys = &dys[..g * out_len];
+                        let through;
+                        let dz = match act {
+                            Some((a, out)) => {
+                                let mut dz = vec![0f32; dys.len()];
+                                a.grad_into(out, dys, &mut dz);
+                                through = dz;
+                                &through
+                            }
+                            None => dys,
+                        };
+                        op.forward_group((flipped, zeros), dz, g, dxs, None);
+                        None
+                    }
+                    (_, dxs) => dxs,
+                };
                 self.backward_group((w, xs, dys), g, act, dxs, dwt)
             };
             let (dx, dbs) = if need_dx {
@@ -513,10 +619,15 @@ impl Conv {
             };
             drop(slots);
             let dw = sum_transposed(buf.chunks(w.len()).take(dbs.len()), self.c2, self.g.patch());
-            let mut db = vec![0f32; self.out_channels()];
-            for pb in &dbs {
-                db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-            }
+            let db = if self.per_image_bias {
+                dbs.concat()
+            } else {
+                let mut db = vec![0f32; self.out_channels()];
+                for pb in &dbs {
+                    db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+                }
+                db
+            };
             (dx, dw, db)
         })
     }
@@ -540,12 +651,16 @@ impl F32Op3 for Conv {
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (in_len, out_len) = self.sizes();
         let n = l1.dims()[0];
-        if x.len() != n * in_len || w.len() != self.c2 * self.g.patch() {
+        if x.len() != n * in_len
+            || w.len() != self.c2 * self.g.patch()
+            || b.len() != self.bias_len(n)
+        {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
         let group = group_size(n, self.g.rows());
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
+            let b = self.group_bias(b, (i, group, g));
             self.forward_group((w, b), &x[i * group * in_len..], g, ys, act);
         });
         Ok((y, self.out_shape(n)))
@@ -710,8 +825,27 @@ impl ConvLayer {
         self.forward_with(x, Activation::LeakyRelu(slope as f32))
     }
 
+    /// The layer plus `shift [n, cout]`, one value per image and output channel added at
+    /// every position (a diffusion U-Net's time embedding), in the same graph node.
+    pub fn forward_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(b) => shift.broadcast_add(b)?,
+            None => shift.clone(),
+        };
+        self.apply_biased(x, Some(&bias), None)
+    }
+
     fn apply(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        let (w, b, s, p) = (&self.weight, self.bias.as_ref(), self.stride, self.pad);
+        self.apply_biased(x, self.bias.as_ref(), act)
+    }
+
+    fn apply_biased(
+        &self,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
+        let (w, s, p) = (&self.weight, self.stride, self.pad);
         let op = match self.kind {
             ConvKind::Forward => forward_op(x, w, s, p)?,
             ConvKind::Transposed { out_pad } => transposed_op(x, w, s, p, out_pad)?,
@@ -735,7 +869,8 @@ mod tests {
     use proptest::prelude::*;
 
     /// Compares forward value and the gradients of input, kernel and bias of our layer
-    /// (`ours(x, w, b)`) with candle's convolution plus a broadcast bias (`theirs(x, w)`).
+    /// (`ours(x, w, b)`) with candle's convolution plus a broadcast bias (`theirs(x, w)`);
+    /// `b` is `[cout]` or `[n, cout]`.
     fn compare(
         ours: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
         theirs: impl Fn(&Tensor, &Tensor) -> Tensor,
@@ -746,9 +881,11 @@ mod tests {
     ) -> std::result::Result<(), TestCaseError> {
         let (y1, g1) = testing::value_and_grads(|t| ours(&t[0], &t[1], &t[2]), &[x, w, b], seed);
         let with_bias = |t: &[Tensor]| {
-            theirs(&t[0], &t[1])
-                .broadcast_add(&t[2].reshape((1, (), 1, 1)).unwrap())
-                .unwrap()
+            let b = match t[2].dims() {
+                &[n, c] => t[2].reshape((n, c, 1, 1)),
+                _ => t[2].reshape((1, (), 1, 1)),
+            };
+            theirs(&t[0], &t[1]).broadcast_add(&b.unwrap()).unwrap()
         };
         let (y2, g2) = testing::value_and_grads(with_bias, &[x, w, b], seed);
         let names = ["forward", "input grad", "kernel grad", "bias grad"];
@@ -830,17 +967,59 @@ mod tests {
     }
 
     #[test]
-    fn batches_of_several_groups_match_candle() {
-        // 19 images: groups of 10 and 9.
+    fn batches_of_several_groups_match_candle_with_either_kind_of_bias() {
+        // 19 images: groups of 10 and 9; a `[cout]` bias, then a `[n, cout]` one (a U-Net's
+        // time embedding); stride 2 and 1 (whose input gradient is gathered).
         let mut rng = Rng::new(11);
         let dev = Device::Cpu;
         let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
         let w = rng.normal(&[4, 3, 3, 3], &dev).unwrap();
-        let b = rng.normal(&[4], &dev).unwrap();
-        check_conv2d((&x, &w, &b), 2, 1, 5).unwrap();
         let wt = rng.normal(&[3, 2, 4, 4], &dev).unwrap();
-        let bt = rng.normal(&[2], &dev).unwrap();
-        check_transposed((&x, &wt, &bt), (2, 1, 0), 6).unwrap();
+        for per_image in [false, true] {
+            let images = if per_image { vec![19] } else { vec![] };
+            let bias = |c: usize| [&images[..], &[c]].concat();
+            let b = rng.normal(&bias(4), &dev).unwrap();
+            check_conv2d((&x, &w, &b), 2, 1, 5).unwrap();
+            check_conv2d((&x, &w, &b), 1, 1, 15).unwrap();
+            let bt = rng.normal(&bias(2), &dev).unwrap();
+            check_transposed((&x, &wt, &bt), (2, 1, 0), 6).unwrap();
+        }
+        // A bias for another batch, or of another rank, is an error.
+        for bad in [&[18, 4][..], &[19, 4, 1], &[5]] {
+            let b = Tensor::zeros(bad, candle_core::DType::F32, &dev).unwrap();
+            let err = conv2d(&x, &w, Some(&b), 1, 1).unwrap_err().to_string();
+            assert!(err.contains("bias"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_shifted_layer_adds_its_bias_and_the_shift() {
+        let mut rng = Rng::new(23);
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
+        let layer = ConvLayer::new(ConvKind::Forward, 3, 4, 3, 1, 1, true, vb).unwrap();
+        let bias = rng.normal(&[4], &dev).unwrap();
+        vm.data().lock().unwrap()["bias"].set(&bias).unwrap();
+        let x = rng.normal(&[5, 3, 6, 6], &dev).unwrap();
+        let shift = rng.normal(&[5, 4], &dev).unwrap();
+        let fused = testing::value_and_grads(
+            |t| layer.forward_shifted(&t[0], &t[1]).unwrap(),
+            &[&x, &shift],
+            3,
+        );
+        let apart = testing::value_and_grads(
+            |t| {
+                let s = t[1].reshape((5, 4, 1, 1)).unwrap();
+                layer.forward(&t[0]).unwrap().broadcast_add(&s).unwrap()
+            },
+            &[&x, &shift],
+            3,
+        );
+        testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
+        for (f, a) in fused.1.iter().zip(&apart.1) {
+            testing::assert_close(f, a, 1e-5).unwrap();
+        }
     }
 
     #[test]
@@ -902,12 +1081,14 @@ mod tests {
 
     #[test]
     fn fused_activations_give_the_separate_ops_gradients_of_all_inputs() {
-        // 19 images (several groups), both kinds, both activations: the fused backward pass
-        // (the derivative folded into the join for a convolution) against the separate ops.
+        // 19 images (several groups), both kinds, both activations, and a convolution of
+        // stride 1 (whose input gradient is gathered through the flipped kernel): the fused
+        // backward pass (the derivative folded into the join for a convolution) against the
+        // separate ops.
         let mut rng = Rng::new(22);
         let dev = Device::Cpu;
         let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
-        for transposed in [false, true] {
+        for (transposed, stride) in [(false, 2), (true, 2), (false, 1)] {
             let (w, cout) = if transposed {
                 (rng.normal(&[3, 4, 4, 4], &dev).unwrap(), 4)
             } else {
@@ -915,9 +1096,9 @@ mod tests {
             };
             let b = rng.normal(&[cout], &dev).unwrap();
             let op = if transposed {
-                transposed_op(&x, &w, 2, 1, 0).unwrap()
+                transposed_op(&x, &w, stride, 1, 0).unwrap()
             } else {
-                forward_op(&x, &w, 2, 1).unwrap()
+                forward_op(&x, &w, stride, 1).unwrap()
             };
             for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
                 let fused = testing::value_and_grads(
@@ -993,11 +1174,14 @@ mod tests {
             5,
         );
         let w2 = rng.normal(&[3, 2, 3, 3], &Device::Cpu).unwrap();
-        testing::check_finite_differences(
-            |t| conv2d(&t[0], &t[1], Some(&t[2]), 2, 1).unwrap(),
-            &[&x, &w2, &b],
-            8,
-            5,
-        );
+        let per_image = rng.normal(&[2, 3], &Device::Cpu).unwrap();
+        for b in [&b, &per_image] {
+            testing::check_finite_differences(
+                |t| conv2d(&t[0], &t[1], Some(&t[2]), 2, 1).unwrap(),
+                &[&x, &w2, b],
+                8,
+                5,
+            );
+        }
     }
 }

@@ -18,6 +18,7 @@ mod im2col;
 pub mod portable;
 #[cfg(test)]
 pub(crate) mod testing;
+mod upsample;
 
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
@@ -27,3 +28,4 @@ pub use dense::Dense;
 pub use dropout::masked;
 pub use groupnorm::{group_norm, GroupNorm};
 pub use im2col::Geometry;
+pub use upsample::upsample2x;
