@@ -5,12 +5,12 @@
 //! attention. Its timesteps are diffusers' τ = 0 … T − 1. It knows nothing of backdoors.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::check_channels;
 use crate::models::unet::normed_tokens;
-use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
+use crate::ops::{group_norm, ConvKind, ConvLayer, Dense, GroupNorm};
 use crate::{Error, Result};
 
 /// A `UNet2DModel` config (diffusers' `config.json`), with diffusers' defaults for the fields a
@@ -343,7 +343,7 @@ fn conv(
 struct Resnet {
     norm1: GroupNorm,
     conv1: ConvLayer,
-    time_emb_proj: Linear,
+    time_emb_proj: Dense,
     norm2: GroupNorm,
     conv2: ConvLayer,
     conv_shortcut: Option<ConvLayer>,
@@ -364,7 +364,7 @@ impl Resnet {
         Ok(Resnet {
             norm1: norm(cfg, g, cin, true, vb.pp("norm1"))?,
             conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: linear(cfg.time_dim(), cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: linear(cfg.time_dim(), cout, vb.pp("time_emb_proj"))?.into(),
             norm2: norm(cfg, g, cout, true, vb.pp("norm2"))?,
             conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut: if cin == cout {
@@ -407,10 +407,10 @@ impl Resnet {
 /// dot-product attention, residual connection, output divided by `scale`).
 struct Attention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Dense,
+    to_k: Dense,
+    to_v: Dense,
+    to_out: Dense,
     heads: usize,
     scale: f64,
     res: usize,
@@ -427,10 +427,10 @@ impl Attention {
     ) -> Result<Self> {
         Ok(Attention {
             group_norm: norm(cfg, groups, c, false, vb.pp("group_norm"))?,
-            to_q: linear(c, c, vb.pp("to_q"))?,
-            to_k: linear(c, c, vb.pp("to_k"))?,
-            to_v: linear(c, c, vb.pp("to_v"))?,
-            to_out: linear(c, c, vb.pp("to_out.0"))?,
+            to_q: linear(c, c, vb.pp("to_q"))?.into(),
+            to_k: linear(c, c, vb.pp("to_k"))?.into(),
+            to_v: linear(c, c, vb.pp("to_v"))?.into(),
+            to_out: linear(c, c, vb.pp("to_out.0"))?.into(),
             heads: cfg.heads(c),
             scale,
             res,
@@ -515,8 +515,8 @@ impl Level {
 /// The network.
 pub struct DiffusersUnet {
     cfg: DiffusersConfig,
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Dense,
+    linear_2: Dense,
     conv_in: ConvLayer,
     down: Vec<Level>,
     mid: (Resnet, Option<Attention>, Resnet),
@@ -617,12 +617,13 @@ impl DiffusersUnet {
         let time_in = ch[0];
         Ok(DiffusersUnet {
             cfg: cfg.clone(),
-            linear_1: linear(time_in, cfg.time_dim(), vb.pp("time_embedding.linear_1"))?,
+            linear_1: linear(time_in, cfg.time_dim(), vb.pp("time_embedding.linear_1"))?.into(),
             linear_2: linear(
                 cfg.time_dim(),
                 cfg.time_dim(),
                 vb.pp("time_embedding.linear_2"),
-            )?,
+            )?
+            .into(),
             conv_in: conv(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
             down,
             mid,

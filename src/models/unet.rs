@@ -3,11 +3,11 @@
 //! and optional self-attention at the lowest resolution. It knows nothing of backdoors.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::check_channels;
-use crate::ops::{group_norm, ConvKind, ConvLayer, GroupNorm};
+use crate::ops::{group_norm, ConvKind, ConvLayer, Dense, GroupNorm};
 use crate::{Error, Result};
 
 /// Shape of a U-Net.
@@ -104,7 +104,7 @@ fn conv3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<ConvL
 struct ResBlock {
     norm1: GroupNorm,
     conv1: ConvLayer,
-    time: Linear,
+    time: Dense,
     norm2: GroupNorm,
     conv2: ConvLayer,
     skip: Option<ConvLayer>,
@@ -130,7 +130,7 @@ impl ResBlock {
         Ok(ResBlock {
             norm1: group_norm(g.min(cin), cin, true, vb.pp("norm1"))?,
             conv1: conv3(cin, cout, 1, vb.pp("conv1"))?,
-            time: linear(cfg.time_dim(), cout, vb.pp("time"))?,
+            time: linear(cfg.time_dim(), cout, vb.pp("time"))?.into(),
             norm2: group_norm(g, cout, true, vb.pp("norm2"))?,
             conv2: conv3(cout, cout, 1, vb.pp("conv2"))?,
             skip,
@@ -171,16 +171,16 @@ pub(crate) fn normed_tokens(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
 /// Single-head self-attention over the pixels of a feature map, with a residual connection.
 struct Attention {
     norm: GroupNorm,
-    qkv: Linear,
-    out: Linear,
+    qkv: Dense,
+    out: Dense,
 }
 
 impl Attention {
     fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Attention {
             norm: group_norm(groups, c, false, vb.pp("norm"))?,
-            qkv: linear(c, 3 * c, vb.pp("qkv"))?,
-            out: linear(c, c, vb.pp("out"))?,
+            qkv: linear(c, 3 * c, vb.pp("qkv"))?.into(),
+            out: linear(c, c, vb.pp("out"))?.into(),
         })
     }
 
@@ -204,8 +204,8 @@ impl Attention {
 /// The U-Net.
 pub struct Unet {
     cfg: UnetConfig,
-    time1: Linear,
-    time2: Linear,
+    time1: Dense,
+    time2: Dense,
     conv_in: ConvLayer,
     down: Vec<(ResBlock, Option<ConvLayer>)>,
     mid1: ResBlock,
@@ -252,8 +252,8 @@ impl Unet {
         }
         Ok(Unet {
             cfg: cfg.clone(),
-            time1: linear(cfg.base, cfg.time_dim(), vb.pp("time.0"))?,
-            time2: linear(cfg.time_dim(), cfg.time_dim(), vb.pp("time.1"))?,
+            time1: linear(cfg.base, cfg.time_dim(), vb.pp("time.0"))?.into(),
+            time2: linear(cfg.time_dim(), cfg.time_dim(), vb.pp("time.1"))?.into(),
             conv_in: conv3(cfg.channels, cfg.base, 1, vb.pp("conv_in"))?,
             down,
             mid1: ResBlock::new(last, last, cfg, vb.pp("mid.res1"))?,

@@ -30,6 +30,16 @@ impl From<Linear> for Dense {
 }
 
 impl Dense {
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias `[out]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// The layer applied to `[n, …]` inputs flattened to `[n, in]` (the features of one
     /// sample in memory order), without a separate flattening node in the graph.
     pub fn forward_flat(&self, x: &Tensor) -> Result<Tensor> {
