@@ -382,12 +382,14 @@ impl Resnet {
         // The projected embedding `[n, cout]` is added to every position in conv1's own sweep.
         let t = self.time_emb_proj.forward(temb)?;
         let h = self.conv1.forward_shifted(&self.norm1.forward(x)?, &t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let y = (skip + h)?;
+        // The skip path is added in conv2's own sweep.
+        let y = self
+            .conv2
+            .forward_residual(&self.norm2.forward(&h)?, &skip)?;
         Ok(if self.scale == 1.0 {
             y
         } else {

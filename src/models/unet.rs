@@ -148,12 +148,12 @@ impl ResBlock {
         // The projected embedding `[n, cout]` is added to every position in conv1's own sweep.
         let t = self.time.forward(temb)?;
         let h = self.conv1.forward_shifted(&self.norm1.forward(x)?, &t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let skip = match &self.skip {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        Ok((h + skip)?)
+        // The skip path is added in conv2's own sweep.
+        self.conv2.forward_residual(&self.norm2.forward(&h)?, &skip)
     }
 }
 

@@ -19,8 +19,8 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op,
-    F32Op3,
+    activate, activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32,
+    Activation, F32Op, F32Op3,
 };
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
@@ -55,6 +55,20 @@ pub fn conv2d(
     forward_op(x, weight, stride, pad)?.apply(x, weight, bias, None)
 }
 
+/// `conv2d(x, weight) + bias + residual` in one graph node, `residual` shaped like the
+/// output (a residual block's skip path added in the sweep that writes the output): no
+/// separate addition, and one gradient buffer fewer in the backward pass.
+pub fn conv2d_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    forward_op(x, weight, stride, pad)?.apply_residual(x, weight, bias, residual)
+}
+
 /// The op of [`conv2d`] for these inputs, once they are checked to fit.
 fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Conv> {
     let (_, c, h, w) = x.dims4()?;
@@ -80,6 +94,7 @@ fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
         c2: cout,
         transposed: false,
         per_image_bias: false,
+        residual: false,
     })
 }
 
@@ -129,6 +144,7 @@ fn transposed_op(
         c2: cin,
         transposed: true,
         per_image_bias: false,
+        residual: false,
     })
 }
 
@@ -176,6 +192,9 @@ struct Conv {
     /// The bias is `[n, cout]`, one per image and output channel (a time embedding added
     /// to every position), instead of `[cout]`.
     per_image_bias: bool,
+    /// (Not transposed.) The op's second input is the weight followed by the `[cout]` bias,
+    /// and its third a residual shaped like the output, added to it.
+    residual: bool,
 }
 
 impl Conv {
@@ -215,6 +234,43 @@ impl Conv {
             bias,
             F32Op::with_activation(self, act),
         )?)
+    }
+
+    /// `op(x, weight) + bias + residual` (not transposed), `residual` shaped like the
+    /// output. candle's custom ops take three inputs, so the weight and the bias travel
+    /// packed in one (a small concatenation node) and the residual takes the bias's place.
+    fn apply_residual(
+        mut self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self.out_shape(x.dim(0)?);
+        if self.transposed || residual.shape() != &out {
+            return Err(Error::Mismatch(format!(
+                "convolution residual {:?} does not fit the output {out:?}",
+                residual.dims()
+            )));
+        }
+        if portable::applies(x) {
+            return Ok((self.apply(x, weight, bias, None)? + residual)?);
+        }
+        let bias = match bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(self.c2, x.dtype(), x.device())?,
+        };
+        if bias.dims() != [self.c2] {
+            return Err(Error::Mismatch(format!(
+                "convolution bias {:?} with a residual must be [{}]",
+                bias.dims(),
+                self.c2
+            )));
+        }
+        let packed = Tensor::cat(&[&weight.flatten_all()?, &bias], 0)?;
+        self.residual = true;
+        Ok(x.contiguous()?
+            .apply_op3(&packed, &residual.contiguous()?, F32Op::new(self))?)
     }
 
     /// [`Conv::apply`] by candle's own convolutions.
@@ -403,11 +459,11 @@ impl Conv {
     }
 
     /// The forward map of `g` images, with one gemm per channel block for all of them, plus
-    /// the bias `b` (`[cout]`, or the group's `[g, cout]`) and then the activation, if any, in
-    /// the sweep that writes the output.
+    /// the bias `b` (`[cout]`, or the group's `[g, cout]`) and the group's residual `res`
+    /// (not transposed), then the activation, if any, in the sweep that writes the output.
     fn forward_group(
         &self,
-        (w, b): (&[f32], &[f32]),
+        (w, b, res): (&[f32], &[f32], Option<&[f32]>),
         x: &[f32],
         g: usize,
         y: &mut [f32],
@@ -434,11 +490,17 @@ impl Conv {
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.gather_block(w, &block, rows, m)
                 });
+                let p = self.g.positions();
                 self.split_with(m, g, y, |r, dst, src| {
                     let (bias, pairs) = (b[r % b.len()], dst.iter_mut().zip(src));
-                    match act {
-                        Some(act) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
-                        None => pairs.for_each(|(d, &v)| *d = v + bias),
+                    match (act, res) {
+                        (Some(act), None) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
+                        (None, None) => pairs.for_each(|(d, &v)| *d = v + bias),
+                        (act, Some(res)) => {
+                            let res = &res[r * p..(r + 1) * p];
+                            pairs.zip(res).for_each(|((d, &v), &e)| *d = v + bias + e);
+                            activate(act, dst);
+                        }
                     }
                 });
             }
@@ -542,6 +604,7 @@ impl Conv {
             c2: self.g.c,
             transposed: false,
             per_image_bias: false,
+            residual: false,
         })
     }
 
@@ -603,7 +666,7 @@ impl Conv {
                             }
                             None => dys,
                         };
-                        op.forward_group((flipped, zeros), dz, g, dxs, None);
+                        op.forward_group((flipped, zeros, None), dz, g, dxs, None);
                         None
                     }
                     (_, dxs) => dxs,
@@ -651,9 +714,21 @@ impl F32Op3 for Conv {
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (in_len, out_len) = self.sizes();
         let n = l1.dims()[0];
+        let weights = self.c2 * self.g.patch();
+        // With a residual: the packed weight and bias, and the residual in the bias's place.
+        let (w, b, res) = if self.residual {
+            (
+                &w[..weights.min(w.len())],
+                &w[weights.min(w.len())..],
+                Some(b),
+            )
+        } else {
+            (w, b, None)
+        };
         if x.len() != n * in_len
-            || w.len() != self.c2 * self.g.patch()
+            || w.len() != weights
             || b.len() != self.bias_len(n)
+            || res.is_some_and(|r| r.len() != n * out_len)
         {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
@@ -661,7 +736,8 @@ impl F32Op3 for Conv {
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
             let b = self.group_bias(b, (i, group, g));
-            self.forward_group((w, b), &x[i * group * in_len..], g, ys, act);
+            let res = res.map(|r| &r[i * group * out_len..][..g * out_len]);
+            self.forward_group((w, b, res), &x[i * group * in_len..], g, ys, act);
         });
         Ok((y, self.out_shape(n)))
     }
@@ -689,8 +765,11 @@ impl F32Op3 for Conv {
         // An input that no variable depends on (a data batch, a detached sample) needs no
         // gradient.
         let batch = (x.dim(0)?, x.track_op());
+        let weights = self.c2 * self.g.patch();
         let (dx, dw, db) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
+                // A residual op's second input is the weight followed by the bias.
+                let w = &w[..weights];
                 with_f32(&dy, NAME, |dy| match act {
                     Some((act, out)) => with_f32(out, NAME, |out| {
                         self.gradients((x, w, dy), Some((act, out)), batch)
@@ -703,6 +782,12 @@ impl F32Op3 for Conv {
         let dx = dx
             .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
             .transpose()?;
+        if self.residual {
+            // The packed weight and bias get their gradients packed alike; the residual gets
+            // the output gradient itself (no activation is fused with a residual).
+            let packed = Tensor::from_vec([dw, db].concat(), weight.shape(), dev)?;
+            return Ok((dx, Some(packed), Some(dy)));
+        }
         Ok((
             dx,
             Some(Tensor::from_vec(dw, weight.shape(), dev)?),
@@ -833,6 +918,18 @@ impl ConvLayer {
             None => shift.clone(),
         };
         self.apply_biased(x, Some(&bias), None)
+    }
+
+    /// The layer plus `residual` (shaped like its output: a residual block's skip path), in
+    /// the same graph node for a convolution (a transposed one adds it after).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (w, s, p) = (&self.weight, self.stride, self.pad);
+        match self.kind {
+            ConvKind::Forward => {
+                forward_op(x, w, s, p)?.apply_residual(x, w, self.bias.as_ref(), residual)
+            }
+            ConvKind::Transposed { .. } => Ok((self.apply(x, None)? + residual)?),
+        }
     }
 
     fn apply(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
@@ -990,6 +1087,59 @@ mod tests {
             let err = conv2d(&x, &w, Some(&b), 1, 1).unwrap_err().to_string();
             assert!(err.contains("bias"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_residual_added_in_the_convolutions_sweep_matches_a_separate_addition() {
+        // 19 images (groups of 10 and 9), stride 1 (gathered input gradient) and 2: the
+        // output and the gradients of input, kernel, bias and residual.
+        let mut rng = Rng::new(29);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[19, 3, 7, 7], &dev).unwrap();
+        let w = rng.normal(&[4, 3, 3, 3], &dev).unwrap();
+        let b = rng.normal(&[4], &dev).unwrap();
+        for (stride, side) in [(1, 7), (2, 4)] {
+            let r = rng.normal(&[19, 4, side, side], &dev).unwrap();
+            let inputs = [&x, &w, &b, &r];
+            let fused = testing::value_and_grads(
+                |t| conv2d_residual(&t[0], &t[1], Some(&t[2]), &t[3], stride, 1).unwrap(),
+                &inputs,
+                stride as u64,
+            );
+            let apart = testing::value_and_grads(
+                |t| (conv2d(&t[0], &t[1], Some(&t[2]), stride, 1).unwrap() + &t[3]).unwrap(),
+                &inputs,
+                stride as u64,
+            );
+            // The same sums in the same order: the same bits.
+            assert_eq!(testing::max_abs_diff(&fused.0, &apart.0), 0.0);
+            for (f, a) in fused.1.iter().zip(&apart.1) {
+                testing::assert_close(f, a, 1e-6).unwrap();
+            }
+            // The portable path computes the same.
+            let portable = crate::ops::portable::forced(|| {
+                conv2d_residual(&x, &w, Some(&b), &r, stride, 1).unwrap()
+            });
+            testing::assert_close(&portable, &fused.0, 1e-4).unwrap();
+        }
+        // Finite differences, and a layer without a bias.
+        let (x, r) = (
+            x.narrow(0, 0, 2).unwrap(),
+            rng.normal(&[2, 4, 7, 7], &dev).unwrap(),
+        );
+        testing::check_finite_differences(
+            |t| conv2d_residual(&t[0], &t[1], Some(&t[2]), &t[3], 1, 1).unwrap(),
+            &[&x, &w, &b, &r],
+            9,
+            7,
+        );
+        let unbiased = conv2d_residual(&x, &w, None, &r, 1, 1).unwrap();
+        let want = (conv2d(&x, &w, None, 1, 1).unwrap() + &r).unwrap();
+        testing::assert_close(&unbiased, &want, 1e-6).unwrap();
+        // A residual of another shape is an error.
+        let wrong = rng.normal(&[2, 4, 6, 7], &dev).unwrap();
+        let err = conv2d_residual(&x, &w, Some(&b), &wrong, 1, 1).unwrap_err();
+        assert!(err.to_string().contains("residual"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod upsample;
 
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
-pub use conv::{conv2d, conv_transpose2d, ConvKind, ConvLayer};
+pub use conv::{conv2d, conv2d_residual, conv_transpose2d, ConvKind, ConvLayer};
 pub use cpu::Activation;
 pub use dense::Dense;
 pub use dropout::masked;
