@@ -19,8 +19,8 @@ use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    activate, activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32,
-    Activation, F32Op, F32Op3,
+    activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op,
+    F32Op3,
 };
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
@@ -496,10 +496,12 @@ impl Conv {
                     match (act, res) {
                         (Some(act), None) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
                         (None, None) => pairs.for_each(|(d, &v)| *d = v + bias),
-                        (act, Some(res)) => {
+                        // No activation is fused with a residual (`Conv::apply_residual`),
+                        // which is what the backward pass's residual gradient assumes.
+                        (_, Some(res)) => {
+                            debug_assert!(act.is_none(), "an activation after a residual");
                             let res = &res[r * p..(r + 1) * p];
                             pairs.zip(res).for_each(|((d, &v), &e)| *d = v + bias + e);
-                            activate(act, dst);
                         }
                     }
                 });
