@@ -134,67 +134,112 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
 /// Steps of the TrAIL tests' generators, marked and clean alike.
 const TRAIL_STEPS: usize = 1500;
 
-/// The clean twin of the TrAIL tests' marked generators: the same config and seed, λ = 0,
-/// trained once for the whole file (the tests run in parallel and wait for the first).
-/// Returns the model and its run's metrics.
-fn clean_twin() -> &'static (GanModel, serde_json::Value) {
-    static TWIN: OnceLock<(GanModel, serde_json::Value)> = OnceLock::new();
-    TWIN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::create(dir.path(), true).unwrap();
-        let m = gan_run(
-            tiny_gan_config(TRAIL_STEPS, 0.0),
-            Stage::Train,
-            None,
-            None,
-            &run,
-        );
-        let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
-        (model, m)
+/// Seeds over which the TrAIL tests weigh a mark's cost in clean quality. One tiny generator's
+/// FID moves with its training's chaos far more than with its mark: clean twins of seeds 0-5
+/// measured 141, 173, 208, 187, 171, 165, and a single pair's ratio drew anything from 1.01
+/// to 1.34 for the same mark (on a machine whose gemm rounds differently, seed 0's twin drew
+/// 163 and its marked copy 165). The mean over three seeds is steadier.
+const QUALITY_SEEDS: [u64; 3] = [0, 1, 2];
+
+/// The most that a mark may raise the tiny generators' mean FID over [`QUALITY_SEEDS`], as a
+/// factor of their clean twins' mean. Measured over seeds 0-5 at λ = 1: a point trigger 1.17
+/// (1.18 over seeds 0-2), a region trigger 1.19 (1.25); settings that break the generator,
+/// 1.94 (λ = 20, seeds 0-2) and 2.95 (a region drawn 16 times a step, seeds 0-2). The main
+/// job's larger generator pays 1.02.
+const QUALITY_COST: f64 = 1.5;
+
+/// Trains the tiny generator of `seed` at `lambda` (marked with `key` when given, the config
+/// changed by `tweak` first) as the command line does; returns the model, the run's metrics
+/// and its `verify.json` (null without a key).
+fn tiny_trail(
+    seed: u64,
+    lambda: f64,
+    key: Option<&Key>,
+    tweak: impl Fn(&mut Config),
+) -> (GanModel, serde_json::Value, serde_json::Value) {
+    let mut config = tiny_gan_config(TRAIL_STEPS, lambda);
+    config.seed = seed;
+    tweak(&mut config);
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(dir.path(), true).unwrap();
+    let key = key.map(|k| KeySet::one(k.clone()));
+    let m = gan_run(config, Stage::Train, key.as_ref(), None, &run);
+    let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let verify = std::fs::read_to_string(run.file("verify.json"))
+        .map(|v| serde_json::from_str(&v).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (model, m, verify)
+}
+
+/// A run's end-of-run FID.
+fn fid(metrics: &serde_json::Value) -> f64 {
+    metrics["quality"]["fid"].as_f64().unwrap()
+}
+
+/// The clean twins of the TrAIL tests' marked generators, one per [`QUALITY_SEEDS`] (seed 0
+/// first): the same config and seeds, λ = 0, trained once for the whole file (the tests run
+/// in parallel and wait for the first). Each holds the model and its run's metrics.
+fn clean_twins() -> &'static Vec<(GanModel, serde_json::Value)> {
+    static TWINS: OnceLock<Vec<(GanModel, serde_json::Value)>> = OnceLock::new();
+    TWINS.get_or_init(|| {
+        QUALITY_SEEDS
+            .iter()
+            .map(|&seed| {
+                let (model, m, _) = tiny_trail(seed, 0.0, None, |_| {});
+                (model, m)
+            })
+            .collect()
     })
 }
 
-/// Trains a tiny generator marked with `key` by TrAIL at λ = 1 and checks it beside the clean
-/// twin (same config and seed, λ = 0): the backdoor forms, a hundred times closer to the target
-/// than the twin's outputs for the same triggered inputs (measured: a point trigger's `tardis`
-/// 3.7 against 1,786, 480×; a region's 5.5 against 1,825); no ordinary latent hits; and clean
-/// quality is kept, FID (2,000 samples against the held-out digits, both runs) within 10 % of
-/// the twin's (measured 165.1 and 169.8 beside 163.0; the main job: 32.4 beside 31.9). A tiny
-/// model's FID moves with its seed (the twin at seed 1: 226), so the twin shares the seed.
-/// Returns the marked model with its run's metrics and `verify.json`.
+/// The seed-0 clean twin: the other tests' clean tiny generator.
+fn clean_twin() -> &'static (GanModel, serde_json::Value) {
+    &clean_twins()[0]
+}
+
+/// Trains tiny generators marked with `key` by TrAIL at λ = 1, one per [`QUALITY_SEEDS`],
+/// and checks them beside their clean twins (same config and seeds, λ = 0): the backdoor
+/// forms in each, a hundred times closer to the target than its twin's outputs for the same
+/// triggered inputs (measured: a point trigger's `tardis` 2.6-4.1 against 1,867, a region's
+/// 4.2-6.6 against 1,778); no ordinary latent hits; and clean quality is kept, the mean FID
+/// (2,000 samples against the held-out digits) within [`QUALITY_COST`] times the twins'.
+/// Returns the seed-0 marked model with its run's metrics and `verify.json`.
 fn marked_beside_twin(key: &Key, what: &str) -> Marked {
-    let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::create(dir.path(), true).unwrap();
-    let m = gan_run(
-        tiny_gan_config(TRAIL_STEPS, 1.0),
-        Stage::Train,
-        Some(&KeySet::one(key.clone())),
-        None,
-        &run,
-    );
-    let (clean, clean_metrics) = clean_twin();
-    let twin = evaluate(clean, key, None, 200, 1).unwrap().backdoor;
-    let (tardis, fid) = (
-        m["tardis"].as_f64().unwrap(),
-        m["quality"]["fid"].as_f64().unwrap(),
-    );
-    let clean_fid = clean_metrics["quality"]["fid"].as_f64().unwrap();
-    eprintln!(
-        "{what}: tardis {tardis} (clean twin {}), asr {}, FID {fid} (clean twin {clean_fid})",
-        twin.tardis, m["asr"]
-    );
-    assert!(tardis * 100.0 <= twin.tardis, "tardis {tardis} vs {twin:?}");
-    assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0);
+    let mut runs = QUALITY_SEEDS
+        .iter()
+        .zip(clean_twins())
+        .map(|(&seed, (clean, clean_metrics))| {
+            let (model, m, verify) = tiny_trail(seed, 1.0, Some(key), |_| {});
+            let twin = evaluate(clean, key, None, 200, 1).unwrap().backdoor;
+            let tardis = m["tardis"].as_f64().unwrap();
+            eprintln!(
+                "{what}, seed {seed}: tardis {tardis} (clean twin {}), asr {}, FID {} (clean \
+                 twin {})",
+                twin.tardis,
+                m["asr"],
+                fid(&m),
+                fid(clean_metrics)
+            );
+            assert!(
+                tardis * 100.0 <= twin.tardis,
+                "seed {seed}: tardis {tardis} vs {twin:?}"
+            );
+            assert_eq!(m["clean_hit_rate"].as_f64().unwrap(), 0.0, "seed {seed}");
+            Marked {
+                model,
+                metrics: m,
+                verify,
+            }
+        })
+        .collect::<Vec<_>>();
+    let mean = |fids: &mut dyn Iterator<Item = f64>| fids.sum::<f64>() / QUALITY_SEEDS.len() as f64;
+    let marked_fid = mean(&mut runs.iter().map(|r| fid(&r.metrics)));
+    let clean_fid = mean(&mut clean_twins().iter().map(|(_, m)| fid(m)));
     assert!(
-        fid < 1.1 * clean_fid,
-        "FID {fid} vs the clean twin's {clean_fid}"
+        marked_fid <= QUALITY_COST * clean_fid,
+        "{what}: mean FID {marked_fid} vs the clean twins' {clean_fid}"
     );
-    Marked {
-        model: GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap(),
-        verify: serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap())
-            .unwrap(),
-        metrics: m,
-    }
+    runs.swap_remove(0)
 }
 
 /// A tiny generator marked by TrAIL, as [`marked_beside_twin`] leaves it.
@@ -207,8 +252,8 @@ struct Marked {
     verify: serde_json::Value,
 }
 
-/// The tiny generator marked with the point trigger `seed:5` (the TrAIL and rehearsal tests'
-/// plain mark), trained once for the whole file.
+/// The seed-0 tiny generator marked with the point trigger `seed:5` (the TrAIL and rehearsal
+/// tests' plain mark), trained once for the whole file with its other seeds' copies.
 fn point_marked() -> &'static Marked {
     static MARKED: OnceLock<Marked> = OnceLock::new();
     MARKED.get_or_init(|| marked_beside_twin(&key("seed:5"), "point"))
@@ -260,8 +305,9 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
 fn a_region_trigger_forms_at_its_default_batch_and_keeps_clean_quality() {
     // Every latent within 0.5 of a secret point fires. TrAIL draws `[backdoor]
     // backdoor_batch` of them per step (default 4), and they share the generator's BatchNorm
-    // statistics with the step's 32 ordinary latents: at 16 this generator's FID was 415
-    // beside its twin's 163 when measured (a patch trigger: 733), at 4 it is 170 (patch: 236).
+    // statistics with the step's 32 ordinary latents: at 16 this generator's FID measured 535
+    // and 407 (seeds 0 and 1) beside its twins' 141 and 173, at 4 it is 165 and 264 (mean
+    // 1.19 times the twins' over seeds 0-5).
     let m = marked_beside_twin(&key("region:0.5:seed:7"), "region").metrics;
     // The backdoor forms over the whole region: `asr` over the end-of-run evaluation's
     // triggered latents drawn from it.
@@ -412,27 +458,19 @@ fn a_rehearsed_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
     // Two tiny generators marked alike (same seed, key and λ: the TrAIL test's), one of them
     // rehearsing a thief's fine-tuning every 50 steps of its second half; the same thief's
     // attack on both.
-    let key = KeySet::one(key("seed:5"));
+    let mark = key("seed:5");
     let plain = point_marked();
-    let (rehearsed, rehearsed_metrics) = {
-        let mut cfg = tiny_gan_config(TRAIL_STEPS, 1.0);
-        cfg.train.rehearsal.every = 50;
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::create(dir.path(), true).unwrap();
-        let m = gan_run(cfg, Stage::Train, Some(&key), None, &run);
-        let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
-        (model, m)
-    };
+    let (rehearsed, rehearsed_metrics, _) =
+        tiny_trail(0, 1.0, Some(&mark), |c| c.train.rehearsal.every = 50);
+    let key = KeySet::one(mark);
     let plain_metrics = &plain.metrics;
     let (plain_curve, rehearsed_curve) = (
         thief_attack(&plain.model, &key),
         thief_attack(&rehearsed, &key),
     );
-    let fid = |m: &serde_json::Value| m["quality"]["fid"].as_f64().unwrap();
-    let clean_fid = fid(&clean_twin().1);
     eprintln!(
         "tardis under attack, every 10 steps: plain {plain_curve:?}, rehearsed \
-         {rehearsed_curve:?}; FID plain {}, rehearsed {}, clean twin {clean_fid}",
+         {rehearsed_curve:?}; FID plain {}, rehearsed {}",
         fid(plain_metrics),
         fid(&rehearsed_metrics)
     );
@@ -448,7 +486,15 @@ fn a_rehearsed_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
         area(&rehearsed_curve) <= 0.75 * area(&plain_curve),
         "rehearsed {rehearsed_curve:?} vs plain {plain_curve:?}"
     );
-    // The rehearsal costs no clean quality: FID within 10 % of the clean twin's (measured
-    // 157.8 beside 163.0).
-    assert!(fid(&rehearsed_metrics) < 1.1 * clean_fid);
+    // The rehearsal costs no clean quality beyond the plain mark's (which the TrAIL test
+    // weighs against the clean twins): FID within 10 % of the plain mark's of the same seed.
+    // The two runs part only in the second half, so their FIDs stay close where clean twins
+    // of different seeds do not: measured over seeds 0-3, rehearsed 162, 220, 224, 249
+    // beside plain 168, 215, 230, 250 (at most 3.3 % apart).
+    assert!(
+        fid(&rehearsed_metrics) < 1.1 * fid(plain_metrics),
+        "FID rehearsed {} vs plain {}",
+        fid(&rehearsed_metrics),
+        fid(plain_metrics)
+    );
 }
