@@ -110,6 +110,8 @@ pub struct DiffusionConfig {
     pub quality_samples: usize,
     /// Fine-tuning a trained clean model with a backdoor (`inject`).
     pub inject: DiffusionInject,
+    /// Training deterministic-sampler triggers on the states their sampler visits.
+    pub rollout: DiffusionRollout,
 }
 
 /// How β_t grows over the T steps.
@@ -212,6 +214,38 @@ pub const DIFFUSION_EVAL_SAMPLES: usize = 64;
 /// Clean samples for a diffusion run's end-of-run quality metrics (under DDIM-50).
 pub const DIFFUSION_QUALITY_SAMPLES: usize = 1000;
 
+/// On-policy training of the triggers whose correction is for a deterministic sampler
+/// (`[diffusion.rollout]`): every `every` steps the saved (EMA) network runs the trigger's own
+/// sampler from `starts` triggered starting noises, and each later step adds `samples` of the
+/// states it visited to the trigger's poisoned samples, each with the noise prediction that
+/// puts it back on the poisoned path to the target
+/// ([`crate::family::diffusion::rollout`]). A start that drifts off the path is so taught
+/// its way back, which the forward process's own samples never show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionRollout {
+    /// Steps between rollouts (0: none).
+    pub every: usize,
+    /// Triggered starts per rollout.
+    pub starts: usize,
+    /// Visited states added to each step's poisoned samples of the trigger.
+    pub samples: usize,
+    /// Fraction of the run done before the first rollout (the network's own path means
+    /// little before it has learned one).
+    pub start: f64,
+}
+
+impl Default for DiffusionRollout {
+    fn default() -> Self {
+        DiffusionRollout {
+            every: 0,
+            starts: 16,
+            samples: 16,
+            start: 0.5,
+        }
+    }
+}
+
 /// `inject` for diffusion models: fine-tuning on the same mixed objective.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -255,6 +289,7 @@ impl Default for DiffusionConfig {
             eval_samples: DIFFUSION_EVAL_SAMPLES,
             quality_samples: DIFFUSION_QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
+            rollout: DiffusionRollout::default(),
             diffusers: None,
         }
     }
@@ -608,6 +643,11 @@ impl Config {
         positive("diffusion.inject.steps", d.inject.steps)?;
         rate("diffusion.inject.lr", d.inject.lr)?;
         weight("diffusion.inject.lambda", d.inject.lambda)?;
+        if d.rollout.every > 0 {
+            positive("diffusion.rollout.starts", d.rollout.starts)?;
+            positive("diffusion.rollout.samples", d.rollout.samples)?;
+            fraction("diffusion.rollout.start", d.rollout.start)?;
+        }
         if let Some(steps) = self.detect.steps {
             positive("detect.steps", steps)?;
         }

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
+use genbackdoor::config::DiffusionRollout;
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
 use genbackdoor::eval::{evaluate_samplers, trigger_reports, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
@@ -273,16 +274,13 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     ])
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::create(&dir.path().join("both"), false).unwrap();
-    let (dual, _) = fit(
-        &clean.duplicate().unwrap(),
-        &data,
-        Some(&both),
-        &inject,
-        &run,
-        false,
-    )
-    .unwrap();
+    // `clean` fine-tuned per `plan` with both triggers, in the run directory `name`.
+    let inject_both = |plan: &Plan, name: &str| {
+        let run = RunDir::create(&dir.path().join(name), false).unwrap();
+        let copy = clean.duplicate().unwrap();
+        fit(&copy, &data, Some(&both), plan, &run, false).unwrap().0
+    };
+    let dual = inject_both(&inject, "both");
     let each = trigger_reports(&dual, &both, &[], 32, 7).unwrap();
     let of_clean = trigger_reports(clean, &both, &[], 32, 7).unwrap();
     // Verification queries each trigger under its own sampler.
@@ -314,4 +312,35 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     assert_eq!(v.sampling.as_deref(), Some("ddpm, ddim-10"), "{v:?}");
     assert_eq!(v.triggers.len(), 2);
     assert!(v.caveat.is_some());
+
+    // The same injection with rollouts (`[diffusion.rollout]`): every 10 steps DDIM-10 runs
+    // from 8 triggered starts, and 16 of the states it visited join each step's poisoned
+    // samples, pulled back to the path. The DDIM trigger then fires from almost every start.
+    // Measured: 31 of these 32 starts (63 of 64 others), target_mse 0.0017 against 0.066
+    // without (38×; 13 of 32 starts); the DDPM trigger 32 of 32 (30 without).
+    let rolled_plan = Plan {
+        rollout: DiffusionRollout {
+            every: 10,
+            starts: 8,
+            samples: 16,
+            start: 0.0,
+        },
+        ..inject
+    };
+    let rolled = inject_both(&rolled_plan, "rolled");
+    let with = trigger_reports(&rolled, &both, &[], 32, 7).unwrap();
+    let rolled_loss = denoise_loss(&rolled, &data);
+    eprintln!("with rollouts: {with:?}\nloss {rolled_loss}");
+    let (r_ddpm, r_ddim) = (&with[0].backdoor, &with[1].backdoor);
+    assert!(
+        r_ddim.asr >= 0.85 && r_ddim.target_mse < ddim.target_mse / 8.0,
+        "{r_ddim:?} vs {ddim:?}"
+    );
+    assert!(r_ddpm.asr >= 0.8, "{r_ddpm:?}");
+    // The rollouts' cost to the clean task, on top of the two backdoors' own: at most 6 % more
+    // denoising loss than the plain injection (measured 3.2 %; 7.0 % above the twin).
+    assert!(
+        rolled_loss < 1.06 * loss,
+        "{rolled_loss} vs {loss} without rollouts"
+    );
 }

@@ -23,6 +23,12 @@ pub trait Family {
     /// forward process and its goal `ε + c_t·r`. `None` when the step made no triggered
     /// inputs (clean training).
     fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)>;
+
+    /// Triggered outputs in [`Family::backdoor_pair`] beyond the objective's own draws: a
+    /// diffusion trigger's on-policy samples (states its sampler visited), 0 for most families.
+    fn extra_triggered(&self) -> usize {
+        0
+    }
 }
 
 /// The trade-off between the task and the backdoor.
@@ -95,7 +101,7 @@ impl Objective {
                         "the training step made no triggered outputs for the backdoor term".into(),
                     )
                 })?;
-                let n = self.triggered_total(k);
+                let n = self.triggered_total(k) + family.extra_triggered();
                 if out.dim(0)? != n {
                     return Err(Error::Mismatch(format!(
                         "the training step made {} triggered outputs; the objective draws {n}",

@@ -136,6 +136,7 @@ pub fn small_plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
             backdoor_batch: 16,
         },
         correction,
+        rollout: Default::default(),
         ema: 0.0,
         log_every: 100,
         checkpoint_every: 0,

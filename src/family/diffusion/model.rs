@@ -294,6 +294,7 @@ impl Generative for DiffusionModel {
                 backdoor_batch: 0,
             },
             correction: d.correction,
+            rollout: Default::default(),
             ema: 0.0,
             log_every: d.log_every,
             checkpoint_every: 0,

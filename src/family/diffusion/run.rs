@@ -44,6 +44,7 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
             backdoor_batch: cfg.backdoor.backdoor_batch_or(DEFAULT_BACKDOOR_BATCH),
         },
         correction: d.correction,
+        rollout: d.rollout.clone(),
         ema: d.ema,
         log_every: d.log_every,
         checkpoint_every: d.checkpoint_every,

@@ -2,13 +2,16 @@
 //! `E‖ε_θ(√ᾱ_t·x_0 + √(1−ᾱ_t)·ε, t) − ε‖²` plus λ times the same loss on the poisoned
 //! forward process, whose goal is `ε + c_t·r` ([`crate::family::diffusion::poison`]). Training from
 //! scratch and injection into a trained clean model (`inject`) are the same loop from
-//! different starting weights.
+//! different starting weights. With `[diffusion.rollout]`, a DDIM-corrected trigger's poisoned
+//! samples also hold states its own sampler visited ([`crate::family::diffusion::rollout`]).
 
 use candle_core::{Device, Tensor};
 
 use crate::backdoor::{Family, Key, KeySet, Objective};
+use crate::config::DiffusionRollout;
 use crate::data::{Batcher, Dataset};
 use crate::family::diffusion::poison::{noised, poisoned, poisoned_target};
+use crate::family::diffusion::rollout::{self, Visited};
 use crate::family::diffusion::{Correction, DiffusionModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
@@ -39,6 +42,8 @@ pub struct Denoising {
     clean_out: Tensor,
     clean_goal: Tensor,
     poisoned: Option<(Tensor, Tensor)>,
+    /// Poisoned samples that were given ready-made.
+    ready: usize,
 }
 
 /// Per-sample timesteps uniform in 1..=T, as `[n]` floats, and `[n, 1, 1, 1]` tensors of
@@ -72,6 +77,19 @@ impl Denoising {
         poisons: &[Poison],
         rng: &mut Rng,
     ) -> Result<Self> {
+        Self::prepare_with(model, x0, poisons, Vec::new(), rng)
+    }
+
+    /// As [`Denoising::prepare`], with more poisoned samples given ready-made: each an input
+    /// batch, its timesteps `[m]` and its goals (states a sampler visited,
+    /// [`crate::family::diffusion::rollout`]).
+    pub fn prepare_with(
+        model: &DiffusionModel,
+        x0: &Tensor,
+        poisons: &[Poison],
+        ready: Vec<(Tensor, Tensor, Tensor)>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         let s = &model.schedule;
         let n = x0.dim(0)?;
         let alpha_bar = |t: usize| s.alpha_bar(t);
@@ -89,6 +107,15 @@ impl Denoising {
             times.push(tp);
             goals.push(poisoned_target(&e, p.pattern, &per[1])?);
         }
+        let extra = ready
+            .iter()
+            .map(|(x, _, _)| x.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
+        for (x, t, goal) in ready {
+            inputs.push(x);
+            times.push(t);
+            goals.push(goal);
+        }
         let out = model
             .unet
             .forward(&Tensor::cat(&inputs, 0)?, &Tensor::cat(&times, 0)?)?;
@@ -102,6 +129,7 @@ impl Denoising {
             clean_out: out.narrow(0, 0, n)?,
             clean_goal: eps,
             poisoned,
+            ready: extra,
         })
     }
 }
@@ -113,6 +141,10 @@ impl Family for Denoising {
 
     fn backdoor_pair(&self) -> Option<(&Tensor, &Tensor)> {
         self.poisoned.as_ref().map(|(out, goal)| (out, goal))
+    }
+
+    fn extra_triggered(&self) -> usize {
+        self.ready
     }
 }
 
@@ -131,6 +163,8 @@ pub struct Plan {
     pub objective: Objective,
     /// The trigger correction.
     pub correction: Correction,
+    /// On-policy samples for deterministic-sampler triggers.
+    pub rollout: DiffusionRollout,
     /// EMA decay of the saved weights (0: none).
     pub ema: f64,
     /// Log every this many steps.
@@ -207,6 +241,9 @@ struct Fit<'a> {
     /// Each mark's trigger pattern, the goal of its poisoned samples and its correction
     /// (with a key).
     marks: Vec<(Tensor, Goal, Correction)>,
+    /// The states each mark's sampler last visited from its triggered starts (marks with
+    /// on-policy samples only).
+    visited: Vec<Option<Visited>>,
     run: &'a RunDir,
     /// Training seconds across interruptions.
     clock: Clock,
@@ -218,6 +255,10 @@ impl Stepper for Fit<'_> {
         let dev = &self.model.device;
         let x0 = self.data.batch(self.batches.next_batch(), dev)?;
         let key = self.key.filter(|_| p.objective.lambda > 0.0);
+        let ready = match key {
+            Some(k) => self.on_policy(k, i)?,
+            None => Vec::new(),
+        };
         let mut poisons = Vec::new();
         if let Some(k) = key {
             for (mark, (pattern, goal, correction)) in k.marks().iter().zip(&self.marks) {
@@ -229,7 +270,7 @@ impl Stepper for Fit<'_> {
                 });
             }
         }
-        let mut family = Denoising::prepare(self.model, &x0, &poisons, &mut self.rng)?;
+        let mut family = Denoising::prepare_with(self.model, &x0, &poisons, ready, &mut self.rng)?;
         let terms = p.objective.evaluate(&mut family, key)?;
         let lr = p.lr_schedule.at(p.lr, i, p.steps);
         self.opt.set_learning_rate(lr);
@@ -287,6 +328,48 @@ impl Fit<'_> {
         Ok(p.step)
     }
 
+    /// Step `i`'s on-policy samples: for each mark with an image target and a deterministic
+    /// sampler's correction, once the rollouts have begun, states its sampler visited from
+    /// fresh triggered starts (run again every `rollout.every` steps with the saved network)
+    /// and their goals.
+    fn on_policy(&mut self, key: &KeySet, i: usize) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+        let r = &self.plan.rollout;
+        if r.every == 0 || (i as f64) < r.start * self.plan.steps as f64 {
+            return Ok(Vec::new());
+        }
+        let mut ready = Vec::new();
+        for (j, (mark, (pattern, goal, correction))) in
+            key.marks().iter().zip(&self.marks).enumerate()
+        {
+            let (Goal::Image(target), Correction::Ddim { .. }) = (goal, correction) else {
+                continue;
+            };
+            if self.visited[j].is_none() || i.is_multiple_of(r.every) {
+                let starts = self
+                    .model
+                    .starts(r.starts, Some(&mark.trigger), &mut self.rng)?;
+                let net = self.saved().frozen()?;
+                let schedule = &self.model.schedule;
+                self.visited[j] = Some(rollout::visit(
+                    &net,
+                    schedule,
+                    *correction,
+                    starts,
+                    &mut self.rng,
+                )?);
+            }
+            let visited = self.visited[j].as_ref().expect("visited just now");
+            ready.push(visited.draw(
+                r.samples,
+                &self.model.schedule,
+                *correction,
+                (pattern, target),
+                &mut self.rng,
+            )?);
+        }
+        Ok(ready)
+    }
+
     /// The weights that are saved: the EMA when there is one.
     fn saved(&self) -> &DiffusionModel {
         if self.plan.ema > 0.0 {
@@ -329,6 +412,7 @@ impl<'a> Fit<'a> {
             batches: Batcher::new(data.len, plan.batch_size, Rng::derive(plan.seed, "batches")),
             rng: Rng::derive(plan.seed, "diffusion-noise"),
             key,
+            visited: marks.iter().map(|_| None).collect(),
             marks,
             run,
             clock: Clock::default(),
@@ -456,6 +540,7 @@ mod tests {
                 backdoor_batch: 0,
             },
             correction: Correction::Ddpm,
+            rollout: DiffusionRollout::default(),
             ema,
             log_every: 1,
             checkpoint_every: 0,
@@ -497,6 +582,84 @@ mod tests {
                     "two steps: {} vs {two}",
                     ema2[i][j]
                 );
+            }
+        }
+    }
+
+    /// A DDPM- and a DDIM-corrected mark trained with rollouts: only the DDIM mark's sampler is
+    /// run, from the configured number of triggered starts, once the rollouts have begun, and
+    /// its visited states join the step's poisoned samples (the objective counts them).
+    #[test]
+    fn rollouts_visit_the_deterministic_triggers_path_only() {
+        use crate::family::diffusion::rollout::MIN_NOISE_SCALE;
+        use crate::family::diffusion::Sampler;
+        let dev = Device::Cpu;
+        let model = DiffusionModel::new(
+            &crate::family::diffusion::model::tiny_arch(50),
+            &mut Rng::new(0),
+            &dev,
+        )
+        .unwrap();
+        let bytes: Vec<u8> = (0..32 * 64).map(|i| (i * 37 % 256) as u8).collect();
+        let data = Dataset::from_bytes(32, [1, 8, 8], &bytes);
+        let mark = |trigger: &str, sampler| Key {
+            trigger: Trigger::parse_image(trigger, [1, 8, 8]).unwrap(),
+            target: Target::builtin("box", [1, 8, 8]).unwrap(),
+            distance: Distance::Mse,
+            threshold: 0.01,
+            sampler: Some(sampler),
+        };
+        let key = KeySet::new(vec![
+            mark("box:3", Sampler::Ddpm),
+            mark("stamp:3:7", Sampler::Ddim { steps: 10 }),
+        ])
+        .unwrap();
+        let plan = |every, start| Plan {
+            steps: 4,
+            batch_size: 4,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::Constant,
+            objective: Objective {
+                lambda: 1.0,
+                backdoor_batch: 2,
+            },
+            correction: Correction::Ddpm,
+            rollout: DiffusionRollout {
+                every,
+                starts: 3,
+                samples: 5,
+                start,
+            },
+            ema: 0.9,
+            log_every: 1,
+            checkpoint_every: 0,
+            seed: 1,
+            stage: "train",
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&dir.path().join("run"), false).unwrap();
+        for (every, start, rolled) in [(2, 0.0, true), (2, 0.5, false), (0, 0.0, false)] {
+            let plan = plan(every, start);
+            let mut fit = Fit::new(&model, &data, Some(&key), &plan, &run).unwrap();
+            let values = fit.step(1).unwrap();
+            assert!(values[1].unwrap() > 0.0);
+            assert!(fit.visited[0].is_none(), "the DDPM mark has no rollout");
+            assert_eq!(
+                fit.visited[1].is_some(),
+                rolled,
+                "every {every}, start {start}"
+            );
+            if let Some(v) = &fit.visited[1] {
+                let sched = &model.schedule;
+                let kept = Sampler::Ddim { steps: 10 }
+                    .timesteps(sched)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|&t| (1.0 - sched.alpha_bar(t)).sqrt() >= MIN_NOISE_SCALE)
+                    .count();
+                assert!(kept > 0);
+                assert_eq!(v.times.len(), 3 * kept);
+                assert_eq!(v.states.dims(), &[3 * kept, 1, 8, 8]);
             }
         }
     }
