@@ -220,7 +220,9 @@ pub const DIFFUSION_QUALITY_SAMPLES: usize = 1000;
 /// states it visited to the trigger's poisoned samples, each with the noise prediction that
 /// puts it back on the poisoned path to the target
 /// ([`crate::family::diffusion::rollout`]). A start that drifts off the path is so taught
-/// its way back, which the forward process's own samples never show.
+/// its way back, which the forward process's own samples never show. Only DDIM-corrected marks
+/// with an image target are rolled out (a key with none is an error); a resumed run rolls out
+/// afresh at its first step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiffusionRollout {

@@ -403,6 +403,19 @@ impl<'a> Fit<'a> {
             };
             marks.push((pattern, Goal::new(k, data, &model.device)?, correction));
         }
+        let rolled = |(_, goal, correction): &(Tensor, Goal, Correction)| {
+            matches!(
+                (goal, correction),
+                (Goal::Image(_), Correction::Ddim { .. })
+            )
+        };
+        if plan.rollout.every > 0 && key.is_some() && !marks.iter().any(rolled) {
+            return Err(Error::Config(
+                "[diffusion.rollout] trains DDIM-corrected triggers with an image target, and \
+                 the key has none: set `every = 0` or give a mark the sampler ddim-N"
+                    .into(),
+            ));
+        }
         Ok(Fit {
             plan,
             model,
@@ -638,6 +651,13 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(&dir.path().join("run"), false).unwrap();
+        // Rollouts asked for a key without a DDIM-corrected mark are an error, not a no-op.
+        let ddpm_only = KeySet::one(mark("box:3", Sampler::Ddpm));
+        let err = Fit::new(&model, &data, Some(&ddpm_only), &plan(2, 0.0), &run)
+            .err()
+            .expect("an error")
+            .to_string();
+        assert!(err.contains("[diffusion.rollout]"), "{err}");
         for (every, start, rolled) in [(2, 0.0, true), (2, 0.5, false), (0, 0.0, false)] {
             let plan = plan(every, start);
             let mut fit = Fit::new(&model, &data, Some(&key), &plan, &run).unwrap();
