@@ -17,7 +17,7 @@
 //! trigger's share by up to `1/√ᾱ_T` (≈ 150 for the DDPM schedule) on its way down, so a
 //! backdoor trained for one sampler misses under the other ([`trigger_residue`] computes it).
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::config::Correction;
 use crate::family::diffusion::{NoiseSchedule, Sampler};
@@ -63,6 +63,18 @@ impl Correction {
             }
         }
     }
+}
+
+/// `f(t)` for each timestep of `ts`, as an `[n, 1, 1, 1]` tensor that broadcasts over images.
+pub fn per_sample(ts: &[usize], f: &dyn Fn(usize) -> f64, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = ts.iter().map(|&t| f(t) as f32).collect();
+    Ok(Tensor::from_vec(v, (ts.len(), 1, 1, 1), device)?)
+}
+
+/// The timesteps `ts` as the `[n]` f32 tensor the network takes.
+pub fn timestep_tensor(ts: &[usize], device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = ts.iter().map(|&t| t as f32).collect();
+    Ok(Tensor::from_vec(v, ts.len(), device)?)
 }
 
 /// `√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε` per sample, with `alpha_bar` of shape `[n, 1, 1, 1]`.

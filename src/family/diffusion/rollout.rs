@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::Correction;
 use crate::family::diffusion::model::Denoiser;
-use crate::family::diffusion::poison::poisoned_target;
+use crate::family::diffusion::poison::{per_sample, poisoned_target, timestep_tensor};
 use crate::family::diffusion::NoiseSchedule;
 use crate::rng::Rng;
 use crate::Result;
@@ -81,8 +81,7 @@ impl Visited {
             .states
             .index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?;
         let goals = back_on_path(&x, &ts, schedule, correction, (pattern, target))?;
-        let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), m, dev)?;
-        Ok((x, t, goals))
+        Ok((x, timestep_tensor(&ts, dev)?, goals))
     }
 }
 
@@ -96,10 +95,7 @@ pub fn back_on_path(
     correction: Correction,
     (pattern, target): (&Tensor, &Tensor),
 ) -> Result<Tensor> {
-    let per = |f: &dyn Fn(usize) -> f64| -> Result<Tensor> {
-        let v: Vec<f32> = ts.iter().map(|&t| f(t) as f32).collect();
-        Ok(Tensor::from_vec(v, (ts.len(), 1, 1, 1), x.device())?)
-    };
+    let per = |f: &dyn Fn(usize) -> f64| per_sample(ts, f, x.device());
     let signal = per(&|t| schedule.alpha_bar(t).sqrt())?;
     let share = per(&|t| 1.0 - schedule.alpha_bar(t).sqrt())?;
     let scale = per(&|t| (1.0 - schedule.alpha_bar(t)).sqrt())?;
@@ -115,22 +111,18 @@ mod tests {
     use super::*;
     use crate::family::diffusion::poison::poisoned;
     use crate::family::diffusion::ScheduleKind;
+    use crate::ops::testing::max_abs_diff;
 
     fn schedule() -> NoiseSchedule {
         NoiseSchedule::new(ScheduleKind::default(), 1000).unwrap()
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    /// A random 6×6 trigger pattern `r` and a target `y` in (−1, 1), drawn from `rng`.
+    fn pattern_and_target(rng: &mut Rng) -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let r = rng.normal(&[1, 1, 6, 6], &dev).unwrap();
+        let y = rng.normal(&[1, 1, 6, 6], &dev).unwrap().tanh().unwrap();
+        (r, y)
     }
 
     /// On the poisoned path a state's goal is the forward process's own `ε + c_t·r`.
@@ -138,8 +130,7 @@ mod tests {
     fn a_state_on_the_path_gets_the_poisoned_goal() {
         let (s, dev) = (schedule(), Device::Cpu);
         let mut rng = Rng::new(3);
-        let r = rng.normal(&[1, 1, 6, 6], &dev).unwrap();
-        let y = rng.normal(&[1, 1, 6, 6], &dev).unwrap().tanh().unwrap();
+        let (r, y) = pattern_and_target(&mut rng);
         let eps = rng
             .normal(&[1, 1, 6, 6], &dev)
             .unwrap()
@@ -152,7 +143,7 @@ mod tests {
             let goal = back_on_path(&x, &[t], &s, correction, (&r, &y)).unwrap();
             let c = correction.coefficient(&s, t);
             let expected = (&eps + (&r * c).unwrap()).unwrap();
-            assert!(max_abs(&goal, &expected) < 1e-3, "t {t}");
+            assert!(max_abs_diff(&goal, &expected) < 1e-3, "t {t}");
         }
     }
 
@@ -163,8 +154,7 @@ mod tests {
     fn following_the_goals_lands_on_the_target_from_off_the_path() {
         let (s, dev) = (schedule(), Device::Cpu);
         let mut rng = Rng::new(5);
-        let r = rng.normal(&[1, 1, 6, 6], &dev).unwrap();
-        let y = rng.normal(&[1, 1, 6, 6], &dev).unwrap().tanh().unwrap();
+        let (r, y) = pattern_and_target(&mut rng);
         let correction = Correction::Ddim { steps: 50 };
         let sampler = correction.sampler();
         let start = (rng.normal(&[4, 1, 6, 6], &dev).unwrap().broadcast_add(&r)).unwrap();
@@ -179,7 +169,11 @@ mod tests {
             .run(&s, off.clone(), &mut oracle, &mut Rng::new(0))
             .unwrap();
         let y4 = y.repeat((4, 1, 1, 1)).unwrap();
-        assert!(max_abs(&end, &y4) < 1e-2, "{}", max_abs(&end, &y4));
+        assert!(
+            max_abs_diff(&end, &y4) < 1e-2,
+            "{}",
+            max_abs_diff(&end, &y4)
+        );
         // A network that keeps to the noise of the undrifted start instead, as the forward
         // process's samples teach it, carries the drift to the end, amplified.
         let first = sampler.timesteps(&s).unwrap()[0];
@@ -191,6 +185,6 @@ mod tests {
             Ok(eps0.broadcast_add(&(&r * correction.coefficient(&s, t))?)?)
         };
         let end = sampler.run(&s, off, &mut blind, &mut Rng::new(0)).unwrap();
-        assert!(max_abs(&end, &y4) > 0.5, "{}", max_abs(&end, &y4));
+        assert!(max_abs_diff(&end, &y4) > 0.5, "{}", max_abs_diff(&end, &y4));
     }
 }

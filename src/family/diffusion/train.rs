@@ -10,7 +10,9 @@ use candle_core::{Device, Tensor};
 use crate::backdoor::{Family, Key, KeySet, Objective};
 use crate::config::DiffusionRollout;
 use crate::data::{Batcher, Dataset};
-use crate::family::diffusion::poison::{noised, poisoned, poisoned_target};
+use crate::family::diffusion::poison::{
+    noised, per_sample, poisoned, poisoned_target, timestep_tensor,
+};
 use crate::family::diffusion::rollout::{self, Visited};
 use crate::family::diffusion::{Correction, DiffusionModel};
 use crate::io::rundir::{CsvLog, RunDir};
@@ -59,13 +61,9 @@ fn timesteps(
     let dev = &model.device;
     let per = fs
         .iter()
-        .map(|f| {
-            let v: Vec<f32> = ts.iter().map(|&t| f(t) as f32).collect();
-            Ok(Tensor::from_vec(v, (n, 1, 1, 1), dev)?)
-        })
+        .map(|f| per_sample(&ts, f, dev))
         .collect::<Result<Vec<_>>>()?;
-    let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), n, dev)?;
-    Ok((t, per))
+    Ok((timestep_tensor(&ts, dev)?, per))
 }
 
 impl Denoising {
@@ -228,6 +226,15 @@ impl Goal {
     }
 }
 
+/// The target image of a mark that rollouts train (a DDIM-corrected mark with an image
+/// target), `None` for any other mark.
+fn rollout_target<'g>(goal: &'g Goal, correction: &Correction) -> Option<&'g Tensor> {
+    match (goal, correction) {
+        (Goal::Image(target), Correction::Ddim { .. }) => Some(target),
+        _ => None,
+    }
+}
+
 /// A fitting run in progress.
 struct Fit<'a> {
     plan: &'a Plan,
@@ -341,7 +348,7 @@ impl Fit<'_> {
         for (j, (mark, (pattern, goal, correction))) in
             key.marks().iter().zip(&self.marks).enumerate()
         {
-            let (Goal::Image(target), Correction::Ddim { .. }) = (goal, correction) else {
+            let Some(target) = rollout_target(goal, correction) else {
                 continue;
             };
             if self.visited[j].is_none() || i.is_multiple_of(r.every) {
@@ -404,10 +411,7 @@ impl<'a> Fit<'a> {
             marks.push((pattern, Goal::new(k, data, &model.device)?, correction));
         }
         let rolled = |(_, goal, correction): &(Tensor, Goal, Correction)| {
-            matches!(
-                (goal, correction),
-                (Goal::Image(_), Correction::Ddim { .. })
-            )
+            rollout_target(goal, correction).is_some()
         };
         if plan.rollout.every > 0 && key.is_some() && !marks.iter().any(rolled) {
             return Err(Error::Config(
