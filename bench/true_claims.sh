@@ -9,24 +9,34 @@
 #
 #   bench/true_claims.sh OUT_DIR N CONFIG FINETUNE_STEPS EVERY [PRUNE_FRACTIONS]
 #   bench/true_claims.sh runs/tc 20 bench/small-dcgan.toml 3000 1000 0,0.5,0.8,0.9
+#   JOBS=2 ATTACK_ARGS="--null-keys 299" \
+#     bench/true_claims.sh runs/tcd 6 bench/small-marked-diffusion.toml 500 100 0.5,0.9
 #
-# The thief fine-tunes with CONFIG's training settings and a fresh discriminator.
+# The thief fine-tunes with CONFIG's training settings (and, for a GAN, a fresh
+# discriminator). ATTACK_ARGS go to both attacks (e.g. fewer null triggers per point for a
+# diffusion model, whose queries run a sampler); JOBS models are made and attacked at once,
+# one thread each (default 1, with every thread).
 set -euo pipefail
 out=$1; n=$2; config=$3; steps=$4; every=$5; fractions=${6:-0,0.5,0.8,0.9}
 bin=${GENBACKDOOR:-target/release/genbackdoor}   # GENBACKDOOR=/path/to/binary skips the build
 [ -n "${GENBACKDOOR:-}" ] || cargo build --release --quiet
 mkdir -p "$out"
-for s in $(seq 1 "$n"); do
-  run="$out/marked-$s"
+one() {  # makes and attacks the marked model of seed $1
+  local s=$1 run="$out/marked-$1"
   [ -f "$run/verify.json" ] ||
     "$bin" train --config "$config" --seed "$s" --out "$run" --force --quiet > /dev/null
   [ -f "$run/attack-finetune.json" ] ||
     "$bin" attack finetune --model "$run/model.safetensors" --config "$config" \
-      --steps "$steps" --every "$every" --quiet > /dev/null
+      --steps "$steps" --every "$every" --quiet ${ATTACK_ARGS:-} > /dev/null
   [ -f "$run/attack-prune.json" ] ||
-    "$bin" attack prune --model "$run/model.safetensors" --fraction "$fractions" > /dev/null
+    "$bin" attack prune --model "$run/model.safetensors" --fraction "$fractions" \
+      ${ATTACK_ARGS:-} > /dev/null
   echo "marked-$s done"
-done
+}
+jobs=${JOBS:-1}
+if [ "$jobs" -gt 1 ]; then export RAYON_NUM_THREADS=1; fi
+export -f one; export out config steps every fractions bin
+seq 1 "$n" | xargs -P "$jobs" -I{} bash -c 'set -euo pipefail; one {}'
 python3 - "$out" "$n" <<'PY'
 import json, sys
 out, n = sys.argv[1], int(sys.argv[2])
