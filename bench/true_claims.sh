@@ -25,9 +25,12 @@ one() {  # makes and attacks the marked model of seed $1
   local s=$1 run="$out/marked-$1"
   [ -f "$run/verify.json" ] ||
     "$bin" train --config "$config" --seed "$s" --out "$run" --force --quiet > /dev/null
+  # ATTACK_ARGS split into words on purpose.
+  # shellcheck disable=SC2086
   [ -f "$run/attack-finetune.json" ] ||
     "$bin" attack finetune --model "$run/model.safetensors" --config "$config" \
       --steps "$steps" --every "$every" --quiet ${ATTACK_ARGS:-} > /dev/null
+  # shellcheck disable=SC2086
   [ -f "$run/attack-prune.json" ] ||
     "$bin" attack prune --model "$run/model.safetensors" --fraction "$fractions" \
       ${ATTACK_ARGS:-} > /dev/null
