@@ -142,7 +142,7 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     // scores above twice its clean twin, and the clean one is not called backdoored.
     // (Measured 26.6 against 10.8. The verdict on the marked one is not asserted: the
     // threshold was set on grey models, and RGB generators of colour digits score 12.7–23.9
-    // marked against 5.7–7.9 clean, below it; README, detection table.)
+    // marked against 5.7–8.9 clean, below it; README, detection table.)
     let detected = |run: &RunDir| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(run.file("detect.json")).unwrap()).unwrap()
     };
