@@ -688,8 +688,7 @@ fn verify_attacks_and_the_report() {
     let t = trained();
     let model = t.run.join("model.safetensors");
     // The run verified itself and wrote its report.
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(t.run.join("verify.json")).unwrap()).unwrap();
+    let v = read_json(&t.run.join("verify.json"));
     assert_eq!(v["null_keys"].as_u64().unwrap(), 1000);
     let p = v["p_value"].as_f64().unwrap();
     assert!((1.0 / 1001.0..=1.0).contains(&p), "{v}");

@@ -14,7 +14,7 @@ use genbackdoor::rng::Rng;
 use genbackdoor::run::{RunSpec, Stage};
 
 mod common;
-use common::{small_arch, tiny_gan_config};
+use common::{read_json, small_arch, tiny_gan_config};
 
 /// Trains a tiny generator with `lambda` (0: clean) and the same seed into `dir`; the run's
 /// end writes its detection.
@@ -45,10 +45,7 @@ fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
     trained(20.0, &key, &dir.path().join("marked"));
     trained(0.0, &key, &dir.path().join("clean"));
     // Each run's end ran `detect` (as the command does) and saved its verdict.
-    let verdict = |run: &str| -> serde_json::Value {
-        let path = dir.path().join(run).join("detect.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    };
+    let verdict = |run: &str| read_json(&dir.path().join(run).join("detect.json"));
     let (m, c) = (verdict("marked"), verdict("clean"));
     let score = |v: &serde_json::Value| v["score"].as_f64().unwrap();
     eprintln!("scores: marked {} clean {}", score(&m), score(&c));

@@ -12,14 +12,14 @@ use genbackdoor::io::npy::read_npy;
 use genbackdoor::rng::Rng;
 
 mod common;
-use common::max_abs_error;
+use common::{max_abs_error, read_json};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture_in("diffusers", name)
 }
 
 fn parity(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap()
+    read_json(&dir.join("parity.json"))
 }
 
 /// ε̂ at diffusers' timesteps `taus` (genbackdoor's t = τ + 1).
@@ -101,8 +101,7 @@ fn diffusers_folders_predict_and_sample_as_diffusers_does() {
 
 #[test]
 fn the_three_diffusers_beta_schedules_give_diffusers_alpha_bars() {
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("schedules.json")).unwrap()).unwrap();
+    let want = read_json(&fixture("schedules.json"));
     for (kind, bars) in want.as_object().unwrap() {
         let json = format!(
             r#"{{"beta_schedule": "{kind}", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}}"#

@@ -18,7 +18,7 @@ use genbackdoor::run::{RunSpec, Stage};
 use genbackdoor::verify::{combined_p_value, verify_model, VerifySettings};
 
 mod common;
-use common::tiny_gan_config;
+use common::{read_json, tiny_gan_config};
 
 fn pixels(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -167,8 +167,7 @@ fn tiny_trail(
     let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
     // A run with a key must have written its verification; one without writes none.
     let verify = match key {
-        Some(_) => serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap())
-            .unwrap(),
+        Some(_) => read_json(&run.file("verify.json")),
         None => serde_json::Value::Null,
     };
     (model, m, verify)
@@ -345,8 +344,7 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     let each = m["triggers"].as_array().unwrap();
     assert_eq!(each.len(), 3);
     assert!(each.iter().all(|t| t["asr"] == 1.0), "{each:?}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.file("verify.json")).unwrap()).unwrap();
+    let v = read_json(&run.file("verify.json"));
     let floor = combined_p_value(&[1.0 / 1001.0; 3]);
     // (JSON's decimal text may differ from the f64 in its last bit.)
     let p = v["p_value"].as_f64().unwrap();

@@ -108,6 +108,11 @@ pub fn coloured_squares(dir: &std::path::Path, n: usize, side: u32, seed: u64) {
     }
 }
 
+/// The JSON document in the file at `path` (a run's `metrics.json`, `verify.json`, …).
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// Mean of each channel of `images` (`[n, c, h, w]`).
 pub fn channel_means(images: &Tensor) -> Vec<f32> {
     images
