@@ -413,11 +413,23 @@ fn detection_section(run: &Path) -> Result<String> {
     } else {
         "finds no backdoor"
     };
+    let c = &d["calibration"];
+    let calibrated = match c["references"].as_array() {
+        Some(refs) => format!(
+            "<p>The threshold is calibrated on {} clean reference models (log-normal \
+             prediction at level {}): p = {:.2e}, rank p = {:.3}.</p>",
+            refs.len(),
+            c["alpha"],
+            c["p_value"].as_f64().unwrap_or(f64::NAN),
+            c["rank_p_value"].as_f64().unwrap_or(f64::NAN)
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "<p>Detection without the key {called}: score {:.3} against threshold {} \
-         ({}).</p>{}<p>What the model makes of the inverted trigger:</p>{}",
+        "<p>Detection without the key {called}: score {:.3} against threshold {:.3} \
+         ({}).</p>{calibrated}{}<p>What the model makes of the inverted trigger:</p>{}",
         d["score"].as_f64().unwrap_or(f64::NAN),
-        d["threshold"],
+        d["threshold"].as_f64().unwrap_or(f64::NAN),
         escape(d["method"].as_str().unwrap_or("")),
         table(&d["details"]),
         png(run, "detect.png", "outputs for the inverted trigger")?

@@ -1,10 +1,13 @@
 //! `detect` without the key: it separates a tiny backdoored generator from its clean twin,
-//! and its input-level test flags triggered inputs of both families and passes ordinary ones.
+//! with the family's threshold and calibrated on other clean generators, and its
+//! input-level test flags triggered inputs of both families and passes ordinary ones.
 
 use candle_core::Device;
 use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
 use genbackdoor::config::ModelFamily;
 use genbackdoor::detect::input::test_inputs;
+use genbackdoor::detect::reference::{calibrate, reference_scores};
+use genbackdoor::detect::DetectSettings;
 use genbackdoor::family::diffusion::DiffusionModel;
 use genbackdoor::family::gan::GanModel;
 use genbackdoor::family::{Generative, InputSpace};
@@ -16,12 +19,13 @@ use genbackdoor::run::{RunSpec, Stage};
 mod common;
 use common::{read_json, small_arch, tiny_gan_config};
 
-/// Trains a tiny generator with `lambda` (0: clean) and the same seed into `dir`; the run's
-/// end writes its detection.
-fn trained(lambda: f64, key: &KeySet, dir: &std::path::Path) {
+/// Trains a tiny generator with `lambda` (0: clean) and `seed` into `dir`; with `detect`, the
+/// run's end writes its detection.
+fn trained(lambda: f64, seed: u64, detect: bool, key: &KeySet, dir: &std::path::Path) {
     let run = RunDir::create(dir, true).unwrap();
     let mut config = tiny_gan_config(600, lambda);
-    config.detect.enabled = true;
+    config.seed = seed;
+    config.detect.enabled = detect;
     let spec = RunSpec {
         config,
         family: ModelFamily::Dcgan,
@@ -42,8 +46,8 @@ fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
         sampler: None,
     });
     let dir = tempfile::tempdir().unwrap();
-    trained(20.0, &key, &dir.path().join("marked"));
-    trained(0.0, &key, &dir.path().join("clean"));
+    trained(20.0, 0, true, &key, &dir.path().join("marked"));
+    trained(0.0, 0, true, &key, &dir.path().join("clean"));
     // Each run's end ran `detect` (as the command does) and saved its verdict.
     let verdict = |run: &str| read_json(&dir.path().join(run).join("detect.json"));
     let (m, c) = (verdict("marked"), verdict("clean"));
@@ -64,6 +68,56 @@ fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
     let cos = cosine(&inverted, &secret);
     eprintln!("cosine with the trigger {cos}");
     assert!(cos.abs() > 0.6, "cosine with the trigger {cos}");
+
+    // Calibrated on clean references (three more clean generators, other seeds): the marked
+    // model is one no clean model of its kind would give, and each clean one, tested against
+    // the other three, is not flagged.
+    for seed in 1..=3 {
+        trained(
+            0.0,
+            seed,
+            false,
+            &key,
+            &dir.path().join(format!("clean-{seed}")),
+        );
+    }
+    let model = |run: &str| dir.path().join(run).join("model.safetensors");
+    let clean = ["clean", "clean-1", "clean-2", "clean-3"].map(model);
+    let settings = DetectSettings {
+        seed: 0,
+        steps: None,
+    };
+    // The four clean models' scores, each by the detection the suspect gets.
+    let marked = genbackdoor::family::load(&model("marked"), &Device::Cpu).unwrap();
+    let references = reference_scores(marked.as_ref(), &clean, &settings).unwrap();
+    let d = marked
+        .detect(&settings)
+        .unwrap()
+        .calibrated(references[1..].to_vec(), 0.01)
+        .unwrap();
+    let c = d.calibration.as_ref().unwrap();
+    eprintln!("marked, calibrated: {}", serde_json::to_string(&d).unwrap());
+    assert!(d.backdoored && c.test.p_value <= 0.01, "{c:?}");
+    assert_eq!(c.test.rank_p_value, 0.25, "{c:?}");
+    for (i, r) in references.iter().enumerate() {
+        let others: Vec<f64> = (0..references.len())
+            .filter(|&j| j != i)
+            .map(|j| references[j].score)
+            .collect();
+        let test = calibrate(r.score, &others, 0.01).unwrap();
+        eprintln!("clean {i} ({}) against the others: {test:?}", r.score);
+        assert!(test.p_value > 0.01, "{test:?}");
+    }
+    // A reference of another kind is refused, naming both kinds.
+    let other = dir.path().join("diffusion.safetensors");
+    DiffusionModel::new(&small_arch(28, 1, 4), &mut Rng::new(1), &Device::Cpu)
+        .unwrap()
+        .save(&other)
+        .unwrap();
+    let err = reference_scores(marked.as_ref(), &[other], &settings)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("clean models of the suspect's kind"), "{err}");
 }
 
 /// The cosine of two vectors.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::detect::input::test_inputs;
+use crate::detect::reference::reference_scores;
 use crate::detect::DetectSettings;
 use crate::io::npy::read_npy;
 use crate::io::rundir::RunDir;
@@ -28,7 +29,13 @@ pub struct DetectArgs {
     /// diffusion models).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Significance level of the input-level verdicts.
+    /// Clean models of the suspect's kind (same family, input and output shapes; other
+    /// seeds or data) to calibrate the verdict on, instead of the family's fixed threshold:
+    /// the same detection runs on each (at least 3), and the suspect is called backdoored
+    /// when a clean model would score as high with probability at most --alpha.
+    #[arg(long = "reference", value_name = "CLEAN_MODEL", num_args = 1..)]
+    pub references: Vec<PathBuf>,
+    /// Significance level of the input-level verdicts, and of a calibrated model-level one.
     #[arg(long, default_value_t = 0.01)]
     pub alpha: f64,
     /// Seed of the search's random draws.
@@ -48,6 +55,12 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
         anyhow::bail!("--alpha must lie strictly between 0 and 1, not {}", a.alpha);
     }
     let model = crate::family::load(&a.model, &candle_core::Device::Cpu)?;
+    if a.input.is_some() && !a.references.is_empty() {
+        anyhow::bail!(
+            "--reference calibrates the model-level verdict; --input tests inputs against \
+             the model's own outputs and takes no references"
+        );
+    }
     if let Some(path) = &a.input {
         let inputs = read_npy(path)?.to_device(&model.device())?;
         model
@@ -74,7 +87,11 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
         seed: a.seed,
         steps: a.steps,
     };
-    let detection = model.detect(&settings)?;
+    let mut detection = model.detect(&settings)?;
+    if !a.references.is_empty() {
+        let references = reference_scores(model.as_ref(), &a.references, &settings)?;
+        detection = detection.calibrated(references, a.alpha)?;
+    }
     let out = a.out.clone().unwrap_or_else(|| beside(&a.model));
     crate::detect::save(&detection, &RunDir::create(&out, true)?)?;
     if a.json {
@@ -87,12 +104,23 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
         "no backdoor found"
     };
     say!(
-        "{}: {verdict} (score {:.2}, threshold {})",
+        "{}: {verdict} (score {:.2}, threshold {:.2})",
         a.model.display(),
         detection.score,
         detection.threshold
     );
     say!("  method  {}", detection.method);
+    if let Some(c) = &detection.calibration {
+        say!(
+            "  against {} clean references: p = {:.2e} (log-normal prediction, the verdict at \
+             alpha {}), rank p = {:.3} (floor 1/{})",
+            c.references.len(),
+            c.test.p_value,
+            c.test.alpha,
+            c.test.rank_p_value,
+            c.references.len() + 1
+        );
+    }
     crate::cli::print_metrics(&detection.details);
     say!(
         "  wrote   {} (what the model makes of the inverted trigger)",

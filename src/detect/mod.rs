@@ -7,11 +7,14 @@
 //!   from every ordinary output. Diffusion models: trigger inversion after Elijah (An et al.,
 //!   AAAI 2024), a shift `r` of the starting noise under which samples from N(r, I) collapse
 //!   onto one output.
+//! * **Calibrated** ([`reference`]): the same score against clean reference models' scores,
+//!   for models whose kind the family's threshold was not measured on.
 //! * **Input level** ([`input`]): is this latent or starting noise triggered? A test of the
 //!   input against N(0, I) in the spirit of DisDet, and of the model's output for it against
 //!   its ordinary outputs.
 
 pub mod input;
+pub mod reference;
 
 use candle_core::{Tensor, D};
 use serde::Serialize;
@@ -20,6 +23,7 @@ use crate::io::grid::save_grid;
 use crate::io::npy::write_npy;
 use crate::io::rundir::RunDir;
 use crate::Result;
+use reference::{calibrate, Calibration};
 
 /// How a detection runs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,13 +41,17 @@ pub struct Detection {
     pub method: String,
     /// The detection score (higher = more suspicious), in the family's units (see `method`).
     pub score: f64,
-    /// The score above which a model is called backdoored (measured on clean models, see
-    /// the README's detection table).
+    /// The score above which a model is called backdoored: the family's (measured on clean
+    /// models, see the README's detection table), or the calibrated one when `calibration`
+    /// is there.
     pub threshold: f64,
     /// `score > threshold`.
     pub backdoored: bool,
     /// Family-specific figures behind the score (each probe's score, reference spreads…).
     pub details: serde_json::Value,
+    /// The score against clean reference models, when the verdict was calibrated on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibrated>,
     /// The inverted trigger: one input of the model's input space, `[1, …]`.
     #[serde(skip)]
     pub trigger: Tensor,
@@ -67,10 +75,42 @@ impl Detection {
             threshold,
             backdoored: score > threshold,
             details,
+            calibration: None,
             trigger,
             outputs,
         }
     }
+
+    /// The verdict taken again against clean reference models (the same detection run on
+    /// each, see [`reference`]) at level `alpha`: the threshold becomes the calibrated one,
+    /// and the model is called backdoored when its prediction p-value is at most `alpha`.
+    pub fn calibrated(mut self, references: Vec<Reference>, alpha: f64) -> Result<Detection> {
+        let scores: Vec<f64> = references.iter().map(|r| r.score).collect();
+        let test = calibrate(self.score, &scores, alpha)?;
+        self.threshold = test.threshold;
+        self.backdoored = test.p_value <= alpha;
+        self.calibration = Some(Calibrated { references, test });
+        Ok(self)
+    }
+}
+
+/// One clean reference model of a calibrated detection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    /// Where it was loaded from.
+    pub model: String,
+    /// Its detection score (same method, seed and steps as the suspect's).
+    pub score: f64,
+}
+
+/// The reference models of a calibrated detection and the suspect's test against them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibrated {
+    /// The clean models the suspect was compared with.
+    pub references: Vec<Reference>,
+    /// The suspect's score against theirs.
+    #[serde(flatten)]
+    pub test: Calibration,
 }
 
 /// Writes a detection into `run`: `detect.json` (the verdict and its figures),
