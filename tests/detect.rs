@@ -108,13 +108,15 @@ fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
         eprintln!("clean {i} ({}) against the others: {test:?}", r.score);
         assert!(test.p_value > 0.01, "{test:?}");
     }
-    // A reference of another kind is refused, naming both kinds.
+    // A reference of another kind among good ones is refused, naming both kinds (before any
+    // detection runs).
     let other = dir.path().join("diffusion.safetensors");
     DiffusionModel::new(&small_arch(28, 1, 4), &mut Rng::new(1), &Device::Cpu)
         .unwrap()
         .save(&other)
         .unwrap();
-    let err = reference_scores(marked.as_ref(), &[other], &settings)
+    let mixed = [clean[1].clone(), clean[2].clone(), other];
+    let err = reference_scores(marked.as_ref(), &mixed, &settings)
         .unwrap_err()
         .to_string();
     assert!(err.contains("clean models of the suspect's kind"), "{err}");

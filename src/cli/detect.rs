@@ -54,13 +54,13 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
     if !(a.alpha > 0.0 && a.alpha < 1.0) {
         anyhow::bail!("--alpha must lie strictly between 0 and 1, not {}", a.alpha);
     }
-    let model = crate::family::load(&a.model, &candle_core::Device::Cpu)?;
     if a.input.is_some() && !a.references.is_empty() {
         anyhow::bail!(
             "--reference calibrates the model-level verdict; --input tests inputs against \
              the model's own outputs and takes no references"
         );
     }
+    let model = crate::family::load(&a.model, &candle_core::Device::Cpu)?;
     if let Some(path) = &a.input {
         let inputs = read_npy(path)?.to_device(&model.device())?;
         model
@@ -87,9 +87,14 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
         seed: a.seed,
         steps: a.steps,
     };
+    // The references first: a bad one fails before the suspect's detection runs.
+    let references = if a.references.is_empty() {
+        None
+    } else {
+        Some(reference_scores(model.as_ref(), &a.references, &settings)?)
+    };
     let mut detection = model.detect(&settings)?;
-    if !a.references.is_empty() {
-        let references = reference_scores(model.as_ref(), &a.references, &settings)?;
+    if let Some(references) = references {
         detection = detection.calibrated(references, a.alpha)?;
     }
     let out = a.out.clone().unwrap_or_else(|| beside(&a.model));

@@ -45,7 +45,8 @@ pub struct Detection {
     /// models, see the README's detection table), or the calibrated one when `calibration`
     /// is there.
     pub threshold: f64,
-    /// `score > threshold`.
+    /// The verdict: `score > threshold`, or, when calibrated, the prediction p-value at
+    /// most its level (the same cut, at the calibrated threshold).
     pub backdoored: bool,
     /// Family-specific figures behind the score (each probe's score, reference spreads…).
     pub details: serde_json::Value,

@@ -56,13 +56,7 @@ pub struct Calibration {
 /// references that all score alike (no spread to measure), `alpha` outside (0, 1).
 pub fn calibrate(score: f64, references: &[f64], alpha: f64) -> Result<Calibration> {
     let bad = |why: String| Err(Error::Config(why));
-    if references.len() < MIN_REFERENCES {
-        return bad(format!(
-            "a calibrated detection needs at least {MIN_REFERENCES} clean reference models, \
-             got {}",
-            references.len()
-        ));
-    }
+    enough(references.len())?;
     if !(alpha > 0.0 && alpha < 1.0) {
         return bad(format!(
             "alpha must lie strictly between 0 and 1, not {alpha}"
@@ -102,9 +96,21 @@ pub fn calibrate(score: f64, references: &[f64], alpha: f64) -> Result<Calibrati
     })
 }
 
-/// Runs the suspect's detection (same settings) on each clean reference model at `paths`,
-/// after checking that it is of the suspect's kind (family, input space, output shape); the
-/// progress goes to stderr.
+/// An error unless `n` references are enough to calibrate on.
+fn enough(n: usize) -> Result<()> {
+    if n < MIN_REFERENCES {
+        return Err(Error::Config(format!(
+            "a calibrated detection needs at least {MIN_REFERENCES} clean reference models, \
+             got {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the suspect's detection (same settings) on each clean reference model at `paths`;
+/// the progress goes to stderr. Every reference is loaded and checked first (enough of them,
+/// each of the suspect's kind: family, input space, output shape), so that a bad one fails
+/// before any detection runs.
 pub fn reference_scores(
     suspect: &dyn Generative,
     paths: &[PathBuf],
@@ -118,8 +124,9 @@ pub fn reference_scores(
             m.output_shape()
         )
     };
-    let mut references = Vec::with_capacity(paths.len());
-    for (i, path) in paths.iter().enumerate() {
+    enough(paths.len())?;
+    let mut models = Vec::with_capacity(paths.len());
+    for path in paths {
         let model = crate::family::load(path, &suspect.device())?;
         if kind(model.as_ref()) != kind(suspect) {
             return Err(Error::Config(format!(
@@ -130,6 +137,10 @@ pub fn reference_scores(
                 kind(suspect)
             )));
         }
+        models.push(model);
+    }
+    let mut references = Vec::with_capacity(paths.len());
+    for (i, (path, model)) in paths.iter().zip(&models).enumerate() {
         let score = model.detect(settings)?.score;
         eprintln!(
             "reference {}/{}: {} scores {score:.2}",
