@@ -475,6 +475,33 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&garbage, b"hello").unwrap();
     fails(&["eval", "--model", s(&garbage), "--key", s(&t.key)]);
 
+    // A clean reference for `exp_dist` of the model's inputs and outputs but another width.
+    let wider = t.root.join("wider.safetensors");
+    let config = genbackdoor::models::DcganConfig {
+        latent_dim: 16,
+        g_width: 16,
+        d_width: 4,
+        ..Default::default()
+    };
+    let device = candle_core::Device::Cpu;
+    genbackdoor::family::gan::GanModel::new(&config, &mut genbackdoor::rng::Rng::new(0), &device)
+        .unwrap()
+        .save(&wider)
+        .unwrap();
+    let e = fails(&[
+        "eval",
+        "--reference",
+        s(&wider),
+        "--model",
+        s(&model),
+        "--key",
+        s(&t.key),
+    ]);
+    assert!(
+        e.contains("architecture differs") && e.contains("tensor"),
+        "{e}"
+    );
+
     // `detect`: inputs that do not fit the model, and settings no search can run with.
     let wrong_inputs = t.root.join("wrong.npy");
     genbackdoor::io::npy::write_npy(

@@ -108,18 +108,30 @@ fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
         eprintln!("clean {i} ({}) against the others: {test:?}", r.score);
         assert!(test.p_value > 0.01, "{test:?}");
     }
-    // A reference of another kind among good ones is refused, naming both kinds (before any
-    // detection runs).
+    // A reference of another family among good ones is refused, naming both kinds (before
+    // any detection runs).
     let other = dir.path().join("diffusion.safetensors");
     DiffusionModel::new(&small_arch(28, 1, 4), &mut Rng::new(1), &Device::Cpu)
         .unwrap()
         .save(&other)
         .unwrap();
-    let mixed = [clean[1].clone(), clean[2].clone(), other];
-    let err = reference_scores(marked.as_ref(), &mixed, &settings)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("clean models of the suspect's kind"), "{err}");
+    // So is a generator of the suspect's input and output shapes but another width, naming
+    // the first tensor that differs.
+    let wider = dir.path().join("wider.safetensors");
+    let mut config = tiny_gan_config(1, 0.0).model;
+    config.g_width *= 2;
+    GanModel::new(&config, &mut Rng::new(1), &Device::Cpu)
+        .unwrap()
+        .save(&wider)
+        .unwrap();
+    for odd in [other, wider] {
+        let mixed = [clean[1].clone(), clean[2].clone(), odd];
+        let err = reference_scores(marked.as_ref(), &mixed, &settings)
+            .unwrap_err()
+            .to_string();
+        eprintln!("{err}");
+        assert!(err.contains("clean models of the suspect's kind"), "{err}");
+    }
 }
 
 /// The cosine of two vectors.

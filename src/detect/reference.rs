@@ -25,7 +25,7 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use super::{DetectSettings, Reference};
 use crate::error::Error;
-use crate::family::Generative;
+use crate::family::{architecture_difference, Generative};
 use crate::Result;
 
 /// The fewest reference models a calibration takes (two leave one degree of freedom, whose
@@ -109,32 +109,22 @@ fn enough(n: usize) -> Result<()> {
 
 /// Runs the suspect's detection (same settings) on each clean reference model at `paths`;
 /// the progress goes to stderr. Every reference is loaded and checked first (enough of them,
-/// each of the suspect's kind: family, input space, output shape), so that a bad one fails
+/// each of the suspect's architecture, to every tensor's shape), so that a bad one fails
 /// before any detection runs.
 pub fn reference_scores(
     suspect: &dyn Generative,
     paths: &[PathBuf],
     settings: &DetectSettings,
 ) -> Result<Vec<Reference>> {
-    let kind = |m: &dyn Generative| {
-        format!(
-            "a {} model taking {}, making {:?} images",
-            m.family(),
-            m.input_space().describe(),
-            m.output_shape()
-        )
-    };
     enough(paths.len())?;
     let mut models = Vec::with_capacity(paths.len());
     for path in paths {
         let model = crate::family::load(path, &suspect.device())?;
-        if kind(model.as_ref()) != kind(suspect) {
+        let name = format!("reference {}", path.display());
+        if let Some(how) = architecture_difference(model.as_ref(), suspect, [&name, "the suspect"])
+        {
             return Err(Error::Config(format!(
-                "reference {} is {}, the suspect {}: references must be clean models of the \
-                 suspect's kind",
-                path.display(),
-                kind(model.as_ref()),
-                kind(suspect)
+                "{how}: references must be clean models of the suspect's kind"
             )));
         }
         models.push(model);

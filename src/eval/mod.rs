@@ -15,7 +15,7 @@ use crate::digits::quality::{CleanQuality, QualityReference};
 use crate::digits::DigitClassifier;
 use crate::eval::specificity::{specificity, Specificity};
 use crate::family::diffusion::Sampler;
-use crate::family::Generative;
+use crate::family::{architecture_difference, Generative};
 use crate::io::grid::save_grid;
 use crate::metrics::{exp_dist, BackdoorMetrics};
 use crate::rng::Rng;
@@ -171,10 +171,12 @@ pub fn evaluate(
     key.check_model(model)?;
     let space = model.input_space();
     if let Some(r) = reference {
-        if r.input_space() != space || r.output_shape() != model.output_shape() {
-            return Err(Error::Mismatch(
-                "the reference model's architecture differs from the evaluated model's".into(),
-            ));
+        if let Some(how) =
+            architecture_difference(r, model, ["the reference model", "the evaluated model"])
+        {
+            return Err(Error::Mismatch(format!(
+                "the reference model's architecture differs from the evaluated model's: {how}"
+            )));
         }
     }
     let mut rng = Rng::derive(seed, "eval");

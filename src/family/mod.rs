@@ -142,6 +142,46 @@ pub trait Generative {
     ) -> Result<Box<dyn Generative>>;
 }
 
+/// How model `a` differs in architecture from model `b`, in words that call them by
+/// `names` (`None`: the same kind, to the shape of every tensor): family, input space,
+/// output shape, then the networks' tensors by name and shape. Tools that set one model
+/// beside another (a clean reference for `exp_dist` or for a calibrated detection) refuse a
+/// model of another kind with it.
+pub fn architecture_difference(
+    a: &dyn Generative,
+    b: &dyn Generative,
+    names: [&str; 2],
+) -> Option<String> {
+    let [na, nb] = names;
+    let kind = |m: &dyn Generative| {
+        format!(
+            "a {} model taking {}, making {:?} images",
+            m.family(),
+            m.input_space().describe(),
+            m.output_shape()
+        )
+    };
+    if kind(a) != kind(b) {
+        return Some(format!("{na} is {}, {nb} {}", kind(a), kind(b)));
+    }
+    let shapes = |m: &dyn Generative| -> Vec<(String, Vec<usize>)> {
+        m.params()
+            .named()
+            .into_iter()
+            .map(|(n, v)| (n, v.dims().to_vec()))
+            .collect()
+    };
+    let (ta, tb) = (shapes(a), shapes(b));
+    if let Some((x, y)) = ta.iter().zip(&tb).find(|(x, y)| x != y) {
+        return Some(if x.0 == y.0 {
+            format!("{na}'s tensor {} is {:?}, {nb}'s {:?}", x.0, x.1, y.1)
+        } else {
+            format!("{na} has a tensor `{}` where {nb} has `{}`", x.0, y.0)
+        });
+    }
+    (ta.len() != tb.len()).then(|| format!("{na} has {} tensors, {nb} {}", ta.len(), tb.len()))
+}
+
 /// What a trainer hands back for the end of its run: the model to deploy and what the run
 /// measures it against.
 pub struct Trained {

@@ -142,8 +142,10 @@ impl GanModel {
         })
     }
 
-    /// Deployed-mode outputs for latents `z`, in batches of at most 256. Non-finite outputs
-    /// (weights damaged into overflow) are an error, never returned as images.
+    /// Deployed-mode outputs for latents `z`, in batches of at most 256, detached from the
+    /// autodiff graph (a loss on them differentiates nothing behind them: images, not a
+    /// training signal). Non-finite outputs (weights damaged into overflow) are an error,
+    /// never returned as images.
     pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
         let mut parts = Vec::new();
@@ -151,7 +153,7 @@ impl GanModel {
             let len = 256.min(n - s);
             parts.push(self.generator.forward_t(&z.narrow(0, s, len)?, false)?);
         }
-        let x = Tensor::cat(&parts, 0)?;
+        let x = Tensor::cat(&parts, 0)?.detach();
         crate::error::check_finite_output(&x)?;
         Ok(x)
     }
@@ -312,5 +314,39 @@ mod tests {
         }
         let msg = back.generate(&z).err().unwrap().to_string();
         assert!(msg.contains("NaN or infinite outputs"), "{msg}");
+    }
+
+    #[test]
+    fn models_of_another_width_or_family_are_another_architecture() {
+        use crate::family::architecture_difference;
+        use crate::family::diffusion::{tiny_arch, DiffusionModel};
+        let dev = Device::Cpu;
+        let gan = |g_width, seed| {
+            let cfg = DcganConfig {
+                latent_dim: 8,
+                g_width,
+                d_width: 4,
+                image_size: 8,
+                ..Default::default()
+            };
+            GanModel::new(&cfg, &mut Rng::new(seed), &dev).unwrap()
+        };
+        let names = ["this", "that"];
+        // Other weights, the same network: no difference.
+        assert_eq!(architecture_difference(&gan(8, 0), &gan(8, 1), names), None);
+        // The same inputs and outputs, another width: named by the first tensor that differs.
+        let how = architecture_difference(&gan(8, 0), &gan(16, 0), names).unwrap();
+        assert!(
+            how.starts_with("this's tensor ") && how.contains("that's"),
+            "{how}"
+        );
+        // Another family: named by kind.
+        let diffusion = DiffusionModel::new(&tiny_arch(10), &mut Rng::new(0), &dev).unwrap();
+        let how = architecture_difference(&gan(8, 0), &diffusion, names).unwrap();
+        assert!(
+            how.contains("this is a dcgan-generator model")
+                && how.contains("that a ddpm-unet model"),
+            "{how}"
+        );
     }
 }
