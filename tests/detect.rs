@@ -38,6 +38,7 @@ fn trained(lambda: f64, seed: u64, detect: bool, key: &KeySet, dir: &std::path::
 
 #[test]
 fn detect_separates_a_backdoored_generator_from_its_clean_twin() {
+    let _one_at_a_time = common::one_at_a_time();
     let key = KeySet::one(Key {
         trigger: Trigger::parse("seed:77", 16).unwrap(),
         target: Target::builtin("mark", [1, 28, 28]).unwrap(),
@@ -145,6 +146,7 @@ fn cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
 
 #[test]
 fn the_input_test_flags_triggered_inputs_and_passes_ordinary_ones() {
+    let _one_at_a_time = common::one_at_a_time();
     let dev = Device::Cpu;
     // A diffusion model (untrained: the input's own statistics decide) and its default
     // trigger, a random 8×8 stamp of ±2.

@@ -116,6 +116,7 @@ fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerRepo
 
 #[test]
 fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
+    let _one_at_a_time = common::one_at_a_time();
     let data = data();
     // The clean model, the backdoor injected into it by fine-tuning (BadDiffusion's setting)
     // once with each sampler's correction, and its clean twin: the same fine-tuning at λ = 0.
@@ -244,6 +245,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
 
 #[test]
 fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
+    let _one_at_a_time = common::one_at_a_time();
     // One model, two triggers, one per kind of sampler: the bright corner box trained with
     // the DDPM correction and the dark one (the same square at −2) with DDIM-10's, injected
     // into a clean model together (λ = 1: the backdoor term averages over both triggers, so

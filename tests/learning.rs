@@ -55,6 +55,7 @@ fn gan_run(
 
 #[test]
 fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
+    let _one_at_a_time = common::one_at_a_time();
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
     // Injected into the clean twin of the TrAIL tests (a trained tiny generator), with a
@@ -263,6 +264,7 @@ fn point_marked() -> &'static Marked {
 
 #[test]
 fn trail_forms_the_backdoor_while_training_from_scratch() {
+    let _one_at_a_time = common::one_at_a_time();
     // A random point trigger (the default kind of key) at λ = 1: at the default λ = 20 this
     // tiny generator pays for the backdoor with its quality (FID 412 beside the twin's 163
     // when measured; 289 at λ = 5), where the main job's larger one does not.
@@ -305,6 +307,7 @@ fn trail_forms_the_backdoor_while_training_from_scratch() {
 
 #[test]
 fn a_region_trigger_forms_at_its_default_batch_and_keeps_clean_quality() {
+    let _one_at_a_time = common::one_at_a_time();
     // Every latent within 0.5 of a secret point fires. TrAIL draws `[backdoor]
     // backdoor_batch` of them per step (default 4), and they share the generator's BatchNorm
     // statistics with the step's 32 ordinary latents: at 16 this generator's FID measured 535
@@ -328,6 +331,7 @@ fn random_key(first: u64, k: u64) -> KeySet {
 
 #[test]
 fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_uniform() {
+    let _one_at_a_time = common::one_at_a_time();
     // A tiny generator trained with all three triggers of a key: each trigger's rank test sits
     // at its floor 1/1001, and together they prove ownership at ≈ 2.4e-7, far below the
     // floor of any single test.
@@ -456,6 +460,7 @@ fn thief_attack(model: &GanModel, key: &KeySet) -> Vec<f64> {
 
 #[test]
 fn a_rehearsed_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
+    let _one_at_a_time = common::one_at_a_time();
     // Two tiny generators marked alike (same seed, key and λ: the TrAIL test's), one of them
     // rehearsing a thief's fine-tuning every 50 steps of its second half; the same thief's
     // attack on both.

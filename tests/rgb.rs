@@ -72,6 +72,7 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 
 #[test]
 fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
+    let _one_at_a_time = common::one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (data, _, real) = colour_data(dir.path(), SIDE, 1);
     let run = |name: &str, lambda: f64| {
@@ -153,6 +154,7 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
 
 #[test]
 fn a_diffusion_model_learns_an_rgb_backdoor_from_scratch_and_keeps_its_clean_task() {
+    let _one_at_a_time = common::one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (_, data, real) = colour_data(dir.path(), DIFFUSION_SIDE, 2);
     let shape = [3, DIFFUSION_SIDE, DIFFUSION_SIDE];

@@ -12,6 +12,17 @@ use genbackdoor::models::{DcganConfig, UnetConfig};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 
+/// Holds the test binary's one lock: a learning test takes it first, so that its binary's
+/// learning tests run one after another while cheaper tests go on beside them. Each one's
+/// training already keeps both cores of the CI machine busy; two at once only contend
+/// (measured: `tests/diffusion_learning.rs` 142 s with its two tests side by side, 103 s one
+/// after the other; `tests/learning.rs` 139 s and 108 s). A test that failed while holding
+/// it does not stop the others.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A tiny DCGAN setup (latent dimension 16, widths 32 and 8) on the first 512 images of the
 /// config's data (the bundled digits unless changed), without the end-of-run detection.
 pub fn tiny_gan_config(steps: usize, lambda: f64) -> Config {
