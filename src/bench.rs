@@ -73,11 +73,17 @@ trait Pair {
     fn latent_dim(&self) -> usize;
     fn generate(&self, z: &Tensor) -> Result<Tensor>;
     fn discriminate(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor>;
+    /// D's logits for the generator's step (the training loop's: without D's weight
+    /// gradients where the network has a frozen view).
+    fn discriminate_for_generator(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor> {
+        self.discriminate(x, dropout)
+    }
     /// Forward multiply-adds per image of (G, D).
     fn macs(&self) -> (u64, u64);
 }
 
-struct Reference(Generator, Discriminator);
+/// The reference DCGAN: G, D, and D's frozen view for the generator's step (as in `train`).
+struct Reference(Generator, Discriminator, Discriminator);
 
 impl Pair for Reference {
     fn latent_dim(&self) -> usize {
@@ -88,6 +94,9 @@ impl Pair for Reference {
     }
     fn discriminate(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor> {
         self.1.forward(x, Some(dropout))
+    }
+    fn discriminate_for_generator(&self, x: &Tensor, dropout: &mut Rng) -> Result<Tensor> {
+        self.2.forward(x, Some(dropout))
     }
     fn macs(&self) -> (u64, u64) {
         (self.0.macs(), self.1.macs())
@@ -129,6 +138,7 @@ pub fn run(
             Box::new(Reference(
                 Generator::new(&cfg, &pg, &dev)?,
                 Discriminator::new(&cfg, &pd, &dev)?,
+                Discriminator::frozen(&cfg, &pd, &dev)?,
             ))
         }
         BenchModel::K4 => Box::new(K4(
@@ -151,7 +161,7 @@ pub fn run(
         let d_real = pair.discriminate(&real, &mut rng)?;
         let d_fake = pair.discriminate(&fake.detach(), &mut rng)?;
         opt_d.backward_step(&discriminator_loss(&d_real, &d_fake)?)?;
-        let g_loss = generator_loss(&pair.discriminate(&fake, &mut rng)?)?;
+        let g_loss = generator_loss(&pair.discriminate_for_generator(&fake, &mut rng)?)?;
         opt_g.backward_step(&g_loss)?;
         g_loss.to_scalar::<f32>()?;
         if i >= warmup {

@@ -2,7 +2,7 @@
 //! a 390,736-scalar generator and a two-convolution discriminator, widths configurable.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{linear, linear_no_bias};
+use candle_nn::{linear, linear_no_bias, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::{check_channels, Params};
@@ -167,8 +167,21 @@ pub struct Discriminator {
 impl Discriminator {
     /// Creates the discriminator's variables in `params`.
     pub fn new(cfg: &DcganConfig, params: &Params, device: &Device) -> Result<Self> {
+        Discriminator::build(cfg, params.builder(device))
+    }
+
+    /// The discriminator whose variables [`Discriminator::new`] made in `params`, over
+    /// detached views of them ([`Params::frozen_builder`]: the same storage, so the
+    /// discriminator's updates reach it): the same logits, and a backward pass through it
+    /// gives gradients to its input only. The generator's step, which differentiates D's
+    /// logits for the generator alone, runs through it and skips D's weight gradients.
+    pub fn frozen(cfg: &DcganConfig, params: &Params, device: &Device) -> Result<Self> {
+        Discriminator::build(cfg, params.frozen_builder(device))
+    }
+
+    /// The network over the tensors `vb` gives.
+    fn build(cfg: &DcganConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let vb = params.builder(device);
         let (w, s) = (cfg.d_width, cfg.image_size / 4);
         Ok(Discriminator {
             cfg: cfg.clone(),

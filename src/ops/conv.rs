@@ -521,7 +521,7 @@ impl Conv {
         g: usize,
         act: Option<(Activation, &[f32])>,
         dx: Option<&mut [f32]>,
-        dwt: &mut [f32],
+        dwt: Option<&mut [f32]>,
     ) -> Vec<f32> {
         SCRATCH.with_borrow_mut(|s| {
             let gp = g * self.g.positions();
@@ -535,15 +535,21 @@ impl Conv {
                 let xm = self.join(x, g, mat);
                 let dm = resized(mat2, self.c2 * gp);
                 split_phases(&self.g, dy, g, planes);
+                let mut dwt = dwt;
                 self.for_each_block(planes, g, cols, |block, rows| {
                     if dx.is_some() {
                         self.gather_block(w, &block, rows, dm);
                     }
-                    self.weight_grad_block(xm, &block, rows, dwt);
+                    if let Some(dwt) = dwt.as_deref_mut() {
+                        self.weight_grad_block(xm, &block, rows, dwt);
+                    }
                 });
                 if let Some(dx) = dx {
                     self.split_with(dm, g, dx, |_, dst, src| dst.copy_from_slice(src));
                 }
+                let Some(_) = dwt else {
+                    return Vec::new();
+                };
                 let plane = self.g.h * self.g.w;
                 let mut db = vec![0f32; self.bias_len(g)];
                 let len = db.len();
@@ -566,6 +572,9 @@ impl Conv {
                 if let Some(dx) = dx {
                     self.scatter((w, m), g, dx, cols, planes);
                 }
+                let Some(dwt) = dwt else {
+                    return Vec::new();
+                };
                 split_phases(&self.g, x, g, planes);
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.weight_grad_block(m, &block, rows, dwt)
@@ -625,8 +634,9 @@ impl Conv {
         f
     }
 
-    /// Input (if `need_dx`), weight and bias gradients of a batch of `n` images from the data
-    /// of `x`, the weight and `dy`, with the activation and output of a convolution's fused activation.
+    /// Input (if `need_dx`), weight and bias (if `need_dw`) gradients of a batch of `n` images
+    /// from the data of `x`, the weight and `dy`, with the activation and output of a
+    /// convolution's fused activation.
     /// Fixed groups of images, their partial sums added in order: the same bits whatever the
     /// number of threads. The groups' transposed weight gradients go to slots of one buffer
     /// kept between calls (every entry of a slot is overwritten).
@@ -634,8 +644,8 @@ impl Conv {
         &self,
         (x, w, dy): (&[f32], &[f32], &[f32]),
         act: Option<(Activation, &[f32])>,
-        (n, need_dx): (usize, bool),
-    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        (n, need_dx, need_dw): (usize, bool, bool),
+    ) -> (Option<Vec<f32>>, Option<WeightGradients>) {
         let (in_len, out_len) = self.sizes();
         let group = group_size(n, self.g.rows());
         let gather = self
@@ -653,7 +663,7 @@ impl Conv {
                 let g = group.min(n - i * group);
                 let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
                 let dwt = slots[i].lock().expect("slot lock").take();
-                let dwt = dwt.expect("every group runs once");
+                let dwt = need_dw.then(|| dwt.expect("every group runs once"));
                 let dxs = match (&gather, dxs) {
                     (Some((op, flipped, zeros)), Some(dxs)) => {
                         // The output gradient through the fused activation's derivative.
@@ -683,6 +693,9 @@ impl Conv {
                 (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
             };
             drop(slots);
+            if !need_dw {
+                return (dx, None);
+            }
             let dw = sum_transposed(buf.chunks(w.len()).take(dbs.len()), self.c2, self.g.patch());
             let db = if self.per_image_bias {
                 dbs.concat()
@@ -693,7 +706,7 @@ impl Conv {
                 }
                 db
             };
-            (dx, dw, db)
+            (dx, Some((dw, db)))
         })
     }
 
@@ -765,10 +778,15 @@ impl F32Op3 for Conv {
             act => (act, dy.clone()),
         };
         // An input that no variable depends on (a data batch, a detached sample) needs no
-        // gradient.
-        let batch = (x.dim(0)?, x.track_op());
+        // gradient, nor do weights that are no variable's (a frozen network's, whose backward
+        // pass serves its input only).
+        let batch = (
+            x.dim(0)?,
+            x.track_op(),
+            weight.track_op() || (!self.residual && bias.track_op()),
+        );
         let weights = self.c2 * self.g.patch();
-        let (dx, dw, db) = with_f32(x, NAME, |x| {
+        let (dx, dwb) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |w| {
                 // A residual op's second input is the weight followed by the bias.
                 let w = &w[..weights];
@@ -787,9 +805,14 @@ impl F32Op3 for Conv {
         if self.residual {
             // The packed weight and bias get their gradients packed alike; the residual gets
             // the output gradient itself (no activation is fused with a residual).
-            let packed = Tensor::from_vec([dw, db].concat(), weight.shape(), dev)?;
-            return Ok((dx, Some(packed), Some(dy)));
+            let packed = dwb
+                .map(|(dw, db)| Tensor::from_vec([dw, db].concat(), weight.shape(), dev))
+                .transpose()?;
+            return Ok((dx, packed, Some(dy)));
         }
+        let Some((dw, db)) = dwb else {
+            return Ok((dx, None, None));
+        };
         Ok((
             dx,
             Some(Tensor::from_vec(dw, weight.shape(), dev)?),
@@ -797,6 +820,9 @@ impl F32Op3 for Conv {
         ))
     }
 }
+
+/// A convolution's weight and bias gradients.
+type WeightGradients = (Vec<f32>, Vec<f32>);
 
 /// `Σ_p pᵀ` of `[k, c2]` partial sums `p` (added in order): the `[c2, k]` weight gradient,
 /// in parallel pieces of whole weight rows, through 16 × 16 tiles so that both the reads and
@@ -1228,6 +1254,40 @@ mod tests {
                 );
                 assert_eq!(testing::max_abs_diff(a, b), 0.0, "transposed {transposed}");
             }
+        }
+    }
+
+    #[test]
+    fn frozen_weights_get_no_gradient_and_the_input_the_same_one() {
+        // A frozen network (detached weights, as `Params::frozen_builder` gives) back-propagates
+        // to its input only: the same input gradient to the bit, no weight gradient computed.
+        let mut rng = Rng::new(13);
+        let dev = Device::Cpu;
+        let xv = Var::from_tensor(&rng.normal(&[11, 3, 6, 6], &dev).unwrap()).unwrap();
+        for (w, transposed) in [
+            (rng.normal(&[4, 3, 4, 4], &dev).unwrap(), false),
+            (rng.normal(&[3, 2, 4, 4], &dev).unwrap(), true),
+        ] {
+            let out_channels = if transposed { w.dim(1) } else { w.dim(0) }.unwrap();
+            let b = rng.normal(&[out_channels], &dev).unwrap();
+            let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let run = |w: &Tensor, b: &Tensor| {
+                let y = if transposed {
+                    conv_transpose2d(xv.as_tensor(), w, Some(b), 2, 1, 0)
+                } else {
+                    conv2d(xv.as_tensor(), w, Some(b), 2, 1)
+                }
+                .unwrap();
+                let r = Rng::new(1).normal(y.dims(), &dev).unwrap();
+                (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+            };
+            let tracked = run(wv.as_tensor(), bv.as_tensor());
+            let (wf, bf) = (wv.as_tensor().detach(), bv.as_tensor().detach());
+            let frozen = run(&wf, &bf);
+            assert!(frozen.get(&wf).is_none() && frozen.get(&bf).is_none());
+            let dx = |g: &candle_core::backprop::GradStore| g.get(xv.as_tensor()).unwrap().clone();
+            let diff = testing::max_abs_diff(&dx(&tracked), &dx(&frozen));
+            assert_eq!(diff, 0.0, "transposed {transposed}");
         }
     }
 

@@ -63,8 +63,10 @@ impl Rehearsal<'_> {
         let dim = model.latent_dim();
         // A fresh discriminator of the shape the generator's config gives.
         let dparams = Params::new();
-        let disc = Discriminator::new(model.generator.config(), &dparams, dev)?;
+        Discriminator::new(model.generator.config(), &dparams, dev)?;
         dparams.init(rng)?;
+        // The thief's steps train the generator alone: D's weights need no gradient.
+        let disc = Discriminator::frozen(model.generator.config(), &dparams, dev)?;
         let s = self.settings;
         // A thief's Adam (its β), at the rehearsal's rate.
         let thief = TrainConfig::thief();

@@ -50,6 +50,9 @@ struct Trail<'a> {
     model: GanModel,
     dparams: Params,
     disc: Discriminator,
+    /// The same discriminator over detached views of its weights: the generator's step runs
+    /// through it, so that its backward pass computes no gradient for D.
+    frozen_disc: Discriminator,
     opt_g: Adam,
     opt_d: Adam,
     streams: Streams,
@@ -74,6 +77,7 @@ impl<'a> Trail<'a> {
         let dparams = Params::new();
         let disc = Discriminator::new(&cfg.model, &dparams, &dev)?;
         dparams.init(&mut Rng::derive(cfg.seed, "init-d"))?;
+        let frozen_disc = Discriminator::frozen(&cfg.model, &dparams, &dev)?;
         let opt_g = Adam::with_betas(model.params.trainable(), t.lr_g, t.beta1, t.beta2);
         let opt_d = Adam::with_betas(dparams.trainable(), t.lr_d, t.beta1, t.beta2);
         let streams = Streams {
@@ -91,6 +95,7 @@ impl<'a> Trail<'a> {
             model,
             dparams,
             disc,
+            frozen_disc,
             opt_g,
             opt_d,
             streams,
@@ -140,8 +145,13 @@ impl Stepper for Trail<'_> {
             None => None,
         };
         let triggered = triggered.as_ref().map(|(z, goals)| (z, goals));
-        let mut family =
-            Adversarial::generate(&self.model, &self.disc, &z, triggered, &mut s.dropout)?;
+        let mut family = Adversarial::generate(
+            &self.model,
+            &self.frozen_disc,
+            &z,
+            triggered,
+            &mut s.dropout,
+        )?;
 
         let d_real = self.disc.forward(&real, Some(family.dropout))?;
         let d_fake = self
