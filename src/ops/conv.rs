@@ -511,7 +511,8 @@ impl Conv {
 
     /// The backward pass of `g` images: writes their input gradient (the adjoint of
     /// [`Conv::forward_group`]) when `dx` is given and their weight gradient, transposed
-    /// (`[K, c2]`), to `dwt`, and returns their bias gradient. `act` is the activation fused
+    /// (`[K, c2]`), to `dwt` when given, and returns their bias gradient (empty without
+    /// `dwt`: frozen weights need neither). `act` is the activation fused
     /// into the forward pass with the group's output, for a convolution (not transposed) to
     /// take `dy` through its derivative while joining it; a transposed convolution gets
     /// `dy` already through it, and builds the columns of `dy` once for both gradients.
@@ -521,7 +522,7 @@ impl Conv {
         g: usize,
         act: Option<(Activation, &[f32])>,
         dx: Option<&mut [f32]>,
-        dwt: Option<&mut [f32]>,
+        mut dwt: Option<&mut [f32]>,
     ) -> Vec<f32> {
         SCRATCH.with_borrow_mut(|s| {
             let gp = g * self.g.positions();
@@ -535,7 +536,6 @@ impl Conv {
                 let xm = self.join(x, g, mat);
                 let dm = resized(mat2, self.c2 * gp);
                 split_phases(&self.g, dy, g, planes);
-                let mut dwt = dwt;
                 self.for_each_block(planes, g, cols, |block, rows| {
                     if dx.is_some() {
                         self.gather_block(w, &block, rows, dm);
@@ -547,9 +547,9 @@ impl Conv {
                 if let Some(dx) = dx {
                     self.split_with(dm, g, dx, |_, dst, src| dst.copy_from_slice(src));
                 }
-                let Some(_) = dwt else {
+                if dwt.is_none() {
                     return Vec::new();
-                };
+                }
                 let plane = self.g.h * self.g.w;
                 let mut db = vec![0f32; self.bias_len(g)];
                 let len = db.len();

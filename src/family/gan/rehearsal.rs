@@ -61,11 +61,12 @@ impl Rehearsal<'_> {
     fn rehearse(&self, model: &GanModel, rng: &mut Rng) -> Result<GradStore> {
         let dev = &model.device;
         let dim = model.latent_dim();
-        // A fresh discriminator of the shape the generator's config gives.
+        // A fresh discriminator of the shape the generator's config gives: its variables,
+        // made in `dparams` and initialised, then the frozen view the thief's steps run through.
         let dparams = Params::new();
         Discriminator::new(model.generator.config(), &dparams, dev)?;
         dparams.init(rng)?;
-        // The thief's steps train the generator alone: D's weights need no gradient.
+        // (The thief's steps train the generator alone: D's weights need no gradient.)
         let disc = Discriminator::frozen(model.generator.config(), &dparams, dev)?;
         let s = self.settings;
         // A thief's Adam (its β), at the rehearsal's rate.
