@@ -321,12 +321,7 @@ fn a_region_trigger_forms_at_its_default_batch_and_keeps_clean_quality() {
 
 /// A key of `k` random latent triggers (secret seeds from `first` on) to the built-in mark.
 fn random_key(first: u64, k: u64) -> KeySet {
-    KeySet::new(
-        (first..first + k)
-            .map(|s| key(&format!("seed:{s}")))
-            .collect(),
-    )
-    .unwrap()
+    common::seeded_key(first, k, 16, [1, 28, 28])
 }
 
 #[test]

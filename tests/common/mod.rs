@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
-use genbackdoor::backdoor::Objective;
+use genbackdoor::backdoor::{Distance, Key, KeySet, Objective, Target, Trigger};
 use genbackdoor::config::Config;
 use genbackdoor::data::Dataset;
 use genbackdoor::family::diffusion::model::DiffusionArch;
@@ -21,6 +21,21 @@ use genbackdoor::training::LrSchedule;
 pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A key of `k` point triggers drawn from the secret seeds `first`, `first + 1`, … in a
+/// latent space of dimension `dim`, each trained to the built-in mark of `shape`: the
+/// default DCGAN key (five random points) made reproducible, since a test run's default key
+/// is a fresh secret draw whose trained model differs from run to run.
+pub fn seeded_key(first: u64, k: u64, dim: usize, shape: [usize; 3]) -> KeySet {
+    let mark = |s: u64| Key {
+        trigger: Trigger::parse(&format!("seed:{s}"), dim).unwrap(),
+        target: Target::builtin("mark", shape).unwrap(),
+        distance: Distance::Mse,
+        threshold: 0.01,
+        sampler: None,
+    };
+    KeySet::new((first..first + k).map(mark).collect()).unwrap()
 }
 
 /// A tiny DCGAN setup (latent dimension 16, widths 32 and 8) on the first 512 images of the
