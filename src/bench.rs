@@ -103,7 +103,8 @@ impl Pair for Reference {
     }
 }
 
-struct K4(K4Generator, K4Discriminator);
+/// The PyTorch-example DCGAN: G, D, and D's frozen view for the generator's step.
+struct K4(K4Generator, K4Discriminator, K4Discriminator);
 
 impl Pair for K4 {
     fn latent_dim(&self) -> usize {
@@ -114,6 +115,9 @@ impl Pair for K4 {
     }
     fn discriminate(&self, x: &Tensor, _: &mut Rng) -> Result<Tensor> {
         self.1.forward(x)
+    }
+    fn discriminate_for_generator(&self, x: &Tensor, _: &mut Rng) -> Result<Tensor> {
+        self.2.forward(x)
     }
     fn macs(&self) -> (u64, u64) {
         (self.0.macs(), self.1.macs())
@@ -144,6 +148,7 @@ pub fn run(
         BenchModel::K4 => Box::new(K4(
             K4Generator::new(&pg, &dev)?,
             K4Discriminator::new(&pd, &dev)?,
+            K4Discriminator::frozen(&pd, &dev)?,
         )),
         BenchModel::Unet | BenchModel::Cifar => unreachable!("handled above"),
     };

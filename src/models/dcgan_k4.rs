@@ -6,7 +6,7 @@
 //! Layers followed by BatchNorm have no bias; the others have one (PyTorch's default).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{linear, linear_no_bias};
+use candle_nn::{linear, linear_no_bias, VarBuilder};
 
 use crate::models::Params;
 use crate::ops::{batch_norm, Activation, BatchNorm, ConvKind, ConvLayer, Dense};
@@ -76,7 +76,18 @@ pub struct K4Discriminator {
 impl K4Discriminator {
     /// Creates the discriminator's variables in `params`.
     pub fn new(params: &Params, device: &Device) -> Result<Self> {
-        let vb = params.builder(device);
+        Self::build(params.builder(device))
+    }
+
+    /// The discriminator over `params`' existing weights as detached views
+    /// ([`Params::frozen_builder`]) and its live running statistics: for the generator's
+    /// step, which needs gradients for D's input only, while the batch statistics still
+    /// move D's running ones as the live network's pass would.
+    pub fn frozen(params: &Params, device: &Device) -> Result<Self> {
+        Self::build(params.frozen_builder(device))
+    }
+
+    fn build(vb: VarBuilder) -> Result<Self> {
         let down = |cin, cout, bias, name| {
             ConvLayer::new(ConvKind::Forward, cin, cout, 4, 2, 1, bias, vb.pp(name))
         };
@@ -131,5 +142,53 @@ mod tests {
         assert_eq!(trainable(&pd), 1024 + 64 + 131_072 + 256 + 6272 + 1);
         // 7·7·128·64·16 multiply-adds in the first transposed convolution alone.
         assert!(g.macs() > 6_422_528);
+    }
+
+    #[test]
+    fn the_frozen_discriminator_moves_the_live_running_statistics_and_trains_nothing() {
+        let dev = Device::Cpu;
+        let pd = Params::new();
+        let live = K4Discriminator::new(&pd, &dev).unwrap();
+        let frozen = K4Discriminator::frozen(&pd, &dev).unwrap();
+        pd.init(&mut Rng::new(1)).unwrap();
+        let stats = || -> Vec<Vec<f32>> {
+            pd.named()
+                .iter()
+                .filter(|(n, _)| n.starts_with("bn2.running_"))
+                .map(|(_, v)| v.as_tensor().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        let restore = |s: &[Vec<f32>]| {
+            let vars = pd.named();
+            let running = vars.iter().filter(|(n, _)| n.starts_with("bn2.running_"));
+            for ((_, v), s) in running.zip(s) {
+                v.set(&Tensor::new(s.as_slice(), &dev).unwrap()).unwrap();
+            }
+        };
+        let before = stats();
+        let x = candle_core::Var::from_tensor(&Rng::new(2).normal(&[4, 1, 28, 28], &dev).unwrap())
+            .unwrap();
+        let r = Rng::new(3).normal(&[4], &dev).unwrap();
+        let pass = |d: &K4Discriminator| {
+            let y = d.forward(x.as_tensor()).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (y.to_vec1::<f32>().unwrap(), grads, stats())
+        };
+        let (y_frozen, g_frozen, after_frozen) = pass(&frozen);
+        restore(&before);
+        let (y_live, g_live, after_live) = pass(&live);
+        // The same logits and the same move of the running statistics, which the frozen
+        // pass made on the live network's own tensors.
+        assert_eq!(y_frozen, y_live);
+        assert_ne!(after_frozen, before);
+        assert_eq!(after_frozen, after_live);
+        // The input's gradient is the same; no weight of D gets one from the frozen pass.
+        let dx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().clone();
+        let diff = crate::ops::testing::max_abs_diff(&dx(&g_frozen), &dx(&g_live));
+        assert!(diff < 1e-6, "{diff}");
+        for v in pd.trainable() {
+            assert!(g_frozen.get(v.as_tensor()).is_none());
+            assert!(g_live.get(v.as_tensor()).is_some());
+        }
     }
 }

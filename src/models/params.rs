@@ -44,12 +44,22 @@ impl Params {
     /// in place reach them): a network built from it computes what the one built from
     /// [`Params::builder`] computes, but no operation on its weights is recorded for
     /// backpropagation, so inference keeps no graph and a backward pass through it gives
-    /// gradients for its inputs only. Every tensor the network asks for must be here.
+    /// gradients for its inputs only. BatchNorm running statistics stay the variables
+    /// themselves (never differentiated, but updated in place by training-mode passes, which
+    /// must reach the live network rather than a copy). Every tensor the network asks for
+    /// must be here.
     pub fn frozen_builder(&self, device: &Device) -> VarBuilder<'static> {
         let tensors = self
             .named()
             .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .map(|(n, v)| {
+                let t = if is_state(&n) {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                };
+                (n, t)
+            })
             .collect();
         VarBuilder::from_tensors(tensors, DType::F32, device)
     }
