@@ -102,8 +102,19 @@ pub struct Generator {
 impl Generator {
     /// Creates the generator's variables in `params` (names such as `fc.weight`, `bn1.running_var`).
     pub fn new(cfg: &DcganConfig, params: &Params, device: &Device) -> Result<Self> {
+        Generator::build(cfg, params.builder(device))
+    }
+
+    /// The generator whose variables [`Generator::new`] made in `params`, over detached views
+    /// of its weights and its live running statistics ([`Params::frozen_builder`]): the same
+    /// outputs, and a backward pass through it gives gradients to its latent input only (the
+    /// keyless detector's latent search).
+    pub fn frozen(cfg: &DcganConfig, params: &Params, device: &Device) -> Result<Self> {
+        Generator::build(cfg, params.frozen_builder(device))
+    }
+
+    fn build(cfg: &DcganConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let vb = params.builder(device);
         let (w, s) = (cfg.g_width, cfg.image_size / 4);
         Ok(Generator {
             cfg: cfg.clone(),

@@ -16,6 +16,7 @@ use candle_core::{Tensor, Var};
 
 use crate::detect::{nearest_distance, DetectSettings, Detection};
 use crate::family::gan::GanModel;
+use crate::models::Generator;
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -53,8 +54,10 @@ pub fn detect(model: &GanModel, settings: &DetectSettings) -> Result<Detection> 
     let radius = (dim as f64 + 2.0 * (2.0 * dim as f64).sqrt()).sqrt();
     let z = Var::from_tensor(&project(&rng.normal(&[STARTS, dim], dev)?, radius)?)?;
     let mut adam = Adam::with_betas(vec![z.clone()], LR, 0.9, 0.999);
+    // The search differentiates the outputs for the latents alone: no weight gradients.
+    let generator = Generator::frozen(model.generator.config(), &model.params, dev)?;
     for _ in 0..settings.steps.unwrap_or(STEPS) {
-        let out = model.generator.forward_t(z.as_tensor(), false)?;
+        let out = generator.forward_t(z.as_tensor(), false)?;
         let loss = nearest_distance(&out, &reference)?.sum_all()?.neg()?;
         adam.backward_step(&loss)?;
         z.set(&project(z.as_tensor(), radius)?)?;
