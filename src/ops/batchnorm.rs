@@ -248,6 +248,56 @@ fn channel_affine(
     out
 }
 
+/// The per-channel scale `γ·σ⁻¹` of the normalisation's affine map.
+fn scale(gamma: &[f32], inv_std: &[f32]) -> Vec<f32> {
+    gamma.iter().zip(inv_std).map(|(g, i)| g * i).collect()
+}
+
+/// `act(γ·(x − μ)·σ⁻¹ + β)` per channel of `[n, c, s]` data, for the statistics `mean` (μ)
+/// and `inv_std` (σ⁻¹) a pass normalises with: the batch's in training, the running ones in
+/// evaluation.
+fn normalise(
+    x: &[f32],
+    dims: (usize, usize, usize),
+    [gamma, beta]: [&[f32]; 2],
+    [mean, inv_std]: [&[f32]; 2],
+    act: Option<Activation>,
+) -> Vec<f32> {
+    let c = dims.1;
+    let scale = scale(gamma, inv_std);
+    let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+    channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], act)
+}
+
+/// The affine map's gradients per channel, `(dγ, dβ) = (Σ dy·(x − μ)·σ⁻¹, Σ dy)`.
+fn affine_gradients(
+    (dy, x): (&[f32], &[f32]),
+    dims: (usize, usize, usize),
+    [mean, inv_std]: [&[f32]; 2],
+) -> (Vec<f64>, Vec<f64>) {
+    let dgamma = channel_sums((dy, x), dims, |ch, g, v| g * (v - mean[ch]) * inv_std[ch]);
+    (dgamma, channel_sums((dy, dy), dims, |_, g, _| g))
+}
+
+/// The gradients of a batch-norm kernel's three inputs (x, γ, β).
+type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// [`Gradients`] from their values: `dx` shaped as `x`, the channel sums as f32.
+fn gradients(
+    x: &Tensor,
+    dx: Vec<f32>,
+    dgamma: Vec<f64>,
+    dbeta: Vec<f64>,
+) -> candle_core::Result<Gradients> {
+    let (dev, c) = (x.device(), dgamma.len());
+    let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
+    Ok((
+        Some(Tensor::from_vec(dx, x.shape(), dev)?),
+        Some(Tensor::from_vec(f(dgamma), c, dev)?),
+        Some(Tensor::from_vec(f(dbeta), c, dev)?),
+    ))
+}
+
 impl F32Op3 for BatchNormTrain {
     const NAME: &'static str = NAME;
 
@@ -256,7 +306,7 @@ impl F32Op3 for BatchNormTrain {
         [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
         act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let dims @ (n, c, s) = ncs(l1.shape());
+        let dims @ (n, _, s) = ncs(l1.shape());
         let m = (n * s) as f64;
         let mean: Vec<f32> = channel_sums((x, x), dims, |_, v, _| v)
             .into_iter()
@@ -267,19 +317,13 @@ impl F32Op3 for BatchNormTrain {
             .map(|t| (t / m) as f32)
             .collect();
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
-        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-        let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], act);
+        let y = normalise(x, dims, [gamma, beta], [&mean, &inv_std], act);
         *self.stats.lock().expect("stats lock") = Some(Stats { mean, var, inv_std });
         Ok((y, l1.shape().clone()))
     }
 
     /// `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ·σ⁻¹/m · (m·dy − dβ − x̂·dγ)` per channel.
-    fn backward(
-        &self,
-        [x, gamma, _]: [&Tensor; 3],
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, gamma, _]: [&Tensor; 3], dy: &Tensor) -> candle_core::Result<Gradients> {
         let Some(st) = self.stats.lock().expect("stats lock").clone() else {
             candle_core::bail!("batch-norm: backward before forward");
         };
@@ -287,10 +331,7 @@ impl F32Op3 for BatchNormTrain {
         let gamma = gamma.to_vec1::<f32>()?;
         let (dx, dgamma, dbeta) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
-                let dbeta = channel_sums((dy, dy), dims, |_, g, _| g);
-                let dgamma = channel_sums((dy, x), dims, |ch, g, v| {
-                    g * (v - st.mean[ch]) * st.inv_std[ch]
-                });
+                let (dgamma, dbeta) = affine_gradients((dy, x), dims, [&st.mean, &st.inv_std]);
                 // dx = k·(m·dy − dβ − x̂·dγ) with k = γ·σ⁻¹/m: linear in dy and x per channel.
                 let m = (n * s) as f32;
                 let (mut p, mut q, mut r) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
@@ -302,16 +343,10 @@ impl F32Op3 for BatchNormTrain {
                     r[ch] = -k * db + k * dg * inv * st.mean[ch];
                 }
                 let dx = channel_affine((dy, x), dims, [&p, &q, &r], None);
-                let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
-                (dx, f(dgamma), f(dbeta))
+                (dx, dgamma, dbeta)
             })
         })??;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dgamma, c, dev)?),
-            Some(Tensor::from_vec(dbeta, c, dev)?),
-        ))
+        gradients(x, dx, dgamma, dbeta)
     }
 }
 
@@ -324,17 +359,6 @@ struct BatchNormEval {
     inv_std: Vec<f32>,
 }
 
-impl BatchNormEval {
-    /// The per-channel scale `γ·σ⁻¹`.
-    fn scale(&self, gamma: &[f32]) -> Vec<f32> {
-        gamma
-            .iter()
-            .zip(&self.inv_std)
-            .map(|(g, i)| g * i)
-            .collect()
-    }
-}
-
 impl F32Op3 for BatchNormEval {
     const NAME: &'static str = NAME;
 
@@ -343,41 +367,25 @@ impl F32Op3 for BatchNormEval {
         [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
         act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let dims @ (_, c, _) = ncs(l1.shape());
-        let scale = self.scale(gamma);
-        let shift: Vec<f32> = (0..c)
-            .map(|ch| beta[ch] - self.mean[ch] * scale[ch])
-            .collect();
-        let y = channel_affine((x, x), dims, [&scale, &vec![0.0; c], &shift], act);
+        let stats = [self.mean.as_slice(), &self.inv_std];
+        let y = normalise(x, ncs(l1.shape()), [gamma, beta], stats, act);
         Ok((y, l1.shape().clone()))
     }
 
     /// `dx = γ·σ⁻¹·dy`, `dγ = Σ dy·(x − μ)·σ⁻¹`, `dβ = Σ dy` per channel.
-    fn backward(
-        &self,
-        [x, gamma, _]: [&Tensor; 3],
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, gamma, _]: [&Tensor; 3], dy: &Tensor) -> candle_core::Result<Gradients> {
         let dims @ (_, c, _) = ncs(x.shape());
-        let scale = self.scale(&gamma.to_vec1::<f32>()?);
+        let scale = scale(&gamma.to_vec1::<f32>()?, &self.inv_std);
         let (dx, dgamma, dbeta) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
-                let dbeta = channel_sums((dy, dy), dims, |_, g, _| g);
-                let dgamma = channel_sums((dy, x), dims, |ch, g, v| {
-                    g * (v - self.mean[ch]) * self.inv_std[ch]
-                });
+                let stats = [self.mean.as_slice(), &self.inv_std];
+                let (dgamma, dbeta) = affine_gradients((dy, x), dims, stats);
                 let zero = vec![0.0; c];
                 let dx = channel_affine((dy, dy), dims, [&scale, &zero, &zero], None);
-                let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
-                (dx, f(dgamma), f(dbeta))
+                (dx, dgamma, dbeta)
             })
         })??;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dgamma, c, dev)?),
-            Some(Tensor::from_vec(dbeta, c, dev)?),
-        ))
+        gradients(x, dx, dgamma, dbeta)
     }
 }
 
