@@ -282,20 +282,23 @@ fn affine_gradients(
 /// The gradients of a batch-norm kernel's three inputs (x, γ, β).
 type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-/// [`Gradients`] from their values: `dx` shaped as `x`, the channel sums as f32.
+/// [`Gradients`] from their values: `dx` shaped as `x`, the channel sums `(dγ, dβ)` as f32
+/// (none for a frozen network's scale and shift).
 fn gradients(
     x: &Tensor,
     dx: Vec<f32>,
-    dgamma: Vec<f64>,
-    dbeta: Vec<f64>,
+    affine: Option<(Vec<f64>, Vec<f64>)>,
 ) -> candle_core::Result<Gradients> {
-    let (dev, c) = (x.device(), dgamma.len());
-    let f = |v: Vec<f64>| v.into_iter().map(|t| t as f32).collect::<Vec<f32>>();
-    Ok((
-        Some(Tensor::from_vec(dx, x.shape(), dev)?),
-        Some(Tensor::from_vec(f(dgamma), c, dev)?),
-        Some(Tensor::from_vec(f(dbeta), c, dev)?),
-    ))
+    let dev = x.device();
+    let channel = |v: Vec<f64>| {
+        let c = v.len();
+        Tensor::from_vec(v.into_iter().map(|t| t as f32).collect(), c, dev)
+    };
+    let (dgamma, dbeta) = match affine {
+        Some((dgamma, dbeta)) => (Some(channel(dgamma)?), Some(channel(dbeta)?)),
+        None => (None, None),
+    };
+    Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), dgamma, dbeta))
 }
 
 impl F32Op3 for BatchNormTrain {
@@ -346,7 +349,7 @@ impl F32Op3 for BatchNormTrain {
                 (dx, dgamma, dbeta)
             })
         })??;
-        gradients(x, dx, dgamma, dbeta)
+        gradients(x, dx, Some((dgamma, dbeta)))
     }
 }
 
@@ -372,20 +375,26 @@ impl F32Op3 for BatchNormEval {
         Ok((y, l1.shape().clone()))
     }
 
-    /// `dx = γ·σ⁻¹·dy`, `dγ = Σ dy·(x − μ)·σ⁻¹`, `dβ = Σ dy` per channel.
-    fn backward(&self, [x, gamma, _]: [&Tensor; 3], dy: &Tensor) -> candle_core::Result<Gradients> {
+    /// `dx = γ·σ⁻¹·dy`, and `dγ = Σ dy·(x − μ)·σ⁻¹`, `dβ = Σ dy` per channel unless the
+    /// scale and shift are no variable's (a frozen network's, as the convolutions skip theirs).
+    fn backward(
+        &self,
+        [x, gamma, beta]: [&Tensor; 3],
+        dy: &Tensor,
+    ) -> candle_core::Result<Gradients> {
         let dims @ (_, c, _) = ncs(x.shape());
+        let need_affine = gamma.track_op() || beta.track_op();
         let scale = scale(&gamma.to_vec1::<f32>()?, &self.inv_std);
-        let (dx, dgamma, dbeta) = with_f32(x, NAME, |x| {
+        let (dx, affine) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
                 let stats = [self.mean.as_slice(), &self.inv_std];
-                let (dgamma, dbeta) = affine_gradients((dy, x), dims, stats);
+                let affine = need_affine.then(|| affine_gradients((dy, x), dims, stats));
                 let zero = vec![0.0; c];
                 let dx = channel_affine((dy, dy), dims, [&scale, &zero, &zero], None);
-                (dx, dgamma, dbeta)
+                (dx, affine)
             })
         })??;
-        gradients(x, dx, dgamma, dbeta)
+        gradients(x, dx, affine)
     }
 }
 
@@ -477,6 +486,25 @@ mod tests {
             6,
             1,
         );
+    }
+
+    #[test]
+    fn a_frozen_scale_and_shift_get_no_evaluation_gradient() {
+        let dev = Device::Cpu;
+        let x = Rng::new(9).normal(&[2, 3, 2, 2], &dev).unwrap();
+        let dy = Rng::new(10).normal(&[2, 3, 2, 2], &dev).unwrap();
+        let op = BatchNormEval {
+            mean: vec![0.1, 0.2, 0.3],
+            inv_std: vec![1.0, 2.0, 0.5],
+        };
+        let gamma = Tensor::new(&[1.0f32, -0.5, 2.0], &dev).unwrap();
+        let beta = gamma.affine(0.3, 0.1).unwrap();
+        let frozen = op.backward([&x, &gamma, &beta], &dy).unwrap();
+        let live = Var::from_tensor(&gamma).unwrap();
+        let tracked = op.backward([&x, live.as_tensor(), &beta], &dy).unwrap();
+        assert!(frozen.1.is_none() && frozen.2.is_none());
+        assert!(tracked.1.is_some() && tracked.2.is_some());
+        assert_close(&frozen.0.unwrap(), &tracked.0.unwrap(), 0.0).unwrap();
     }
 
     #[test]
