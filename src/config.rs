@@ -112,6 +112,9 @@ pub struct DiffusionConfig {
     pub inject: DiffusionInject,
     /// Training deterministic-sampler triggers on the states their sampler visits.
     pub rollout: DiffusionRollout,
+    /// Fine-tuning-aware training and injection (`[diffusion.rehearsal]`; off by default):
+    /// the rehearsed fine-tuning is a thief's continued clean denoising training.
+    pub rehearsal: RehearsalConfig,
 }
 
 /// How β_t grows over the T steps.
@@ -292,6 +295,7 @@ impl Default for DiffusionConfig {
             quality_samples: DIFFUSION_QUALITY_SAMPLES,
             inject: DiffusionInject::default(),
             rollout: DiffusionRollout::default(),
+            rehearsal: RehearsalConfig::default(),
             diffusers: None,
         }
     }
@@ -344,12 +348,13 @@ pub struct TrainConfig {
     pub rehearsal: RehearsalConfig,
 }
 
-/// Fine-tuning-aware injection (TrAIL's `[train.rehearsal]`, ReD's `[inject.rehearsal]`):
-/// every `every` steps from the fraction `start` of
-/// training on, the generator rehearses a thief's clean fine-tuning (`steps` Adam steps at
-/// `lr` against a freshly initialised discriminator, from a copy of its weights), and that
-/// step's update also follows the backdoor term's gradient taken at the rehearsed weights
-/// (weight λ), so that the mark holds where fine-tuning moves the model. Off when `every` is 0.
+/// Fine-tuning-aware injection (TrAIL's `[train.rehearsal]`, ReD's `[inject.rehearsal]`,
+/// diffusion models' `[diffusion.rehearsal]`): every `every` steps from the fraction `start` of
+/// training on, the model rehearses a thief's clean fine-tuning (`steps` Adam steps at `lr`
+/// from a copy of its weights: a generator against a freshly initialised discriminator, a
+/// diffusion model on clean denoising batches), and that step's update also follows the
+/// backdoor term's gradient taken at the rehearsed weights (weight λ), so that the mark holds
+/// where fine-tuning moves the model. Off when `every` is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RehearsalConfig {
@@ -357,8 +362,8 @@ pub struct RehearsalConfig {
     pub every: usize,
     /// Fine-tuning steps per rehearsal.
     pub steps: usize,
-    /// Adam learning rate of the rehearsed fine-tuning: above a thief's 2e-4, so that a
-    /// short rehearsal moves the weights as far as a longer attack.
+    /// Adam learning rate of the rehearsed fine-tuning: above the thief's (2e-4 for a
+    /// generator), so that a short rehearsal moves the weights as far as a longer attack.
     pub lr: f64,
     /// Fraction of training before the first rehearsal (the backdoor forms first).
     pub start: f64,
@@ -604,7 +609,11 @@ impl Config {
         fraction("train.beta1", t.beta1)?;
         fraction("train.beta2", t.beta2)?;
         weight("train.lambda", t.lambda)?;
-        for (section, r) in [("train", &t.rehearsal), ("inject", &i.rehearsal)] {
+        for (section, r) in [
+            ("train", &t.rehearsal),
+            ("inject", &i.rehearsal),
+            ("diffusion", &self.diffusion.rehearsal),
+        ] {
             if r.every > 0 {
                 positive(&format!("{section}.rehearsal.steps"), r.steps)?;
                 rate(&format!("{section}.rehearsal.lr"), r.lr)?;
@@ -761,6 +770,8 @@ mod tests {
             "[train.rehearsal]\nevery = 50\nlr = 0.0",
             "[train.rehearsal]\nrounds = 3",
             "[inject.rehearsal]\nevery = 50\nlr = -1.0",
+            "[diffusion.rehearsal]\nevery = 50\nsteps = 0",
+            "[diffusion.rehearsal]\nrounds = 3",
             "[backdoor]\nbackdoor_batch = 0",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");

@@ -208,6 +208,48 @@ impl InplaceOp2 for Update<'_> {
     }
 }
 
+/// Adds `weight` times `extra`'s gradient of each of `vars` to `grads` (a second objective's
+/// gradient, taken elsewhere, joined to a step's own before the update).
+pub fn add_scaled(
+    grads: &mut GradStore,
+    extra: &GradStore,
+    vars: &[Var],
+    weight: f64,
+) -> Result<()> {
+    for v in vars {
+        if let Some(e) = extra.get(v) {
+            let sum = match grads.get(v) {
+                Some(g) => (g + (e * weight)?)?,
+                None => (e * weight)?,
+            };
+            grads.insert(v, sum);
+        }
+    }
+    Ok(())
+}
+
+/// Comparisons of tensors and gradients for the tests of modules that take gradients.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::backprop::GradStore;
+    use candle_core::{Tensor, Var};
+
+    /// The largest absolute difference between two tensors.
+    pub fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    /// The largest absolute difference between two gradient stores over `vars` (each must
+    /// hold a gradient of every one).
+    pub fn gradient_gap(a: &GradStore, b: &GradStore, vars: &[Var]) -> f32 {
+        vars.iter()
+            .map(|v| max_gap(a.get(v).unwrap(), b.get(v).unwrap()))
+            .fold(0.0, f32::max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +370,21 @@ mod tests {
             v: vec![vec![0.0; 3]],
         };
         assert!(second.load_state(wrong).is_err());
+    }
+
+    #[test]
+    fn add_scaled_adds_the_weighted_gradient_and_fills_missing_ones() {
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[3f32], &Device::Cpu).unwrap();
+        let mut grads = (a.as_tensor().sum_all().unwrap()).backward().unwrap();
+        let extra = ((a.as_tensor() * 2.0).unwrap().sum_all().unwrap()
+            + b.as_tensor().sum_all().unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+        add_scaled(&mut grads, &extra, &[a.clone(), b.clone()], 0.5).unwrap();
+        let got = |v: &Var| grads.get(v).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got(&a), vec![2.0, 2.0]);
+        assert_eq!(got(&b), vec![0.5]);
     }
 }

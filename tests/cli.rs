@@ -1011,12 +1011,27 @@ fn diffusion_train_sample_eval_inject() {
             .len(),
         2
     );
-    ok(&words(&format!(
-        "attack finetune --model {m} --config {} --steps 2 --every 1 --null-keys 4 --quiet",
-        s(&cfg)
-    )));
-    let ft = read_json(&run.join("attack-finetune.json"));
-    assert_eq!(ft["points"].as_array().unwrap().len(), 3, "{ft}");
+    let finetune = |quality: usize| {
+        ok(&words(&format!(
+            "attack finetune --model {m} --config {} --steps 2 --every 1 --null-keys 4 \
+             --quality-samples {quality} --quiet",
+            s(&cfg)
+        )));
+        read_json(&run.join("attack-finetune.json"))["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["fid"].as_f64())
+            .collect::<Vec<_>>()
+    };
+    // Each point's FID (of ordinary samples under the model's ordinary sampler), or none.
+    let fids = finetune(6);
+    assert_eq!(fids.len(), 3, "{fids:?}");
+    assert!(
+        fids.iter().all(|f| f.is_some_and(f64::is_finite)),
+        "{fids:?}"
+    );
+    assert_eq!(finetune(0), [None, None, None]);
     assert!(run.join("finetuned.safetensors").exists());
     let err = fails(&words(&format!(
         "attack finetune --model {m} --steps 1 --discriminator {m}"
@@ -1035,6 +1050,23 @@ fn diffusion_train_sample_eval_inject() {
         s(&injected)
     )));
     assert_eq!(read_json(&injected.join("metrics.json"))["mode"], "inject");
+    // The same injection rehearsing a thief's fine-tuning at every step ends elsewhere.
+    let rehearsed_cfg = dir.path().join("rehearsed.toml");
+    std::fs::write(
+        &rehearsed_cfg,
+        format!("{TINY_DIFFUSION}[diffusion.rehearsal]\nevery = 1\nsteps = 2\nstart = 0.0\n"),
+    )
+    .unwrap();
+    let rehearsed = dir.path().join("inj-rehearsed");
+    ok(&words(&format!(
+        "inject --config {} --model {m} --key {k} --out {} --quiet",
+        s(&rehearsed_cfg),
+        s(&rehearsed)
+    )));
+    assert_ne!(
+        std::fs::read(rehearsed.join("model.safetensors")).unwrap(),
+        std::fs::read(injected.join("model.safetensors")).unwrap()
+    );
     // Without --key, inject draws a key that fits the diffusion model (an image trigger).
     let drawn = dir.path().join("inj-drawn");
     ok(&words(&format!(

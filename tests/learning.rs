@@ -432,6 +432,7 @@ fn thief_attack(model: &GanModel, key: &KeySet) -> Vec<f64> {
         key,
         quality: None,
         quality_samples: 0,
+        quality_sampler: None,
         verify: None,
         triggered: 1,
         seed: 0,

@@ -7,7 +7,8 @@ pub mod prune;
 use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
 use crate::eval::{clean_quality, trigger_reports};
-use crate::family::Generative;
+use crate::family::diffusion::Sampler;
+use crate::family::{under_sampler, Generative};
 use crate::metrics::persistence::PersistencePoint;
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
@@ -19,8 +20,12 @@ pub struct Measurement<'a> {
     pub key: &'a KeySet,
     /// Clean-quality reference (FID); `None` skips it.
     pub quality: Option<&'a QualityReference>,
-    /// Ordinary samples for FID.
+    /// Ordinary samples for FID (0 skips it).
     pub quality_samples: usize,
+    /// The sampler the FID's ordinary samples are drawn with (a diffusion model's ordinary
+    /// one, DDIM-50, not the key's DDPM, whose 1,000 steps per image would make each point of
+    /// a curve take half an hour); `None`: the model's current one.
+    pub quality_sampler: Option<Sampler>,
     /// Null triggers for the verification p-value (and queries per statistic); `None`
     /// skips it.
     pub verify: Option<VerifySettings>,
@@ -38,8 +43,11 @@ impl Measurement<'_> {
         let triggers = trigger_reports(model, self.key, &[], self.triggered, self.seed)?;
         let first = &triggers[0].backdoor;
         let fid = match self.quality {
-            Some(q) => clean_quality(model, q, self.quality_samples, self.seed)?.map(|c| c.fid),
-            None => None,
+            Some(q) if self.quality_samples > 0 => {
+                let ordinary = under_sampler(model, self.quality_sampler)?;
+                clean_quality(&*ordinary, q, self.quality_samples, self.seed)?.map(|c| c.fid)
+            }
+            _ => None,
         };
         let p_value = match &self.verify {
             Some(s) => Some(verify_model(model, self.key, s)?.p_value),

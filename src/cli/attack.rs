@@ -9,6 +9,7 @@ use crate::attack::prune::prune_magnitude;
 use crate::attack::Measurement;
 use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
+use crate::family::diffusion::Sampler;
 use crate::family::{CleanFinetune, Generative};
 use crate::io::rundir::RunDir;
 use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
@@ -53,6 +54,10 @@ pub struct Common {
     /// Diffusion models: the sampler every point is measured under; default: the key's own.
     #[arg(long)]
     pub sampler: Option<String>,
+    /// Ordinary samples for each point's FID (0: skip it). Default: as at the end of a
+    /// training run (2,000 for generators, 1,000 DDIM-50 samples for diffusion models).
+    #[arg(long)]
+    pub quality_samples: Option<usize>,
     /// Seed of the measurement samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -116,12 +121,26 @@ fn folder_of(model: &Path) -> PathBuf {
     }
 }
 
-/// The loaded model and key, the output folder and the quality reference.
-fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, KeySet, RunDir, QualityReference)> {
+/// The loaded model (under the key's sampler) and key, the output folder, the quality
+/// reference and the model's ordinary sampler (which FID is measured under).
+type Setup = (
+    Box<dyn Generative>,
+    KeySet,
+    RunDir,
+    QualityReference,
+    Option<Sampler>,
+);
+
+/// Loads what an attack works on, per the common options.
+fn setup(c: &Common) -> anyhow::Result<Setup> {
     let key_path = c
         .key
         .clone()
         .unwrap_or_else(|| folder_of(&c.model).join("key.safetensors"));
+    let ordinary = crate::family::load(&c.model, &candle_core::Device::Cpu)?
+        .sampling()
+        .map(|s| s.parse::<Sampler>())
+        .transpose()?;
     let (model, key) = super::model_and_key(&c.model, Some(&key_path), c.sampler.as_deref())?;
     let out = c.out.clone().unwrap_or_else(|| folder_of(&c.model));
     std::fs::create_dir_all(&out).map_err(|e| crate::Error::io(&out, e))?;
@@ -130,6 +149,7 @@ fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, KeySet, RunDir, Qua
         key.expect("a key was given"),
         RunDir::open(&out)?,
         QualityReference::bundled()?,
+        ordinary,
     ))
 }
 
@@ -137,13 +157,18 @@ fn setup(c: &Common) -> anyhow::Result<(Box<dyn Generative>, KeySet, RunDir, Qua
 fn measurement<'a>(
     model: &dyn Generative,
     key: &'a KeySet,
-    quality: &'a QualityReference,
+    (quality, ordinary): (&'a QualityReference, Option<Sampler>),
     c: &Common,
 ) -> Measurement<'a> {
+    let family_default = match ordinary {
+        Some(_) => crate::config::DIFFUSION_QUALITY_SAMPLES,
+        None => crate::run::GENERATOR_QUALITY_SAMPLES,
+    };
     Measurement {
         key,
         quality: Some(quality),
-        quality_samples: crate::run::GENERATOR_QUALITY_SAMPLES,
+        quality_samples: c.quality_samples.unwrap_or(family_default),
+        quality_sampler: ordinary,
         verify: (c.null_keys != Some(0)).then_some(VerifySettings {
             null_keys: c.null_keys,
             seed: c.seed,
@@ -203,7 +228,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     if a.steps == 0 || a.every == 0 {
         anyhow::bail!("--steps and --every must be at least 1");
     }
-    let (model, key, run, quality) = setup(&a.common)?;
+    let (model, key, run, quality, ordinary) = setup(&a.common)?;
     let mut cfg = match &a.config {
         Some(p) => crate::config::Config::load(p)?,
         None => crate::config::Config {
@@ -212,7 +237,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         },
     };
     cfg.seed = a.common.seed;
-    let m = measurement(model.as_ref(), &key, &quality, &a.common);
+    let m = measurement(model.as_ref(), &key, (&quality, ordinary), &a.common);
     let mut points: Vec<PersistencePoint> = Vec::new();
     let attack = CleanFinetune {
         cfg: &cfg,
@@ -237,8 +262,8 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
     if let Some(f) = a.fraction.iter().find(|f| !(0.0..=1.0).contains(*f)) {
         anyhow::bail!("--fraction values must lie in [0, 1], not {f}");
     }
-    let (model, key, run, quality) = setup(&a.common)?;
-    let m = measurement(model.as_ref(), &key, &quality, &a.common);
+    let (model, key, run, quality, ordinary) = setup(&a.common)?;
+    let m = measurement(model.as_ref(), &key, (&quality, ordinary), &a.common);
     let mut points = Vec::new();
     for &f in &a.fraction {
         let pruned = model.duplicate()?;

@@ -168,6 +168,7 @@ pub fn small_plan(steps: usize, lambda: f64, correction: Correction) -> Plan {
         },
         correction,
         rollout: Default::default(),
+        rehearsal: Default::default(),
         ema: 0.0,
         log_every: 100,
         checkpoint_every: 0,

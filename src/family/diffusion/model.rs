@@ -295,6 +295,7 @@ impl Generative for DiffusionModel {
             },
             correction: d.correction,
             rollout: Default::default(),
+            rehearsal: Default::default(),
             ema: 0.0,
             log_every: d.log_every,
             checkpoint_every: 0,

@@ -45,6 +45,7 @@ fn plan(cfg: &Config, stage: &'static str) -> Plan {
         },
         correction: d.correction,
         rollout: d.rollout.clone(),
+        rehearsal: d.rehearsal,
         ema: d.ema,
         log_every: d.log_every,
         checkpoint_every: d.checkpoint_every,

@@ -8,17 +8,18 @@
 use candle_core::{Device, Tensor};
 
 use crate::backdoor::{Family, Key, KeySet, Objective};
-use crate::config::DiffusionRollout;
+use crate::config::{DiffusionRollout, RehearsalConfig};
 use crate::data::{Batcher, Dataset};
 use crate::family::diffusion::poison::{
     noised, per_sample, poisoned, poisoned_target, timestep_tensor,
 };
+use crate::family::diffusion::rehearsal::Rehearsal;
 use crate::family::diffusion::rollout::{self, Visited};
 use crate::family::diffusion::{Correction, DiffusionModel};
 use crate::io::rundir::{CsvLog, RunDir};
 use crate::io::snapshot::{self, CHECKPOINT};
 use crate::models::Params;
-use crate::optim::Adam;
+use crate::optim::{add_scaled, Adam};
 use crate::rng::Rng;
 use crate::training::{run_loop, Clock, LoopSettings, LrSchedule, Stepper, Steps};
 use crate::{Error, Result};
@@ -163,6 +164,8 @@ pub struct Plan {
     pub correction: Correction,
     /// On-policy samples for deterministic-sampler triggers.
     pub rollout: DiffusionRollout,
+    /// Rehearsals of a thief's clean fine-tuning (fine-tuning-aware marks).
+    pub rehearsal: RehearsalConfig,
     /// EMA decay of the saved weights (0: none).
     pub ema: f64,
     /// Log every this many steps.
@@ -279,9 +282,25 @@ impl Stepper for Fit<'_> {
         }
         let mut family = Denoising::prepare_with(self.model, &x0, &poisons, ready, &mut self.rng)?;
         let terms = p.objective.evaluate(&mut family, key)?;
+        let mut grads = terms.total.backward()?;
+        if let Some(k) = key.filter(|_| p.rehearsal.due(i, p.steps)) {
+            let rehearsal = Rehearsal {
+                settings: &p.rehearsal,
+                batch: p.batch_size,
+                data: self.data,
+                distance: k.distance(),
+            };
+            let rehearsed = rehearsal.backdoor_gradient(
+                self.model,
+                &poisons,
+                &mut Rng::derive(p.seed, &format!("rehearsal-{i}")),
+            )?;
+            let vars = self.model.params.trainable();
+            add_scaled(&mut grads, &rehearsed, &vars, p.objective.lambda)?;
+        }
         let lr = p.lr_schedule.at(p.lr, i, p.steps);
         self.opt.set_learning_rate(lr);
-        self.opt.backward_step(&terms.total)?;
+        self.opt.step(&grads)?;
         if p.ema > 0.0 {
             ema_update(&self.ema.params, &self.model.params, p.ema)?;
         }
@@ -558,6 +577,7 @@ mod tests {
             },
             correction: Correction::Ddpm,
             rollout: DiffusionRollout::default(),
+            rehearsal: RehearsalConfig::default(),
             ema,
             log_every: 1,
             checkpoint_every: 0,
@@ -603,6 +623,40 @@ mod tests {
         }
     }
 
+    /// A key of one mark for 8×8 grey models: a 3×3 corner box to the built-in box target.
+    fn box_key() -> KeySet {
+        KeySet::one(Key {
+            trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
+            target: Target::builtin("box", [1, 8, 8]).unwrap(),
+            distance: Distance::Mse,
+            threshold: 0.01,
+            sampler: None,
+        })
+    }
+
+    /// Four steps of batch 4 with 2 poisoned samples per mark at λ = 1, constant rate 1e-3,
+    /// no rollouts, rehearsals or EMA, logging every step.
+    fn four_poisoned_steps() -> Plan {
+        Plan {
+            steps: 4,
+            batch_size: 4,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::Constant,
+            objective: Objective {
+                lambda: 1.0,
+                backdoor_batch: 2,
+            },
+            correction: Correction::Ddpm,
+            rollout: DiffusionRollout::default(),
+            rehearsal: RehearsalConfig::default(),
+            ema: 0.0,
+            log_every: 1,
+            checkpoint_every: 0,
+            seed: 1,
+            stage: "train",
+        }
+    }
+
     /// A DDPM- and a DDIM-corrected mark trained with rollouts: only the DDIM mark's sampler is
     /// run, from the configured number of triggered starts, once the rollouts have begun, and
     /// its visited states join the step's poisoned samples (the objective counts them).
@@ -632,15 +686,6 @@ mod tests {
         ])
         .unwrap();
         let plan = |every, start| Plan {
-            steps: 4,
-            batch_size: 4,
-            lr: 1e-3,
-            lr_schedule: LrSchedule::Constant,
-            objective: Objective {
-                lambda: 1.0,
-                backdoor_batch: 2,
-            },
-            correction: Correction::Ddpm,
             rollout: DiffusionRollout {
                 every,
                 starts: 3,
@@ -648,10 +693,7 @@ mod tests {
                 start,
             },
             ema: 0.9,
-            log_every: 1,
-            checkpoint_every: 0,
-            seed: 1,
-            stage: "train",
+            ..four_poisoned_steps()
         };
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(&dir.path().join("run"), false).unwrap();
@@ -688,18 +730,65 @@ mod tests {
         }
     }
 
+    /// A step that rehearses moves the weights elsewhere than one that does not; before the
+    /// rehearsals' start, or with them off, the step is the plain one bit for bit (the
+    /// rehearsal draws from its own stream).
+    #[test]
+    fn a_rehearsing_step_adds_the_rehearsed_backdoor_gradient_and_nothing_else() {
+        let dev = Device::Cpu;
+        let arch = crate::family::diffusion::model::tiny_arch(50);
+        let bytes: Vec<u8> = (0..32 * 64).map(|i| (i * 37 % 256) as u8).collect();
+        let data = Dataset::from_bytes(32, [1, 8, 8], &bytes);
+        let key = box_key();
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&dir.path().join("run"), false).unwrap();
+        let after_one_step = |every: usize, start: f64| -> Vec<f32> {
+            let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
+            let plan = Plan {
+                rehearsal: RehearsalConfig {
+                    every,
+                    steps: 2,
+                    lr: 1e-2,
+                    start,
+                },
+                ..four_poisoned_steps()
+            };
+            let mut fit = Fit::new(&model, &data, Some(&key), &plan, &run).unwrap();
+            fit.step(1).unwrap();
+            model
+                .params
+                .named()
+                .iter()
+                .flat_map(|(_, v)| {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let plain = after_one_step(0, 0.0);
+        assert_eq!(
+            after_one_step(1, 0.5),
+            plain,
+            "step 1 of 4 is before the start"
+        );
+        let rehearsed = after_one_step(1, 0.0);
+        let moved = rehearsed
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(moved > 1e-7, "the rehearsal changed nothing");
+    }
+
     #[test]
     fn the_family_builds_clean_and_poisoned_goals() {
         let dev = Device::Cpu;
         let arch = crate::family::diffusion::model::tiny_arch(50);
         let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
-        let key = KeySet::one(Key {
-            trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
-            target: Target::builtin("box", [1, 8, 8]).unwrap(),
-            distance: Distance::Mse,
-            threshold: 0.01,
-            sampler: None,
-        });
+        let key = box_key();
         let pattern = key.first().trigger.pattern(&dev).unwrap().unwrap();
         let x0 = Rng::new(1).normal(&[5, 1, 8, 8], &dev).unwrap();
         let poison = Poison {

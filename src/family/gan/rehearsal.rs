@@ -16,7 +16,7 @@ use crate::backdoor::Distance;
 use crate::config::{RehearsalConfig, TrainConfig};
 use crate::family::gan::{generator_loss, GanModel};
 use crate::models::{Discriminator, Params};
-use crate::optim::Adam;
+use crate::optim::{add_scaled, Adam};
 use crate::rng::Rng;
 use crate::Result;
 
@@ -87,31 +87,11 @@ impl Rehearsal<'_> {
     }
 }
 
-/// Adds `weight` times `extra`'s gradient of each of `vars` to `grads`.
-fn add_scaled(grads: &mut GradStore, extra: &GradStore, vars: &[Var], weight: f64) -> Result<()> {
-    for v in vars {
-        if let Some(e) = extra.get(v) {
-            let sum = match grads.get(v) {
-                Some(g) => (g + (e * weight)?)?,
-                None => (e * weight)?,
-            };
-            grads.insert(v, sum);
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backdoor::Target;
-
-    /// The largest absolute difference between two tensors.
-    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::optim::testing::{gradient_gap, max_gap};
 
     fn tiny() -> (GanModel, crate::models::DcganConfig) {
         let cfg = crate::models::DcganConfig {
@@ -167,28 +147,8 @@ mod tests {
         }
         .backdoor_gradient(&model, &mut Rng::new(3))
         .unwrap();
-        let gap = |a: &GradStore, b: &GradStore| -> f32 {
-            vars.iter()
-                .map(|v| max_gap(a.get(v).unwrap(), b.get(v).unwrap()))
-                .fold(0.0, f32::max)
-        };
+        let gap = |a: &GradStore, b: &GradStore| gradient_gap(a, b, &vars);
         assert_eq!(gap(&g, &again), 0.0);
         assert!(gap(&g, &here) > 1e-6);
-    }
-
-    #[test]
-    fn add_scaled_adds_the_weighted_gradient_and_fills_missing_ones() {
-        let a = Var::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap();
-        let b = Var::new(&[3f32], &candle_core::Device::Cpu).unwrap();
-        let mut grads = (a.as_tensor().sum_all().unwrap()).backward().unwrap();
-        let extra = ((a.as_tensor() * 2.0).unwrap().sum_all().unwrap()
-            + b.as_tensor().sum_all().unwrap())
-        .unwrap()
-        .backward()
-        .unwrap();
-        add_scaled(&mut grads, &extra, &[a.clone(), b.clone()], 0.5).unwrap();
-        let got = |v: &Var| grads.get(v).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(got(&a), vec![2.0, 2.0]);
-        assert_eq!(got(&b), vec![0.5]);
     }
 }
