@@ -235,7 +235,7 @@ pub(crate) mod testing {
     use candle_core::{Tensor, Var};
 
     /// The largest absolute difference between two tensors.
-    pub fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap()

@@ -137,11 +137,12 @@ fn setup(c: &Common) -> anyhow::Result<Setup> {
         .key
         .clone()
         .unwrap_or_else(|| folder_of(&c.model).join("key.safetensors"));
-    let ordinary = crate::family::load(&c.model, &candle_core::Device::Cpu)?
+    let loaded = crate::family::load(&c.model, &candle_core::Device::Cpu)?;
+    let ordinary = loaded
         .sampling()
         .map(|s| s.parse::<Sampler>())
         .transpose()?;
-    let (model, key) = super::model_and_key(&c.model, Some(&key_path), c.sampler.as_deref())?;
+    let (model, key) = super::with_key(loaded, Some(&key_path), c.sampler.as_deref())?;
     let out = c.out.clone().unwrap_or_else(|| folder_of(&c.model));
     std::fs::create_dir_all(&out).map_err(|e| crate::Error::io(&out, e))?;
     Ok((

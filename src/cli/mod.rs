@@ -113,7 +113,20 @@ pub fn model_and_key(
     key: Option<&Path>,
     sampler: Option<&str>,
 ) -> anyhow::Result<(Box<dyn Generative>, Option<KeySet>)> {
-    let mut m = crate::family::load(model, &candle_core::Device::Cpu)?;
+    with_key(
+        crate::family::load(model, &candle_core::Device::Cpu)?,
+        key,
+        sampler,
+    )
+}
+
+/// As [`model_and_key`], for a model already loaded (whose own sampler a caller may want to
+/// read first).
+pub fn with_key(
+    mut m: Box<dyn Generative>,
+    key: Option<&Path>,
+    sampler: Option<&str>,
+) -> anyhow::Result<(Box<dyn Generative>, Option<KeySet>)> {
     let key = key.map(KeySet::load).transpose()?;
     if let Some(k) = &key {
         k.check_model(m.as_ref())?;

@@ -302,3 +302,29 @@ pub fn load_with_sampler(
     }
     Ok(model)
 }
+
+/// The checks every family's rehearsal must pass ([`gan::rehearsal`],
+/// [`diffusion::rehearsal`]): `gradient(s)` is a rehearsal's backdoor gradient under settings
+/// `s` from the same draws each time, on the model whose tensors are `params`. The model
+/// ends as it was, every trainable tensor gets a gradient, the same draws give the same
+/// gradient, and it is not the gradient at the unrehearsed weights (`steps = 0`).
+#[cfg(test)]
+pub(crate) fn check_rehearsal(
+    params: &Params,
+    settings: crate::config::RehearsalConfig,
+    gradient: impl Fn(&crate::config::RehearsalConfig) -> candle_core::backprop::GradStore,
+) {
+    use crate::optim::testing::gradient_gap;
+    let before = params.values();
+    let g = gradient(&settings);
+    assert_eq!(params.values(), before, "the rehearsal changed the model");
+    let vars = params.trainable();
+    assert!(vars.iter().all(|v| g.get(v).is_some()));
+    let again = gradient(&settings);
+    let here = gradient(&crate::config::RehearsalConfig {
+        steps: 0,
+        ..settings
+    });
+    assert_eq!(gradient_gap(&g, &again, &vars), 0.0);
+    assert!(gradient_gap(&g, &here, &vars) > 1e-6);
+}

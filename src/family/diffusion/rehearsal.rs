@@ -82,14 +82,12 @@ mod tests {
     use super::*;
     use crate::backdoor::{Target, Trigger};
     use crate::family::diffusion::Correction;
-    use crate::optim::testing::{gradient_gap, max_gap};
 
     #[test]
     fn a_rehearsal_leaves_the_model_as_it_was_and_gives_a_backdoor_gradient() {
         let dev = Device::Cpu;
         let arch = crate::family::diffusion::tiny_arch(50);
         let model = DiffusionModel::new(&arch, &mut Rng::new(0), &dev).unwrap();
-        let before = model.duplicate().unwrap();
         let bytes: Vec<u8> = (0..16 * 64).map(|i| (i * 37 % 256) as u8).collect();
         let data = Dataset::from_bytes(16, [1, 8, 8], &bytes);
         let pattern = Trigger::parse_image("box:3", [1, 8, 8])
@@ -114,38 +112,15 @@ mod tests {
             lr: 1e-2,
             ..Default::default()
         };
-        let r = Rehearsal {
-            settings: &settings,
-            batch: 4,
-            data: &data,
-            distance: Distance::Mse,
-        };
-        let g = r
+        crate::family::check_rehearsal(&model.params, settings, |s| {
+            Rehearsal {
+                settings: s,
+                batch: 4,
+                data: &data,
+                distance: Distance::Mse,
+            }
             .backdoor_gradient(&model, &poisons, &mut Rng::new(3))
-            .unwrap();
-        for ((name, v), (_, x)) in model.params.named().iter().zip(before.params.named()) {
-            assert_eq!(max_gap(v.as_tensor(), x.as_tensor()), 0.0, "{name} changed");
-        }
-        let vars = model.params.trainable();
-        assert!(vars.iter().all(|v| g.get(v).is_some()));
-
-        // The same rehearsal from the same draws gives the same gradient, and it is not the
-        // gradient at the unrehearsed weights (the same draws without the clean steps).
-        let again = r
-            .backdoor_gradient(&model, &poisons, &mut Rng::new(3))
-            .unwrap();
-        let no_steps = RehearsalConfig {
-            steps: 0,
-            ..settings
-        };
-        let here = Rehearsal {
-            settings: &no_steps,
-            ..r
-        }
-        .backdoor_gradient(&model, &poisons, &mut Rng::new(3))
-        .unwrap();
-        let gap = |a: &GradStore, b: &GradStore| gradient_gap(a, b, &vars);
-        assert_eq!(gap(&g, &again), 0.0);
-        assert!(gap(&g, &here) > 1e-6);
+            .unwrap()
+        });
     }
 }

@@ -755,18 +755,7 @@ mod tests {
             };
             let mut fit = Fit::new(&model, &data, Some(&key), &plan, &run).unwrap();
             fit.step(1).unwrap();
-            model
-                .params
-                .named()
-                .iter()
-                .flat_map(|(_, v)| {
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                })
-                .collect()
+            model.params.values().concat()
         };
         let plain = after_one_step(0, 0.0);
         assert_eq!(
