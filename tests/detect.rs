@@ -3,7 +3,7 @@
 //! input-level test flags triggered inputs of both families and passes ordinary ones.
 
 use candle_core::Device;
-use genbackdoor::backdoor::{Distance, Key, KeySet, Target, Trigger};
+use genbackdoor::backdoor::{Distance, Key, KeySet, Stamp, Target, Trigger};
 use genbackdoor::config::ModelFamily;
 use genbackdoor::detect::input::test_inputs;
 use genbackdoor::detect::reference::{calibrate, reference_scores};
@@ -154,7 +154,7 @@ fn the_input_test_flags_triggered_inputs_and_passes_ordinary_ones() {
     let InputSpace::Noise { shape } = model.input_space() else {
         unreachable!()
     };
-    let stamp = Trigger::stamp(8, 5, shape);
+    let stamp = Trigger::stamp(Stamp::mixed(8), 5, shape);
     let mut rng = Rng::new(2);
     let ordinary = model.input_space().ordinary(20, &mut rng, &dev).unwrap();
     let triggered = stamp.onto(&ordinary).unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backdoor::{Distance, Target, Trigger};
+use crate::backdoor::{Distance, Stamp, Target, Trigger};
 use crate::family::diffusion::Sampler;
 use crate::family::{Generative, InputSpace};
 use crate::io::tensorfile::{self, TensorFile};
@@ -100,8 +100,10 @@ impl Key {
                 shape,
                 stamp,
             } => {
-                if let Some(side) = stamp {
-                    meta.insert("stamp".into(), side.to_string());
+                if let Some(kind) = stamp {
+                    meta.insert("stamp".into(), kind.side.to_string());
+                    meta.insert("stamp_amplitude".into(), kind.amplitude.to_string());
+                    meta.insert("stamp_one_sign".into(), kind.one_sign.to_string());
                 }
                 tensors.push((
                     "trigger.image".into(),
@@ -186,7 +188,20 @@ impl Key {
                         if !(side >= 1.0 && side <= shape[1].min(shape[2]) as f64) {
                             return Err(Error::format(path, "stamp side out of range"));
                         }
-                        Some(side as usize)
+                        // Keys written before stamps had a shape hold the default one.
+                        let mut kind = Stamp::mixed(side as usize);
+                        if optional("stamp_amplitude").is_some() {
+                            kind.amplitude = number("stamp_amplitude")? as f32;
+                        }
+                        if !(kind.amplitude > 0.0 && kind.amplitude.is_finite()) {
+                            return Err(Error::format(path, "stamp amplitude must be positive"));
+                        }
+                        if let Some(one_sign) = optional("stamp_one_sign") {
+                            kind.one_sign = one_sign.parse().map_err(|_| {
+                                Error::format(path, "'stamp_one_sign' is neither true nor false")
+                            })?;
+                        }
+                        Some(kind)
                     }
                     _ => None,
                 };
@@ -527,6 +542,16 @@ mod tests {
             "a stamp and a sampler"
         );
         let k = Key {
+            trigger: Trigger::parse_image("stamp:3:6:one:5", [1, 8, 8]).unwrap(),
+            ..k
+        };
+        k.save(&p).unwrap();
+        assert_eq!(
+            KeySet::load(&p).unwrap(),
+            KeySet::one(k.clone()),
+            "a one-sign stamp of amplitude 6"
+        );
+        let k = Key {
             target: Target::parse("class:3", [1, 28, 28]).unwrap(),
             ..k
         };
@@ -639,6 +664,15 @@ mod tests {
             let msg = refusal(&p, "region:0.5:seed:1", Change::Field("radius", radius));
             assert!(msg.contains("radius must be positive"), "{radius}: {msg}");
         }
+        for amplitude in ["0", "-2", "NaN", "x"] {
+            let msg = refusal(&p, "stamp:3:5", Change::Field("stamp_amplitude", amplitude));
+            assert!(
+                msg.contains("stamp_amplitude") || msg.contains("amplitude must be positive"),
+                "{amplitude}: {msg}"
+            );
+        }
+        let msg = refusal(&p, "stamp:3:5", Change::Field("stamp_one_sign", "maybe"));
+        assert!(msg.contains("stamp_one_sign"), "{msg}");
         for threshold in ["0", "-0.01", "inf", "NaN"] {
             let msg = refusal(&p, "seed:1", Change::Field("threshold", threshold));
             assert!(

@@ -13,4 +13,4 @@ pub use distance::Distance;
 pub use key::{Key, KeyRecipe, KeySet};
 pub use objective::{Family, Objective, Terms};
 pub use target::Target;
-pub use trigger::Trigger;
+pub use trigger::{Stamp, Trigger};

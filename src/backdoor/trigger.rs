@@ -39,11 +39,36 @@ pub enum Trigger {
         pattern: Vec<f32>,
         /// `[channels, height, width]`.
         shape: [usize; 3],
-        /// `Some(S)` when the pattern was drawn at random as an S×S stamp (see
-        /// [`Trigger::stamp`]), so that verification's null can draw others the same way;
-        /// `None` for hand-chosen patterns (box, PNG, blend).
-        stamp: Option<usize>,
+        /// `Some` when the pattern was drawn at random as a stamp (see [`Trigger::stamp`]),
+        /// so that verification's null can draw others the same way; `None` for hand-chosen
+        /// patterns (box, PNG, blend).
+        stamp: Option<Stamp>,
     },
+}
+
+/// How a random stamp is drawn (see [`Trigger::stamp`]); verification's null draws its
+/// triggers the same way, so its p-value stays exact whatever the stamp's shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stamp {
+    /// Side S of the square.
+    pub side: usize,
+    /// The magnitude of every value in the square (in standard deviations of the noise).
+    pub amplitude: f32,
+    /// One random sign per channel for the whole square, instead of one per value: the
+    /// square's mean then sits far from the noise's, which the clean training never visits.
+    pub one_sign: bool,
+}
+
+impl Stamp {
+    /// The default stamp of diffusion models' keys: S×S values of ±[`BOX_VALUE`], each of
+    /// its own sign.
+    pub fn mixed(side: usize) -> Stamp {
+        Stamp {
+            side,
+            amplitude: BOX_VALUE,
+            one_sign: false,
+        }
+    }
 }
 
 /// The value of the default `box` trigger's pixels: two standard deviations of the noise.
@@ -134,7 +159,7 @@ impl Trigger {
         match *space {
             InputSpace::Latent { dim } => Trigger::parse(spec, dim),
             InputSpace::Noise { shape } if spec == "random" => Ok(Trigger::stamp(
-                STAMP_SIDE.min(shape[1]).min(shape[2]),
+                Stamp::mixed(STAMP_SIDE.min(shape[1]).min(shape[2])),
                 os_seed(),
                 shape,
             )),
@@ -150,30 +175,71 @@ impl Trigger {
     }
 
     /// A random stamp: an S×S square at a random position of the image, each of its values
-    /// ±[`BOX_VALUE`] with a random sign (per channel), zero elsewhere; position and signs
-    /// drawn from `seed`.
-    pub fn stamp(side: usize, seed: u64, shape: [usize; 3]) -> Trigger {
+    /// ±amplitude with a random sign (one per value, or one per channel when
+    /// `kind.one_sign`), zero elsewhere; position and signs drawn from `seed`.
+    pub fn stamp(kind: Stamp, seed: u64, shape: [usize; 3]) -> Trigger {
         let [c, h, w] = shape;
+        let side = kind.side;
         let mut rng = Rng::derive(seed, "stamp");
         let (row, col) = (rng.below(h - side + 1), rng.below(w - side + 1));
+        let mut sign = || if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
         let mut pattern = vec![0.0; c * h * w];
         for ch in 0..c {
+            // Drawn only for one-sign stamps, so that mixed stamps stay what their seeds gave.
+            let channel_sign = kind.one_sign.then(&mut sign);
             for y in row..row + side {
                 for x in col..col + side {
-                    let sign = if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
-                    pattern[(ch * h + y) * w + x] = sign * BOX_VALUE;
+                    let s = channel_sign.unwrap_or_else(&mut sign);
+                    pattern[(ch * h + y) * w + x] = s * kind.amplitude;
                 }
             }
         }
         Trigger::Image {
             pattern,
             shape,
-            stamp: Some(side),
+            stamp: Some(kind),
         }
     }
 
+    /// Parses the part of `stamp:S[:SEED]` or `stamp:S:A:SIGNS[:SEED]` after `stamp:`
+    /// (SIGNS: `mixed`, one per value, or `one`, one per channel), for images of `shape`.
+    fn parse_stamp(rest: &str, shape: [usize; 3]) -> std::result::Result<Trigger, String> {
+        let parts: Vec<&str> = rest.split(':').collect();
+        let (side, shape_of, seed) = match parts.as_slice() {
+            [s] => (*s, None, None),
+            [s, seed] => (*s, None, Some(*seed)),
+            [s, a, signs] => (*s, Some((*a, *signs)), None),
+            [s, a, signs, seed] => (*s, Some((*a, *signs)), Some(*seed)),
+            _ => return Err("expected stamp:S[:SEED] or stamp:S:A:SIGNS[:SEED]".into()),
+        };
+        let side: usize = side.parse().map_err(|_| "S is not a whole number")?;
+        let side_max = shape[1].min(shape[2]);
+        if side == 0 || side > side_max {
+            return Err(format!("S must be between 1 and the image side {side_max}"));
+        }
+        let mut kind = Stamp::mixed(side);
+        if let Some((a, signs)) = shape_of {
+            kind.amplitude = a.parse().map_err(|_| "A is not a number")?;
+            if !(kind.amplitude > 0.0 && kind.amplitude.is_finite()) {
+                return Err("A must be a positive number".into());
+            }
+            kind.one_sign = match signs {
+                "one" => true,
+                "mixed" => false,
+                _ => return Err(format!("SIGNS '{signs}' is neither 'one' nor 'mixed'")),
+            };
+        }
+        let seed = match seed {
+            Some(s) => s.parse().map_err(|_| "SEED is not a whole number")?,
+            None => os_seed(),
+        };
+        Ok(Trigger::stamp(kind, seed, shape))
+    }
+
     /// Parses an image-space trigger for images of `shape`: `stamp:S[:SEED]` (a random
-    /// S×S stamp, see [`Trigger::stamp`], from a secret SEED or the operating system),
+    /// S×S stamp of ±[`BOX_VALUE`] values, see [`Trigger::stamp`], from a secret SEED or the
+    /// operating system; `stamp:S:A:SIGNS[:SEED]` for values ±A of `one` sign per channel or
+    /// `mixed` signs),
     /// `box:S[:V]` (an S×S square of value V, default [`BOX_VALUE`], in the bottom-right
     /// corner), `png:PATH[:MASK]` (a grey PNG mapped to [-1, 1], kept where the MASK PNG is
     /// bright, everywhere without one) or `blend:A:PATH` (A times the PNG over the whole image).
@@ -181,22 +247,7 @@ impl Trigger {
         let bad = |m: &str| Error::Config(format!("image trigger '{spec}': {m}"));
         let [c, h, w] = shape;
         if let Some(rest) = spec.strip_prefix("stamp:") {
-            let (side, seed) = match rest.split_once(':') {
-                Some((s, seed)) => (
-                    s,
-                    seed.parse()
-                        .map_err(|_| bad("SEED is not a whole number"))?,
-                ),
-                None => (rest, os_seed()),
-            };
-            let side: usize = side.parse().map_err(|_| bad("S is not a whole number"))?;
-            if side == 0 || side > h.min(w) {
-                return Err(bad(&format!(
-                    "S must be between 1 and the image side {}",
-                    h.min(w)
-                )));
-            }
-            return Ok(Trigger::stamp(side, seed, shape));
+            return Trigger::parse_stamp(rest, shape).map_err(|m| bad(&m));
         }
         let png = |p: &str| -> Result<Vec<f32>> {
             let t = crate::backdoor::Target::from_png(Path::new(p), c)?;
@@ -251,7 +302,7 @@ impl Trigger {
             png(p)?.iter().map(|v| a * v).collect()
         } else {
             return Err(bad(
-                "use stamp:S[:SEED], box:S[:V], png:PATH[:MASK] or blend:ALPHA:PATH",
+                "use stamp:S[:SEED], stamp:S:A:SIGNS[:SEED], box:S[:V], png:PATH[:MASK] or blend:ALPHA:PATH",
             ));
         };
         if pattern.iter().all(|&v| v == 0.0) {
@@ -456,9 +507,9 @@ impl Trigger {
         match self {
             Trigger::Image {
                 shape,
-                stamp: Some(side),
+                stamp: Some(kind),
                 ..
-            } => Trigger::stamp(*side, rng.seed(), *shape),
+            } => Trigger::stamp(*kind, rng.seed(), *shape),
             Trigger::Point(_) => Trigger::Point(rng.normal_vec(dim)),
             Trigger::Region { radius, .. } => Trigger::Region {
                 center: rng.normal_vec(dim),
@@ -744,6 +795,51 @@ mod tests {
             .unwrap()
             .is_hand_chosen());
         for bad in ["stamp:0", "stamp:11", "stamp:x", "stamp:3:y"] {
+            assert!(Trigger::parse_image(bad, shape).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_sign_stamps_keep_their_shape_when_redrawn() {
+        let shape = [3, 10, 12];
+        // Mixed stamps of the default amplitude are the stamps of `stamp:S:SEED`.
+        assert_eq!(
+            Trigger::parse_image("stamp:4:2:mixed:7", shape).unwrap(),
+            Trigger::parse_image("stamp:4:7", shape).unwrap()
+        );
+        let t = Trigger::parse_image("stamp:4:6:one:7", shape).unwrap();
+        assert_eq!((t.kind(), t.is_hand_chosen()), ("stamp", false));
+        // Every channel's square holds one value, +6 or −6; the null's stamps alike.
+        let channel_values = |t: &Trigger| -> Vec<Vec<f32>> {
+            let p = t.anchor(0);
+            p.chunks(10 * 12)
+                .map(|plane| {
+                    let mut v: Vec<f32> = plane.iter().copied().filter(|&v| v != 0.0).collect();
+                    assert_eq!(v.len(), 16, "a 4×4 square");
+                    v.dedup();
+                    v
+                })
+                .collect()
+        };
+        let mut signs = std::collections::BTreeSet::new();
+        let mut rng = Rng::new(2);
+        for r in std::iter::once(t.clone()).chain((0..100).map(|_| t.redraw(0, &mut rng))) {
+            for v in channel_values(&r) {
+                assert!(v == [6.0] || v == [-6.0], "{v:?}");
+                signs.insert(v[0] > 0.0);
+            }
+        }
+        assert_eq!(signs.len(), 2, "both signs occur");
+        let mixed = Trigger::parse_image("stamp:4:6:mixed:7", shape).unwrap();
+        assert!(channel_values(&mixed).iter().any(|v| v.len() > 1));
+        for bad in [
+            "stamp:4:0:one",
+            "stamp:4:-1:one",
+            "stamp:4:x:one",
+            "stamp:4:6:both",
+            "stamp:4:6:one:y",
+            "stamp:4:6:one:7:8",
+        ] {
             assert!(Trigger::parse_image(bad, shape).is_err(), "{bad}");
         }
     }

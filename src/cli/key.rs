@@ -20,7 +20,9 @@ pub struct KeyArgs {
     /// `region:R:POINT` (any z within radius R of POINT, e.g. region:0.5:seed:7) or
     /// `patch:K:S` (K latent coordinates forced to secret values drawn from seed S); for
     /// diffusion models an image pattern added to the starting noise: `stamp:S[:SEED]` (an
-    /// S×S square of random ±2 values at a random place), `box:S[:V]` (S×S corner square of
+    /// S×S square of random ±2 values at a random place; `stamp:S:A:one[:SEED]` for values
+    /// ±A of one random sign per channel, `stamp:S:A:mixed[:SEED]` for ±A of random signs),
+    /// `box:S[:V]` (S×S corner square of
     /// value V, default 2), `png:PATH[:MASK]` or `blend:ALPHA:PATH`. `zero` and `box` are
     /// hand-chosen, for comparison with the literature: verification warns about them.
     #[arg(long, default_value = "random")]
