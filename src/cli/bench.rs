@@ -27,7 +27,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Time whole sampling runs of the diffusion models (`unet`, `cifar`) with this sampler
-    /// (`ddpm`, `ddim-N`, `dpm++2m-N`, `heun-N`) instead of training steps: a step is then one
+    /// (`ddpm`, `ddpm-N`, `ddim-N`, `dpm++2m-N`, `heun-N`) instead of training steps: a step is then one
     /// run over a batch, through `sample`'s path (no graph). PyTorch's side runs the same
     /// network under `torch.no_grad()` with the stock diffusers scheduler (DDPM, DDIM,
     /// DPM-Solver++ 2M or Heun).

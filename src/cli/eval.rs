@@ -26,7 +26,7 @@ pub struct EvalArgs {
     /// image).
     #[arg(long)]
     pub n: Option<usize>,
-    /// Diffusion models: the samplers to measure the backdoor under (`ddpm`, `ddim` = 50
+    /// Diffusion models: the samplers to measure the backdoor under (`ddpm`, `ddpm-N`, `ddim` = 50
     /// steps, `ddim-N`, `dpm++2m` = 20 steps, `dpm++2m-N`, `heun` = 25 steps, `heun-N`); repeat the flag for several. Default: the key's own sampler (the
     /// one its backdoor was trained for), else DDIM-50.
     #[arg(long = "sampler")]

@@ -39,7 +39,8 @@ pub struct SampleArgs {
     /// Seed of the latents (or starting noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Diffusion models: `ddpm` (all T steps), `ddim` (deterministic, `--steps` steps),
+    /// Diffusion models: `ddpm` (all T steps), `ddpm-N` (ancestral over N strided steps),
+    /// `ddim` (deterministic, `--steps` steps),
     /// `ddim-N`, `dpm++2m` (DPM-Solver++ 2M, 20 steps), `dpm++2m-N`, `heun` (25 steps) or
     /// `heun-N`; default: the key's own
     /// sampler when a key is given, else DDIM-50.

@@ -31,7 +31,7 @@ pub struct VerifyArgs {
     /// Seed of the null triggers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Diffusion models: the sampler queried (`ddpm`, `ddim` = 50 steps, `ddim-N`,
+    /// Diffusion models: the sampler queried (`ddpm`, `ddpm-N`, `ddim` = 50 steps, `ddim-N`,
     /// `dpm++2m` = 20 steps, `dpm++2m-N`, `heun` = 25 steps, `heun-N`); default: the one the key's backdoor was trained for.
     #[arg(long)]
     pub sampler: Option<String>,

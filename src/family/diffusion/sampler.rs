@@ -24,6 +24,15 @@ pub const HEUN_STEPS: usize = 25;
 pub enum Sampler {
     /// DDPM ancestral sampling over every one of the T steps, posterior variance β̃_t.
     Ddpm,
+    /// DDPM's ancestral sampling over `steps` evenly spaced timesteps, with the posterior
+    /// variance of the step from each visited timestep to the next (DDIM with η = 1; stock
+    /// diffusers' `DDPMScheduler` after `set_timesteps(steps)`): stochastic like DDPM, at the
+    /// cost of an ODE sampler.
+    #[serde(rename = "ddpm_strided")]
+    DdpmStrided {
+        /// Number of network evaluations.
+        steps: usize,
+    },
     /// DDIM with η = 0 (deterministic) over `steps` evenly spaced timesteps.
     Ddim {
         /// Number of network evaluations.
@@ -52,6 +61,7 @@ impl std::fmt::Display for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Sampler::Ddpm => write!(f, "ddpm"),
+            Sampler::DdpmStrided { steps } => write!(f, "ddpm-{steps}"),
             Sampler::Ddim { steps } => write!(f, "ddim-{steps}"),
             Sampler::DpmSolver2m { steps } => write!(f, "dpm++2m-{steps}"),
             Sampler::Heun { steps } => write!(f, "heun-{steps}"),
@@ -62,8 +72,8 @@ impl std::fmt::Display for Sampler {
 impl std::str::FromStr for Sampler {
     type Err = Error;
 
-    /// `ddpm`, `ddim` (50 steps), `ddim-N`, `dpm++2m` (20 steps), `dpm++2m-N`, `heun` (25
-    /// steps) or `heun-N`.
+    /// `ddpm`, `ddpm-N`, `ddim` (50 steps), `ddim-N`, `dpm++2m` (20 steps), `dpm++2m-N`,
+    /// `heun` (25 steps) or `heun-N`.
     fn from_str(s: &str) -> Result<Self> {
         let steps = |prefix: &str| {
             s.strip_prefix(prefix)
@@ -79,11 +89,12 @@ impl std::str::FromStr for Sampler {
             "heun" => Ok(Sampler::Heun { steps: HEUN_STEPS }),
             _ => steps("ddim-")
                 .map(|steps| Sampler::Ddim { steps })
+                .or_else(|| steps("ddpm-").map(|steps| Sampler::DdpmStrided { steps }))
                 .or_else(|| steps("dpm++2m-").map(|steps| Sampler::DpmSolver2m { steps }))
                 .or_else(|| steps("heun-").map(|steps| Sampler::Heun { steps }))
                 .ok_or_else(|| {
                     Error::Config(format!(
-                        "unknown sampler '{s}': use ddpm, ddim (50 steps), ddim-N, dpm++2m (20 steps), dpm++2m-N, heun (25 steps) or heun-N"
+                        "unknown sampler '{s}': use ddpm, ddpm-N, ddim (50 steps), ddim-N, dpm++2m (20 steps), dpm++2m-N, heun (25 steps) or heun-N"
                     ))
                 }),
         }
@@ -104,7 +115,10 @@ impl Sampler {
         let total = schedule.steps();
         match *self {
             Sampler::Ddpm => Ok((1..=total).rev().collect()),
-            Sampler::Ddim { steps } | Sampler::DpmSolver2m { steps } | Sampler::Heun { steps } => {
+            Sampler::DdpmStrided { steps }
+            | Sampler::Ddim { steps }
+            | Sampler::DpmSolver2m { steps }
+            | Sampler::Heun { steps } => {
                 if steps == 0 || steps > total {
                     return Err(Error::Config(format!(
                         "{self} needs between 1 and {total} steps, not {steps}"
@@ -115,8 +129,8 @@ impl Sampler {
         }
     }
 
-    /// One update from `x_t` to `x_s` (`s < t`) given the predicted noise `eps`; DDPM draws its
-    /// fresh noise from `rng` (none on the last step).
+    /// One update from `x_t` to `x_s` (`s < t`) given the predicted noise `eps`; DDPM (strided
+    /// or not) draws its fresh noise from `rng` (none on the last step).
     pub fn update(
         &self,
         schedule: &NoiseSchedule,
@@ -128,8 +142,8 @@ impl Sampler {
     ) -> Result<Tensor> {
         let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
         match self {
-            Sampler::Ddpm => {
-                let (mean, var) = ddpm_posterior(schedule, x, eps, t)?;
+            Sampler::Ddpm | Sampler::DdpmStrided { .. } => {
+                let (mean, var) = ddpm_posterior(schedule, x, eps, t, s)?;
                 if s == 0 {
                     return Ok(mean);
                 }
@@ -215,18 +229,23 @@ impl Sampler {
     }
 }
 
-/// DDPM's step from `x_t` to `t − 1` given the predicted noise `eps`: the mean
-/// `(x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t` and the posterior variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t
-/// (diffusers' `DDPMScheduler` with `variance_type="fixed_small"`, no clipping).
+/// DDPM's step from `x_t` to `x_s` (`s < t`) given the predicted noise `eps`: with the stride's
+/// factor β = 1 − ᾱ_t/ᾱ_s (β_t itself when `s = t − 1`), the mean `(x_t − β/√(1 − ᾱ_t)·ε̂)/√(1 − β)`
+/// and the posterior variance (1 − ᾱ_s)/(1 − ᾱ_t)·β (diffusers' `DDPMScheduler` with
+/// `variance_type="fixed_small"`, no clipping, over all T steps or after `set_timesteps`).
 pub fn ddpm_posterior(
     schedule: &NoiseSchedule,
     x: &Tensor,
     eps: &Tensor,
     t: usize,
+    s: usize,
 ) -> Result<(Tensor, f64)> {
-    let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(t - 1));
-    let (beta, alpha) = (schedule.beta(t), schedule.alpha(t));
-    let mean = ((x - (eps * (beta / (1.0 - ab_t).sqrt()))?)? / alpha.sqrt())?;
+    let (ab_t, ab_s) = (schedule.alpha_bar(t), schedule.alpha_bar(s));
+    let beta = match s + 1 == t {
+        true => schedule.beta(t),
+        false => 1.0 - ab_t / ab_s,
+    };
+    let mean = ((x - (eps * (beta / (1.0 - ab_t).sqrt()))?)? / (1.0 - beta).sqrt())?;
     Ok((mean, (1.0 - ab_s) / (1.0 - ab_t) * beta))
 }
 
