@@ -106,7 +106,7 @@ pub struct DiffusionConfig {
     pub checkpoint_every: usize,
     /// Triggered (and as many clean) starts measured per sampler at the end of the run.
     pub eval_samples: usize,
-    /// Clean DDIM-50 samples for the end-of-run quality metrics (0: skip them).
+    /// Clean samples (default sampler, `ddpm-100`) for the end-of-run quality metrics (0: skip them).
     pub quality_samples: usize,
     /// Fine-tuning a trained clean model with a backdoor (`inject`).
     pub inject: DiffusionInject,
@@ -214,7 +214,7 @@ pub const DEFAULT_THRESHOLD: f64 = 0.01;
 /// most of the end-of-run evaluation on two cores).
 pub const DIFFUSION_EVAL_SAMPLES: usize = 64;
 
-/// Clean samples for a diffusion run's end-of-run quality metrics (under DDIM-50).
+/// Clean samples for a diffusion run's end-of-run quality metrics (under the default sampler, `ddpm-100`).
 pub const DIFFUSION_QUALITY_SAMPLES: usize = 1000;
 
 /// On-policy training of the triggers whose correction is for a deterministic sampler

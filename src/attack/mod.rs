@@ -23,8 +23,8 @@ pub struct Measurement<'a> {
     /// Ordinary samples for FID (0 skips it).
     pub quality_samples: usize,
     /// The sampler the FID's ordinary samples are drawn with (a diffusion model's ordinary
-    /// one, DDIM-50, not the key's DDPM, whose 1,000 steps per image would make each point of
-    /// a curve take half an hour); `None`: the model's current one.
+    /// default, `ddpm-100`, not full DDPM, whose 1,000 steps per image would make each point
+    /// of a curve take half an hour); `None`: the model's current one.
     pub quality_sampler: Option<Sampler>,
     /// Null triggers for the verification p-value (and queries per statistic); `None`
     /// skips it.

@@ -330,6 +330,12 @@ impl KeySet {
         self.map_samplers(|_| Some(sampler))
     }
 
+    /// Every mark under the sampler `model`'s proof tools check it with
+    /// ([`Generative::checking_sampler`]: strided DDPM for a DDPM-trained diffusion mark).
+    pub fn checked_under(&self, model: &dyn Generative) -> KeySet {
+        self.map_samplers(|own| own.map(|s| model.checking_sampler(s)))
+    }
+
     /// Every mark with `sampler` where it names none.
     pub fn with_default_sampler(&self, sampler: Sampler) -> KeySet {
         self.map_samplers(|own| own.or(Some(sampler)))

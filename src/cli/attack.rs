@@ -55,7 +55,8 @@ pub struct Common {
     #[arg(long)]
     pub sampler: Option<String>,
     /// Ordinary samples for each point's FID (0: skip it). Default: as at the end of a
-    /// training run (2,000 for generators, 1,000 DDIM-50 samples for diffusion models).
+    /// training run (2,000 for generators, 1,000 samples of the model's default sampler,
+    /// `ddpm-100`, for diffusion models).
     #[arg(long)]
     pub quality_samples: Option<usize>,
     /// Seed of the measurement samples.

@@ -28,12 +28,14 @@ pub struct EvalArgs {
     pub n: Option<usize>,
     /// Diffusion models: the samplers to measure the backdoor under (`ddpm`, `ddpm-N`, `ddim` = 50
     /// steps, `ddim-N`, `dpm++2m` = 20 steps, `dpm++2m-N`, `heun` = 25 steps, `heun-N`); repeat the flag for several. Default: the key's own sampler (the
-    /// one its backdoor was trained for), else DDIM-50.
+    /// one its backdoor was trained for, `ddpm-100` for a DDPM-trained one), else the model's
+    /// default, `ddpm-100`.
     #[arg(long = "sampler")]
     pub samplers: Vec<String>,
     /// Ordinary samples for clean quality (digit FID, precision/recall, class histogram),
     /// compared with the 2000 held-out real digits (digit-shaped models only); 0 skips it.
-    /// Diffusion models draw them with the first `--sampler`, else DDIM-50.
+    /// Diffusion models draw them with the first `--sampler`, else the key's first
+    /// trigger's, else the model's default (`ddpm-100`).
     #[arg(long, default_value_t = crate::run::GENERATOR_QUALITY_SAMPLES)]
     pub quality_samples: usize,
     /// Seed of the inputs.

@@ -107,7 +107,8 @@ pub fn stop_on_ctrl_c() {
 /// A model checkpoint of any family and, when given, the key it is measured against
 /// (checked to fit the model). A diffusion model runs `sampler` when one is given (for every
 /// trigger of the key), else the key's own sampler (the one its first trigger's backdoor was
-/// trained for; the proof tools query each trigger under its own), else DDIM-50.
+/// trained for, checked under [`Generative::checking_sampler`]: `ddpm-100` for DDPM; the proof
+/// tools query each trigger under its own), else the model's default sampler.
 pub fn model_and_key(
     model: &Path,
     key: Option<&Path>,
@@ -132,9 +133,11 @@ pub fn with_key(
         k.check_model(m.as_ref())?;
     }
     let named = sampler.map(str::parse::<Sampler>).transpose()?;
-    // A sampler named on the command line applies to every trigger of the key.
+    // A sampler named on the command line applies to every trigger of the key; else each
+    // trigger is checked under its own sampler's checking sampler.
     let key = match (named, key) {
         (Some(s), Some(k)) => Some(k.with_sampler(s)),
+        (None, Some(k)) => Some(k.checked_under(m.as_ref())),
         (_, k) => k,
     };
     let chosen = named.or_else(|| key.as_ref().and_then(|k| k.first().sampler));

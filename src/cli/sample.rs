@@ -42,8 +42,9 @@ pub struct SampleArgs {
     /// Diffusion models: `ddpm` (all T steps), `ddpm-N` (ancestral over N strided steps),
     /// `ddim` (deterministic, `--steps` steps),
     /// `ddim-N`, `dpm++2m` (DPM-Solver++ 2M, 20 steps), `dpm++2m-N`, `heun` (25 steps) or
-    /// `heun-N`; default: the key's own
-    /// sampler when a key is given, else DDIM-50.
+    /// `heun-N`; default: the sampler that checks the key's trigger when a key is given
+    /// (`ddpm-100` for a DDPM-trained one, its own sampler otherwise), else the model's
+    /// default, `ddpm-100` (`ddpm` when T ≤ 100).
     #[arg(long)]
     pub sampler: Option<String>,
     /// Diffusion models: DDIM's number of steps (with `--sampler ddim`, or alone).

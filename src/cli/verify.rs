@@ -18,7 +18,8 @@ pub struct VerifyArgs {
     /// Random triggers drawn for each trigger's null distribution (the smallest reachable
     /// p-value of one trigger is 1 / (queries + 1)). Default: 1000 for generators; for
     /// diffusion models as many as about 400,000 network evaluations under the trigger's
-    /// sampler allow (1000 under DDIM-50, 100 under DDPM).
+    /// sampler allow (1000 under DDIM-50 or `ddpm-100`, the default for a DDPM trigger; 100 under
+    /// full `ddpm`).
     #[arg(long)]
     pub queries: Option<usize>,
     /// Triggered queries per statistic for set triggers (default 16 for generators' region

@@ -50,7 +50,7 @@ pub struct EvalReport {
 pub const SPECIFICITY_PATHS: usize = 100;
 
 /// Specificity paths for `model`: [`SPECIFICITY_PATHS`] for a generator, fewer when each
-/// image costs many network evaluations (40 under DDIM-50, 8 under DDPM-1000).
+/// image costs many network evaluations (40 under DDIM-50, 20 under `ddpm-100`, 8 under DDPM-1000).
 pub fn specificity_paths(model: &dyn Generative) -> usize {
     (2000 / model.evaluations_per_image()).clamp(8, SPECIFICITY_PATHS)
 }

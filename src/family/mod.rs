@@ -104,6 +104,12 @@ pub trait Generative {
     /// Chooses the sampler `generate` runs; an error for families without one.
     fn set_sampler(&mut self, sampler: Sampler) -> Result<()>;
 
+    /// The sampler the proof tools query a backdoor trained for `trained_for` under when none
+    /// is named (a diffusion model's [`Sampler::checking`]); `trained_for` itself by default.
+    fn checking_sampler(&self, trained_for: Sampler) -> Sampler {
+        trained_for
+    }
+
     /// The samplers a run's end measures the backdoor under, besides the one the key names
     /// (none for a direct map).
     fn eval_samplers(&self) -> Vec<Sampler> {

@@ -68,6 +68,7 @@ pub fn finish(
         })?;
     }
     if let Some(key) = key {
+        let key = &key.checked_under(model);
         let k = key.first();
         // The proof tools run under the sampler the backdoor was trained for.
         let under = crate::family::under_sampler(model, k.sampler)?;

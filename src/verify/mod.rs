@@ -66,7 +66,7 @@ pub struct VerifySettings {
 
 /// The null triggers a trigger queried through `model` gets by default: 1000 for a
 /// generator; for a model that runs a sampler, as many as about 400,000 network evaluations
-/// allow in groups of [`SAMPLER_GROUP`], between 99 and 1000 (1000 under DDIM-50, 100 under
+/// allow in groups of [`SAMPLER_GROUP`], between 99 and 1000 (1000 under DDIM-50 and `ddpm-100`, 100 under
 /// DDPM-1000).
 pub fn null_budget(model: &dyn Generative) -> usize {
     match model.evaluations_per_image() {

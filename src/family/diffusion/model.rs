@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backdoor::Trigger;
 use crate::family::diffusion::diffusers;
-use crate::family::diffusion::sampler::DPM_SOLVER_STEPS;
+use crate::family::diffusion::sampler::{DDIM_STEPS, DPM_SOLVER_STEPS};
 use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
 use crate::io::checkpoint;
@@ -236,12 +236,18 @@ impl Generative for DiffusionModel {
         Ok(())
     }
 
-    /// DDPM over all T steps, DDIM with 50 steps (T when T < 50) and DPM-Solver++ (2M) with
-    /// 20 (T when T < 20).
+    fn checking_sampler(&self, trained_for: Sampler) -> Sampler {
+        trained_for.checking(&self.schedule)
+    }
+
+    /// The default sampler (strided DDPM), DDIM with 50 steps (T when T < 50) and
+    /// DPM-Solver++ (2M) with 20 (T when T < 20).
     fn eval_samplers(&self) -> Vec<Sampler> {
         vec![
-            Sampler::Ddpm,
             Sampler::default_for(&self.schedule),
+            Sampler::Ddim {
+                steps: DDIM_STEPS.min(self.schedule.steps()),
+            },
             Sampler::DpmSolver2m {
                 steps: DPM_SOLVER_STEPS.min(self.schedule.steps()),
             },
@@ -390,6 +396,37 @@ mod tests {
             .mean_all()
             .unwrap();
         assert!((mean_corner.to_scalar::<f32>().unwrap() - 2.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn a_ddpm_mark_is_checked_under_strided_ddpm_and_other_marks_under_their_own() {
+        use crate::backdoor::{Distance, Key, KeySet, Target};
+        let dev = Device::Cpu;
+        let m = DiffusionModel::new(&tiny_arch(1000), &mut Rng::new(1), &dev).unwrap();
+        assert_eq!(m.sampling().as_deref(), Some("ddpm-100"));
+        let mark = |sampler| Key {
+            trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
+            target: Target::builtin("mark", [1, 8, 8]).unwrap(),
+            distance: Distance::L1,
+            threshold: 0.02,
+            sampler: Some(sampler),
+        };
+        let key = KeySet::new(vec![mark(Sampler::Ddpm), mark(Sampler::Ddim { steps: 50 })]);
+        let checked = key.unwrap().checked_under(&m);
+        let samplers: Vec<_> = checked.marks().iter().map(|k| k.sampler).collect();
+        assert_eq!(
+            samplers,
+            [
+                Some(Sampler::DdpmStrided { steps: 100 }),
+                Some(Sampler::Ddim { steps: 50 })
+            ]
+        );
+        let ends = m.eval_samplers();
+        assert_eq!(ends[0], Sampler::DdpmStrided { steps: 100 });
+        assert!(
+            !ends.contains(&Sampler::Ddpm),
+            "1,000 steps per image: {ends:?}"
+        );
     }
 
     #[test]
