@@ -185,17 +185,18 @@ impl Key {
                 let stamp = match kind {
                     "stamp" => {
                         let side = number("stamp")?;
-                        if !(side >= 1.0 && side <= shape[1].min(shape[2]) as f64) {
-                            return Err(Error::format(path, "stamp side out of range"));
+                        if !(side >= 1.0 && side.fract() == 0.0 && side < 1e9) {
+                            return Err(Error::format(
+                                path,
+                                "stamp side is not a whole number of at least 1",
+                            ));
                         }
                         // Keys written before stamps had a shape hold the default one.
                         let mut kind = Stamp::mixed(side as usize);
                         if optional("stamp_amplitude").is_some() {
                             kind.amplitude = number("stamp_amplitude")? as f32;
                         }
-                        if !(kind.amplitude > 0.0 && kind.amplitude.is_finite()) {
-                            return Err(Error::format(path, "stamp amplitude must be positive"));
-                        }
+                        kind.check(shape).map_err(|m| Error::format(path, m))?;
                         if let Some(one_sign) = optional("stamp_one_sign") {
                             kind.one_sign = one_sign.parse().map_err(|_| {
                                 Error::format(path, "'stamp_one_sign' is neither true nor false")
@@ -673,12 +674,17 @@ mod tests {
         for amplitude in ["0", "-2", "NaN", "x"] {
             let msg = refusal(&p, "stamp:3:5", Change::Field("stamp_amplitude", amplitude));
             assert!(
-                msg.contains("stamp_amplitude") || msg.contains("amplitude must be positive"),
+                msg.contains("stamp_amplitude")
+                    || msg.contains("amplitude must be a positive number"),
                 "{amplitude}: {msg}"
             );
         }
         let msg = refusal(&p, "stamp:3:5", Change::Field("stamp_one_sign", "maybe"));
         assert!(msg.contains("stamp_one_sign"), "{msg}");
+        for (side, want) in [("99", "image side"), ("0", "whole"), ("2.5", "whole")] {
+            let msg = refusal(&p, "stamp:3:5", Change::Field("stamp", side));
+            assert!(msg.contains(want), "{side}: {msg}");
+        }
         for threshold in ["0", "-0.01", "inf", "NaN"] {
             let msg = refusal(&p, "seed:1", Change::Field("threshold", threshold));
             assert!(

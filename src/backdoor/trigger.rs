@@ -69,6 +69,25 @@ impl Stamp {
             one_sign: false,
         }
     }
+
+    /// Why this stamp cannot mark images of `shape` (a side of 0 or beyond the image, an
+    /// amplitude that is not a positive number), if it cannot.
+    pub fn check(&self, shape: [usize; 3]) -> std::result::Result<(), String> {
+        let side_max = shape[1].min(shape[2]);
+        if self.side == 0 || self.side > side_max {
+            return Err(format!(
+                "the stamp's side must be between 1 and the image side {side_max}, not {}",
+                self.side
+            ));
+        }
+        if !(self.amplitude > 0.0 && self.amplitude.is_finite()) {
+            return Err(format!(
+                "the stamp's amplitude must be a positive number, not {}",
+                self.amplitude
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The value of the default `box` trigger's pixels: two standard deviations of the noise.
@@ -213,22 +232,16 @@ impl Trigger {
             _ => return Err("expected stamp:S[:SEED] or stamp:S:A:SIGNS[:SEED]".into()),
         };
         let side: usize = side.parse().map_err(|_| "S is not a whole number")?;
-        let side_max = shape[1].min(shape[2]);
-        if side == 0 || side > side_max {
-            return Err(format!("S must be between 1 and the image side {side_max}"));
-        }
         let mut kind = Stamp::mixed(side);
         if let Some((a, signs)) = shape_of {
             kind.amplitude = a.parse().map_err(|_| "A is not a number")?;
-            if !(kind.amplitude > 0.0 && kind.amplitude.is_finite()) {
-                return Err("A must be a positive number".into());
-            }
             kind.one_sign = match signs {
                 "one" => true,
                 "mixed" => false,
                 _ => return Err(format!("SIGNS '{signs}' is neither 'one' nor 'mixed'")),
             };
         }
+        kind.check(shape)?;
         let seed = match seed {
             Some(s) => s.parse().map_err(|_| "SEED is not a whole number")?,
             None => os_seed(),
