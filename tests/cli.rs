@@ -1193,6 +1193,54 @@ fn bench_rounds_alternate_with_pytorch_and_report_the_median_ratio() {
 }
 
 #[test]
+fn a_ddpm_trigger_is_checked_under_ddpm_100_unless_the_command_line_says_ddpm() {
+    // A clean model with T = 200 (more than the default sampler's 100 strided steps).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t200.toml");
+    let config = TINY_DIFFUSION
+        .replace("timesteps = 10", "timesteps = 200")
+        .replace("quality_samples = 20", "quality_samples = 0")
+        .replace("[detect]\nsteps = 2", "[detect]\nenabled = false");
+    assert!(config.contains("enabled = false") && config.contains("timesteps = 200"));
+    std::fs::write(&cfg, config).unwrap();
+    let run = dir.path().join("run");
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--lambda",
+        "0",
+        "--out",
+        s(&run),
+        "--quiet",
+    ]);
+    let model = run.join("model.safetensors");
+    let key = dir.path().join("k.safetensors");
+    ok(&words(&format!(
+        "key --out {} --trigger stamp:4 --samplers ddpm --model {}",
+        s(&key),
+        s(&model)
+    )));
+    let verify = |extra: &str| -> serde_json::Value {
+        let line = format!(
+            "verify --model {} --key {} --queries 1 --json {extra}",
+            s(&model),
+            s(&key)
+        );
+        serde_json::from_str(&ok(&words(&line))).unwrap()
+    };
+    assert_eq!(verify("")["sampling"], "ddpm-100");
+    assert_eq!(verify("--sampler ddpm")["sampling"], "ddpm");
+    let png = dir.path().join("g.png");
+    ok(&words(&format!(
+        "sample --model {} --n 1 --png {}",
+        s(&model),
+        s(&png)
+    )));
+    assert!(png.exists());
+}
+
+#[test]
 fn training_gives_the_same_bits_on_one_and_two_threads() {
     // The kernels split their work by the batch and the geometry, never by the number of
     // threads, and sum partial results in a fixed order (a per-thread partial sum would make
