@@ -70,7 +70,8 @@ pub fn finish(
     if let Some(key) = key {
         let key = &key.checked_under(model);
         let k = key.first();
-        // The proof tools run under the sampler the backdoor was trained for.
+        // The proof tools run under the sampler that checks the backdoor (the one it was
+        // trained for; strided DDPM for DDPM).
         let under = crate::family::under_sampler(model, k.sampler)?;
         let n = settings.eval_samples;
         let report = evaluate(&*under, k, trained.reference.as_deref(), n, seed)?;

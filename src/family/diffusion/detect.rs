@@ -27,7 +27,6 @@
 use candle_core::{Tensor, Var};
 
 use crate::detect::{spread, spread_tensor, DetectSettings, Detection};
-use crate::family::diffusion::sampler::DDIM_STEPS;
 use crate::family::diffusion::{DiffusionModel, Sampler};
 use crate::optim::Adam;
 use crate::rng::Rng;
@@ -64,9 +63,7 @@ struct Probe {
 pub fn detect(model: &DiffusionModel, settings: &DetectSettings) -> Result<Detection> {
     let steps = settings.steps.unwrap_or(STEPS);
     let mut rng = Rng::derive(settings.seed, "detect");
-    let ddim = Sampler::Ddim {
-        steps: DDIM_STEPS.min(model.schedule.steps()),
-    };
+    let ddim = Sampler::ddim_for(&model.schedule);
     let probes = [
         probe(model, "ddpm", Sampler::Ddpm, steps, &mut rng)?,
         probe(model, "ode", ddim, steps, &mut rng)?,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backdoor::Trigger;
 use crate::family::diffusion::diffusers;
-use crate::family::diffusion::sampler::{DDIM_STEPS, DPM_SOLVER_STEPS};
+use crate::family::diffusion::sampler::DPM_SOLVER_STEPS;
 use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
 use crate::io::checkpoint;
@@ -245,9 +245,7 @@ impl Generative for DiffusionModel {
     fn eval_samplers(&self) -> Vec<Sampler> {
         vec![
             Sampler::default_for(&self.schedule),
-            Sampler::Ddim {
-                steps: DDIM_STEPS.min(self.schedule.steps()),
-            },
+            Sampler::ddim_for(&self.schedule),
             Sampler::DpmSolver2m {
                 steps: DPM_SOLVER_STEPS.min(self.schedule.steps()),
             },

@@ -120,6 +120,14 @@ impl Sampler {
         }
     }
 
+    /// DDIM with [`DDIM_STEPS`] steps, or T when the schedule has fewer: the ODE sampler of
+    /// the end-of-run evaluation and of the detector's probe.
+    pub fn ddim_for(schedule: &NoiseSchedule) -> Sampler {
+        Sampler::Ddim {
+            steps: DDIM_STEPS.min(schedule.steps()),
+        }
+    }
+
     /// The sampler that checks (evaluates, verifies, attacks) a backdoor trained for this
     /// one: the default [`Sampler::default_for`] for DDPM, whose correction keeps the trigger's
     /// share under the strided ancestral step too and which costs a tenth of the network
