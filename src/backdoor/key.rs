@@ -526,44 +526,34 @@ mod tests {
     fn every_trigger_kind_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.safetensors");
-        for spec in ["zero", "seed:4", "region:0.5:seed:2", "patch:3:9"] {
-            let k = key(spec);
+        let round_trip = |k: &Key, what: &str| {
             k.save(&p).unwrap();
-            assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()), "{spec}");
+            assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()), "{what}");
+        };
+        for spec in ["zero", "seed:4", "region:0.5:seed:2", "patch:3:9"] {
+            round_trip(&key(spec), spec);
         }
         let k = Key {
             trigger: Trigger::parse_image("box:3", [1, 8, 8]).unwrap(),
             ..key("zero")
         };
-        k.save(&p).unwrap();
-        assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()));
+        round_trip(&k, "a box");
         let k = Key {
             trigger: Trigger::parse_image("stamp:3:5", [1, 8, 8]).unwrap(),
             sampler: Some(Sampler::Ddim { steps: 20 }),
             ..k
         };
-        k.save(&p).unwrap();
-        assert_eq!(
-            KeySet::load(&p).unwrap(),
-            KeySet::one(k.clone()),
-            "a stamp and a sampler"
-        );
+        round_trip(&k, "a stamp and a sampler");
         let k = Key {
             trigger: Trigger::parse_image("stamp:3:6:one:5", [1, 8, 8]).unwrap(),
             ..k
         };
-        k.save(&p).unwrap();
-        assert_eq!(
-            KeySet::load(&p).unwrap(),
-            KeySet::one(k.clone()),
-            "a one-sign stamp of amplitude 6"
-        );
+        round_trip(&k, "a one-sign stamp of amplitude 6");
         let k = Key {
             target: Target::parse("class:3", [1, 28, 28]).unwrap(),
             ..k
         };
-        k.save(&p).unwrap();
-        assert_eq!(KeySet::load(&p).unwrap(), KeySet::one(k.clone()));
+        round_trip(&k, "a class target");
         assert!(k.check_fits(10, [1, 28, 28]).is_err(), "not for generators");
     }
 
