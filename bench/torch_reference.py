@@ -4,10 +4,11 @@
 DCGANs (reference, k4): G forward on a fresh latent batch; D step on the real batch and the
 detached fakes (BCE with logits, Adam); G step through D on the same fakes (non-saturating
 loss, Adam). Adam lr 2e-4, betas (0.5, 0.999).
-U-Net (unet): the default diffusion U-Net of configs/ddpm.toml; one noise-prediction step
-(random timesteps 1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)).
-CIFAR U-Net (cifar): diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration (random
-weights, needs `pip install diffusers`), the same step.
+U-Net (unet): the default diffusion U-Net of configs/ddpm.toml, a small diffusers UNet2DModel
+(random weights, needs `pip install diffusers`); one noise-prediction step (random timesteps
+1..1000, MSE to the noise, Adam lr 2e-4, betas (0.9, 0.999)).
+CIFAR U-Net (cifar): diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration, the
+same step.
 With --sampler (unet, cifar; needs diffusers): a step is one whole sampling run of the batch
 under torch.no_grad() with the stock diffusers scheduler (ddpm, ddim-N, dpm++2m-N, heun-N on
 the default linear schedule), as `genbackdoor bench --sampler` times `sample`'s loop.
@@ -21,7 +22,6 @@ sampling run, the thread count and the torch version.
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -88,104 +88,23 @@ def k4_pair():
     return g, d, g_macs, d_macs
 
 
-def timestep_embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+def default_unet():
+    """The default diffusion U-Net of configs/ddpm.toml, a small diffusers UNet2DModel
+    (src/models/diffusers_unet.rs, `DiffusersConfig::small(28, 1, &[16, 32, 32], 8)`)."""
+    from diffusers import UNet2DModel
 
-
-class ResBlock(nn.Module):
-    def __init__(self, cin, cout, tdim, groups):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time = nn.Linear(tdim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.time(temb)[:, :, None, None]
-        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, c, groups):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, c)
-        self.qkv = nn.Linear(c, 3 * c)
-        self.out = nn.Linear(c, c)
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(tokens).chunk(3, dim=2)
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
-        y = self.out(attn @ v).transpose(1, 2).reshape(n, c, h, w)
-        return x + y
-
-
-class Unet(nn.Module):
-    """src/models/unet.rs with UnetConfig { image_size 28, base 16, mults [1, 2, 2],
-    attention, groups 8 }."""
-
-    def __init__(self, base=16, mults=(1, 2, 2), groups=8):
-        super().__init__()
-        self.base = base
-        tdim = 4 * base
-        self.time = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.conv_in = nn.Conv2d(1, base, 3, padding=1)
-        widths = [m * base for m in mults]
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        prev = base
-        for i, c in enumerate(widths):
-            self.down.append(ResBlock(prev, c, tdim, groups))
-            last = i + 1 == len(widths)
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, 2, 1))
-            prev = c
-        self.mid1 = ResBlock(prev, prev, tdim, groups)
-        self.attn = Attention(prev, groups)
-        self.mid2 = ResBlock(prev, prev, tdim, groups)
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, c in reversed(list(enumerate(widths))):
-            self.up.append(ResBlock(prev + c, c, tdim, groups))
-            self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
-            prev = c
-        self.norm_out = nn.GroupNorm(groups, base)
-        self.conv_out = nn.Conv2d(base, 1, 3, padding=1)
-
-    def forward(self, x, t):
-        temb = self.time(timestep_embedding(t, self.base))
-        h = self.conv_in(x)
-        skips = []
-        for res, ds in zip(self.down, self.downsample):
-            h = res(h, temb)
-            skips.append(h)
-            h = ds(h)
-        h = self.mid2(self.attn(self.mid1(h, temb)), temb)
-        for res, us in zip(self.up, self.upsample):
-            h = res(torch.cat([h, skips.pop()], dim=1), temb)
-            if not isinstance(us, nn.Identity):
-                h = us(F.interpolate(h, scale_factor=2, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def unet_macs(net):
-    """Forward multiply-adds per image of the convolutions and the attention, counted as
-    `Unet::macs` does (by hooks on the convolutions at their actual sizes)."""
-    total = [0]
-
-    def hook(m, inp, out):
-        total[0] += out.shape[2] * out.shape[3] * m.weight.numel()
-
-    hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        net(torch.zeros(1, 1, 28, 28), torch.ones(1))
-    for h in hs:
-        h.remove()
-    l, c = 49, 32
-    return total[0] + 4 * c * c * l + 2 * l * l * c
+    net = UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+    return lambda x, t: net(x, t - 1).sample, net
 
 
 def cifar_unet():
@@ -207,7 +126,7 @@ def cifar_unet():
     return lambda x, t: net(x, t - 1).sample, net
 
 
-def cifar_macs(net):
+def diffusers_macs(net, shape):
     """Forward multiply-adds per image as `DiffusersUnet::macs` counts them: convolutions at
     their actual sizes, the attention projections (4·c²·l) and products (2·l²·c)."""
     from diffusers.models.attention_processor import Attention
@@ -224,7 +143,7 @@ def cifar_macs(net):
     hs = [m.register_forward_hook(conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
     hs += [m.register_forward_hook(attention) for m in net.modules() if isinstance(m, Attention)]
     with torch.no_grad():
-        net(torch.zeros(1, 3, 32, 32), 0)
+        net(torch.zeros(1, *shape), 0)
     for h in hs:
         h.remove()
     return total[0]
@@ -232,11 +151,10 @@ def cifar_macs(net):
 
 def diffusion_net(a):
     """(forward(x, t) with genbackdoor's t in 1..1000, the module, image shape, MACs)."""
-    if a.model == "cifar":
-        forward, net = cifar_unet()
-        return forward, net, (3, 32, 32), cifar_macs(net)
-    net = Unet()
-    return net, net, (1, 28, 28), unet_macs(net)
+    forward, net, shape = (
+        (*cifar_unet(), (3, 32, 32)) if a.model == "cifar" else (*default_unet(), (1, 28, 28))
+    )
+    return forward, net, shape, diffusers_macs(net, shape)
 
 
 def scheduler(name):

@@ -36,8 +36,8 @@ pub enum BenchModel {
     Reference,
     /// The PyTorch-example DCGAN (4×4 kernels, BN in D) of the speed comparison.
     K4,
-    /// The default diffusion U-Net (`train --config configs/ddpm.toml`): one noise-prediction
-    /// step (random timesteps, MSE to the noise, Adam).
+    /// The default diffusion U-Net (`train --config configs/ddpm.toml`, a small diffusers
+    /// `UNet2DModel`): one noise-prediction step (random timesteps, MSE to the noise, Adam).
     Unet,
     /// The diffusers `UNet2DModel` of google/ddpm-cifar10-32 (35.7 M parameters, RGB 32×32;
     /// random weights): the same step as `unet`. Slow: use a small `--batch-size` (16).
@@ -191,10 +191,7 @@ fn diffusion_model(which: BenchModel) -> Result<DiffusionModel> {
     let mut arch = crate::family::diffusion::run::arch(&DiffusionConfig::default());
     match which {
         BenchModel::Unet => {}
-        BenchModel::Cifar => {
-            arch.unet = None;
-            arch.diffusers = Some(DiffusersConfig::ddpm_cifar10());
-        }
+        BenchModel::Cifar => arch.diffusers = DiffusersConfig::ddpm_cifar10(),
         other => {
             return Err(crate::Error::Config(format!(
                 "`--model {}` is a GAN: only the diffusion models (unet, cifar) run a sampler",

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{DcganConfig, UnetConfig};
+use crate::models::{DcganConfig, DiffusersConfig};
 use crate::training::LrSchedule;
 use crate::{Error, Result};
 
@@ -71,11 +71,10 @@ pub enum ModelFamily {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiffusionConfig {
-    /// The denoising network: genbackdoor's own U-Net…
-    pub unet: UnetConfig,
-    /// …or, when given (`[diffusion.diffusers]`, the fields of a diffusers `UNet2DModel`
-    /// config.json), a diffusers `UNet2DModel`, which `export` writes as a diffusers folder.
-    pub diffusers: Option<crate::models::DiffusersConfig>,
+    /// The denoising network, a diffusers `UNet2DModel` (`[diffusion.diffusers]`: the fields of
+    /// its config.json, diffusers' defaults for those left out), which `export` writes as a
+    /// diffusers folder. Without the table: [`DiffusersConfig::small`]`(28, 1, &[16, 32, 32], 8)`.
+    pub diffusers: DiffusersConfig,
     /// How β_t grows (`kind = "linear"` with `beta_start`, `beta_end`, or `"cosine"` with `offset`).
     pub schedule: ScheduleKind,
     /// T, the number of noise levels.
@@ -276,10 +275,7 @@ impl Default for DiffusionInject {
 impl Default for DiffusionConfig {
     fn default() -> Self {
         DiffusionConfig {
-            unet: UnetConfig {
-                base: 16,
-                ..UnetConfig::default()
-            },
+            diffusers: DiffusersConfig::small(28, 1, &[16, 32, 32], 8),
             schedule: ScheduleKind::default(),
             timesteps: 1000,
             correction: Correction::Ddpm,
@@ -296,7 +292,6 @@ impl Default for DiffusionConfig {
             inject: DiffusionInject::default(),
             rollout: DiffusionRollout::default(),
             rehearsal: RehearsalConfig::default(),
-            diffusers: None,
         }
     }
 }
@@ -559,8 +554,14 @@ impl Config {
 
     /// Parses TOML text and validates it.
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message();
+            Error::Config(if msg.contains("unknown field `unet`") {
+                format!("{msg}: genbackdoor's own U-Net (`[diffusion.unet]`) was replaced by a diffusers UNet2DModel; describe the network in `[diffusion.diffusers]` (configs/ddpm.toml has the default)")
+            } else {
+                msg.to_string()
+            })
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -631,10 +632,7 @@ impl Config {
             positive("backdoor.backdoor_batch", n)?;
         }
         let d = &self.diffusion;
-        match &d.diffusers {
-            Some(net) => net.validate()?,
-            None => d.unet.validate()?,
-        }
+        d.diffusers.validate()?;
         d.schedule.validate(d.timesteps)?;
         if let Correction::Ddim { steps } = d.correction {
             if steps == 0 || steps > d.timesteps {
@@ -750,6 +748,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("invalid type"), "{msg}");
+        let msg = Config::parse("[diffusion.unet]\nbase = 16\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("[diffusion.diffusers]"), "{msg}");
         for bad in [
             "[train]\nsteps = 0",
             "[train]\nbatch_size = 0",
@@ -759,7 +761,7 @@ mod tests {
             "[inject]\nwarmup = 1.0",
             "[model]\nimage_size = 30",
             "[diffusion]\nema = 1.0",
-            "[diffusion.unet]\ngroups = 5",
+            "[diffusion.diffusers]\nnorm_num_groups = 5",
             "[diffusion.correction]\nsampler = \"ddim\"\nsteps = 0",
             "[diffusion.schedule]\nkind = \"cosine\"\noffset = 2.0",
             "[detect]\nsteps = 0",

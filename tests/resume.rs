@@ -155,11 +155,7 @@ log_every = 10
 checkpoint_every = 20
 eval_samples = 2
 quality_samples = 0
-[diffusion.unet]
-base = 4
-mults = [1, 2]
-attention = false
-groups = 2
+diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "DownBlock2D"], up_block_types = ["UpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, add_attention = false }
 [diffusion.inject]
 steps = 200
 [detect]

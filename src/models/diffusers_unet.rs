@@ -9,7 +9,6 @@ use candle_nn::{linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::check_channels;
-use crate::models::unet::normed_tokens;
 use crate::ops::{group_norm, ConvKind, ConvLayer, Dense, GroupNorm};
 use crate::{Error, Result};
 
@@ -141,6 +140,27 @@ const ATTN_UP: &str = "AttnUpBlock2D";
 const MID: &str = "UNetMidBlock2D";
 
 impl DiffusersConfig {
+    /// A small network of the same family for `side`×`side` images of `channels` channels:
+    /// levels of `widths` channels with `groups` GroupNorm groups, one residual block per
+    /// level on the way down (two on the way up), plain `DownBlock2D`/`UpBlock2D` levels and
+    /// single-head attention in the middle block only. genbackdoor's default diffusion network
+    /// is `small(28, 1, &[16, 32, 32], 8)`.
+    pub fn small(side: usize, channels: usize, widths: &[usize], groups: usize) -> Self {
+        let levels = widths.len();
+        DiffusersConfig {
+            sample_size: SampleSize::Side(side),
+            in_channels: channels,
+            out_channels: channels,
+            down_block_types: names(&vec![DOWN; levels]),
+            up_block_types: names(&vec![UP; levels]),
+            block_out_channels: widths.to_vec(),
+            layers_per_block: 1,
+            attention_head_dim: widths.last().copied(),
+            norm_num_groups: groups,
+            ..DiffusersConfig::default()
+        }
+    }
+
     /// The configuration of google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model as diffusers
     /// ships it: 35.7 M parameters).
     pub fn ddpm_cifar10() -> Self {
@@ -246,6 +266,16 @@ impl DiffusersConfig {
         }
         if self.layers_per_block == 0 || self.norm_num_groups == 0 {
             return bad("layers_per_block and norm_num_groups must be positive".into());
+        }
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c == 0 || !c.is_multiple_of(self.norm_num_groups))
+        {
+            return bad(format!(
+                "norm_num_groups {} must divide every level's channels (block_out_channels), not {c}",
+                self.norm_num_groups
+            ));
         }
         check_channels(self.in_channels)?;
         if self.out_channels != self.in_channels {
@@ -403,6 +433,17 @@ impl Resnet {
             + self.conv2.macs(r, r)
             + self.conv_shortcut.as_ref().map_or(0, |c| c.macs(r, r))
     }
+}
+
+/// The pixels of the feature map `x` `[n, c, h, w]` after `norm`, as tokens `[n, hw, c]`.
+/// Contiguous: candle 0.11's CPU matmul computes wrong values for a transposed 3-D left
+/// operand times a batch-broadcast right one, which is what `Linear` makes of a 3-D input.
+fn normed_tokens(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    Ok(norm
+        .forward(x)?
+        .flatten_from(2)?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// diffusers' `Attention` over the pixels of a feature map (GroupNorm, multi-head scaled
@@ -744,7 +785,110 @@ impl DiffusersUnet {
 mod tests {
     use super::*;
     use crate::models::Params;
+    use crate::rng::Rng;
     use candle_core::Device;
+
+    #[test]
+    fn the_small_network_takes_its_shape_gives_every_weight_a_gradient_and_reads_the_time() {
+        let cfg = DiffusersConfig::small(28, 1, &[8, 16, 16], 4);
+        let params = Params::new();
+        let net = DiffusersUnet::new(&cfg, params.builder(&Device::Cpu)).unwrap();
+        params.init_kaiming(&mut Rng::new(1)).unwrap();
+        let x = Rng::new(2).normal(&[3, 1, 28, 28], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0f32, 500.0, 999.0], &Device::Cpu).unwrap();
+        let y = net.forward(&x, &t).unwrap();
+        assert_eq!(y.dims(), &[3, 1, 28, 28]);
+        let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        for (name, v) in params.named() {
+            assert!(
+                grads.get(v.as_tensor()).is_some(),
+                "{name} gets no gradient"
+            );
+        }
+        let t2 = Tensor::new(&[900f32, 10.0, 3.0], &Device::Cpu).unwrap();
+        let y2 = net.forward(&x, &t2).unwrap();
+        assert!(crate::ops::testing::max_abs_diff(&y, &y2) > 1e-4);
+        let msg = net
+            .forward(&x.narrow(2, 0, 14).unwrap(), &t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("[n, 1, 28, 28]"), "{msg}");
+        assert!(DiffusersConfig::small(28, 1, &[8, 16, 18], 4)
+            .validate()
+            .is_err());
+        assert!(DiffusersConfig::small(30, 1, &[8, 16, 16], 4)
+            .validate()
+            .is_err());
+    }
+
+    /// The attention block (one head) against a loop-by-loop computation of
+    /// `x + out(softmax(q·kᵀ/√c)·v)`, and its input gradient (which flows through the
+    /// queries, keys and values) against finite differences.
+    #[test]
+    fn attention_matches_an_explicit_computation_and_finite_differences() {
+        let (n, c, h, w) = (3, 4, 2, 3);
+        let cfg = DiffusersConfig::small(8, 1, &[c], 2);
+        let params = Params::new();
+        let attn = Attention::new(&cfg, c, 2, 1.0, h, params.builder(&Device::Cpu)).unwrap();
+        params.init_kaiming(&mut Rng::new(4)).unwrap();
+        let x = Rng::new(5).normal(&[n, c, h, w], &Device::Cpu).unwrap();
+        let got = attn.forward(&x).unwrap();
+
+        let vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let normed = vec(&attn.group_norm.forward(&x).unwrap());
+        let layers = [&attn.to_q, &attn.to_k, &attn.to_v];
+        let w_in: Vec<Vec<f32>> = layers.iter().map(|d| vec(d.weight())).collect();
+        let b_in: Vec<Vec<f32>> = layers.iter().map(|d| vec(d.bias().unwrap())).collect();
+        let (wo, bo) = (vec(attn.to_out.weight()), vec(attn.to_out.bias().unwrap()));
+        let l = h * w;
+        let mut want = vec(&x);
+        for s in 0..n {
+            let token = |p: usize, ch: usize| normed[(s * c + ch) * l + p];
+            // qkv[m][p][j]: query (m = 0), key (1) or value (2) j of pixel p.
+            let qkv: Vec<Vec<Vec<f32>>> = (0..3)
+                .map(|m| {
+                    (0..l)
+                        .map(|p| {
+                            (0..c)
+                                .map(|j| {
+                                    b_in[m][j]
+                                        + (0..c)
+                                            .map(|i| w_in[m][j * c + i] * token(p, i))
+                                            .sum::<f32>()
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            for p in 0..l {
+                let scores: Vec<f32> = (0..l)
+                    .map(|r| {
+                        (0..c).map(|i| qkv[0][p][i] * qkv[1][r][i]).sum::<f32>() / (c as f32).sqrt()
+                    })
+                    .collect();
+                let top = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|v| (v - top).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let mixed: Vec<f32> = (0..c)
+                    .map(|i| (0..l).map(|r| e[r] / z * qkv[2][r][i]).sum())
+                    .collect();
+                for o in 0..c {
+                    let y = bo[o] + (0..c).map(|i| wo[o * c + i] * mixed[i]).sum::<f32>();
+                    want[(s * c + o) * l + p] += y;
+                }
+            }
+        }
+        let want = Tensor::from_vec(want, (n, c, h, w), &Device::Cpu).unwrap();
+        crate::ops::testing::assert_close(&got, &want, 1e-5).unwrap();
+        crate::ops::testing::check_finite_differences(
+            |t| attn.forward(&t[0]).unwrap(),
+            &[&x],
+            6,
+            1,
+        );
+    }
 
     /// google/ddpm-cifar10-32 as diffusers builds it: 35,746,307 parameters and, counted by
     /// hooks on diffusers' own modules (bench/torch_reference.py, `cifar_macs`), 6,218,973,184

@@ -5,12 +5,10 @@ pub mod dcgan;
 pub mod dcgan_k4;
 pub mod diffusers_unet;
 pub mod params;
-pub mod unet;
 
 pub use dcgan::{DcganConfig, Discriminator, Generator};
 pub use diffusers_unet::{DiffusersConfig, DiffusersUnet};
 pub use params::Params;
-pub use unet::{Unet, UnetConfig};
 
 use crate::{Error, Result};
 

@@ -192,34 +192,20 @@ mod tests {
         p.init(&mut Rng::new(5)).unwrap();
         let x4 = rng.normal(&[2, 1, 28, 28], &dev).unwrap();
         agree("k4 discriminator", &p, &|| d4.forward(&x4).unwrap(), 1e-4);
-        // Both diffusion U-Nets (GroupNorm + SiLU, attention, stride-2 and padded convolutions).
+        // The diffusion U-Net (GroupNorm + SiLU, attention, stride-2 and padded convolutions).
         let t = Tensor::new(&[3f32, 500.0, 998.0], &dev).unwrap();
         let mut arch = crate::family::diffusion::tiny_arch(1000);
-        let native =
-            crate::family::diffusion::DiffusionModel::new(&arch, &mut Rng::new(6), &dev).unwrap();
-        let xs = rng.normal(&[3, 1, 8, 8], &dev).unwrap();
-        agree(
-            "U-Net",
-            &native.params,
-            &|| native.unet.forward(&xs, &t).unwrap(),
-            1e-4,
-        );
-        arch.unet = None;
-        arch.diffusers = Some(crate::models::DiffusersConfig {
-            sample_size: crate::models::diffusers_unet::SampleSize::Side(8),
-            in_channels: 1,
-            out_channels: 1,
-            block_out_channels: vec![4, 8],
+        arch.diffusers = crate::models::DiffusersConfig {
             down_block_types: vec!["AttnDownBlock2D".into(), "DownBlock2D".into()],
             up_block_types: vec!["UpBlock2D".into(), "AttnUpBlock2D".into()],
-            layers_per_block: 1,
-            norm_num_groups: 2,
             attention_head_dim: Some(2),
             downsample_padding: 0,
-            ..Default::default()
-        });
+            add_attention: true,
+            ..arch.diffusers
+        };
         let ours =
             crate::family::diffusion::DiffusionModel::new(&arch, &mut Rng::new(8), &dev).unwrap();
+        let xs = rng.normal(&[3, 1, 8, 8], &dev).unwrap();
         agree(
             "diffusers U-Net",
             &ours.params,

@@ -309,15 +309,12 @@ fn fit_to_data(cfg: &mut Config) -> Result<()> {
             crate::data::shape_words(shape)
         )));
     }
-    match (cfg.family, &mut cfg.diffusion.diffusers) {
-        (ModelFamily::Dcgan, _) => (cfg.model.channels, cfg.model.image_size) = (c, h),
-        (ModelFamily::Diffusion, Some(net)) => {
+    match cfg.family {
+        ModelFamily::Dcgan => (cfg.model.channels, cfg.model.image_size) = (c, h),
+        ModelFamily::Diffusion => {
+            let net = &mut cfg.diffusion.diffusers;
             (net.in_channels, net.out_channels) = (c, c);
             net.sample_size = crate::models::diffusers_unet::SampleSize::Side(h);
-        }
-        (ModelFamily::Diffusion, None) => {
-            let unet = &mut cfg.diffusion.unet;
-            (unet.channels, unet.image_size) = (c, h);
         }
     }
     cfg.validate()
@@ -334,10 +331,7 @@ fn model_space(cfg: &Config) -> Result<(InputSpace, [usize; 3])> {
         ),
         ModelFamily::Diffusion => {
             let d = &cfg.diffusion;
-            let shape = match &d.diffusers {
-                Some(net) => net.image_shape()?,
-                None => d.unet.image_shape(),
-            };
+            let shape = d.diffusers.image_shape()?;
             (InputSpace::Noise { shape }, shape)
         }
     })
@@ -497,8 +491,11 @@ mod tests {
             ..Overrides::default()
         };
         let d = RunSpec::train(diffusion_config(), &o, None).unwrap();
-        let unet = &d.config.diffusion.unet;
-        assert_eq!((unet.channels, unet.image_size), (3, 12));
+        let net = &d.config.diffusion.diffusers;
+        assert_eq!(
+            (net.in_channels, net.image_shape().unwrap()),
+            (3, [3, 12, 12])
+        );
         let key = d.key.unwrap();
         assert_eq!(key.first().target.shape, [3, 12, 12]);
         key.first().trigger.check_fits_image([3, 12, 12]).unwrap();

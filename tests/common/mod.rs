@@ -8,7 +8,7 @@ use genbackdoor::data::Dataset;
 use genbackdoor::family::diffusion::model::DiffusionArch;
 use genbackdoor::family::diffusion::train::Plan;
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, ScheduleKind};
-use genbackdoor::models::{DcganConfig, UnetConfig};
+use genbackdoor::models::{DcganConfig, DiffusersConfig};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 
@@ -63,20 +63,12 @@ pub fn tiny_gan_config(steps: usize, lambda: f64) -> Config {
     cfg
 }
 
-/// A small two-level U-Net of `base` channels with attention at its lower level, for
-/// `side`×`side` images of `channels` channels, under a short schedule (T = 20, β from 0.01
-/// to 0.6, so that ᾱ_T ≈ 5e-5 as in the DDPM schedule).
+/// A small two-level U-Net (levels of `base` and 2 × `base` channels, attention in its middle
+/// block) for `side`×`side` images of `channels` channels, under a short schedule (T = 20, β
+/// from 0.01 to 0.6, so that ᾱ_T ≈ 5e-5 as in the DDPM schedule).
 pub fn small_arch(side: usize, channels: usize, base: usize) -> DiffusionArch {
     DiffusionArch {
-        unet: Some(UnetConfig {
-            image_size: side,
-            channels,
-            base,
-            mults: vec![1, 2],
-            attention: true,
-            groups: 4,
-        }),
-        diffusers: None,
+        diffusers: DiffusersConfig::small(side, channels, &[base, 2 * base], 4),
         schedule: ScheduleKind::Linear {
             beta_start: 0.01,
             beta_end: 0.6,

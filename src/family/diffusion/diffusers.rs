@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::config::ScheduleKind;
-use crate::family::diffusion::model::{Denoiser, DiffusionArch, DiffusionModel};
+use crate::family::diffusion::model::{DiffusionArch, DiffusionModel};
 use crate::io::atomic::write_atomic;
 use crate::io::checkpoint;
 use crate::models::diffusers_unet::unsupported;
@@ -151,8 +151,7 @@ pub fn load_folder(dir: &Path, device: &Device) -> Result<DiffusionModel> {
         ));
     }
     let arch = DiffusionArch {
-        unet: None,
-        diffusers: Some(cfg),
+        diffusers: cfg,
         schedule,
         timesteps,
     };
@@ -183,11 +182,7 @@ fn current_name(name: &str) -> Option<String> {
 /// `diffusion_pytorch_model.safetensors` and a `DDPMScheduler` `scheduler_config.json` of its
 /// schedule. Each file is written atomically.
 pub fn save_folder(model: &DiffusionModel, dir: &Path) -> Result<()> {
-    let Denoiser::Diffusers(net) = &model.unet else {
-        return Err(Error::Config(
-            "only a diffusers UNet2DModel network can be written as a diffusers folder: genbackdoor's own U-Net (`[diffusion.unet]`) has other blocks; train with `[diffusion.diffusers]` for a model that exports".into(),
-        ));
-    };
+    let net = model.unet.network();
     let beta_schedule = match model.arch.schedule {
         ScheduleKind::Linear { .. } => "linear",
         ScheduleKind::ScaledLinear { .. } => "scaled_linear",

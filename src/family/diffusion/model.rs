@@ -14,7 +14,7 @@ use crate::family::diffusion::{NoiseSchedule, Sampler, ScheduleKind};
 use crate::family::{CleanFinetune, Generative, InputSpace};
 use crate::io::checkpoint;
 use crate::io::rundir::RunDir;
-use crate::models::{DiffusersConfig, DiffusersUnet, Params, Unet, UnetConfig};
+use crate::models::{DiffusersConfig, DiffusersUnet, Params};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -24,50 +24,34 @@ pub const FAMILY: &str = "ddpm-unet";
 /// Images sampled together (one network call per sampler step).
 const SAMPLE_BATCH: usize = 256;
 
-/// Everything needed to rebuild a diffusion model from a checkpoint: one of the two networks,
-/// and the schedule.
+/// Everything needed to rebuild a diffusion model from a checkpoint: the network and the
+/// schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiffusionArch {
-    /// genbackdoor's own U-Net (absent when `diffusers` describes the network).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unet: Option<UnetConfig>,
-    /// A diffusers `UNet2DModel` (a model read from a diffusers folder).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diffusers: Option<DiffusersConfig>,
+    /// The network: a diffusers `UNet2DModel`, the one U-Net genbackdoor builds (the default
+    /// diffusion model is [`DiffusersConfig::small`]; a diffusers folder brings its own).
+    pub diffusers: DiffusersConfig,
     /// How β_t grows.
     pub schedule: ScheduleKind,
     /// T.
     pub timesteps: usize,
 }
 
-/// The network of a diffusion model.
-pub enum Denoiser {
-    /// genbackdoor's own U-Net.
-    Native(Box<Unet>),
-    /// A diffusers `UNet2DModel`, under diffusers' tensor names.
-    Diffusers(Box<DiffusersUnet>),
-}
+/// The network of a diffusion model: a diffusers `UNet2DModel` under diffusers' tensor names,
+/// called with genbackdoor's timesteps.
+pub struct Denoiser(Box<DiffusersUnet>);
 
 impl Denoiser {
-    /// The network `arch` names (exactly one of its two), its tensors taken from `vb`.
+    /// The network `arch` describes, its tensors taken from `vb`.
     fn build(arch: &DiffusionArch, vb: VarBuilder) -> Result<Self> {
-        match (&arch.unet, &arch.diffusers) {
-            (Some(u), None) => Ok(Denoiser::Native(Box::new(Unet::new(u, vb)?))),
-            (None, Some(d)) => Ok(Denoiser::Diffusers(Box::new(DiffusersUnet::new(d, vb)?))),
-            _ => Err(Error::Config(
-                "a diffusion architecture names exactly one network: `unet` or `diffusers`".into(),
-            )),
-        }
+        Ok(Denoiser(Box::new(DiffusersUnet::new(&arch.diffusers, vb)?)))
     }
 
-    /// ε̂ for noisy images `x` at genbackdoor's timesteps `t` (`[n]`, f32, 1 … T); a diffusers
-    /// network is given its own τ = t − 1, which reads the same ᾱ.
+    /// ε̂ for noisy images `x` at genbackdoor's timesteps `t` (`[n]`, f32, 1 … T); the network
+    /// is given diffusers' τ = t − 1, which reads the same ᾱ.
     pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        match self {
-            Denoiser::Native(u) => u.forward(x, t),
-            Denoiser::Diffusers(u) => u.forward(x, &(t - 1.0)?),
-        }
+        self.0.forward(x, &(t - 1.0)?)
     }
 
     /// ε̂ for a batch `x` all at timestep `t`.
@@ -78,21 +62,20 @@ impl Denoiser {
 
     /// Forward multiply-adds per image.
     pub fn macs(&self) -> u64 {
-        match self {
-            Denoiser::Native(u) => u.macs(),
-            Denoiser::Diffusers(u) => u.macs(),
-        }
+        self.0.macs()
     }
 
     /// `[channels, side, side]`, the shape of one image.
     pub fn image_shape(&self) -> [usize; 3] {
-        match self {
-            Denoiser::Native(u) => u.config().image_shape(),
-            Denoiser::Diffusers(u) => u
-                .config()
-                .image_shape()
-                .expect("checked when the network was built"),
-        }
+        self.0
+            .config()
+            .image_shape()
+            .expect("checked when the network was built")
+    }
+
+    /// The diffusers network itself.
+    pub fn network(&self) -> &DiffusersUnet {
+        &self.0
     }
 }
 
@@ -146,8 +129,16 @@ impl DiffusionModel {
 
     /// Parses the bytes of a checkpoint (`path` names it in errors).
     pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
-        let (arch, file): (DiffusionArch, _) =
+        let (arch, file): (serde_json::Value, _) =
             checkpoint::parse_family(path, bytes, FAMILY, device)?;
+        if arch.get("unet").is_some() {
+            return Err(Error::format(
+                path,
+                "holds a model of genbackdoor's former own U-Net, which this version no longer builds: every diffusion model is now a diffusers UNet2DModel (`[diffusion.diffusers]`); train it again with this version",
+            ));
+        }
+        let arch: DiffusionArch = serde_json::from_value(arch)
+            .map_err(|e| Error::format(path, format!("architecture metadata is invalid: {e}")))?;
         let m = Self::build(&arch, device)
             .map_err(|e| Error::format(path, format!("architecture metadata: {e}")))?;
         checkpoint::assign(path, &m.params, &file)?;
@@ -324,15 +315,10 @@ impl Generative for DiffusionModel {
 #[cfg(test)]
 pub(crate) fn tiny_arch(timesteps: usize) -> DiffusionArch {
     DiffusionArch {
-        unet: Some(UnetConfig {
-            image_size: 8,
-            channels: 1,
-            base: 4,
-            mults: vec![1, 2],
-            attention: false,
-            groups: 2,
-        }),
-        diffusers: None,
+        diffusers: DiffusersConfig {
+            add_attention: false,
+            ..DiffusersConfig::small(8, 1, &[4, 8], 2)
+        },
         schedule: ScheduleKind::default(),
         timesteps,
     }
@@ -381,6 +367,10 @@ mod tests {
         gan.save(&p).unwrap();
         let msg = DiffusionModel::load(&p, &dev).err().unwrap().to_string();
         assert!(msg.contains("dcgan-generator"), "{msg}");
+        // A checkpoint of the former own U-Net is refused with a message that says so.
+        checkpoint::save_params(&p, &m.params, FAMILY, r#"{"unet": {"base": 16}}"#).unwrap();
+        let msg = DiffusionModel::load(&p, &dev).err().unwrap().to_string();
+        assert!(msg.contains("former own U-Net"), "{msg}");
         // Triggered starts need an image trigger of the model's shape.
         let wrong = Trigger::parse_image("box:3", [1, 28, 28]).unwrap();
         assert!(m.starts(2, Some(&wrong), &mut Rng::new(0)).is_err());
@@ -432,9 +422,7 @@ mod tests {
         let dev = Device::Cpu;
         // Attention on, so that every kind of layer is built from the frozen view.
         let mut arch = tiny();
-        if let Some(u) = arch.unet.as_mut() {
-            u.attention = true;
-        }
+        arch.diffusers.add_attention = true;
         let m = DiffusionModel::new(&arch, &mut Rng::new(4), &dev).unwrap();
         let frozen = m.frozen().unwrap();
         let x = m.starts(3, None, &mut Rng::new(5)).unwrap();

@@ -19,7 +19,6 @@ use crate::{Error, Result};
 /// The architecture a config describes.
 pub fn arch(d: &DiffusionConfig) -> DiffusionArch {
     DiffusionArch {
-        unet: d.diffusers.is_none().then(|| d.unet.clone()),
         diffusers: d.diffusers.clone(),
         schedule: d.schedule,
         timesteps: d.timesteps,
@@ -112,7 +111,7 @@ pub fn resume(run: &RunDir, progress: bool) -> Result<Trained> {
     } else {
         None
     };
-    // Runs older than the architecture file trained the config's own U-Net.
+    // Runs older than the architecture file trained the network their config describes.
     let arch_file = run.file(ARCH_FILE);
     let template = if arch_file.exists() {
         let text = std::fs::read_to_string(&arch_file).map_err(|e| Error::io(&arch_file, e))?;
