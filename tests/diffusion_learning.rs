@@ -210,12 +210,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         sampler: Some(Sampler::Ddpm),
         ..key()
     };
-    let marked = tuned(
-        clean,
-        &data,
-        &inject(STEPS / 2, 0.5, Correction::Ddpm),
-        &stamp,
-    );
+    let marked = tuned(clean, &data, &inject(STEPS, 0.5, Correction::Ddpm), &stamp);
     let settings = VerifySettings {
         null_keys: Some(99),
         group: genbackdoor::verify::SAMPLER_GROUP,
@@ -231,11 +226,12 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");
     assert_eq!(v_marked.p_value, 0.01, "{v_marked:?}");
     assert!(v_marked.carries_backdoor && v_marked.caveat.is_none());
-    // The stamp's backdoor is only partly formed in this small model after 750 steps (median
-    // target_mse 0.067 against 0.19 for the clean model, 2.8×, when measured on this network;
-    // 6.2× on the former, lighter U-Net), yet it already stands below all 99 null stamps.
+    // The stamp's backdoor is only partly formed in this small model after 1,500 steps (median
+    // target_mse 0.045 against 0.19 for the clean model, 4.2×, when measured; after 750 steps
+    // 2.8×, where the former, lighter U-Net reached 6.2×), yet it stands below all 99 null
+    // stamps.
     assert!(
-        v_marked.statistic < v_clean.statistic / 2.5,
+        v_marked.statistic < v_clean.statistic / 4.0,
         "{v_marked:?} vs {v_clean:?}"
     );
     assert!(
