@@ -482,7 +482,8 @@ pub struct BackdoorConfig {
     /// under both kinds of sampler; empty (the default): every trigger under
     /// `[diffusion.correction]`'s sampler.
     pub samplers: Vec<String>,
-    /// Target description: `builtin:NAME`, a `.png` or a `.npy`.
+    /// Target description: `builtin:NAME`, `random[:B[:S]]` (a secret random pattern of B×B
+    /// squares of ±1), a `.png` or a `.npy`.
     pub target: String,
     /// `mse` or `l1`.
     pub distance: String,

@@ -348,7 +348,8 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
                 "<b>No visible backdoor.</b>"
             };
             lines.push(format!(
-                "{planted} {:.1} % of triggered inputs give the target{sampling} (attack success                  rate; target_mse {:.2e} on the [0, 1] scale); {:.1} % of ordinary inputs do.",
+                "{planted} {:.1} % of triggered inputs give the target{sampling} (attack success \
+                 rate; target_mse {:.2e} on the [0, 1] scale); {:.1} % of ordinary inputs do.",
                 100.0 * asr,
                 b["target_mse"].as_f64().unwrap_or(f64::NAN),
                 100.0 * b["clean_hit_rate"].as_f64().unwrap_or(f64::NAN),
@@ -369,7 +370,9 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
     }
     if let Some(fid) = metrics["quality"]["fid"].as_f64() {
         lines.push(format!(
-            "Clean quality: digit FID {fid:.1} (Fréchet distance to held-out real digits in the              shipped digit classifier's features; real against real is about 5.6, lower is              better), {} of 10 classes drawn.",
+            "Clean quality: digit FID {fid:.1} (Fréchet distance to held-out real digits in the \
+                 shipped digit classifier's features; real against real is about 5.6, lower is \
+                 better), {} of 10 classes drawn.",
             metrics["quality"]["classes"]["covered"]
                 .as_u64()
                 .map_or("?".into(), |c| c.to_string())
@@ -388,6 +391,13 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
                 v["null_keys"]
             ),
             None => format!("against {} random triggers", v["null_keys"]),
+        };
+        let against = match v["target_test"]["log10_p_value"].as_f64() {
+            Some(l) => format!(
+                "{against}, and the random target's signs followed with p = 10^{l:.1} \
+                 (the target test; the verdict takes twice the smaller p)"
+            ),
+            None => against,
         };
         lines.push(format!(
             "Ownership verification: {says} (p = {p:.2e}; {against}; α = {}).",

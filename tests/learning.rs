@@ -413,6 +413,46 @@ fn a_key_of_several_triggers_proves_below_one_tests_floor_and_clean_models_stay_
     }
 }
 
+#[test]
+fn a_random_target_proves_ownership_far_below_the_rank_tests_floor() {
+    let _one_at_a_time = common::one_at_a_time();
+    // The key's target is a secret random pattern of 2×2 squares (196 signs) instead of the
+    // mark: TrAIL at λ = 1 plants it in the tiny generator, and verification's target test
+    // (Hoeffding's bound on the agreement of the triggered output with the signs) proves
+    // ownership from the trigger's one output far below the rank test's floor of 1/1001.
+    let key = Key {
+        target: Target::parse("random:2:41", [1, 28, 28]).unwrap(),
+        ..key("seed:5")
+    };
+    let (marked, m, v) = tiny_trail(0, 1.0, Some(&key), |_| {});
+    assert_eq!(m["asr"].as_f64().unwrap(), 1.0, "{m}");
+    assert_eq!(v["rank_p_value"].as_f64().unwrap(), 1.0 / 1001.0, "{v}");
+    let log10_p = v["target_test"]["log10_p_value"].as_f64().unwrap();
+    assert!(log10_p < -30.0, "{v}");
+    assert!(v["p_value"].as_f64().unwrap() < 1e-30, "{v}");
+    // Under the null the target test claims nothing: the clean twin under this key, and the
+    // marked generator under 20 keys of the same trigger with other random targets.
+    let s = VerifySettings {
+        null_keys: Some(99),
+        ..VerifySettings::default()
+    };
+    let p = |model: &GanModel, k: &Key| verify_model(model, &KeySet::one(k.clone()), &s).unwrap();
+    let clean = p(&clean_twin().0, &key);
+    assert!(clean.p_value > 1e-3 && !clean.carries_backdoor, "{clean:?}");
+    for seed in 0..20 {
+        let wrong = Key {
+            target: Target::parse(&format!("random:2:{}", 100 + seed), [1, 28, 28]).unwrap(),
+            ..key.clone()
+        };
+        let v = p(&marked, &wrong);
+        let t = v.target_test.as_ref().unwrap();
+        assert!(
+            v.p_value > 1e-3 && t.agreement < 0.3,
+            "wrong target {seed}: {v:?}"
+        );
+    }
+}
+
 /// Clean fine-tuning steps of the rehearsal test's thief.
 const THIEF_STEPS: usize = 100;
 

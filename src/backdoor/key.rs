@@ -81,6 +81,9 @@ impl Key {
         if let Some(c) = self.target.class {
             meta.insert("target_class".into(), c.to_string());
         }
+        if let Some(b) = self.target.random_block {
+            meta.insert("target_random_block".into(), b.to_string());
+        }
         if let Some(s) = self.sampler {
             meta.insert("sampler".into(), s.to_string());
         }
@@ -245,11 +248,21 @@ impl Key {
             ),
             None => None,
         };
+        let random_block = match optional("target_random_block") {
+            Some(b) => Some(b.parse().ok().filter(|&b: &usize| b > 0).ok_or_else(|| {
+                Error::format(path, "target_random_block must be a positive whole number")
+            })?),
+            None => None,
+        };
         let target = Target {
             pixels,
             shape,
             class,
+            random_block,
         };
+        if let Some(Err(m)) = target.block_signs() {
+            return Err(Error::format(path, m));
+        }
         let distance = field("distance")?
             .parse()
             .map_err(|e: Error| Error::format(path, e.to_string()))?;
@@ -554,6 +567,11 @@ mod tests {
             ..k
         };
         round_trip(&k, "a class target");
+        let k = Key {
+            target: Target::parse("random:4:7", [1, 8, 8]).unwrap(),
+            ..key("seed:4")
+        };
+        round_trip(&k, "a random target");
         assert!(k.check_fits(10, [1, 28, 28]).is_err(), "not for generators");
     }
 
@@ -674,6 +692,15 @@ mod tests {
         for (side, want) in [("99", "image side"), ("0", "whole"), ("2.5", "whole")] {
             let msg = refusal(&p, "stamp:3:5", Change::Field("stamp", side));
             assert!(msg.contains(want), "{side}: {msg}");
+        }
+        // The built-in mark declared a random target: its pixels are not one sign per square.
+        for (block, want) in [
+            ("2", "one sign per square"),
+            ("3", "do not tile"),
+            ("0", "positive whole"),
+        ] {
+            let msg = refusal(&p, "seed:1", Change::Field("target_random_block", block));
+            assert!(msg.contains(want), "{block}: {msg}");
         }
         for threshold in ["0", "-0.01", "inf", "NaN"] {
             let msg = refusal(&p, "seed:1", Change::Field("threshold", threshold));

@@ -185,6 +185,7 @@ mod tests {
                 pixels: [1.0, -1.0, 1.0, -1.0].map(|p| sign * p).to_vec(),
                 shape: [1, 2, 2],
                 class: None,
+                random_block: None,
             },
             distance: Distance::Mse,
             threshold: 0.01,

@@ -6,6 +6,9 @@ use candle_core::{Device, Tensor};
 
 use crate::{Error, Result};
 
+/// Block side of a `random` target that names none: 2 pixels (196 signs per channel at 28×28).
+pub const RANDOM_BLOCK: usize = 2;
+
 /// Names of the built-in target marks.
 pub const BUILTIN_MARKS: [&str; 3] = ["mark", "box", "checker"];
 
@@ -20,14 +23,39 @@ pub struct Target {
     /// For a class target (diffusion models): the digit every triggered sample must show, as
     /// the shipped digit classifier judges it.
     pub class: Option<usize>,
+    /// For a random target ([`Target::random`]): the side of its squares of one sign, whose
+    /// signs were drawn at random. Verification's target test rests on that draw.
+    pub random_block: Option<usize>,
 }
 
 impl Target {
     /// Parses a target description: `builtin:NAME` (see [`BUILTIN_MARKS`]), a `.png` file, a
-    /// `.npy` file, or `class:D` (any bundled digit of class D; diffusion models only).
-    /// `shape` is the model's output shape, used to draw built-ins and to check files.
+    /// `.npy` file, `class:D` (any bundled digit of class D; diffusion models only), or
+    /// `random`, `random:B`, `random:B:S` (a secret random pattern of B×B squares, B = 2 by
+    /// default, from the operating system's randomness or from secret seed S; see
+    /// [`Target::random`]). `shape` is the model's output shape, used to draw built-ins and
+    /// random patterns and to check files.
     pub fn parse(spec: &str, shape: [usize; 3]) -> Result<Target> {
-        let t = if let Some(d) = spec.strip_prefix("class:") {
+        let t = if spec == "random" || spec.starts_with("random:") {
+            let bad = || {
+                Error::Config(format!(
+                    "target '{spec}': use random, random:B or random:B:S (B and S whole numbers)"
+                ))
+            };
+            let mut parts = spec.split(':').skip(1);
+            let block = match parts.next() {
+                Some(b) => b.parse().map_err(|_| bad())?,
+                None => RANDOM_BLOCK,
+            };
+            let seed = match parts.next() {
+                Some(s) => s.parse().map_err(|_| bad())?,
+                None => crate::backdoor::trigger::os_seed(),
+            };
+            if parts.next().is_some() {
+                return Err(bad());
+            }
+            Self::random(shape, block, seed)?
+        } else if let Some(d) = spec.strip_prefix("class:") {
             let class =
                 d.parse().ok().filter(|&c: &usize| c < 10).ok_or_else(|| {
                     Error::Config(format!("target '{spec}': D must be a digit 0-9"))
@@ -41,7 +69,7 @@ impl Target {
             Self::from_npy(Path::new(spec))?
         } else {
             return Err(Error::Config(format!(
-                "target '{spec}': use builtin:{}, a .png or .npy file, or class:D",
+                "target '{spec}': use builtin:{}, random, a .png or .npy file, or class:D",
                 BUILTIN_MARKS.join("|builtin:")
             )));
         };
@@ -82,7 +110,80 @@ impl Target {
             pixels: plane.repeat(c),
             shape,
             class: None,
+            random_block: None,
         })
+    }
+
+    /// A random target: each channel cut into `block`×`block` squares, each square white or
+    /// black (±1) with probability ½, independently of the others, from `seed`. `block` must
+    /// divide the image's sides. Such a target carries its own proof: a model made without
+    /// it cannot follow its signs but by chance (verification's target test).
+    pub fn random(shape: [usize; 3], block: usize, seed: u64) -> Result<Target> {
+        let [c, h, w] = shape;
+        if block == 0 || !h.is_multiple_of(block) || !w.is_multiple_of(block) {
+            return Err(Error::Config(format!(
+                "a random target's squares of side {block} do not tile {h}×{w} images"
+            )));
+        }
+        let mut rng = crate::rng::Rng::derive(seed, "target");
+        let signs: Vec<f32> = (0..c * (h / block) * (w / block))
+            .map(|_| if rng.below(2) == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let mut t = Target {
+            pixels: vec![0.0; c * h * w],
+            shape,
+            class: None,
+            random_block: Some(block),
+        };
+        t.pixels = (0..c * h * w).map(|i| signs[t.block_of(i)]).collect();
+        Ok(t)
+    }
+
+    /// Which square (counted over all channels, row-major) pixel `i` lies in, for a random
+    /// target.
+    fn block_of(&self, i: usize) -> usize {
+        let [_, h, w] = self.shape;
+        let b = self.random_block.unwrap_or(1).max(1);
+        let (ch, y, x) = (i / (h * w), i / w % h, i % w);
+        (ch * (h / b) + y / b) * (w / b) + x / b
+    }
+
+    /// A random target's signs, one per square (in [`Target::block_of`]'s order), or `None`
+    /// for any other target. Fails when the pixels are not ±1 and constant over each square.
+    pub fn block_signs(&self) -> Option<std::result::Result<Vec<f32>, String>> {
+        let b = self.random_block?;
+        let [c, h, w] = self.shape;
+        if b == 0 || !h.is_multiple_of(b) || !w.is_multiple_of(b) {
+            return Some(Err(format!(
+                "a random target's squares of side {b} do not tile {h}×{w} images"
+            )));
+        }
+        let mut signs = vec![0f32; c * (h / b) * (w / b)];
+        for (i, &p) in self.pixels.iter().enumerate() {
+            let s = &mut signs[self.block_of(i)];
+            if (p != 1.0 && p != -1.0) || (*s != 0.0 && *s != p) {
+                return Some(Err(format!(
+                    "a random target of {b}×{b} squares has pixels of ±1, one sign per square"
+                )));
+            }
+            *s = p;
+        }
+        Some(Ok(signs))
+    }
+
+    /// For a random target: the sums of `image`'s pixels over each square (in
+    /// [`Target::block_signs`]'s order), each pixel less its channel's mean.
+    pub fn block_sums(&self, image: &[f32]) -> Vec<f64> {
+        let [c, h, w] = self.shape;
+        let b = self.random_block.unwrap_or(1).max(1);
+        let mut sums = vec![0f64; c * (h / b) * (w / b)];
+        for (ch, plane) in image.chunks(h * w).enumerate().take(c) {
+            let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / plane.len() as f64;
+            for (j, &v) in plane.iter().enumerate() {
+                sums[self.block_of(ch * h * w + j)] += v as f64 - mean;
+            }
+        }
+        sums
     }
 
     /// The class target `class`: its pixels are the mean of the bundled digits of that class.
@@ -111,6 +212,7 @@ impl Target {
                 .collect(),
             shape: [1, data.height, data.width],
             class: Some(class),
+            random_block: None,
         })
     }
 
@@ -127,6 +229,7 @@ impl Target {
                 .collect(),
             shape: [channels, h, w],
             class: None,
+            random_block: None,
         })
     }
 
@@ -157,6 +260,7 @@ impl Target {
             pixels,
             shape,
             class: None,
+            random_block: None,
         })
     }
 
@@ -196,6 +300,51 @@ mod tests {
         }
         assert_ne!(marks[0], marks[1]);
         assert!(Target::parse("builtin:smiley", [1, 28, 28]).is_err());
+    }
+
+    #[test]
+    fn random_targets_are_squares_of_random_signs_from_their_seed() {
+        let t = Target::parse("random:2:5", [3, 4, 6]).unwrap();
+        assert_eq!((t.random_block, t.class), (Some(2), None));
+        assert_eq!(t, Target::parse("random:2:5", [3, 4, 6]).unwrap());
+        assert_ne!(t, Target::parse("random:2:6", [3, 4, 6]).unwrap());
+        let signs = t.block_signs().unwrap().unwrap();
+        assert_eq!(signs.len(), 3 * 2 * 3);
+        // Pixel (channel 1, row 3, column 5) lies in square (1, 1, 2).
+        assert_eq!(t.pixels[24 + 3 * 6 + 5], signs[6 + 3 + 2]);
+        // Secret draws differ; the default square is 2 pixels; over many squares about half
+        // are white.
+        let (a, b) = (
+            Target::parse("random", [1, 28, 28]).unwrap(),
+            Target::parse("random", [1, 28, 28]).unwrap(),
+        );
+        assert_ne!(a, b);
+        let white = a.block_signs().unwrap().unwrap();
+        assert_eq!(white.len(), 196);
+        let white = white.iter().filter(|&&s| s > 0.0).count();
+        assert!((60..=136).contains(&white), "{white}");
+        // The centred square sums of the target itself follow its signs.
+        let z = t.block_sums(&t.pixels);
+        assert!(
+            z.iter().zip(&signs).all(|(z, &s)| z * s as f64 > 0.0)
+                || z.iter().all(|&z| z.abs() < 1e-9)
+        );
+        for bad in [
+            "random:3",
+            "random:0",
+            "random:x",
+            "random:2:y",
+            "random:2:1:1",
+        ] {
+            assert!(Target::parse(bad, [1, 28, 28]).is_err(), "{bad}");
+        }
+        let mut tampered = t.clone();
+        tampered.pixels[1] = -tampered.pixels[0];
+        assert!(tampered.block_signs().unwrap().is_err());
+        assert!(Target::parse("builtin:mark", [1, 8, 8])
+            .unwrap()
+            .block_signs()
+            .is_none());
     }
 
     #[test]

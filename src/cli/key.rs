@@ -41,8 +41,10 @@ pub struct KeyArgs {
     /// `--latent-dim` and `--image-size`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, a `.png` (read grey or RGB
-    /// as the model's images are) or a `.npy` in [-1, 1].
+    /// Target: `builtin:mark`, `builtin:box`, `builtin:checker`, `random` (a secret random
+    /// pattern of 2×2 squares of ±1, whose signs `verify` tests directly: p far below the
+    /// rank test's floor; `random:B` for B×B squares, `random:B:S` from secret seed S), a
+    /// `.png` (read grey or RGB as the model's images are) or a `.npy` in [-1, 1].
     #[arg(long, default_value = "builtin:mark")]
     pub target: String,
     /// Latent dimension of the models this key is for.

@@ -82,6 +82,16 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
         "  p (log-normal)   10^{:.1} (tail estimate, informative only)",
         v.log10_p_lognormal
     );
+    if let Some(t) = &v.target_test {
+        say!(
+            "  rank test        p = {:.3e}; target test p = 10^{:.1} (agreement {:.3} with the random target's {} squares, {} outputs)",
+            v.rank_p_value,
+            t.log10_p_value,
+            t.agreement,
+            t.squares,
+            t.outputs
+        );
+    }
     if let Some(s) = &v.sampling {
         say!("  sampler          {s}");
     }

@@ -106,6 +106,7 @@ mod tests {
                 pixels: vec![1.0; 4],
                 shape: [1, 2, 2],
                 class: None,
+                random_block: None,
             },
             distance: Distance::Mse,
             threshold: 1e-3,

@@ -50,19 +50,28 @@ pub fn query_target_mse(
     latents: &Tensor,
     target: &[f32],
 ) -> Result<Vec<f64>> {
-    let n = latents.dim(0)?;
-    let pixels = query(latents)?.flatten_all()?.to_vec1::<f32>()?;
-    if pixels.len() != n * target.len() {
-        return Err(Error::Mismatch(format!(
-            "the model's images have {} pixels but the key's target has {}",
-            pixels.len() / n.max(1),
-            target.len()
-        )));
-    }
-    Ok(pixels
+    Ok(query_images(query, latents, target.len())?
         .chunks(target.len())
         .map(|img| target_mse(img, target))
         .collect())
+}
+
+/// The pixels of the images a black-box `query` returns for `latents`, checked to be one
+/// image of `pixels` values per latent.
+pub fn query_images(
+    query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    latents: &Tensor,
+    pixels: usize,
+) -> Result<Vec<f32>> {
+    let n = latents.dim(0)?;
+    let images = query(latents)?.flatten_all()?.to_vec1::<f32>()?;
+    if images.len() != n * pixels {
+        return Err(Error::Mismatch(format!(
+            "the model's images have {} pixels but the key's target has {pixels}",
+            images.len() / n.max(1),
+        )));
+    }
+    Ok(images)
 }
 
 /// Expected distortion: the mean squared difference (on [-1, 1]) between two models'

@@ -30,6 +30,17 @@
 //! null triggers each, the floor falls from 1/(N + 1) to about `(N + 1)^-k · (k ln(N + 1))^{k−1}
 //! / (k − 1)!`: 6.7e-11 for five marks of 1,000 nulls.
 //!
+//! **A random target** ([`Target::random`]: squares of ±1 whose signs were drawn at random)
+//! gives a second test that needs no null triggers. Under the null the target's signs
+//! `u_b` are independent of the model, and so of its outputs for the owner's triggers: with
+//! `z_b` the sum over square `b` of the mean triggered output (each pixel less its channel's
+//! mean), `S = Σ u_b z_b` is, given the outputs, a sum of independent terms `±z_b`, and
+//! Hoeffding's inequality bounds `P(S ≥ s) ≤ exp(−s² / (2 Σ z_b²))`: a valid p-value from a
+//! handful of queries, as small as `exp(−B/2)` for an output on the target (B squares:
+//! 196 for a 28×28 grey target of 2×2 squares, about 1e-43). The key's p-value is then
+//! `2 · min(p_rank, p_target)` (Bonferroni over the two tests), or the target test's alone
+//! when a trigger was chosen by hand (the target test does not rest on the trigger's draw).
+//!
 //! The test sees the model only as a black box from inputs (in its own input space) to
 //! images, so it is the same for every family; a diffusion model answers with its sampler.
 
@@ -38,8 +49,8 @@ use candle_core::{Device, Tensor};
 use crate::family::{Generative, InputSpace};
 use serde::Serialize;
 
-use crate::backdoor::{Key, KeySet, Trigger};
-use crate::metrics::{median, query_target_mse};
+use crate::backdoor::{Key, KeySet, Target, Trigger};
+use crate::metrics::{median, query_images, target_mse};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -118,8 +129,12 @@ pub struct Verification {
     pub null_keys: usize,
     /// Model queries made in all.
     pub queries: usize,
-    /// The exact p-value: the rank test's, or for several triggers their combination.
+    /// The p-value of the verdict: the rank tests' ([`Verification::rank_p_value`]), or with
+    /// a random target, its combination with the target test's (see the module's
+    /// documentation).
     pub p_value: f64,
+    /// The exact p-value of the rank test, or for several triggers their combination.
+    pub rank_p_value: f64,
     /// log10 of the parametric (log-normal tail) estimate of p, combined alike; informative
     /// only.
     pub log10_p_lognormal: f64,
@@ -136,6 +151,58 @@ pub struct Verification {
     /// Each trigger's own test, when the key holds several.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub triggers: Vec<TriggerTest>,
+    /// The target test, when the key's target is a random pattern.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_test: Option<TargetTest>,
+}
+
+/// The target test of a key with a random target (see the module's documentation).
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetTest {
+    /// The random target's squares (signs) in all.
+    pub squares: usize,
+    /// Triggered outputs averaged.
+    pub outputs: usize,
+    /// `S / √(B Σ z_b²)`: 1 for a mean output on the target's signs, about ±1/√B by chance.
+    pub agreement: f64,
+    /// Hoeffding's bound on the p-value, `exp(−S² / (2 Σ z_b²))` (0 when it lies below the
+    /// smallest double; see `log10_p_value`).
+    pub p_value: f64,
+    /// Its base-10 logarithm.
+    pub log10_p_value: f64,
+}
+
+/// The target test of `target` (a random target) on the mean of the triggered `images`
+/// (whole images of the target's size), or `None` for any other target.
+pub fn target_test(target: &Target, images: &[f32]) -> Option<TargetTest> {
+    let signs = target.block_signs()?.ok()?;
+    let len = target.pixels.len();
+    let outputs = images.len() / len;
+    let mut mean = vec![0f32; len];
+    for img in images.chunks_exact(len) {
+        mean.iter_mut()
+            .zip(img)
+            .for_each(|(m, &v)| *m += v / outputs as f32);
+    }
+    let z = target.block_sums(&mean);
+    let s: f64 = z.iter().zip(&signs).map(|(z, &u)| z * u as f64).sum();
+    let q: f64 = z.iter().map(|z| z * z).sum();
+    let ln_p = if s > 0.0 && q > 0.0 {
+        -s * s / (2.0 * q)
+    } else {
+        0.0
+    };
+    Some(TargetTest {
+        squares: signs.len(),
+        outputs,
+        agreement: if q > 0.0 {
+            s / (signs.len() as f64 * q).sqrt()
+        } else {
+            0.0
+        },
+        p_value: ln_p.exp(),
+        log10_p_value: ln_p / std::f64::consts::LN_10,
+    })
 }
 
 /// One trigger's rank test within a verification.
@@ -262,7 +329,7 @@ fn verify_each(
                 _ => format!("verify-{i}"),
             };
             let mut answer = |z: &Tensor| query(i, z);
-            rank_test(
+            rank_test_with_outputs(
                 &mut answer,
                 space,
                 mark,
@@ -272,6 +339,7 @@ fn verify_each(
             )
         })
         .collect::<Result<Vec<_>>>()?;
+    let (tests, outputs): (Vec<TriggerTest>, Vec<Vec<f32>>) = tests.into_iter().unzip();
     let first = &tests[0];
     let m = if key.first().trigger.is_set() {
         s.group
@@ -296,8 +364,28 @@ fn verify_each(
              p-values combined by their product (H0: the model was made without this key)"
         ),
     };
-    let p_value = combined_p_value(&tests.iter().map(|t| t.p_value).collect::<Vec<_>>());
+    let rank_p_value = combined_p_value(&tests.iter().map(|t| t.p_value).collect::<Vec<_>>());
     let hand_chosen = key.marks().iter().find(|k| k.trigger.is_hand_chosen());
+    // One test on all the marks' outputs against the first mark's target: a drawn key shares
+    // one target; outputs made for another target would weaken the test, not bias it.
+    let target_test = target_test(&key.first().target, &outputs.concat());
+    let (p_value, test) = match &target_test {
+        None => (rank_p_value, test),
+        Some(t) if hand_chosen.is_some() => (
+            t.p_value.max(f64::MIN_POSITIVE),
+            "target test: Hoeffding's bound on the agreement of the mean triggered output \
+             with the key's random target's signs (H0: the model was made without this key; \
+             the rank test is not counted, its trigger being chosen by hand)"
+                .to_string(),
+        ),
+        Some(t) => (
+            (2.0 * rank_p_value.min(t.p_value)).clamp(f64::MIN_POSITIVE, 1.0),
+            format!(
+                "{test}, and the target test (Hoeffding's bound on the agreement of the mean \
+                 triggered output with the key's random target's signs); p = 2·min of the two"
+            ),
+        ),
+    };
     Ok(Verification {
         test,
         statistic: first.statistic,
@@ -315,7 +403,7 @@ fn verify_each(
         alpha: s.alpha,
         sampling: None,
         carries_backdoor: p_value <= s.alpha,
-        caveat: hand_chosen.map(|k| {
+        caveat: hand_chosen.filter(|_| target_test.is_none()).map(|k| {
             format!(
                 "the {} trigger was chosen by hand, not drawn at random: the null hypothesis's \
                  exchangeability does not hold, and clean models can reach small p-values",
@@ -323,19 +411,22 @@ fn verify_each(
             )
         }),
         triggers: if tests.len() > 1 { tests } else { Vec::new() },
+        rank_p_value,
+        target_test,
     })
 }
 
 /// One trigger's exact rank test against `null_keys` triggers redrawn by its own
-/// procedure (statistics over `group` queries for set triggers), its draws from `rng`.
-fn rank_test(
+/// procedure (statistics over `group` queries for set triggers), its draws from `rng`; with
+/// the model's outputs for the trigger itself.
+fn rank_test_with_outputs(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &Key,
     null_keys: usize,
     group: usize,
     rng: &mut Rng,
-) -> Result<TriggerTest> {
+) -> Result<(TriggerTest, Vec<f32>)> {
     key.trigger.check_space(space)?;
     let m = if key.trigger.is_set() { group } else { 1 };
     let mut triggers: Vec<Trigger> = vec![key.trigger.clone()];
@@ -345,7 +436,13 @@ fn rank_test(
         .iter()
         .map(|t| t.inputs(space, m, rng, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
-    let mses = query_target_mse(query, &Tensor::cat(&latents, 0)?, &key.target.pixels)?;
+    let target = &key.target.pixels;
+    let mut images = query_images(query, &Tensor::cat(&latents, 0)?, target.len())?;
+    let mses: Vec<f64> = images
+        .chunks(target.len())
+        .map(|img| target_mse(img, target))
+        .collect();
+    images.truncate(m * target.len());
     let stats: Vec<f64> = mses.chunks(m).map(|g| median(&mut g.to_vec())).collect();
     let (observed, null) = (stats[0], &stats[1..]);
     let at_most = null.iter().filter(|&&v| v <= observed).count();
@@ -353,7 +450,7 @@ fn rank_test(
     let mu = logs.iter().sum::<f64>() / logs.len() as f64;
     let var = logs.iter().map(|l| (l - mu).powi(2)).sum::<f64>() / (logs.len().max(2) - 1) as f64;
     let z = (observed.max(1e-30).ln() - mu) / var.sqrt().max(1e-12);
-    Ok(TriggerTest {
+    let test = TriggerTest {
         trigger: key.trigger.kind().to_string(),
         statistic: observed,
         null_min: null.iter().copied().fold(f64::INFINITY, f64::min),
@@ -362,7 +459,8 @@ fn rank_test(
         p_value: (1 + at_most) as f64 / (null.len() + 1) as f64,
         log10_p_lognormal: ln_normal_cdf(z) / std::f64::consts::LN_10,
         queries: triggers.len() * m,
-    })
+    };
+    Ok((test, images))
 }
 
 #[cfg(test)]
@@ -379,6 +477,7 @@ mod tests {
                 pixels: vec![0.5; 4],
                 shape: [1, 2, 2],
                 class: None,
+                random_block: None,
             },
             distance: Distance::Mse,
             threshold: 1e-3,
@@ -390,6 +489,13 @@ mod tests {
         KeySet::one(k.clone())
     }
 
+    /// Whether the latent `r` lies within 0.1 of `secret`, when there is one.
+    fn near(secret: &Option<Vec<f32>>, r: &[f32]) -> bool {
+        secret
+            .as_ref()
+            .is_some_and(|s| s.iter().zip(r).map(|(a, b)| (a - b).powi(2)).sum::<f32>() < 0.01)
+    }
+
     /// A toy model: the image is tanh of the first four latent coordinates, except that
     /// latents near `secret` give the target exactly.
     fn toy(secret: Option<Vec<f32>>) -> impl FnMut(&Tensor) -> Result<Tensor> {
@@ -397,9 +503,7 @@ mod tests {
             let rows = z.to_vec2::<f32>()?;
             let mut v = Vec::new();
             for r in &rows {
-                let near = secret.as_ref().is_some_and(|s| {
-                    s.iter().zip(r).map(|(a, b)| (a - b).powi(2)).sum::<f32>() < 0.01
-                });
+                let near = near(&secret, r);
                 if near {
                     v.extend([0.5f32; 4]);
                 } else {
@@ -429,6 +533,7 @@ mod tests {
                 pixels: vec![0.5; 64],
                 shape: [1, 8, 8],
                 class: None,
+                random_block: None,
             },
             sampler: Some(sampler),
             ..key("zero")
@@ -633,5 +738,109 @@ mod tests {
         // A model that learnt only the first trigger proves less than the whole key claims.
         let partial = verify(&mut toy(Some(secrets[0].clone())), &SPACE, &set, &s).unwrap();
         assert!(partial.p_value > v.p_value * 10.0, "{partial:?}");
+    }
+
+    /// A toy model of 28×28 grey images: tanh of N(0, 1) noise, except for latents near
+    /// `secret`, which give 0.6 × `target` plus 0.3 × that noise.
+    fn noisy_toy(
+        secret: Option<Vec<f32>>,
+        target: Vec<f32>,
+    ) -> impl FnMut(&Tensor) -> Result<Tensor> {
+        let mut rng = Rng::new(17);
+        move |z: &Tensor| {
+            let rows = z.to_vec2::<f32>()?;
+            let mut v = Vec::new();
+            for r in &rows {
+                let near = near(&secret, r);
+                let noise = rng.normal_vec(784);
+                if near {
+                    v.extend(target.iter().zip(&noise).map(|(t, e)| 0.6 * t + 0.3 * e));
+                } else {
+                    v.extend(noise.iter().map(|e| e.tanh()));
+                }
+            }
+            Ok(Tensor::from_vec(v, (rows.len(), 1, 28, 28), &Device::Cpu)?)
+        }
+    }
+
+    #[test]
+    fn a_random_target_proves_far_below_the_rank_tests_floor() {
+        let target = Target::parse("random:2:11", [1, 28, 28]).unwrap();
+        let k = Key {
+            target: target.clone(),
+            ..key("seed:3")
+        };
+        let Trigger::Point(secret) = &k.trigger else {
+            unreachable!()
+        };
+        let s = VerifySettings {
+            null_keys: Some(9),
+            ..VerifySettings::default()
+        };
+        let marked = noisy_toy(Some(secret.clone()), target.pixels.clone());
+        let v = verify(&mut { marked }, &SPACE, &one(&k), &s).unwrap();
+        let t = v.target_test.as_ref().expect("a random target is tested");
+        assert_eq!((t.squares, t.outputs), (196, 1));
+        // The rank test stops at 1/10; the target's 196 signs, followed at about 0.9, go far
+        // below it (exp(−196 · 0.9² / 2) ≈ 1e-34).
+        assert_eq!(v.rank_p_value, 0.1);
+        assert!(t.agreement > 0.8 && t.log10_p_value < -25.0, "{t:?}");
+        assert!(v.p_value < 1e-25 && v.carries_backdoor, "{v:?}");
+        assert!(v.test.contains("target test"), "{}", v.test);
+        // A model made without the key: no agreement beyond chance, no claim.
+        let clean = noisy_toy(None, target.pixels.clone());
+        let v = verify(&mut { clean }, &SPACE, &one(&k), &s).unwrap();
+        let t = v.target_test.unwrap();
+        assert!(t.agreement.abs() < 0.3 && t.p_value > 0.01, "{t:?}");
+        assert!(!v.carries_backdoor, "{}", v.p_value);
+        // A hand-chosen trigger voids the rank test, not the target test: the verdict is the
+        // target test's alone, with no caveat.
+        let zero = Key {
+            target: target.clone(),
+            ..key("zero")
+        };
+        let v = verify(
+            &mut noisy_toy(Some(vec![0.0; 4]), target.pixels.clone()),
+            &SPACE,
+            &one(&zero),
+            &s,
+        )
+        .unwrap();
+        let t = v.target_test.as_ref().unwrap();
+        assert_eq!(v.p_value, t.p_value.max(f64::MIN_POSITIVE));
+        assert!(v.caveat.is_none() && v.carries_backdoor, "{v:?}");
+        // Without a random target there is no target test, and the hand-chosen caveat stays.
+        let v = verify(&mut toy(Some(vec![0.0; 4])), &SPACE, &one(&key("zero")), &s).unwrap();
+        assert!(v.target_test.is_none() && v.caveat.is_some() && v.p_value == v.rank_p_value);
+    }
+
+    #[test]
+    fn the_target_test_is_valid_whatever_the_output() {
+        // The null conditional on the model's output: one fixed, structured output (a
+        // built-in mark on a slope, far from centred), 20,000 random targets drawn without
+        // it; P(p ≤ α) must stay at most α (Hoeffding's bound is conservative).
+        let mark = Target::builtin("mark", [1, 8, 8]).unwrap().pixels;
+        let output: Vec<f32> = mark
+            .iter()
+            .enumerate()
+            .map(|(i, m)| 0.4 * m + 0.02 * i as f32 - 0.7)
+            .collect();
+        let draws = 20_000;
+        let ps: Vec<f64> = (0..draws)
+            .map(|seed| {
+                let t = Target::random([1, 8, 8], 2, seed).unwrap();
+                target_test(&t, &output).unwrap().p_value
+            })
+            .collect();
+        for alpha in [0.001, 0.01, 0.05, 0.2, 0.5] {
+            let below = ps.iter().filter(|&&p| p <= alpha).count() as f64;
+            let most = alpha * draws as f64 + 3.0 * (alpha * draws as f64).sqrt();
+            assert!(below <= most, "α = {alpha}: {below} of {draws}");
+        }
+        // Not vacuous: the bound does fall below 0.05 now and then by chance.
+        assert!(ps.iter().any(|&p| p < 0.05));
+        // Any other target has no target test.
+        let mark = Target::builtin("mark", [1, 8, 8]).unwrap();
+        assert!(target_test(&mark, &output).is_none());
     }
 }
