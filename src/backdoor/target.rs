@@ -119,48 +119,32 @@ impl Target {
     /// divide the image's sides. Such a target carries its own proof: a model made without
     /// it cannot follow its signs but by chance (verification's target test).
     pub fn random(shape: [usize; 3], block: usize, seed: u64) -> Result<Target> {
-        let [c, h, w] = shape;
-        if block == 0 || !h.is_multiple_of(block) || !w.is_multiple_of(block) {
-            return Err(Error::Config(format!(
-                "a random target's squares of side {block} do not tile {h}×{w} images"
-            )));
-        }
+        let squares = Squares::new(shape, block).map_err(Error::Config)?;
         let mut rng = crate::rng::Rng::derive(seed, "target");
-        let signs: Vec<f32> = (0..c * (h / block) * (w / block))
+        let signs: Vec<f32> = (0..squares.count())
             .map(|_| if rng.below(2) == 0 { -1.0 } else { 1.0 })
             .collect();
-        let mut t = Target {
-            pixels: vec![0.0; c * h * w],
+        Ok(Target {
+            pixels: (0..shape.iter().product())
+                .map(|i| signs[squares.of(i)])
+                .collect(),
             shape,
             class: None,
             random_block: Some(block),
-        };
-        t.pixels = (0..c * h * w).map(|i| signs[t.block_of(i)]).collect();
-        Ok(t)
+        })
     }
 
-    /// Which square (counted over all channels, row-major) pixel `i` lies in, for a random
-    /// target.
-    fn block_of(&self, i: usize) -> usize {
-        let [_, h, w] = self.shape;
-        let b = self.random_block.unwrap_or(1).max(1);
-        let (ch, y, x) = (i / (h * w), i / w % h, i % w);
-        (ch * (h / b) + y / b) * (w / b) + x / b
-    }
-
-    /// A random target's signs, one per square (in [`Target::block_of`]'s order), or `None`
-    /// for any other target. Fails when the pixels are not ±1 and constant over each square.
+    /// A random target's signs, one per square (over all channels, row-major), or `None` for
+    /// any other target. Fails when the pixels are not ±1 and constant over each square.
     pub fn block_signs(&self) -> Option<std::result::Result<Vec<f32>, String>> {
         let b = self.random_block?;
-        let [c, h, w] = self.shape;
-        if b == 0 || !h.is_multiple_of(b) || !w.is_multiple_of(b) {
-            return Some(Err(format!(
-                "a random target's squares of side {b} do not tile {h}×{w} images"
-            )));
-        }
-        let mut signs = vec![0f32; c * (h / b) * (w / b)];
+        let squares = match Squares::new(self.shape, b) {
+            Ok(s) => s,
+            Err(m) => return Some(Err(m)),
+        };
+        let mut signs = vec![0f32; squares.count()];
         for (i, &p) in self.pixels.iter().enumerate() {
-            let s = &mut signs[self.block_of(i)];
+            let s = &mut signs[squares.of(i)];
             if (p != 1.0 && p != -1.0) || (*s != 0.0 && *s != p) {
                 return Some(Err(format!(
                     "a random target of {b}×{b} squares has pixels of ±1, one sign per square"
@@ -173,17 +157,18 @@ impl Target {
 
     /// For a random target: the sums of `image`'s pixels over each square (in
     /// [`Target::block_signs`]'s order), each pixel less its channel's mean.
-    pub fn block_sums(&self, image: &[f32]) -> Vec<f64> {
+    /// `None` for any other target, or one whose squares do not tile it.
+    pub fn block_sums(&self, image: &[f32]) -> Option<Vec<f64>> {
         let [c, h, w] = self.shape;
-        let b = self.random_block.unwrap_or(1).max(1);
-        let mut sums = vec![0f64; c * (h / b) * (w / b)];
+        let squares = Squares::new(self.shape, self.random_block?).ok()?;
+        let mut sums = vec![0f64; squares.count()];
         for (ch, plane) in image.chunks(h * w).enumerate().take(c) {
             let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / plane.len() as f64;
             for (j, &v) in plane.iter().enumerate() {
-                sums[self.block_of(ch * h * w + j)] += v as f64 - mean;
+                sums[squares.of(ch * h * w + j)] += v as f64 - mean;
             }
         }
-        sums
+        Some(sums)
     }
 
     /// The class target `class`: its pixels are the mean of the bundled digits of that class.
@@ -283,6 +268,38 @@ impl Target {
     }
 }
 
+/// How a random target's `[c, h, w]` image is cut into squares of side `block`.
+struct Squares {
+    shape: [usize; 3],
+    block: usize,
+}
+
+impl Squares {
+    /// The squares of side `block` of `shape`, or why they do not tile it.
+    fn new(shape: [usize; 3], block: usize) -> std::result::Result<Squares, String> {
+        let [_, h, w] = shape;
+        if block == 0 || !h.is_multiple_of(block) || !w.is_multiple_of(block) {
+            return Err(format!(
+                "a random target's squares of side {block} do not tile {h}×{w} images"
+            ));
+        }
+        Ok(Squares { shape, block })
+    }
+
+    /// How many squares there are, over all channels.
+    fn count(&self) -> usize {
+        let [c, h, w] = self.shape;
+        c * (h / self.block) * (w / self.block)
+    }
+
+    /// Which square (counted over all channels, row-major) pixel `i` lies in.
+    fn of(&self, i: usize) -> usize {
+        let ([_, h, w], b) = (self.shape, self.block);
+        let (ch, y, x) = (i / (h * w), i / w % h, i % w);
+        (ch * (h / b) + y / b) * (w / b) + x / b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +341,7 @@ mod tests {
         let white = white.iter().filter(|&&s| s > 0.0).count();
         assert!((60..=136).contains(&white), "{white}");
         // The centred square sums of the target itself follow its signs.
-        let z = t.block_sums(&t.pixels);
+        let z = t.block_sums(&t.pixels).unwrap();
         assert!(
             z.iter().zip(&signs).all(|(z, &s)| z * s as f64 > 0.0)
                 || z.iter().all(|&z| z.abs() < 1e-9)

@@ -184,7 +184,7 @@ pub fn target_test(target: &Target, images: &[f32]) -> Option<TargetTest> {
             .zip(img)
             .for_each(|(m, &v)| *m += v / outputs as f32);
     }
-    let z = target.block_sums(&mean);
+    let z = target.block_sums(&mean)?;
     let s: f64 = z.iter().zip(&signs).map(|(z, &u)| z * u as f64).sum();
     let q: f64 = z.iter().map(|z| z * z).sum();
     let ln_p = if s > 0.0 && q > 0.0 {
