@@ -16,7 +16,7 @@ use genbackdoor::family::Generative;
 use genbackdoor::io::rundir::RunDir;
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
-use genbackdoor::verify::{verify_model, VerifySettings};
+use genbackdoor::verify::{verify_model, Verification, VerifySettings};
 
 mod common;
 use common::{denoise_loss, small_arch, small_plan as plan};
@@ -102,6 +102,20 @@ const DPM: Sampler = Sampler::DpmSolver2m { steps: 10 };
 /// Training steps of the clean model (the DDPM-corrected injections take half as many, the
 /// DDIM-corrected one as many).
 const STEPS: usize = 1500;
+
+/// `verify` of `key` on `model` queried under DDPM, against `null_keys` null stamps in
+/// groups of [`SAMPLER_GROUP`](genbackdoor::verify::SAMPLER_GROUP) starts.
+fn ddpm_proof(model: &DiffusionModel, key: &Key, null_keys: usize) -> Verification {
+    let settings = VerifySettings {
+        null_keys: Some(null_keys),
+        group: genbackdoor::verify::SAMPLER_GROUP,
+        seed: 5,
+        ..VerifySettings::default()
+    };
+    let mut m = model.duplicate().unwrap();
+    m.set_sampler(Sampler::Ddpm).unwrap();
+    verify_model(&m, &KeySet::one(key.clone()), &settings).unwrap()
+}
 
 fn measure(model: &DiffusionModel) -> (SamplerReport, SamplerReport, SamplerReport) {
     let mut r = evaluate_samplers(model, &key(), &[Sampler::Ddpm, DDIM, DPM], 32, 7, 0)
@@ -211,17 +225,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         ..key()
     };
     let marked = tuned(clean, &data, &inject(STEPS, 0.5, Correction::Ddpm), &stamp);
-    let settings = VerifySettings {
-        null_keys: Some(99),
-        group: genbackdoor::verify::SAMPLER_GROUP,
-        seed: 5,
-        ..VerifySettings::default()
-    };
-    let proof = |m: &DiffusionModel| {
-        let mut m = m.duplicate().unwrap();
-        m.set_sampler(Sampler::Ddpm).unwrap();
-        verify_model(&m, &KeySet::one(stamp.clone()), &settings).unwrap()
-    };
+    let proof = |m| ddpm_proof(m, &stamp, 99);
     let (v_marked, v_clean) = (proof(&marked), proof(clean));
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");
     assert_eq!(v_marked.p_value, 0.01, "{v_marked:?}");
@@ -341,5 +345,41 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     assert!(
         rolled_loss < 1.06 * loss,
         "{rolled_loss} vs {loss} without rollouts"
+    );
+}
+
+#[test]
+fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() {
+    let _one_at_a_time = common::one_at_a_time();
+    // The default kind of key (a random stamp, the DDPM correction) with a random target of
+    // 2×2 squares (49 signs on 14×14 images): the target test proves what 9 null stamps
+    // cannot (the rank test's floor is 1/10), and finds nothing in the clean model.
+    let data = data();
+    let clean = clean();
+    let key = Key {
+        trigger: Trigger::parse_image("stamp:6:11", [1, SIDE, SIDE]).unwrap(),
+        target: Target::random([1, SIDE, SIDE], 2, 21).unwrap(),
+        sampler: Some(Sampler::Ddpm),
+        ..key()
+    };
+    let marked = tuned(
+        clean,
+        &data,
+        &inject(STEPS / 2, 0.5, Correction::Ddpm),
+        &key,
+    );
+    let proof = |m| ddpm_proof(m, &key, 9);
+    let (v_marked, v_clean) = (proof(&marked), proof(clean));
+    eprintln!("random target: marked {v_marked:?}\nclean {v_clean:?}");
+    // Measured: every one of the 64 triggered outputs on the target's signs (agreement of
+    // the mean 0.996), the bound at its best for 49 squares, exp(−49/2) · 65 tests · 2 tests
+    // = 3e-9, where the rank test stops at 1/10; the clean model's agreement 0.03, p 0.8.
+    let t = v_marked.target_test.as_ref().unwrap();
+    assert!(t.agreement > 0.9 && t.outputs == 64, "{t:?}");
+    assert!(v_marked.p_value < 1e-6 && v_marked.rank_p_value >= 0.1);
+    assert!(v_marked.carries_backdoor && v_marked.caveat.is_none());
+    assert!(
+        v_clean.p_value > 0.05 && !v_clean.carries_backdoor,
+        "{v_clean:?}"
     );
 }

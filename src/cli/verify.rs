@@ -26,6 +26,11 @@ pub struct VerifyArgs {
     /// and patch triggers, 4 starting noises for diffusion models).
     #[arg(long)]
     pub group: Option<usize>,
+    /// Triggered queries of each set trigger (a diffusion stamp, a region or patch) for the
+    /// target test of a random target, its mean and each output tested (at least `--group`;
+    /// the rank test takes the first `--group`).
+    #[arg(long, default_value_t = crate::verify::TARGET_OUTPUTS)]
+    pub target_queries: usize,
     /// Significance level of the verdict.
     #[arg(long, default_value_t = 0.01)]
     pub alpha: f64,
@@ -49,6 +54,7 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
     let settings = VerifySettings {
         null_keys: a.queries,
         group: a.group.unwrap_or(defaults.group),
+        target_outputs: a.target_queries,
         alpha: a.alpha,
         seed: a.seed,
     };
@@ -84,12 +90,13 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
     );
     if let Some(t) = &v.target_test {
         say!(
-            "  rank test        p = {:.3e}; target test p = 10^{:.1} (agreement {:.3} with the random target's {} squares, {} outputs)",
+            "  rank test        p = {:.3e}; target test p = 10^{:.1} (agreement with the random target's {} squares: {:.3} for the mean of {} outputs, {:.3} for the best one)",
             v.rank_p_value,
             t.log10_p_value,
-            t.agreement,
             t.squares,
-            t.outputs
+            t.agreement,
+            t.outputs,
+            t.best_agreement
         );
     }
     if let Some(s) = &v.sampling {

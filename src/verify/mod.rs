@@ -37,7 +37,11 @@
 //! mean), `S = Σ u_b z_b` is, given the outputs, a sum of independent terms `±z_b`, and
 //! Hoeffding's inequality bounds `P(S ≥ s) ≤ exp(−s² / (2 Σ z_b²))`: a valid p-value from a
 //! handful of queries, as small as `exp(−B/2)` for an output on the target (B squares:
-//! 196 for a 28×28 grey target of 2×2 squares, about 1e-43). The key's p-value is then
+//! 196 for a 28×28 grey target of 2×2 squares, about 1e-43). The bound is taken for the
+//! mean output and for each output alone (each is independent of the signs under the null),
+//! and the smallest of these n + 1 bounds times n + 1 is the test's p-value (Bonferroni):
+//! the mean carries a faint pull shared by all outputs, a single output a backdoor that
+//! fires from a few starting noises only. The key's p-value is then
 //! `2 · min(p_rank, p_target)` (Bonferroni over the two tests), or the target test's alone
 //! when a trigger was chosen by hand (the target test does not rest on the trigger's draw).
 //!
@@ -57,6 +61,10 @@ use crate::{Error, Result};
 /// Starting noises per statistic for a model that runs a sampler.
 pub const SAMPLER_GROUP: usize = 4;
 
+/// Triggered queries of a set trigger (a diffusion model's stamp, a generator's region or
+/// patch) that the target test of a random target averages and tests one by one.
+pub const TARGET_OUTPUTS: usize = 64;
+
 /// Null triggers per trigger for a generator (one network evaluation per query), and the
 /// most any trigger gets by default.
 pub const NULL_KEYS: usize = 1000;
@@ -69,6 +77,9 @@ pub struct VerifySettings {
     pub null_keys: Option<usize>,
     /// Triggered queries per statistic for region and patch triggers.
     pub group: usize,
+    /// Triggered queries of each set trigger for the target test when the key's target is
+    /// random (the rank test takes the first `group` of them; at least `group` are made).
+    pub target_outputs: usize,
     /// Significance level of the verdict.
     pub alpha: f64,
     /// Seed of the null triggers and the triggered queries.
@@ -108,6 +119,7 @@ impl Default for VerifySettings {
         VerifySettings {
             null_keys: None,
             group: 16,
+            target_outputs: TARGET_OUTPUTS,
             alpha: 0.01,
             seed: 0,
         }
@@ -161,19 +173,38 @@ pub struct Verification {
 pub struct TargetTest {
     /// The random target's squares (signs) in all.
     pub squares: usize,
-    /// Triggered outputs averaged.
+    /// Triggered outputs tested.
     pub outputs: usize,
-    /// `S / √(B Σ z_b²)`: 1 for a mean output on the target's signs, about ±1/√B by chance.
+    /// `S / √(B Σ z_b²)` for the mean triggered output: 1 for a mean output on the target's
+    /// signs, about ±1/√B by chance.
     pub agreement: f64,
-    /// Hoeffding's bound on the p-value, `exp(−S² / (2 Σ z_b²))` (0 when it lies below the
-    /// smallest double; see `log10_p_value`).
+    /// The largest agreement of a single triggered output (a backdoor that fires from some
+    /// starts only shows here before it shows in the mean).
+    pub best_agreement: f64,
+    /// The p-value: the smallest of Hoeffding's bounds `exp(−S² / (2 Σ z_b²))` for the mean
+    /// output and for each output alone, times their number (Bonferroni; one bound when
+    /// there is one output). 0 when it lies below the smallest double; see `log10_p_value`.
     pub p_value: f64,
     /// Its base-10 logarithm.
     pub log10_p_value: f64,
 }
 
-/// The target test of `target` (a random target) on the mean of the triggered `images`
-/// (whole images of the target's size), or `None` for any other target.
+/// Hoeffding's bound, as a natural logarithm, on the p-value of `image`'s agreement with
+/// the random target of `signs`, and that agreement.
+fn agreement_bound(target: &Target, signs: &[f32], image: &[f32]) -> Option<(f64, f64)> {
+    let z = target.block_sums(image)?;
+    let s: f64 = z.iter().zip(signs).map(|(z, &u)| z * u as f64).sum();
+    let q: f64 = z.iter().map(|z| z * z).sum();
+    if q <= 0.0 {
+        return Some((0.0, 0.0));
+    }
+    let ln_p = if s > 0.0 { -s * s / (2.0 * q) } else { 0.0 };
+    Some((ln_p, s / (signs.len() as f64 * q).sqrt()))
+}
+
+/// The target test of `target` (a random target) on the triggered `images` (whole images
+/// of the target's size), or `None` for any other target: Hoeffding's bound for their mean
+/// and for each alone, the smallest taken with a Bonferroni factor.
 pub fn target_test(target: &Target, images: &[f32]) -> Option<TargetTest> {
     let signs = target.block_signs()?.ok()?;
     let len = target.pixels.len();
@@ -184,22 +215,28 @@ pub fn target_test(target: &Target, images: &[f32]) -> Option<TargetTest> {
             .zip(img)
             .for_each(|(m, &v)| *m += v / outputs as f32);
     }
-    let z = target.block_sums(&mean)?;
-    let s: f64 = z.iter().zip(&signs).map(|(z, &u)| z * u as f64).sum();
-    let q: f64 = z.iter().map(|z| z * z).sum();
-    let ln_p = if s > 0.0 && q > 0.0 {
-        -s * s / (2.0 * q)
-    } else {
-        0.0
+    let (mean_ln_p, agreement) = agreement_bound(target, &signs, &mean)?;
+    // One output is its own mean: a single bound then.
+    let singles = match outputs {
+        1 => Vec::new(),
+        _ => images
+            .chunks_exact(len)
+            .map(|img| agreement_bound(target, &signs, img))
+            .collect::<Option<Vec<_>>>()?,
     };
+    let ln_p = singles.iter().fold(mean_ln_p, |m, &(l, _)| m.min(l));
+    let best_agreement = if singles.is_empty() {
+        agreement
+    } else {
+        singles.iter().fold(f64::MIN, |m, &(_, a)| m.max(a))
+    };
+    let tests = 1 + singles.len();
+    let ln_p = (ln_p + (tests as f64).ln()).min(0.0);
     Some(TargetTest {
         squares: signs.len(),
         outputs,
-        agreement: if q > 0.0 {
-            s / (signs.len() as f64 * q).sqrt()
-        } else {
-            0.0
-        },
+        agreement,
+        best_agreement,
         p_value: ln_p.exp(),
         log10_p_value: ln_p / std::f64::consts::LN_10,
     })
@@ -329,12 +366,15 @@ fn verify_each(
                 _ => format!("verify-{i}"),
             };
             let mut answer = |z: &Tensor| query(i, z);
+            let outputs = match mark.target.random_block {
+                Some(_) => s.target_outputs,
+                None => 0,
+            };
             rank_test_with_outputs(
                 &mut answer,
                 space,
                 mark,
-                nulls[i],
-                s.group,
+                (nulls[i], s.group, outputs),
                 &mut Rng::derive(s.seed, &stream),
             )
         })
@@ -373,16 +413,17 @@ fn verify_each(
         None => (rank_p_value, test),
         Some(t) if hand_chosen.is_some() => (
             t.p_value.max(f64::MIN_POSITIVE),
-            "target test: Hoeffding's bound on the agreement of the mean triggered output \
-             with the key's random target's signs (H0: the model was made without this key; \
+            "target test: Hoeffding's bound on the agreement of the triggered outputs (their \
+             mean and each alone) with the key's random target's signs (H0: the model was made without this key; \
              the rank test is not counted, its trigger being chosen by hand)"
                 .to_string(),
         ),
         Some(t) => (
             (2.0 * rank_p_value.min(t.p_value)).clamp(f64::MIN_POSITIVE, 1.0),
             format!(
-                "{test}, and the target test (Hoeffding's bound on the agreement of the mean \
-                 triggered output with the key's random target's signs); p = 2·min of the two"
+                "{test}, and the target test (Hoeffding's bound on the agreement of the \
+                 triggered outputs, their mean and each alone, with the key's random target's \
+                 signs); p = 2·min of the two"
             ),
         ),
     };
@@ -418,13 +459,14 @@ fn verify_each(
 
 /// One trigger's exact rank test against `null_keys` triggers redrawn by its own
 /// procedure (statistics over `group` queries for set triggers), its draws from `rng`; with
-/// the model's outputs for the trigger itself.
+/// the model's outputs for the trigger itself: those of the rank test, and for a set
+/// trigger as many more as make `outputs` (queried after the rank test's draws, which stay
+/// the same whatever `outputs` is).
 fn rank_test_with_outputs(
     query: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     space: &InputSpace,
     key: &Key,
-    null_keys: usize,
-    group: usize,
+    (null_keys, group, outputs): (usize, usize, usize),
     rng: &mut Rng,
 ) -> Result<(TriggerTest, Vec<f32>)> {
     key.trigger.check_space(space)?;
@@ -443,6 +485,15 @@ fn rank_test_with_outputs(
         .map(|img| target_mse(img, target))
         .collect();
     images.truncate(m * target.len());
+    let extra = if key.trigger.is_set() {
+        outputs.saturating_sub(m)
+    } else {
+        0
+    };
+    if extra > 0 {
+        let more = key.trigger.inputs(space, extra, rng, &Device::Cpu)?;
+        images.extend(query_images(query, &more, target.len())?);
+    }
     let stats: Vec<f64> = mses.chunks(m).map(|g| median(&mut g.to_vec())).collect();
     let (observed, null) = (stats[0], &stats[1..]);
     let at_most = null.iter().filter(|&&v| v <= observed).count();
@@ -458,7 +509,7 @@ fn rank_test_with_outputs(
         null_keys,
         p_value: (1 + at_most) as f64 / (null.len() + 1) as f64,
         log10_p_lognormal: ln_normal_cdf(z) / std::f64::consts::LN_10,
-        queries: triggers.len() * m,
+        queries: triggers.len() * m + extra,
     };
     Ok((test, images))
 }
@@ -816,31 +867,57 @@ mod tests {
 
     #[test]
     fn the_target_test_is_valid_whatever_the_output() {
-        // The null conditional on the model's output: one fixed, structured output (a
-        // built-in mark on a slope, far from centred), 20,000 random targets drawn without
-        // it; P(p ≤ α) must stay at most α (Hoeffding's bound is conservative).
+        // The null conditional on the model's outputs: fixed, structured outputs (a built-in
+        // mark on a slope, far from centred, and three variants of it), 20,000 random targets
+        // drawn without them; P(p ≤ α) must stay at most α for one output and for four
+        // (Hoeffding's bound is conservative, and so is the Bonferroni factor).
         let mark = Target::builtin("mark", [1, 8, 8]).unwrap().pixels;
-        let output: Vec<f32> = mark
-            .iter()
-            .enumerate()
-            .map(|(i, m)| 0.4 * m + 0.02 * i as f32 - 0.7)
-            .collect();
+        let output = |k: usize| -> Vec<f32> {
+            mark.iter()
+                .enumerate()
+                .map(|(i, m)| 0.4 * m + 0.02 * ((i * (k + 1)) % 64) as f32 - 0.7)
+                .collect()
+        };
+        let outputs: Vec<f32> = (0..4).flat_map(output).collect();
         let draws = 20_000;
-        let ps: Vec<f64> = (0..draws)
-            .map(|seed| {
-                let t = Target::random([1, 8, 8], 2, seed).unwrap();
-                target_test(&t, &output).unwrap().p_value
-            })
-            .collect();
-        for alpha in [0.001, 0.01, 0.05, 0.2, 0.5] {
-            let below = ps.iter().filter(|&&p| p <= alpha).count() as f64;
-            let most = alpha * draws as f64 + 3.0 * (alpha * draws as f64).sqrt();
-            assert!(below <= most, "α = {alpha}: {below} of {draws}");
+        for images in [output(0), outputs] {
+            let ps: Vec<f64> = (0..draws)
+                .map(|seed| {
+                    let t = Target::random([1, 8, 8], 2, seed).unwrap();
+                    target_test(&t, &images).unwrap().p_value
+                })
+                .collect();
+            for alpha in [0.001, 0.01, 0.05, 0.2, 0.5] {
+                let below = ps.iter().filter(|&&p| p <= alpha).count() as f64;
+                let most = alpha * draws as f64 + 3.0 * (alpha * draws as f64).sqrt();
+                assert!(below <= most, "α = {alpha}: {below} of {draws}");
+            }
+            // Not vacuous: the bound does fall below 0.05 now and then by chance.
+            assert!(ps.iter().any(|&p| p < 0.05));
         }
-        // Not vacuous: the bound does fall below 0.05 now and then by chance.
-        assert!(ps.iter().any(|&p| p < 0.05));
         // Any other target has no target test.
         let mark = Target::builtin("mark", [1, 8, 8]).unwrap();
-        assert!(target_test(&mark, &output).is_none());
+        assert!(target_test(&mark, &output(0)).is_none());
+    }
+
+    #[test]
+    fn one_output_on_the_target_among_many_still_proves() {
+        // A weakened backdoor: 1 of 64 triggered outputs lands on the target, the others
+        // are the target's negative plus noise, so their mean disagrees with the signs.
+        let t = Target::random([1, 28, 28], 2, 5).unwrap();
+        let mut rng = Rng::new(9);
+        let mut images = t.pixels.clone();
+        for _ in 1..64 {
+            let noise = rng.normal_vec(t.pixels.len());
+            images.extend(t.pixels.iter().zip(noise).map(|(v, n)| -0.05 * v + n));
+        }
+        let test = target_test(&t, &images).unwrap();
+        assert!(test.agreement < 0.0, "{test:?}");
+        assert!(test.best_agreement > 0.99, "{test:?}");
+        // exp(−196/2) ≈ 3e-43, times 65 tests.
+        assert!(test.log10_p_value < -40.0, "{test:?}");
+        // Without the output on the target, nothing.
+        let test = target_test(&t, &images[t.pixels.len()..]).unwrap();
+        assert!(test.p_value > 0.01, "{test:?}");
     }
 }
