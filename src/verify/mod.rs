@@ -189,17 +189,17 @@ pub struct TargetTest {
     pub log10_p_value: f64,
 }
 
-/// Hoeffding's bound, as a natural logarithm, on the p-value of `image`'s agreement with
-/// the random target of `signs`, and that agreement.
-fn agreement_bound(target: &Target, signs: &[f32], image: &[f32]) -> Option<(f64, f64)> {
-    let z = target.block_sums(image)?;
+/// Hoeffding's bound, as a natural logarithm, on the p-value of the agreement of centred
+/// square sums `z` ([`Target::block_sums`]) with the random target's `signs`, and that
+/// agreement.
+fn agreement_bound(z: &[f64], signs: &[f32]) -> (f64, f64) {
     let s: f64 = z.iter().zip(signs).map(|(z, &u)| z * u as f64).sum();
     let q: f64 = z.iter().map(|z| z * z).sum();
     if q <= 0.0 {
-        return Some((0.0, 0.0));
+        return (0.0, 0.0);
     }
     let ln_p = if s > 0.0 { -s * s / (2.0 * q) } else { 0.0 };
-    Some((ln_p, s / (signs.len() as f64 * q).sqrt()))
+    (ln_p, s / (signs.len() as f64 * q).sqrt())
 }
 
 /// The target test of `target` (a random target) on the triggered `images` (whole images
@@ -207,22 +207,23 @@ fn agreement_bound(target: &Target, signs: &[f32], image: &[f32]) -> Option<(f64
 /// and for each alone, the smallest taken with a Bonferroni factor.
 pub fn target_test(target: &Target, images: &[f32]) -> Option<TargetTest> {
     let signs = target.block_signs()?.ok()?;
-    let len = target.pixels.len();
-    let outputs = images.len() / len;
-    let mut mean = vec![0f32; len];
-    for img in images.chunks_exact(len) {
+    let zs = images
+        .chunks_exact(target.pixels.len())
+        .map(|img| target.block_sums(img))
+        .collect::<Option<Vec<_>>>()?;
+    let outputs = zs.len();
+    // The centred square sums are linear in the image: the mean output's are their mean.
+    let mut mean = vec![0f64; signs.len()];
+    for z in &zs {
         mean.iter_mut()
-            .zip(img)
-            .for_each(|(m, &v)| *m += v / outputs as f32);
+            .zip(z)
+            .for_each(|(m, v)| *m += v / outputs as f64);
     }
-    let (mean_ln_p, agreement) = agreement_bound(target, &signs, &mean)?;
+    let (mean_ln_p, agreement) = agreement_bound(&mean, &signs);
     // One output is its own mean: a single bound then.
-    let singles = match outputs {
+    let singles: Vec<(f64, f64)> = match outputs {
         1 => Vec::new(),
-        _ => images
-            .chunks_exact(len)
-            .map(|img| agreement_bound(target, &signs, img))
-            .collect::<Option<Vec<_>>>()?,
+        _ => zs.iter().map(|z| agreement_bound(z, &signs)).collect(),
     };
     let ln_p = singles.iter().fold(mean_ln_p, |m, &(l, _)| m.min(l));
     let best_agreement = if singles.is_empty() {
