@@ -395,7 +395,8 @@ fn verdict(metrics: &serde_json::Value, verify: Option<&serde_json::Value>) -> S
         let against = match v["target_test"]["log10_p_value"].as_f64() {
             Some(l) => format!(
                 "{against}, and the random target's signs followed with p = 10^{l:.1} \
-                 (the target test; the verdict takes twice the smaller p)"
+                 (the target test; the verdict takes twice the smaller p, or the target \
+                 test's alone when the trigger was chosen by hand)"
             ),
             None => against,
         };
