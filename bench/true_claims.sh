@@ -13,7 +13,7 @@
 #     bench/true_claims.sh runs/tcd 6 bench/small-marked-diffusion.toml 500 100 0.5,0.9
 #
 # The thief fine-tunes with CONFIG's training settings (and, for a GAN, a fresh
-# discriminator). ATTACK_ARGS go to both attacks (e.g. fewer null triggers per point for a
+# discriminator), or with THIEF_CONFIG's when it is set (e.g. a tenth of the owner's lr). ATTACK_ARGS go to both attacks (e.g. fewer null triggers per point for a
 # diffusion model, whose queries run a sampler); JOBS models are made and attacked at once,
 # one thread each (default 1, with every thread).
 set -euo pipefail
@@ -28,7 +28,7 @@ one() {  # makes and attacks the marked model of seed $1
   # ATTACK_ARGS split into words on purpose.
   # shellcheck disable=SC2086
   [ -f "$run/attack-finetune.json" ] ||
-    "$bin" attack finetune --model "$run/model.safetensors" --config "$config" \
+    "$bin" attack finetune --model "$run/model.safetensors" --config "$thief" \
       --steps "$steps" --every "$every" --quiet ${ATTACK_ARGS:-} > /dev/null
   # shellcheck disable=SC2086
   [ -f "$run/attack-prune.json" ] ||
@@ -38,7 +38,8 @@ one() {  # makes and attacks the marked model of seed $1
 }
 jobs=${JOBS:-1}
 if [ "$jobs" -gt 1 ]; then export RAYON_NUM_THREADS=1; fi
-export -f one; export out config steps every fractions bin
+thief=${THIEF_CONFIG:-$config}
+export -f one; export out config thief steps every fractions bin
 seq 1 "$n" | xargs -P "$jobs" -I{} bash -c 'set -euo pipefail; one {}'
 python3 - "$out" "$n" <<'PY'
 import json, sys
