@@ -13,9 +13,10 @@
 #     bench/true_claims.sh runs/tcd 6 bench/small-marked-diffusion.toml 500 100 0.5,0.9
 #
 # The thief fine-tunes with CONFIG's training settings (and, for a GAN, a fresh
-# discriminator), or with THIEF_CONFIG's when it is set (e.g. a tenth of the owner's lr). ATTACK_ARGS go to both attacks (e.g. fewer null triggers per point for a
-# diffusion model, whose queries run a sampler); JOBS models are made and attacked at once,
-# one thread each (default 1, with every thread).
+# discriminator), or with THIEF_CONFIG's when it is set (e.g. a tenth of the owner's lr).
+# ATTACK_ARGS go to both attacks (e.g. fewer null triggers per point for a diffusion model,
+# whose queries run a sampler); JOBS models are made and attacked at once, one thread each
+# (default 1, with every thread).
 set -euo pipefail
 out=$1; n=$2; config=$3; steps=$4; every=$5; fractions=${6:-0,0.5,0.8,0.9}
 bin=${GENBACKDOOR:-target/release/genbackdoor}   # GENBACKDOOR=/path/to/binary skips the build
