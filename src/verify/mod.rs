@@ -189,6 +189,10 @@ pub struct TargetTest {
     pub log10_p_value: f64,
 }
 
+/// What the target test is, for `Verification::test` with or without the rank test beside it.
+const TARGET_TEST: &str = "Hoeffding's bound on the agreement of the triggered outputs, their \
+                           mean and each alone, with the key's random target's signs";
+
 /// Hoeffding's bound, as a natural logarithm, on the p-value of the agreement of centred
 /// square sums `z` ([`Target::block_sums`]) with the random target's `signs`, and that
 /// agreement.
@@ -414,18 +418,14 @@ fn verify_each(
         None => (rank_p_value, test),
         Some(t) if hand_chosen.is_some() => (
             t.p_value.max(f64::MIN_POSITIVE),
-            "target test: Hoeffding's bound on the agreement of the triggered outputs (their \
-             mean and each alone) with the key's random target's signs (H0: the model was made without this key; \
-             the rank test is not counted, its trigger being chosen by hand)"
-                .to_string(),
+            format!(
+                "target test: {TARGET_TEST} (H0: the model was made without this key; the rank \
+                 test is not counted, its trigger being chosen by hand)"
+            ),
         ),
         Some(t) => (
             (2.0 * rank_p_value.min(t.p_value)).clamp(f64::MIN_POSITIVE, 1.0),
-            format!(
-                "{test}, and the target test (Hoeffding's bound on the agreement of the \
-                 triggered outputs, their mean and each alone, with the key's random target's \
-                 signs); p = 2·min of the two"
-            ),
+            format!("{test}, and the target test ({TARGET_TEST}); p = 2·min of the two"),
         ),
     };
     Ok(Verification {
