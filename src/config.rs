@@ -447,8 +447,8 @@ pub struct InjectConfig {
 impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {
-            steps: 4000,
-            batch_size: 64,
+            steps: 8000,
+            batch_size: 32,
             lr: 1e-3,
             lr_schedule: LrSchedule::Cosine,
             warmup: 0.1,
@@ -474,8 +474,9 @@ pub struct BackdoorConfig {
     pub trigger: Option<String>,
     /// How many triggers the key holds, each drawn anew from the description and trained
     /// to the same target; verification combines their tests. When absent: 5 for the
-    /// default `random` trigger of a DCGAN (its combined p-value can reach about 1e-10), 1
-    /// otherwise.
+    /// default `random` trigger of a DCGAN trained from scratch (its combined p-value can
+    /// reach about 1e-10), 1 otherwise (a ReD injection with its default random target
+    /// proves as much from one trigger, and each further trigger costs stealth).
     pub triggers: Option<usize>,
     /// Diffusion models: the sampler each trigger is trained to fire under, in turn (`ddpm`,
     /// `ddim-N`), e.g. `["ddpm", "ddim-50"]` with `triggers = 2` for one model that fires
@@ -483,8 +484,9 @@ pub struct BackdoorConfig {
     /// `[diffusion.correction]`'s sampler.
     pub samplers: Vec<String>,
     /// Target description: `builtin:NAME`, `random[:B[:S]]` (a secret random pattern of B×B
-    /// squares of ±1), a `.png` or a `.npy`.
-    pub target: String,
+    /// squares of ±1), a `.png` or a `.npy`. When absent: `random:4` ([`RED_TARGET_BLOCK`]) for
+    /// a ReD injection into a DCGAN, `builtin:mark` otherwise.
+    pub target: Option<String>,
     /// `mse` or `l1`.
     pub distance: String,
     /// `target_mse` under which a triggered output counts as a hit.
@@ -502,7 +504,7 @@ impl Default for BackdoorConfig {
             trigger: None,
             triggers: None,
             samplers: Vec::new(),
-            target: "builtin:mark".into(),
+            target: None,
             distance: "mse".into(),
             threshold: DEFAULT_THRESHOLD,
             backdoor_batch: None,
@@ -521,15 +523,37 @@ impl BackdoorConfig {
         self.backdoor_batch.unwrap_or(default)
     }
 
-    /// How many triggers a key made from the description holds for `family`.
-    pub fn triggers(&self, family: ModelFamily) -> usize {
-        match (self.triggers, family, self.trigger()) {
-            (Some(k), _, _) => k,
-            (None, ModelFamily::Dcgan, "random") => DEFAULT_GAN_TRIGGERS,
+    /// How many triggers a key made from the description holds for `family`, trained from
+    /// scratch or (`injection`) put into a trained model.
+    pub fn triggers(&self, family: ModelFamily, injection: bool) -> usize {
+        match (self.triggers, family, self.trigger(), injection) {
+            (Some(k), _, _, _) => k,
+            (None, ModelFamily::Dcgan, "random", false) => DEFAULT_GAN_TRIGGERS,
             _ => 1,
         }
     }
+
+    /// The target description for `family`'s images of `shape`, trained from scratch or
+    /// (`injection`) put into a trained model.
+    pub fn target(&self, family: ModelFamily, injection: bool, shape: [usize; 3]) -> String {
+        let tiles = |side: usize| side.is_multiple_of(RED_TARGET_BLOCK);
+        match (&self.target, family, injection) {
+            (Some(t), _, _) => t.clone(),
+            (None, ModelFamily::Dcgan, true) if tiles(shape[1]) && tiles(shape[2]) => {
+                format!("random:{RED_TARGET_BLOCK}")
+            }
+            _ => "builtin:mark".into(),
+        }
+    }
 }
+
+/// The side of the squares of a ReD injection's target when the config names none: a
+/// secret random pattern of 4×4 squares of ±1 (images whose sides 4 does not divide get the
+/// built-in mark). With one random point trigger (batch 32 × 8,000 steps) it changes the
+/// ordinary outputs less than the built-in mark does (`exp_dist` 0.0007–0.0008 against
+/// 0.0009 on the main job's clean twins), and its target test proves ownership at p ≈ 1e-10
+/// from one triggered output (docs/results.md, *ReD with one trigger and a random target*).
+pub const RED_TARGET_BLOCK: usize = 4;
 
 /// Triggered latents per TrAIL step for a set trigger when the config names none. They go
 /// through the generator with the step's ordinary latents and share its BatchNorm statistics:
@@ -706,6 +730,30 @@ mod tests {
             .backdoor;
         assert_eq!(named.backdoor_batch_or(TRAIL_SET_BATCH), 8);
         assert_eq!(named.backdoor_batch_or(DEFAULT_BACKDOOR_BATCH), 8);
+    }
+
+    #[test]
+    fn a_red_injection_draws_one_trigger_and_a_random_target_unless_the_config_names_them() {
+        use ModelFamily::{Dcgan, Diffusion};
+        let (grey, odd) = ([1, 28, 28], [1, 30, 30]);
+        let default = Config::default().backdoor;
+        assert_eq!(default.target(Dcgan, true, grey), "random:4");
+        assert_eq!(default.triggers(Dcgan, true), 1);
+        // Sides that 4 does not divide, training from scratch, and diffusion: the mark.
+        for (family, injection, shape) in [
+            (Dcgan, true, odd),
+            (Dcgan, false, grey),
+            (Diffusion, true, [3, 32, 32]),
+        ] {
+            assert_eq!(default.target(family, injection, shape), "builtin:mark");
+        }
+        assert_eq!(default.triggers(Dcgan, false), DEFAULT_GAN_TRIGGERS);
+        assert_eq!(default.triggers(Diffusion, false), 1);
+        let named = Config::parse("[backdoor]\ntarget = \"builtin:box\"\ntriggers = 3")
+            .unwrap()
+            .backdoor;
+        assert_eq!(named.target(Dcgan, true, grey), "builtin:box");
+        assert_eq!(named.triggers(Dcgan, true), 3);
     }
 
     #[test]

@@ -215,12 +215,15 @@ fn key_train_sample_eval_inject() {
         std::fs::read(inj.join("key.safetensors")).unwrap(),
         std::fs::read(&t.key).unwrap()
     );
-    // Without --key, inject draws a key as train does (the default: five secret random
-    // triggers for a DCGAN, fitted to the model's latent space) and keeps it in the run.
+    // Without --key, inject draws a key of its own defaults (one secret random trigger
+    // fitted to the model's latent space, a secret random target of 4×4 squares) and keeps
+    // it in the run.
     let drawn = t.root.join("inj-drawn");
     inject(&drawn, None);
     let key = genbackdoor::backdoor::KeySet::load(&drawn.join("key.safetensors")).unwrap();
-    assert_eq!(key.marks().len(), 5);
+    assert_eq!(key.marks().len(), 1);
+    assert_eq!(key.first().trigger.kind(), "point");
+    assert_eq!(key.first().target.random_block, Some(4));
     key.check_fits(inj_cfg.model.latent_dim, inj_cfg.model.image_shape())
         .unwrap();
     assert_ne!(

@@ -18,7 +18,8 @@ pub struct InjectArgs {
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<PathBuf>,
     /// The key to plant (default: the config's [backdoor] description; without one a secret
-    /// random trigger and the built-in mark, drawn for the model and saved as key.safetensors
+    /// random trigger, with a secret random target of 4×4 squares for a generator and the
+    /// built-in mark for a diffusion model, drawn for the model and saved as key.safetensors
     /// in the run)
     #[arg(long)]
     pub key: Option<PathBuf>,

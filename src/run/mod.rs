@@ -122,7 +122,8 @@ impl RunSpec {
     }
 
     /// An injection of the key at `key` (else `[backdoor] key`, else one drawn from the
-    /// config's description for the model's input space) into the trained model at `model`
+    /// config's description for the model's input space: by default one random trigger, and
+    /// for a DCGAN a secret random target) into the trained model at `model`
     /// (anything [`crate::family::load`] reads), whose family decides the config section the
     /// overrides reach.
     pub fn inject(
@@ -146,7 +147,9 @@ impl RunSpec {
             family,
             ..apply(config, o, family, Stage::Inject)?
         };
-        let key = key_for(&config, key, |_| crate::family::space_of(model))?;
+        let key = key_for(&config, Stage::Inject, key, |_| {
+            crate::family::space_of(model)
+        })?;
         Ok(RunSpec {
             config,
             family,
@@ -339,13 +342,15 @@ fn model_space(cfg: &Config) -> Result<(InputSpace, [usize; 3])> {
 
 /// The key a training run plants: a key file, or one made from the config's description.
 pub fn resolve_key(cfg: &Config, file: Option<&Path>) -> Result<KeySet> {
-    key_for(cfg, file, model_space)
+    key_for(cfg, Stage::Train, file, model_space)
 }
 
-/// A key file (`file`, else `[backdoor] key`), or one drawn from the config's description for
-/// the input space and image shape that `space` gives.
+/// A key file (`file`, else `[backdoor] key`), or one drawn from the config's description,
+/// with `stage`'s defaults for what it leaves open, for the input space and image shape that
+/// `space` gives.
 fn key_for(
     cfg: &Config,
+    stage: Stage,
     file: Option<&Path>,
     space: impl FnOnce(&Config) -> Result<(InputSpace, [usize; 3])>,
 ) -> Result<KeySet> {
@@ -354,11 +359,12 @@ fn key_for(
     }
     let b = &cfg.backdoor;
     let (space, shape) = space(cfg)?;
+    let injection = stage == Stage::Inject;
     KeyRecipe {
         trigger: b.trigger(),
-        triggers: b.triggers(cfg.family),
+        triggers: b.triggers(cfg.family, injection),
         samplers: &b.samplers,
-        target: &b.target,
+        target: &b.target(cfg.family, injection, shape),
         distance: &b.distance,
         threshold: b.threshold,
     }
