@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 
+#[macro_use]
+mod common;
+
 const TINY: &str = r#"
 [data]
 limit = 256
@@ -859,7 +862,8 @@ fn verify_attacks_and_the_report() {
     assert!(e.contains("metrics.json"), "{e}");
 }
 
-const TINY_DIFFUSION: &str = r#"
+const TINY_DIFFUSION: &str = concat!(
+    r#"
 family = "diffusion"
 [data]
 limit = 128
@@ -872,7 +876,9 @@ timesteps = 10
 log_every = 1
 eval_samples = 4
 quality_samples = 20
-diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "DownBlock2D"], up_block_types = ["UpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, add_attention = false }
+"#,
+    tiny_unet!(),
+    r#"
 [diffusion.schedule]
 kind = "linear"
 beta_start = 0.01
@@ -881,7 +887,8 @@ beta_end = 0.5
 steps = 2
 [detect]
 steps = 2
-"#;
+"#
+);
 
 #[test]
 fn diffusion_train_sample_eval_inject() {

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[macro_use]
+mod common;
+
 const CONFIG: &str = r#"
 [data]
 limit = 512
@@ -140,7 +143,8 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
 }
 
 /// A tiny diffusion run (and injection) that writes a checkpoint every 20 steps.
-const DIFFUSION: &str = r#"
+const DIFFUSION: &str = concat!(
+    r#"
 family = "diffusion"
 [data]
 limit = 128
@@ -155,12 +159,15 @@ log_every = 10
 checkpoint_every = 20
 eval_samples = 2
 quality_samples = 0
-diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "DownBlock2D"], up_block_types = ["UpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, add_attention = false }
+"#,
+    tiny_unet!(),
+    r#"
 [diffusion.inject]
 steps = 200
 [detect]
 enabled = false
-"#;
+"#
+);
 
 #[test]
 fn killed_diffusion_training_and_injection_resume_bit_for_bit() {

@@ -12,6 +12,16 @@ use genbackdoor::models::{DcganConfig, DiffusersConfig};
 use genbackdoor::rng::Rng;
 use genbackdoor::training::LrSchedule;
 
+/// The `[diffusion]` line of the smallest diffusers U-Net the command-line tests train: two
+/// levels of 4 and 8 channels, one layer each, no attention. A macro, so that TOML configs
+/// can `concat!` it in a constant.
+#[macro_export]
+macro_rules! tiny_unet {
+    () => {
+        r#"diffusers = { block_out_channels = [4, 8], down_block_types = ["DownBlock2D", "DownBlock2D"], up_block_types = ["UpBlock2D", "UpBlock2D"], layers_per_block = 1, norm_num_groups = 2, add_attention = false }"#
+    };
+}
+
 /// Holds the test binary's one lock: a learning test takes it first, so that its binary's
 /// learning tests run one after another while cheaper tests go on beside them. Each one's
 /// training already keeps both cores of the CI machine busy; two at once only contend
