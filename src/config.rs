@@ -766,8 +766,9 @@ mod tests {
             if cfg.family == ModelFamily::Diffusion {
                 diffusion += 1;
             } else {
-                // The DCGAN config (robust.toml) turns the rehearsal on.
+                // The DCGAN config (robust.toml) turns the rehearsal on, for TrAIL and ReD.
                 assert!(cfg.train.rehearsal.every > 0, "{}", p.display());
+                assert!(cfg.inject.rehearsal.every > 0, "{}", p.display());
             }
         }
         assert!(diffusion >= 2);
