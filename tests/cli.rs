@@ -1008,7 +1008,7 @@ fn diffusion_train_sample_eval_inject() {
         (Some(40), Some("ddim-5"))
     );
     ok(&words(&format!(
-        "attack prune --model {m} --fraction 0,0.5 --null-keys 4 --json"
+        "attack prune --model {m} --fraction 0,0.5 --null-keys 4 --json --quiet"
     )));
     assert_eq!(
         read_json(&run.join("attack-prune.json"))["points"]

@@ -9,7 +9,8 @@ use crate::digits::quality::QualityReference;
 use crate::eval::{clean_quality, trigger_reports};
 use crate::family::diffusion::Sampler;
 use crate::family::{under_sampler, Generative};
-use crate::metrics::persistence::PersistencePoint;
+use crate::io::rundir::RunDir;
+use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
 use crate::verify::{verify_model, VerifySettings};
 use crate::Result;
 
@@ -61,5 +62,68 @@ impl Measurement<'_> {
             fid,
             p_value,
         })
+    }
+}
+
+/// An attack's curve as it grows: written to its run folder (`attack-<name>.json`, atomically)
+/// after every point, so that an attack stopped part-way keeps every point it measured.
+pub struct CurveLog<'a> {
+    run: &'a RunDir,
+    curve: PersistenceCurve,
+}
+
+impl<'a> CurveLog<'a> {
+    /// An empty curve of attack `attack` along `x_label`, stored in `run`.
+    pub fn new(run: &'a RunDir, attack: &str, x_label: &str) -> Self {
+        CurveLog {
+            run,
+            curve: PersistenceCurve::new(attack, x_label, Vec::new()),
+        }
+    }
+
+    /// Appends a point and rewrites the curve's file with every point so far.
+    pub fn push(&mut self, point: PersistencePoint) -> Result<()> {
+        self.curve.push(point);
+        self.run.write_json(&self.file_name(), &self.curve)
+    }
+
+    /// The curve's file name in its run folder.
+    pub fn file_name(&self) -> String {
+        PersistenceCurve::file_name(&self.curve.attack)
+    }
+
+    /// The curve measured so far.
+    pub fn curve(&self) -> &PersistenceCurve {
+        &self.curve
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_curve_on_disk_holds_every_point_measured_so_far() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
+        let mut log = CurveLog::new(&run, "finetune", "steps");
+        let on_disk = || -> PersistenceCurve {
+            let text = std::fs::read_to_string(dir.path().join("attack-finetune.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        for (i, asr) in [1.0, 0.25, 1.0].into_iter().enumerate() {
+            log.push(PersistencePoint {
+                x: 100.0 * i as f64,
+                tardis: 1.0,
+                asr,
+                triggers_asr: vec![asr],
+                fid: None,
+                p_value: Some(1e-9),
+            })
+            .unwrap();
+            assert_eq!(on_disk(), *log.curve());
+            assert_eq!(on_disk().points.len(), i + 1);
+        }
+        assert_eq!(log.curve().mark_gone_at, Some(100.0));
     }
 }

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use crate::attack::prune::prune_magnitude;
-use crate::attack::Measurement;
+use crate::attack::{CurveLog, Measurement};
 use crate::backdoor::KeySet;
 use crate::digits::quality::QualityReference;
 use crate::family::diffusion::Sampler;
 use crate::family::{CleanFinetune, Generative};
 use crate::io::rundir::RunDir;
-use crate::metrics::persistence::{PersistenceCurve, PersistencePoint};
+use crate::metrics::persistence::PersistencePoint;
 use crate::verify::VerifySettings;
 
 /// Arguments of `attack`.
@@ -65,6 +65,9 @@ pub struct Common {
     /// Print the curve as JSON.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Arguments of `attack finetune`.
@@ -87,9 +90,6 @@ pub struct FinetuneArgs {
     /// instead of a fresh one; a thief usually has only the generator.
     #[arg(long)]
     pub discriminator: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 /// Arguments of `attack prune`.
@@ -181,8 +181,9 @@ fn measurement<'a>(
     }
 }
 
-fn save_curve(run: &RunDir, c: &Common, curve: &PersistenceCurve) -> anyhow::Result<()> {
-    run.write_json(&PersistenceCurve::file_name(&curve.attack), curve)?;
+/// Prints the finished curve (already on disk: [`CurveLog`] writes it after every point).
+fn print_curve(log: &CurveLog, run: &RunDir, c: &Common) -> anyhow::Result<()> {
+    let curve = log.curve();
     if c.json {
         say!("{}", serde_json::to_string_pretty(curve)?);
         return Ok(());
@@ -217,11 +218,7 @@ fn save_curve(run: &RunDir, c: &Common, curve: &PersistenceCurve) -> anyhow::Res
         ),
         None => say!("the mark survived every level measured"),
     }
-    say!(
-        "wrote {}",
-        run.file(&PersistenceCurve::file_name(&curve.attack))
-            .display()
-    );
+    say!("wrote {}", run.file(&log.file_name()).display());
     Ok(())
 }
 
@@ -240,24 +237,19 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     };
     cfg.seed = a.common.seed;
     let m = measurement(model.as_ref(), &key, (&quality, ordinary), &a.common);
-    let mut points: Vec<PersistencePoint> = Vec::new();
+    let mut log = CurveLog::new(&run, "finetune", "steps");
     let attack = CleanFinetune {
         cfg: &cfg,
         steps: a.steps,
         every: a.every,
         discriminator: a.discriminator.as_deref(),
-        progress: !a.quiet,
+        progress: !a.common.quiet,
     };
     let tuned = model.finetune_clean(&attack, &run, &mut |step, g| {
-        points.push(m.at(step as f64, g)?);
-        Ok(())
+        log.push(m.at(step as f64, g)?)
     })?;
     tuned.save(&run.file("finetuned.safetensors"))?;
-    save_curve(
-        &run,
-        &a.common,
-        &PersistenceCurve::new("finetune", "steps", points),
-    )
+    print_curve(&log, &run, &a.common)
 }
 
 fn prune(a: PruneArgs) -> anyhow::Result<()> {
@@ -266,27 +258,42 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
     }
     let (model, key, run, quality, ordinary) = setup(&a.common)?;
     let m = measurement(model.as_ref(), &key, (&quality, ordinary), &a.common);
-    let mut points = Vec::new();
+    let mut log = CurveLog::new(&run, "prune", "fraction");
+    let bar = progress_bar(a.fraction.len(), a.common.quiet);
     for &f in &a.fraction {
+        bar.set_message(format!("fraction {f}"));
         let pruned = model.duplicate()?;
         prune_magnitude(pruned.params(), f)?;
-        match m.at(f, pruned.as_ref()) {
-            Ok(p) => points.push(p),
+        log.push(match m.at(f, pruned.as_ref()) {
+            Ok(p) => p,
             // Heavy pruning can break a model into overflow: the mark is gone there.
-            Err(crate::Error::NonFiniteOutput) => points.push(PersistencePoint {
+            Err(crate::Error::NonFiniteOutput) => PersistencePoint {
                 x: f,
                 tardis: f64::INFINITY,
                 asr: 0.0,
                 triggers_asr: vec![0.0; key.marks().len()],
                 fid: None,
                 p_value: None,
-            }),
+            },
             Err(e) => return Err(e.into()),
-        }
+        })?;
+        bar.inc(1);
     }
-    save_curve(
-        &run,
-        &a.common,
-        &PersistenceCurve::new("prune", "fraction", points),
-    )
+    bar.finish_and_clear();
+    print_curve(&log, &run, &a.common)
+}
+
+/// A bar over the attack's `points` (hidden when `quiet`).
+fn progress_bar(points: usize, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(points as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} points [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
 }

@@ -55,13 +55,23 @@ impl PersistencePoint {
 impl PersistenceCurve {
     /// A curve from its points (computes `mark_gone_at`).
     pub fn new(attack: &str, x_label: &str, points: Vec<PersistencePoint>) -> Self {
-        let mark_gone_at = points.iter().find(|p| p.key_asr() < 0.5).map(|p| p.x);
-        PersistenceCurve {
+        let mut curve = PersistenceCurve {
             attack: attack.into(),
             x_label: x_label.into(),
-            points,
-            mark_gone_at,
+            points: Vec::with_capacity(points.len()),
+            mark_gone_at: None,
+        };
+        points.into_iter().for_each(|p| curve.push(p));
+        curve
+    }
+
+    /// Appends the next measurement (keeps `mark_gone_at` the first `x` where the key stops
+    /// firing).
+    pub fn push(&mut self, point: PersistencePoint) {
+        if self.mark_gone_at.is_none() && point.key_asr() < 0.5 {
+            self.mark_gone_at = Some(point.x);
         }
+        self.points.push(point);
     }
 
     /// The file name the curve is stored under in a run directory.
