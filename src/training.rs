@@ -129,6 +129,22 @@ pub fn is_logged(i: usize, log_every: usize, steps: usize) -> bool {
     i.is_multiple_of(log_every) || i == 1 || i == steps
 }
 
+/// The bar of a long command over `len` units (`unit` names them after the count, e.g.
+/// "points"; empty for steps), hidden unless `show`; `set_message` adds the current values.
+pub fn progress_bar(len: usize, show: bool, unit: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}}{unit} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
 /// Runs `stepper.step(i)` for `i = first..=steps`. A value that is NaN or infinite stops the
 /// loop with [`Error::NonFinite`] (checkpoints already written stay as they are). A
 /// checkpoint is written every `checkpoint_every` steps and when Ctrl-C stops the run
@@ -138,19 +154,8 @@ pub fn run_loop(
     log: &mut CsvLog,
     stepper: &mut dyn Stepper,
 ) -> Result<f64> {
-    let bar = if settings.progress {
-        let b = ProgressBar::new(settings.steps as u64);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(settings.first.saturating_sub(1) as u64);
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(settings.steps, settings.progress, "");
+    bar.set_position(settings.first.saturating_sub(1) as u64);
     let start = Instant::now();
     for i in settings.first..=settings.steps {
         let values = stepper.step(i).map_err(|e| match e {

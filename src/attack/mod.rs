@@ -84,12 +84,14 @@ impl<'a> CurveLog<'a> {
     /// Appends a point and rewrites the curve's file with every point so far.
     pub fn push(&mut self, point: PersistencePoint) -> Result<()> {
         self.curve.push(point);
-        self.run.write_json(&self.file_name(), &self.curve)
+        let name = PersistenceCurve::file_name(&self.curve.attack);
+        self.run.write_json(&name, &self.curve)
     }
 
-    /// The curve's file name in its run folder.
-    pub fn file_name(&self) -> String {
-        PersistenceCurve::file_name(&self.curve.attack)
+    /// Where the curve is written.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.run
+            .file(&PersistenceCurve::file_name(&self.curve.attack))
     }
 
     /// The curve measured so far.
@@ -107,8 +109,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::open(dir.path()).unwrap();
         let mut log = CurveLog::new(&run, "finetune", "steps");
+        let log_path = log.path();
         let on_disk = || -> PersistenceCurve {
-            let text = std::fs::read_to_string(dir.path().join("attack-finetune.json")).unwrap();
+            assert_eq!(log_path, dir.path().join("attack-finetune.json"));
+            let text = std::fs::read_to_string(&log_path).unwrap();
             serde_json::from_str(&text).unwrap()
         };
         for (i, asr) in [1.0, 0.25, 1.0].into_iter().enumerate() {

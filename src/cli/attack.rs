@@ -182,7 +182,7 @@ fn measurement<'a>(
 }
 
 /// Prints the finished curve (already on disk: [`CurveLog`] writes it after every point).
-fn print_curve(log: &CurveLog, run: &RunDir, c: &Common) -> anyhow::Result<()> {
+fn print_curve(log: &CurveLog, c: &Common) -> anyhow::Result<()> {
     let curve = log.curve();
     if c.json {
         say!("{}", serde_json::to_string_pretty(curve)?);
@@ -218,7 +218,7 @@ fn print_curve(log: &CurveLog, run: &RunDir, c: &Common) -> anyhow::Result<()> {
         ),
         None => say!("the mark survived every level measured"),
     }
-    say!("wrote {}", run.file(&log.file_name()).display());
+    say!("wrote {}", log.path().display());
     Ok(())
 }
 
@@ -249,7 +249,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         log.push(m.at(step as f64, g)?)
     })?;
     tuned.save(&run.file("finetuned.safetensors"))?;
-    print_curve(&log, &run, &a.common)
+    print_curve(&log, &a.common)
 }
 
 fn prune(a: PruneArgs) -> anyhow::Result<()> {
@@ -259,7 +259,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
     let (model, key, run, quality, ordinary) = setup(&a.common)?;
     let m = measurement(model.as_ref(), &key, (&quality, ordinary), &a.common);
     let mut log = CurveLog::new(&run, "prune", "fraction");
-    let bar = progress_bar(a.fraction.len(), a.common.quiet);
+    let bar = crate::training::progress_bar(a.fraction.len(), !a.common.quiet, " points");
     for &f in &a.fraction {
         bar.set_message(format!("fraction {f}"));
         let pruned = model.duplicate()?;
@@ -280,20 +280,5 @@ fn prune(a: PruneArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    print_curve(&log, &run, &a.common)
-}
-
-/// A bar over the attack's `points` (hidden when `quiet`).
-fn progress_bar(points: usize, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(points as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} points [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar
+    print_curve(&log, &a.common)
 }
