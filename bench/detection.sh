@@ -13,7 +13,7 @@ bin=${GENBACKDOOR:-target/release/genbackdoor}   # GENBACKDOOR=/path/to/binary s
 [ -n "${GENBACKDOOR:-}" ] || cargo build --release --quiet
 label=backdoored; n=0
 mkdir -p "$out.d"
-echo "label,model,score,threshold,backdoored,seconds,trigger_cosine" > "$out"
+echo "label,model,score,threshold,backdoored,seconds,trigger_cosine,found_target_mse" > "$out"
 for m in "$@"; do
   if [ "$m" = "--clean" ]; then label=clean; continue; fi
   n=$((n + 1))
@@ -26,7 +26,7 @@ import numpy as np
 d = json.load(open(sys.argv[3]))
 # How close the inverted trigger is to the true one(s), when a key sits beside the model: the
 # largest |cosine| between the inverted input and a trigger's point, centre or pattern.
-cos = ""
+cos = found = ""
 key = os.path.join(os.path.dirname(sys.argv[2]), "key.safetensors")
 if os.path.exists(key):
     b = open(key, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
@@ -39,7 +39,17 @@ if os.path.exists(key):
             if t.size == inv.size and np.linalg.norm(t) > 0:
                 best = max(best, abs(float(inv @ t / (np.linalg.norm(inv) * np.linalg.norm(t) + 1e-12))))
     cos = f"{best:.3f}" if best > -1 else ""
-print(f"{sys.argv[1]},{sys.argv[2]},{d['score']:.4g},{d['threshold']},{d['backdoored']},{sys.argv[4]},{cos}")
+    # How close detect.png's first image (the found target, or what the inverted trigger
+    # makes) is to the key's target: mean squared distance in [-1, 1].
+    if "target" in h:
+        from PIL import Image
+        s, e = h["target"]["data_offsets"]
+        y = np.frombuffer(b[8 + n + s:8 + n + e], dtype=np.float32).reshape(h["target"]["shape"])
+        c, hh, ww = y.shape
+        g = np.asarray(Image.open(os.path.join(os.path.dirname(sys.argv[5]), "detect.png")), dtype=np.float32)
+        g = g.reshape(g.shape[0], g.shape[1], -1)[2:2 + hh, 2:2 + ww, :].transpose(2, 0, 1) / 127.5 - 1
+        found = f"{float(((g - y) ** 2).mean()):.4f}"
+print(f"{sys.argv[1]},{sys.argv[2]},{d['score']:.4g},{d['threshold']},{d['backdoored']},{sys.argv[4]},{cos},{found}")
 PY
   tail -1 "$out"
 done

@@ -438,12 +438,17 @@ fn detection_section(run: &Path) -> Result<String> {
     };
     Ok(format!(
         "<p>Detection without the key {called}: score {:.3} against threshold {:.3} \
-         ({}).</p>{calibrated}{}<p>What the model makes of the inverted trigger:</p>{}",
+         ({}).</p>{calibrated}{}<p>detect.png, {}:</p>{}",
         d["score"].as_f64().unwrap_or(f64::NAN),
         d["threshold"].as_f64().unwrap_or(f64::NAN),
         escape(d["method"].as_str().unwrap_or("")),
         table(&d["details"]),
-        png(run, "detect.png", "outputs for the inverted trigger")?
+        escape(
+            d["shows"]
+                .as_str()
+                .unwrap_or("what the model makes of the inverted trigger")
+        ),
+        png(run, "detect.png", "the detection's images")?
     ))
 }
 

@@ -839,7 +839,8 @@ fn verify_attacks_and_the_report() {
         "no detection verdict"
     );
     assert!(
-        html.contains("outputs for the inverted trigger"),
+        html.contains("detect.png, what the model makes of the inverted trigger")
+            && html.contains("alt=\"the detection's images\""),
         "no detection image"
     );
     assert!(html.contains("<h3>prune</h3>") && html.contains("<h3>finetune</h3>"));

@@ -382,4 +382,28 @@ fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() 
         v_clean.p_value > 0.05 && !v_clean.carries_backdoor,
         "{v_clean:?}"
     );
+
+    // Without the key, `detect` finds the target as an image the marked model has memorised
+    // and calls it backdoored; its clean twin (the same fine-tuning at λ = 0) knows no image
+    // better than its own samples. The first image shown is the target itself.
+    let settings = genbackdoor::detect::DetectSettings {
+        seed: 0,
+        steps: Some(10),
+    };
+    let (d_marked, d_twin) = (
+        marked.detect(&settings).unwrap(),
+        twin().detect(&settings).unwrap(),
+    );
+    eprintln!(
+        "detect: marked {} {}\ntwin {} {}",
+        d_marked.score, d_marked.details, d_twin.score, d_twin.details
+    );
+    assert!(d_marked.backdoored && !d_twin.backdoored);
+    assert!(d_marked.score > 2.0 * d_twin.score);
+    let found = d_marked.outputs.narrow(0, 0, 1).unwrap();
+    let target = key.target.tensor(&Device::Cpu).unwrap();
+    let mse = (found - target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let mse: f32 = mse.to_scalar().unwrap();
+    eprintln!("the first image shown is {mse} from the target");
+    assert!(mse < 0.05, "the first image shown is {mse} from the target");
 }

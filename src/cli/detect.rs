@@ -21,8 +21,9 @@ pub struct DetectArgs {
     /// noise `[N, C, H, W]`; one verdict per input.
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Where to write detect.json, detect.png (what the model makes of the inverted trigger)
-    /// and detect-trigger.npy; default: the model's folder.
+    /// Where to write detect.json, detect.png (what the model makes of the inverted trigger;
+    /// for a diffusion model, the images it returns most nearly from heavy noise) and
+    /// detect-trigger.npy; default: the model's folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Optimisation steps of the trigger inversion (default: 150 for generators, 100 for
@@ -128,8 +129,9 @@ pub fn run(a: DetectArgs) -> anyhow::Result<()> {
     }
     crate::cli::print_metrics(&detection.details);
     say!(
-        "  wrote   {} (what the model makes of the inverted trigger)",
-        out.join("detect.png").display()
+        "  wrote   {} ({})",
+        out.join("detect.png").display(),
+        detection.shows
     );
     Ok(())
 }

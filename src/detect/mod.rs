@@ -56,9 +56,12 @@ pub struct Detection {
     /// The inverted trigger: one input of the model's input space, `[1, …]`.
     #[serde(skip)]
     pub trigger: Tensor,
-    /// What the model makes of the inverted trigger: images `[n, C, H, W]` in [-1, 1].
+    /// The images `detect.png` shows, `[n, C, H, W]` in [-1, 1]: what the model makes of the
+    /// inverted trigger, unless `shows` says otherwise.
     #[serde(skip)]
     pub outputs: Tensor,
+    /// What `outputs` are, in words (the report's caption of `detect.png`).
+    pub shows: String,
 }
 
 impl Detection {
@@ -79,7 +82,15 @@ impl Detection {
             calibration: None,
             trigger,
             outputs,
+            shows: "what the model makes of the inverted trigger".into(),
         }
+    }
+
+    /// The same detection, its `outputs` described as `shows` (when they are not what the
+    /// model makes of the inverted trigger).
+    pub fn showing(mut self, shows: &str) -> Detection {
+        self.shows = shows.to_string();
+        self
     }
 
     /// The verdict taken again against clean reference models (the same detection run on
@@ -115,7 +126,7 @@ pub struct Calibrated {
 }
 
 /// Writes a detection into `run`: `detect.json` (the verdict and its figures),
-/// `detect.png` (what the model makes of the inverted trigger, 8 per row) and
+/// `detect.png` (its `outputs`, 8 per row: see `shows`) and
 /// `detect-trigger.npy` (the inverted trigger, a batch of one input: `sample --noise` takes
 /// it for a generator).
 pub fn save(detection: &Detection, run: &RunDir) -> Result<()> {

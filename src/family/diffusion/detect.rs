@@ -1,6 +1,9 @@
-//! Backdoor detection in a diffusion model, without the key: trigger inversion after Elijah
-//! (An et al., "Elijah: Eliminating Backdoors Injected in Diffusion Models via Distribution
-//! Shift", AAAI 2024) and its uniformity test.
+//! Backdoor detection in a diffusion model, without the key. The verdict is the memory
+//! probe's ([`super::memory`]: the backdoor's target found as an image the network has
+//! memorised); beside it run two trigger inversions after Elijah (An et al., "Elijah:
+//! Eliminating Backdoors Injected in Diffusion Models via Distribution Shift", AAAI 2024) and
+//! its uniformity test, whose scores are reported and whose better shift is the inverted
+//! trigger written out.
 //!
 //! A backdoor of the poisoned forward process ([`super::poison`]) makes the network answer a
 //! start x_T = ε + r with ε̂ ≈ ε + c_T·r, where a clean one answers ≈ ε + r; and samples
@@ -15,19 +18,17 @@
 //!
 //! Each probe then draws [`EVAL`] fresh samples from N(r, I) and from N(0, I) under its
 //! sampler; its score is the ordinary samples' spread over the inverted ones' (Elijah's
-//! uniformity, with pixel distances for LPIPS). The model's score is the larger; a clean
-//! model's inverted shift leaves samples about as varied as ordinary ones (score ≈ 1), a
-//! backdoor's collapses them onto its target.
+//! uniformity, with pixel distances for LPIPS).
 //!
-//! Measured (README, detection table): this does **not** find genbackdoor's own backdoors
-//! (0 of 9 random-stamp models and a `box:8` one detected, 10 of 10 clean models passed): the
-//! network answers a stamp only when nearly all of it is there, so neither loss has a
-//! gradient towards it from a random start.
+//! Measured (README, detection table): the inversions do **not** find genbackdoor's own
+//! backdoors (0 of 9 random-stamp models and a `box:8` one, 10 of 10 clean models passed):
+//! the network answers a stamp only when nearly all of it is there, so neither loss has a
+//! gradient towards it from a random start. The memory probe needs no trigger.
 
 use candle_core::{Tensor, Var};
 
 use crate::detect::{spread, spread_tensor, DetectSettings, Detection};
-use crate::family::diffusion::{DiffusionModel, Sampler};
+use crate::family::diffusion::{memory, DiffusionModel, Sampler};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::Result;
@@ -43,8 +44,9 @@ const LR: f64 = 0.1;
 /// Default optimisation steps (Elijah's).
 const STEPS: usize = 100;
 
-/// The score above which a diffusion model is called backdoored (clean models measured at
-/// 1.02–1.08; a collapse onto the target at the true stamp scores about 300).
+/// The score above which an inversion probe would call a diffusion model backdoored (clean
+/// models measured at 1.02–1.08; a collapse onto the target at the true stamp scores about
+/// 300); reported beside the memory probe's verdict.
 pub const THRESHOLD: f64 = 4.0;
 
 /// One probe's inverted shift and the figures of its uniformity test.
@@ -53,13 +55,14 @@ struct Probe {
     sampler: Sampler,
     shift: Tensor,
     shift_norm: f32,
-    outputs: Tensor,
     score: f64,
     spread: f64,
     ordinary_spread: f64,
 }
 
-/// Runs both probes on `model` (see the module's documentation).
+/// Runs the memory probe and both inversion probes on `model`: the verdict is the memory
+/// probe's (see [`super::memory`]); the inversions' scores stand beside it in the details,
+/// and the better one's shift is the inverted trigger written out.
 pub fn detect(model: &DiffusionModel, settings: &DetectSettings) -> Result<Detection> {
     let steps = settings.steps.unwrap_or(STEPS);
     let mut rng = Rng::derive(settings.seed, "detect");
@@ -68,29 +71,48 @@ pub fn detect(model: &DiffusionModel, settings: &DetectSettings) -> Result<Detec
         probe(model, "ddpm", Sampler::Ddpm, steps, &mut rng)?,
         probe(model, "ode", ddim, steps, &mut rng)?,
     ];
-    let details = serde_json::json!(probes
+    let memory = memory::probe(model, &mut rng)?;
+    let mut details: serde_json::Map<_, _> = probes
         .iter()
-        .map(|p| (
-            p.name.to_string(),
-            serde_json::json!({
-                "score": p.score,
-                "sampler": p.sampler.to_string(),
-                "spread": p.spread,
-                "ordinary_spread": p.ordinary_spread,
-                "shift_norm": p.shift_norm,
-            })
-        ))
-        .collect::<serde_json::Map<_, _>>());
+        .map(|p| {
+            (
+                p.name.to_string(),
+                serde_json::json!({
+                    "score": p.score,
+                    "threshold": THRESHOLD,
+                    "sampler": p.sampler.to_string(),
+                    "spread": p.spread,
+                    "ordinary_spread": p.ordinary_spread,
+                    "shift_norm": p.shift_norm,
+                }),
+            )
+        })
+        .collect();
+    details.insert(
+        "memory".into(),
+        serde_json::json!({
+            "score": memory.score,
+            "threshold": memory::THRESHOLD,
+            "residual": memory.residual,
+            "ordinary_residual": memory.ordinary_residual,
+        }),
+    );
     let [a, b] = probes;
     let best = if a.score >= b.score { a } else { b };
     Ok(Detection::new(
-        "trigger inversion after Elijah (AAAI 2024): a shift r of the starting noise under \
-         which samples collapse; score = ordinary samples' spread / samples from N(r, I)'s. \
-         Measured: it does not find genbackdoor's own stamp or box backdoors (README)",
-        (best.score, THRESHOLD),
-        details,
+        "the backdoor's target as a memorised image (after Carlini et al., USENIX Security \
+         2023): denoising projections at low noise from random images, then how exactly the \
+         best end point survives heavy noise; score = the noise's residual / the best end \
+         point's. detect.png: the end points, best first. Beside it, trigger inversion \
+         after Elijah (AAAI 2024), whose shift is detect-trigger.npy (README)",
+        (memory.score, memory::THRESHOLD),
+        serde_json::Value::Object(details),
         best.shift,
-        best.outputs,
+        memory.images,
+    )
+    .showing(
+        "the images the model returns most nearly from heavy noise, best first: a \
+         backdoor's target when the model has memorised one",
     ))
 }
 
@@ -140,7 +162,6 @@ fn probe(
         sampler,
         shift_norm: shift.sqr()?.sum_all()?.sqrt()?.to_scalar()?,
         shift,
-        outputs,
         score: o / s.max(1e-12),
         spread: s,
         ordinary_spread: o,

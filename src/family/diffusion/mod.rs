@@ -7,6 +7,7 @@
 
 pub mod detect;
 pub mod diffusers;
+pub mod memory;
 pub mod model;
 pub mod poison;
 pub mod rehearsal;
