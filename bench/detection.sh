@@ -40,15 +40,21 @@ if os.path.exists(key):
                 best = max(best, abs(float(inv @ t / (np.linalg.norm(inv) * np.linalg.norm(t) + 1e-12))))
     cos = f"{best:.3f}" if best > -1 else ""
     # How close detect.png's first image (the found target, or what the inverted trigger
-    # makes) is to the key's target: mean squared distance in [-1, 1].
-    if "target" in h:
+    # makes) is to the key's target (the nearest one, for a key of several triggers): mean
+    # squared distance in [-1, 1].
+    targets = [name for name in h if name == "target" or name.endswith("/target")]
+    if targets:
         from PIL import Image
-        s, e = h["target"]["data_offsets"]
-        y = np.frombuffer(b[8 + n + s:8 + n + e], dtype=np.float32).reshape(h["target"]["shape"])
-        c, hh, ww = y.shape
         g = np.asarray(Image.open(os.path.join(os.path.dirname(sys.argv[5]), "detect.png")), dtype=np.float32)
-        g = g.reshape(g.shape[0], g.shape[1], -1)[2:2 + hh, 2:2 + ww, :].transpose(2, 0, 1) / 127.5 - 1
-        found = f"{float(((g - y) ** 2).mean()):.4f}"
+        best = None
+        for name in targets:
+            s, e = h[name]["data_offsets"]
+            y = np.frombuffer(b[8 + n + s:8 + n + e], dtype=np.float32).reshape(h[name]["shape"])
+            c, hh, ww = y.shape
+            tile = g.reshape(g.shape[0], g.shape[1], -1)[2:2 + hh, 2:2 + ww, :].transpose(2, 0, 1) / 127.5 - 1
+            mse = float(((tile - y) ** 2).mean())
+            best = mse if best is None else min(best, mse)
+        found = f"{best:.4f}"
 print(f"{sys.argv[1]},{sys.argv[2]},{d['score']:.4g},{d['threshold']},{d['backdoored']},{sys.argv[4]},{cos},{found}")
 PY
   tail -1 "$out"
