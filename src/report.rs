@@ -446,7 +446,7 @@ fn detection_section(run: &Path) -> Result<String> {
         escape(
             d["shows"]
                 .as_str()
-                .unwrap_or("what the model makes of the inverted trigger")
+                .unwrap_or(crate::detect::INVERTED_OUTPUTS)
         ),
         png(run, "detect.png", "the detection's images")?
     ))

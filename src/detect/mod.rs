@@ -34,6 +34,10 @@ pub struct DetectSettings {
     pub steps: Option<usize>,
 }
 
+/// What `detect.png` shows unless a detection says otherwise ([`Detection::showing`]), and
+/// what a `detect.json` written before `shows` existed showed.
+pub const INVERTED_OUTPUTS: &str = "what the model makes of the inverted trigger";
+
 /// A model-level verdict, with the inverted trigger and what the model makes of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Detection {
@@ -82,7 +86,7 @@ impl Detection {
             calibration: None,
             trigger,
             outputs,
-            shows: "what the model makes of the inverted trigger".into(),
+            shows: INVERTED_OUTPUTS.into(),
         }
     }
 

@@ -89,15 +89,15 @@ fn round_trip(
     Ok(((xt - (eps_hat * noise)?)? / signal)?)
 }
 
-/// Per image of `x`, the mean squared error of a round trip at the [`CHECK`]ed level,
-/// averaged over [`REPEATS`] noises.
+/// Per image of `x`, the mean squared error of a round trip at timestep `t` (the
+/// [`CHECK`]ed level), averaged over [`REPEATS`] noises.
 fn residuals(
     net: &Denoiser,
     model: &DiffusionModel,
     x: &Tensor,
+    t: usize,
     rng: &mut Rng,
 ) -> Result<Vec<f64>> {
-    let t = level(model, CHECK);
     let mut sum = vec![0.0; x.dim(0)?];
     for _ in 0..REPEATS {
         let back = round_trip(net, model, x, t, rng)?;
@@ -130,10 +130,11 @@ pub fn probe(model: &DiffusionModel, rng: &mut Rng) -> Result<Memory> {
         ends.push(x);
     }
     let ends = Tensor::cat(&ends, 0)?;
-    let found = residuals(&net, model, &ends, rng)?;
+    let check = level(model, CHECK);
+    let found = residuals(&net, model, &ends, check, rng)?;
     let noise = rng.normal(&[ORDINARY, shape[0], shape[1], shape[2]], dev)?;
     let ordinary = model.sample(Sampler::ddim_for(&model.schedule), &noise, rng)?;
-    let ordinary_residual = median(&mut residuals(&net, model, &ordinary, rng)?);
+    let ordinary_residual = median(&mut residuals(&net, model, &ordinary, check, rng)?);
     if found
         .iter()
         .chain([&ordinary_residual])
@@ -146,7 +147,7 @@ pub fn probe(model: &DiffusionModel, rng: &mut Rng) -> Result<Memory> {
     let best: Vec<u32> = order.iter().take(SHOWN).map(|&i| i as u32).collect();
     let images = ends.index_select(&Tensor::new(best.as_slice(), dev)?, 0)?;
     let residual = found[order[0]];
-    let ab = model.schedule.alpha_bar(level(model, CHECK));
+    let ab = model.schedule.alpha_bar(check);
     Ok(Memory {
         score: (1.0 - ab) / ab / residual.max(1e-12),
         residual,
