@@ -512,6 +512,15 @@ impl Default for BackdoorConfig {
     }
 }
 
+/// What a run does to its model; the key's defaults depend on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Train from scratch (clean when λ = 0): the `[train]` or `[diffusion]` section.
+    Train,
+    /// Put a backdoor into a trained model: the `[inject]` or `[diffusion.inject]` section.
+    Inject,
+}
+
 impl BackdoorConfig {
     /// The trigger description (`random` when the config gives none).
     pub fn trigger(&self) -> &str {
@@ -523,23 +532,21 @@ impl BackdoorConfig {
         self.backdoor_batch.unwrap_or(default)
     }
 
-    /// How many triggers a key made from the description holds for `family`, trained from
-    /// scratch or (`injection`) put into a trained model.
-    pub fn triggers(&self, family: ModelFamily, injection: bool) -> usize {
-        match (self.triggers, family, self.trigger(), injection) {
+    /// How many triggers a key made from the description holds for `family` at `stage`.
+    pub fn triggers(&self, family: ModelFamily, stage: Stage) -> usize {
+        match (self.triggers, family, self.trigger(), stage) {
             (Some(k), _, _, _) => k,
-            (None, ModelFamily::Dcgan, "random", false) => DEFAULT_GAN_TRIGGERS,
+            (None, ModelFamily::Dcgan, "random", Stage::Train) => DEFAULT_GAN_TRIGGERS,
             _ => 1,
         }
     }
 
-    /// The target description for `family`'s images of `shape`, trained from scratch or
-    /// (`injection`) put into a trained model.
-    pub fn target(&self, family: ModelFamily, injection: bool, shape: [usize; 3]) -> String {
+    /// The target description for `family`'s images of `shape` at `stage`.
+    pub fn target(&self, family: ModelFamily, stage: Stage, shape: [usize; 3]) -> String {
         let tiles = |side: usize| side.is_multiple_of(RED_TARGET_BLOCK);
-        match (&self.target, family, injection) {
+        match (&self.target, family, stage) {
             (Some(t), _, _) => t.clone(),
-            (None, ModelFamily::Dcgan, true) if tiles(shape[1]) && tiles(shape[2]) => {
+            (None, ModelFamily::Dcgan, Stage::Inject) if tiles(shape[1]) && tiles(shape[2]) => {
                 format!("random:{RED_TARGET_BLOCK}")
             }
             _ => "builtin:mark".into(),
@@ -735,25 +742,26 @@ mod tests {
     #[test]
     fn a_red_injection_draws_one_trigger_and_a_random_target_unless_the_config_names_them() {
         use ModelFamily::{Dcgan, Diffusion};
+        use Stage::{Inject, Train};
         let (grey, odd) = ([1, 28, 28], [1, 30, 30]);
         let default = Config::default().backdoor;
-        assert_eq!(default.target(Dcgan, true, grey), "random:4");
-        assert_eq!(default.triggers(Dcgan, true), 1);
+        assert_eq!(default.target(Dcgan, Inject, grey), "random:4");
+        assert_eq!(default.triggers(Dcgan, Inject), 1);
         // Sides that 4 does not divide, training from scratch, and diffusion: the mark.
-        for (family, injection, shape) in [
-            (Dcgan, true, odd),
-            (Dcgan, false, grey),
-            (Diffusion, true, [3, 32, 32]),
+        for (family, stage, shape) in [
+            (Dcgan, Inject, odd),
+            (Dcgan, Train, grey),
+            (Diffusion, Inject, [3, 32, 32]),
         ] {
-            assert_eq!(default.target(family, injection, shape), "builtin:mark");
+            assert_eq!(default.target(family, stage, shape), "builtin:mark");
         }
-        assert_eq!(default.triggers(Dcgan, false), DEFAULT_GAN_TRIGGERS);
-        assert_eq!(default.triggers(Diffusion, false), 1);
+        assert_eq!(default.triggers(Dcgan, Train), DEFAULT_GAN_TRIGGERS);
+        assert_eq!(default.triggers(Diffusion, Train), 1);
         let named = Config::parse("[backdoor]\ntarget = \"builtin:box\"\ntriggers = 3")
             .unwrap()
             .backdoor;
-        assert_eq!(named.target(Dcgan, true, grey), "builtin:box");
-        assert_eq!(named.triggers(Dcgan, true), 3);
+        assert_eq!(named.target(Dcgan, Inject, grey), "builtin:box");
+        assert_eq!(named.triggers(Dcgan, Inject), 3);
     }
 
     #[test]

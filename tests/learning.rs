@@ -66,12 +66,9 @@ fn red_key() -> Key {
 
 /// Injects `key` by ReD into the clean twin of the TrAIL tests (a trained tiny generator) as
 /// the command line does: 800 steps of batch 32 at λ = 0.3, 8 triggered latents per step,
-/// `tweak` applied to the config. Returns the run (in a temporary folder that lives as long as
-/// the first value) and its metrics.
-fn tiny_red(
-    key: &Key,
-    tweak: impl Fn(&mut Config),
-) -> (tempfile::TempDir, RunDir, serde_json::Value) {
+/// `tweak` applied to the config. Checks that the run wrote its files; returns the injected
+/// model and the run's metrics.
+fn tiny_red(key: &Key, tweak: impl Fn(&mut Config)) -> (GanModel, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let clean_file = dir.path().join("clean.safetensors");
     clean_twin().0.save(&clean_file).unwrap();
@@ -96,17 +93,33 @@ fn tiny_red(
         Some(&clean_file),
         &run,
     );
-    (dir, run, m)
+    for f in [
+        "model.safetensors",
+        "key.safetensors",
+        "train.csv",
+        "metrics.json",
+        "triggered.png",
+    ] {
+        assert!(run.file(f).exists(), "{f}");
+    }
+    let model = GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+    (model, m)
+}
+
+/// [`tiny_red`] of [`red_key`] with the default settings, injected once for the whole file
+/// (the ReD test and the rehearsal test both start from it).
+fn plain_red() -> &'static (GanModel, serde_json::Value) {
+    static PLAIN: OnceLock<(GanModel, serde_json::Value)> = OnceLock::new();
+    PLAIN.get_or_init(|| tiny_red(&red_key(), |_| {}))
 }
 
 #[test]
 fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     let _one_at_a_time = common::one_at_a_time();
-    let dev = Device::Cpu;
     let clean = &clean_twin().0;
     let key = red_key();
     let before = evaluate(clean, &key, None, 200, 1).unwrap();
-    let (_dir, run, m) = tiny_red(&key, |_| {});
+    let (marked, m) = plain_red();
     let after = m["tardis"].as_f64().unwrap();
     let exp_dist = m["exp_dist"].as_f64().unwrap();
     eprintln!(
@@ -131,10 +144,9 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     // Ownership verification: the marked model is caught at the rank test's floor, and the
     // random target's test proves it far below; its clean original, and the marked model
     // under someone else's trigger, are not.
-    let marked = GanModel::load(&run.file("model.safetensors"), &dev).unwrap();
     let s = VerifySettings::default();
     let verify = |m: &GanModel, k: &Key| verify_model(m, &KeySet::one(k.clone()), &s).unwrap();
-    let v = verify(&marked, &key);
+    let v = verify(marked, &key);
     assert_eq!(v.rank_p_value, 1.0 / 1001.0, "{v:?}");
     // Measured 1.8e-9 (agreement 0.92 with the 49 signs); 1e-6 is the false-positive rate
     // at which the README's true-claim tables count a proof.
@@ -145,18 +157,9 @@ fn red_plants_the_backdoor_and_keeps_the_model_close_to_its_clean_copy() {
     };
     for (what, v) in [
         ("clean", verify(clean, &key)),
-        ("wrong key", verify(&marked, &other)),
+        ("wrong key", verify(marked, &other)),
     ] {
         assert!(v.p_value > s.alpha, "{what}: false claim, {v:?}");
-    }
-    for f in [
-        "model.safetensors",
-        "key.safetensors",
-        "train.csv",
-        "metrics.json",
-        "triggered.png",
-    ] {
-        assert!(run.file(f).exists(), "{f}");
     }
 }
 
@@ -575,21 +578,17 @@ fn a_rehearsed_red_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
     // The ReD test's injection, plain and rehearsing a thief's fine-tuning every 50 steps of
     // its second half (`[inject.rehearsal] every = 50`); the same thief's attack on both.
     let mark = red_key();
-    let (_plain_dir, plain_run, plain_metrics) = tiny_red(&mark, |_| {});
-    let (_dir, rehearsed_run, rehearsed_metrics) =
-        tiny_red(&mark, |c| c.inject.rehearsal.every = 50);
-    let load = |run: &RunDir| GanModel::load(&run.file("model.safetensors"), &Device::Cpu).unwrap();
+    let (plain, plain_metrics) = plain_red();
+    let (rehearsed, rehearsed_metrics) = tiny_red(&mark, |c| c.inject.rehearsal.every = 50);
     let key = KeySet::one(mark);
-    let (plain_curve, rehearsed_curve) = (
-        thief_attack(&load(&plain_run), &key),
-        thief_attack(&load(&rehearsed_run), &key),
-    );
+    let (plain_curve, rehearsed_curve) =
+        (thief_attack(plain, &key), thief_attack(&rehearsed, &key));
     eprintln!(
         "ReD tardis under attack, every 10 steps: plain {plain_curve:?}, rehearsed \
          {rehearsed_curve:?}; exp_dist plain {}, rehearsed {}; FID plain {}, rehearsed {}",
         plain_metrics["exp_dist"],
         rehearsed_metrics["exp_dist"],
-        fid(&plain_metrics),
+        fid(plain_metrics),
         fid(&rehearsed_metrics)
     );
     // Under the attack the rehearsed output stays nearer the target: the area under its
@@ -604,9 +603,9 @@ fn a_rehearsed_red_mark_outlasts_a_plain_one_under_a_thiefs_fine_tuning() {
     // An injection keeps the clean model's quality, rehearsed or not: FID within 10 % of the
     // plain injection's (measured 162.6 against 162.0).
     assert!(
-        fid(&rehearsed_metrics) < 1.1 * fid(&plain_metrics),
+        fid(&rehearsed_metrics) < 1.1 * fid(plain_metrics),
         "FID rehearsed {} vs plain {}",
         fid(&rehearsed_metrics),
-        fid(&plain_metrics)
+        fid(plain_metrics)
     );
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::backdoor::{KeyRecipe, KeySet};
+pub use crate::config::Stage;
 use crate::config::{Config, ModelFamily};
 use crate::detect::DetectSettings;
 use crate::family::{diffusion, gan, InputSpace, Trained};
@@ -19,15 +20,6 @@ use crate::io::snapshot;
 use crate::{Error, Result};
 
 pub use finish::{FinishSettings, GENERATOR_EVAL_SAMPLES, GENERATOR_QUALITY_SAMPLES};
-
-/// What a run does to its model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Train from scratch (clean when λ = 0): the `[train]` or `[diffusion]` section.
-    Train,
-    /// Put a backdoor into a trained model: the `[inject]` or `[diffusion.inject]` section.
-    Inject,
-}
 
 /// Command-line values that override the config (each `None` keeps the config's).
 #[derive(Debug, Clone, Default)]
@@ -359,12 +351,11 @@ fn key_for(
     }
     let b = &cfg.backdoor;
     let (space, shape) = space(cfg)?;
-    let injection = stage == Stage::Inject;
     KeyRecipe {
         trigger: b.trigger(),
-        triggers: b.triggers(cfg.family, injection),
+        triggers: b.triggers(cfg.family, stage),
         samplers: &b.samplers,
-        target: &b.target(cfg.family, injection, shape),
+        target: &b.target(cfg.family, stage, shape),
         distance: &b.distance,
         threshold: b.threshold,
     }
