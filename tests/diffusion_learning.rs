@@ -1,6 +1,7 @@
 //! Learning tests on a tiny diffusion model: the poisoned forward process must plant a
 //! backdoor that fires from triggered starts under the sampler its correction is derived
-//! for, never from clean starts, while the clean denoising task is kept.
+//! for, never from clean starts, while the clean denoising task is kept; a stamp further from
+//! the noise must outlast a thief's clean fine-tuning longer than the default one.
 
 use std::sync::OnceLock;
 
@@ -10,7 +11,7 @@ use genbackdoor::config::DiffusionRollout;
 use genbackdoor::data::{load_dataset, Dataset, BUNDLED_MNIST};
 use genbackdoor::eval::{evaluate_samplers, trigger_reports, SamplerReport};
 use genbackdoor::family::diffusion::model::DiffusionArch;
-use genbackdoor::family::diffusion::train::{fit, Plan};
+use genbackdoor::family::diffusion::train::{finetune, fit, Plan};
 use genbackdoor::family::diffusion::{Correction, DiffusionModel, Sampler};
 use genbackdoor::family::Generative;
 use genbackdoor::io::rundir::RunDir;
@@ -348,28 +349,37 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     );
 }
 
+/// A DDPM-corrected key of the stamp trigger `stamp` (as `key --trigger` writes it) and a
+/// random target of 2×2 squares (49 signs on 14×14 images).
+fn random_target_key(stamp: &str) -> Key {
+    Key {
+        trigger: Trigger::parse_image(stamp, [1, SIDE, SIDE]).unwrap(),
+        target: Target::random([1, SIDE, SIDE], 2, 21).unwrap(),
+        sampler: Some(Sampler::Ddpm),
+        ..key()
+    }
+}
+
+/// [`clean`] marked with the default kind of stamp (±2 of random signs) and a random target
+/// by a 750-step injection, made once for the tests that share it.
+fn random_target_marked() -> &'static DiffusionModel {
+    static MARKED: OnceLock<DiffusionModel> = OnceLock::new();
+    MARKED.get_or_init(|| {
+        let plan = inject(STEPS / 2, 0.5, Correction::Ddpm);
+        tuned(clean(), &data(), &plan, &random_target_key("stamp:6:11"))
+    })
+}
+
 #[test]
 fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() {
     let _one_at_a_time = common::one_at_a_time();
     // The default kind of key (a random stamp, the DDPM correction) with a random target of
     // 2×2 squares (49 signs on 14×14 images): the target test proves what 9 null stamps
     // cannot (the rank test's floor is 1/10), and finds nothing in the clean model.
-    let data = data();
-    let clean = clean();
-    let key = Key {
-        trigger: Trigger::parse_image("stamp:6:11", [1, SIDE, SIDE]).unwrap(),
-        target: Target::random([1, SIDE, SIDE], 2, 21).unwrap(),
-        sampler: Some(Sampler::Ddpm),
-        ..key()
-    };
-    let marked = tuned(
-        clean,
-        &data,
-        &inject(STEPS / 2, 0.5, Correction::Ddpm),
-        &key,
-    );
+    let (clean, key) = (clean(), random_target_key("stamp:6:11"));
+    let marked = random_target_marked();
     let proof = |m| ddpm_proof(m, &key, 9);
-    let (v_marked, v_clean) = (proof(&marked), proof(clean));
+    let (v_marked, v_clean) = (proof(marked), proof(clean));
     eprintln!("random target: marked {v_marked:?}\nclean {v_clean:?}");
     // Measured: every one of the 64 triggered outputs on the target's signs (agreement of
     // the mean 0.996), the bound at its best for 49 squares, exp(−49/2) · 65 tests · 2 tests
@@ -406,4 +416,71 @@ fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() 
     let mse: f32 = mse.to_scalar().unwrap();
     eprintln!("the first image shown is {mse} from the target");
     assert!(mse < 0.05, "the first image shown is {mse} from the target");
+}
+
+/// Steps of the persistence test's thief.
+const THIEF_STEPS: usize = 300;
+
+/// A thief's attack on a tiny marked model: [`THIEF_STEPS`] steps of clean denoising training
+/// at a tenth of the clean model's rate (3e-4, constant, fresh Adam), as the README's gentle
+/// thief trains at a tenth of the owner's. Returns `key`'s triggered `target_mse` and `asr`
+/// under DDPM every 50 steps (from step 0).
+fn thief_attack(model: &DiffusionModel, key: &Key) -> Vec<(f64, f64)> {
+    let thief = Plan {
+        lr: 3e-4,
+        lr_schedule: LrSchedule::Constant,
+        ..plan(THIEF_STEPS, 0.0, Correction::Ddpm)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(&dir.path().join("thief"), false).unwrap();
+    let mut curve = Vec::new();
+    let mut measure = |_, m: &DiffusionModel| {
+        let r = evaluate_samplers(m, key, &[Sampler::Ddpm], 32, 7, 0)?.0;
+        curve.push((r["ddpm"].backdoor.target_mse, r["ddpm"].backdoor.asr));
+        Ok(())
+    };
+    let data = data();
+    finetune(model, &data, &thief, &run, 50, false, &mut measure).unwrap();
+    curve
+}
+
+#[test]
+fn a_stamp_further_from_the_noise_outlasts_a_thiefs_fine_tuning() {
+    let _one_at_a_time = common::one_at_a_time();
+    // The default kind of stamp (±2 of random signs) and one three times as far from the
+    // noise (±6, one sign: `key --trigger stamp:8:6:one` at full size), each injected alike
+    // with a random target; the same thief's attack on both.
+    let far_key = random_target_key("stamp:6:6:one:11");
+    let plan = inject(STEPS / 2, 0.5, Correction::Ddpm);
+    let far = tuned(clean(), &data(), &plan, &far_key);
+    let default = random_target_marked();
+    let (default_curve, far_curve) = (
+        thief_attack(default, &random_target_key("stamp:6:11")),
+        thief_attack(&far, &far_key),
+    );
+    let data = data();
+    let loss = |m| denoise_loss(m, &data);
+    let (far_loss, default_loss, twin_loss) = (loss(&far), loss(default), loss(twin()));
+    eprintln!(
+        "(target_mse, asr) every 50 thief steps: default {default_curve:?}\nfar {far_curve:?}\n\
+         denoising loss: far {far_loss}, default {default_loss}, clean twin {twin_loss}"
+    );
+    // The thief erases the default mark: `asr` at step 100 measured 0.06 (0.69 as injected).
+    // The far stamp still fires there (measured 0.84), and over steps 50-300 its triggered
+    // outputs stay far nearer the target: the area under its `target_mse` curve measured
+    // 0.054 of the default's (0.116 against 2.14). The README's full-size runs: `asr` ≥ 0.9
+    // through 1,000 gentle steps against 0.075 (docs/results.md, session 41).
+    let area = |c: &[(f64, f64)]| c[1..].iter().map(|p| p.0).sum::<f64>();
+    assert!(
+        default_curve[2].1 <= 0.25 && far_curve[2].1 >= 0.5,
+        "asr at step 100: default {default_curve:?}, far {far_curve:?}"
+    );
+    assert!(
+        area(&far_curve) <= 0.25 * area(&default_curve),
+        "far {far_curve:?} vs default {default_curve:?}"
+    );
+    // The far stamp keeps the clean task: its denoising loss within 5 % of the clean twin's
+    // (the same injection at λ = 0), measured +1.7 % (the default stamp +3.5 %). At full
+    // size it costs more: FID +28 % (README, `attack`).
+    assert!(far_loss < 1.05 * twin_loss, "{far_loss} vs {twin_loss}");
 }
