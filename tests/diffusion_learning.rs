@@ -41,20 +41,23 @@ fn key() -> Key {
     }
 }
 
-/// 2,000 bundled digits, average-pooled to 14×14.
-fn data() -> Dataset {
-    let mut d = load_dataset(std::path::Path::new(BUNDLED_MNIST)).unwrap();
-    d.truncate(2000);
-    let small = Tensor::from_vec(d.pixels.clone(), (d.len, 1, 28, 28), &Device::Cpu)
-        .unwrap()
-        .avg_pool2d(2)
-        .unwrap();
-    Dataset {
-        pixels: small.flatten_all().unwrap().to_vec1().unwrap(),
-        height: SIDE,
-        width: SIDE,
-        ..d
-    }
+/// 2,000 bundled digits, average-pooled to 14×14, read once for the whole file.
+fn data() -> &'static Dataset {
+    static DATA: OnceLock<Dataset> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let mut d = load_dataset(std::path::Path::new(BUNDLED_MNIST)).unwrap();
+        d.truncate(2000);
+        let small = Tensor::from_vec(d.pixels.clone(), (d.len, 1, 28, 28), &Device::Cpu)
+            .unwrap()
+            .avg_pool2d(2)
+            .unwrap();
+        Dataset {
+            pixels: small.flatten_all().unwrap().to_vec1().unwrap(),
+            height: SIDE,
+            width: SIDE,
+            ..d
+        }
+    })
 }
 
 /// The clean model every injection of this file starts from ([`STEPS`] of clean training),
@@ -63,7 +66,7 @@ fn clean() -> &'static DiffusionModel {
     static CLEAN: OnceLock<DiffusionModel> = OnceLock::new();
     CLEAN.get_or_init(|| {
         let model = DiffusionModel::new(&arch(), &mut Rng::new(1), &Device::Cpu).unwrap();
-        tuned(&model, &data(), &plan(STEPS, 0.0, Correction::Ddpm), &key())
+        tuned(&model, data(), &plan(STEPS, 0.0, Correction::Ddpm), &key())
     })
 }
 
@@ -72,7 +75,7 @@ fn twin() -> &'static DiffusionModel {
     static TWIN: OnceLock<DiffusionModel> = OnceLock::new();
     TWIN.get_or_init(|| {
         let plan = inject(STEPS / 2, 0.0, Correction::Ddpm);
-        tuned(clean(), &data(), &plan, &key())
+        tuned(clean(), data(), &plan, &key())
     })
 }
 
@@ -139,21 +142,21 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
     let twin = twin();
     let for_ddpm = tuned(
         clean,
-        &data,
+        data,
         &inject(STEPS / 2, 0.5, Correction::Ddpm),
         &key(),
     );
     // The DDIM correction needs longer in this small model (asr 0.44 after 750 steps, and
     // 0.38–0.53 at a 3× learning rate, λ = 2 or twice the poisoned batch; 0.78 after 1,500).
     let ddim = Correction::Ddim { steps: 10 };
-    let for_ddim = tuned(clean, &data, &inject(STEPS, 0.5, ddim), &key());
+    let for_ddim = tuned(clean, data, &inject(STEPS, 0.5, ddim), &key());
     let (c_ddpm, c_ddim, c_dpm) = measure(twin);
     let (p_ddpm, p_ddim, p_dpm) = measure(&for_ddpm);
     let (q_ddpm, q_ddim, q_dpm) = measure(&for_ddim);
     let losses = [
-        denoise_loss(twin, &data),
-        denoise_loss(&for_ddpm, &data),
-        denoise_loss(&for_ddim, &data),
+        denoise_loss(twin, data),
+        denoise_loss(&for_ddpm, data),
+        denoise_loss(&for_ddim, data),
     ];
     for (name, r) in [
         ("clean twin, ddpm", &c_ddpm),
@@ -225,7 +228,7 @@ fn the_backdoor_forms_fires_under_its_sampler_and_keeps_the_clean_task() {
         sampler: Some(Sampler::Ddpm),
         ..key()
     };
-    let marked = tuned(clean, &data, &inject(STEPS, 0.5, Correction::Ddpm), &stamp);
+    let marked = tuned(clean, data, &inject(STEPS, 0.5, Correction::Ddpm), &stamp);
     let proof = |m| ddpm_proof(m, &stamp, 99);
     let (v_marked, v_clean) = (proof(&marked), proof(clean));
     eprintln!("stamp key: marked {v_marked:?}\nclean {v_clean:?}");
@@ -263,7 +266,7 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
         seed: 5,
         ..VerifySettings::default()
     };
-    let twin_loss = denoise_loss(twin(), &data);
+    let twin_loss = denoise_loss(twin(), data);
 
     let both = KeySet::new(vec![
         Key {
@@ -282,14 +285,14 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     let inject_both = |plan: &Plan, name: &str| {
         let run = RunDir::create(&dir.path().join(name), false).unwrap();
         let copy = clean.duplicate().unwrap();
-        fit(&copy, &data, Some(&both), plan, &run, false).unwrap().0
+        fit(&copy, data, Some(&both), plan, &run, false).unwrap().0
     };
     let dual = inject_both(&inject, "both");
     let each = trigger_reports(&dual, &both, &[], 32, 7).unwrap();
     let of_clean = trigger_reports(clean, &both, &[], 32, 7).unwrap();
     // Verification queries each trigger under its own sampler.
     let v = verify_model(&dual, &both, &settings).unwrap();
-    let loss = denoise_loss(&dual, &data);
+    let loss = denoise_loss(&dual, data);
     eprintln!(
         "two samplers: {each:?}\nclean: {of_clean:?}\n{v:?}\nloss {loss} vs the twin's {twin_loss}"
     );
@@ -333,7 +336,7 @@ fn one_model_fires_under_both_kinds_of_sampler_with_a_trigger_for_each() {
     };
     let rolled = inject_both(&rolled_plan, "rolled");
     let with = trigger_reports(&rolled, &both, &[], 32, 7).unwrap();
-    let rolled_loss = denoise_loss(&rolled, &data);
+    let rolled_loss = denoise_loss(&rolled, data);
     eprintln!("with rollouts: {with:?}\nloss {rolled_loss}");
     let (r_ddpm, r_ddim) = (&with[0].backdoor, &with[1].backdoor);
     assert!(
@@ -360,13 +363,16 @@ fn random_target_key(stamp: &str) -> Key {
     }
 }
 
-/// [`clean`] marked with the default kind of stamp (±2 of random signs) and a random target
-/// by a 750-step injection, made once for the tests that share it.
+/// The stamp of [`random_target_marked`]: the default kind (±2 of random signs), seed 11.
+const DEFAULT_STAMP: &str = "stamp:6:11";
+
+/// [`clean`] marked with [`DEFAULT_STAMP`] and a random target by a 750-step injection, made
+/// once for the tests that share it.
 fn random_target_marked() -> &'static DiffusionModel {
     static MARKED: OnceLock<DiffusionModel> = OnceLock::new();
     MARKED.get_or_init(|| {
         let plan = inject(STEPS / 2, 0.5, Correction::Ddpm);
-        tuned(clean(), &data(), &plan, &random_target_key("stamp:6:11"))
+        tuned(clean(), data(), &plan, &random_target_key(DEFAULT_STAMP))
     })
 }
 
@@ -376,7 +382,7 @@ fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() 
     // The default kind of key (a random stamp, the DDPM correction) with a random target of
     // 2×2 squares (49 signs on 14×14 images): the target test proves what 9 null stamps
     // cannot (the rank test's floor is 1/10), and finds nothing in the clean model.
-    let (clean, key) = (clean(), random_target_key("stamp:6:11"));
+    let (clean, key) = (clean(), random_target_key(DEFAULT_STAMP));
     let marked = random_target_marked();
     let proof = |m| ddpm_proof(m, &key, 9);
     let (v_marked, v_clean) = (proof(marked), proof(clean));
@@ -436,8 +442,7 @@ fn thief_attack(model: &DiffusionModel, key: &Key, steps: usize, every: usize) -
         curve.push((r["ddpm"].backdoor.target_mse, r["ddpm"].backdoor.asr));
         Ok(())
     };
-    let data = data();
-    finetune(model, &data, &thief, &run, every, false, &mut measure).unwrap();
+    finetune(model, data(), &thief, &run, every, false, &mut measure).unwrap();
     curve
 }
 
@@ -449,14 +454,13 @@ fn a_stamp_further_from_the_noise_outlasts_a_thiefs_fine_tuning() {
     // with a random target; the same thief's attack on both.
     let far_key = random_target_key("stamp:6:6:one:11");
     let plan = inject(STEPS / 2, 0.5, Correction::Ddpm);
-    let far = tuned(clean(), &data(), &plan, &far_key);
+    let far = tuned(clean(), data(), &plan, &far_key);
     let default = random_target_marked();
     let (default_curve, far_curve) = (
-        thief_attack(default, &random_target_key("stamp:6:11"), 300, 50),
+        thief_attack(default, &random_target_key(DEFAULT_STAMP), 300, 50),
         thief_attack(&far, &far_key, 300, 50),
     );
-    let data = data();
-    let loss = |m| denoise_loss(m, &data);
+    let loss = |m| denoise_loss(m, data());
     let (far_loss, default_loss, twin_loss) = (loss(&far), loss(default), loss(twin()));
     eprintln!(
         "(target_mse, asr) every 50 thief steps: default {default_curve:?}\nfar {far_curve:?}\n\
@@ -518,10 +522,10 @@ fn persistence_sweep() {
         let (stamp, steps, rehearsal) = ARMS[i];
         // The clean twin of the 750-step injections is [`twin`].
         let twin_loss = *twins.entry(steps).or_insert_with(|| match steps {
-            750 => denoise_loss(twin(), &data),
+            750 => denoise_loss(twin(), data),
             _ => {
                 let plan = inject(steps, 0.0, Correction::Ddpm);
-                denoise_loss(&tuned(clean(), &data, &plan, &key()), &data)
+                denoise_loss(&tuned(clean(), data, &plan, &key()), data)
             }
         });
         let (mut losses, mut curves) = (Vec::new(), Vec::new());
@@ -530,10 +534,10 @@ fn persistence_sweep() {
             let mut marking = inject(steps, 0.5, Correction::Ddpm);
             let r = &mut marking.rehearsal;
             (r.every, r.steps, r.lr) = rehearsal;
-            let marked = tuned(clean(), &data, &marking, &key);
+            let marked = tuned(clean(), data, &marking, &key);
             let curve = thief_attack(&marked, &key, 900, 150);
             curves.push(curve.iter().map(|p| p.1).collect::<Vec<_>>());
-            losses.push(denoise_loss(&marked, &data));
+            losses.push(denoise_loss(&marked, data));
         }
         let n = curves.len() as f64;
         let mean: Vec<String> = (0..curves[0].len())
