@@ -46,15 +46,15 @@ if os.path.exists(key):
     if targets:
         from PIL import Image
         g = np.asarray(Image.open(os.path.join(os.path.dirname(sys.argv[5]), "detect.png")), dtype=np.float32)
-        best = None
+        g = g.reshape(g.shape[0], g.shape[1], -1)
+        mses = []
         for name in targets:
             s, e = h[name]["data_offsets"]
             y = np.frombuffer(b[8 + n + s:8 + n + e], dtype=np.float32).reshape(h[name]["shape"])
-            c, hh, ww = y.shape
-            tile = g.reshape(g.shape[0], g.shape[1], -1)[2:2 + hh, 2:2 + ww, :].transpose(2, 0, 1) / 127.5 - 1
-            mse = float(((tile - y) ** 2).mean())
-            best = mse if best is None else min(best, mse)
-        found = f"{best:.4f}"
+            _, hh, ww = y.shape
+            tile = g[2:2 + hh, 2:2 + ww, :].transpose(2, 0, 1) / 127.5 - 1
+            mses.append(float(((tile - y) ** 2).mean()))
+        found = f"{min(mses):.4f}"
 print(f"{sys.argv[1]},{sys.argv[2]},{d['score']:.4g},{d['threshold']},{d['backdoored']},{sys.argv[4]},{cos},{found}")
 PY
   tail -1 "$out"
