@@ -22,6 +22,7 @@ use crate::ops::cpu::{
     activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op,
     F32Op3,
 };
+use crate::ops::direct3x3::Direct;
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
 };
@@ -161,6 +162,8 @@ struct Scratch {
     mat: Vec<f32>,
     /// A second joined matrix (a transposed convolution's backward pass needs two).
     mat2: Vec<f32>,
+    /// Zero-padded input planes of the direct 3×3 kernel.
+    padded: Vec<f32>,
 }
 
 thread_local! {
@@ -471,7 +474,11 @@ impl Conv {
     ) {
         SCRATCH.with_borrow_mut(|s| {
             let Scratch {
-                cols, planes, mat, ..
+                cols,
+                planes,
+                mat,
+                padded,
+                ..
             } = s;
             if self.transposed {
                 let m = self.join(x, g, mat);
@@ -485,13 +492,9 @@ impl Conv {
                     }
                 }
             } else {
-                split_phases(&self.g, x, g, planes);
-                let m = resized(mat, self.c2 * g * self.g.positions());
-                self.for_each_block(planes, g, cols, |block, rows| {
-                    self.gather_block(w, &block, rows, m)
-                });
                 let p = self.g.positions();
-                self.split_with(m, g, y, |r, dst, src| {
+                // Output row `r` (`image·c2 + channel`) from its sums `src`, `at` values into it.
+                let finish = |r: usize, at: usize, dst: &mut [f32], src: &[f32]| {
                     let (bias, pairs) = (b[r % b.len()], dst.iter_mut().zip(src));
                     match (act, res) {
                         (Some(act), None) => pairs.for_each(|(d, &v)| *d = act.apply(v + bias)),
@@ -500,11 +503,29 @@ impl Conv {
                         // which is what the backward pass's residual gradient assumes.
                         (_, Some(res)) => {
                             debug_assert!(act.is_none(), "an activation after a residual");
-                            let res = &res[r * p..(r + 1) * p];
+                            let res = &res[r * p + at..];
                             pairs.zip(res).for_each(|((d, &v), &e)| *d = v + bias + e);
                         }
                     }
+                };
+                if let Some(d) = Direct::new(&self.g, self.c2) {
+                    let xp = resized(padded, d.padded_len(g));
+                    d.pad(&x[..g * self.g.image()], g, xp);
+                    let grid = resized(mat, d.grid_len(g));
+                    d.run(&d.pack(&w[..self.c2 * self.g.patch()]), xp, g, grid);
+                    let ow = self.g.ow();
+                    d.rows(grid, g, |i, co, row, src| {
+                        let r = i * self.c2 + co;
+                        finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
+                    });
+                    return;
+                }
+                split_phases(&self.g, x, g, planes);
+                let m = resized(mat, self.c2 * g * p);
+                self.for_each_block(planes, g, cols, |block, rows| {
+                    self.gather_block(w, &block, rows, m)
                 });
+                self.split_with(m, g, y, |r, dst, src| finish(r, 0, dst, src));
             }
         })
     }
@@ -532,6 +553,7 @@ impl Conv {
                     planes,
                     mat,
                     mat2,
+                    ..
                 } = s;
                 let xm = self.join(x, g, mat);
                 let dm = resized(mat2, self.c2 * gp);
@@ -560,9 +582,29 @@ impl Conv {
             } else {
                 // The joined output gradient serves the input, weight and bias gradients.
                 let Scratch {
-                    cols, planes, mat, ..
+                    cols,
+                    planes,
+                    mat,
+                    padded,
+                    ..
                 } = s;
                 let p = self.g.positions();
+                let direct = Direct::new(&self.g, self.c2).filter(Direct::weight_grad_pays);
+                if let (None, Some(d), Some(dwt)) = (&dx, direct, &mut dwt) {
+                    // The output gradient on the direct kernel's grid, through the activation.
+                    let grid = resized(mat, d.grid_len(g));
+                    let dy = &dy[..g * self.other()];
+                    match act {
+                        Some((act, y)) => d.onto_grid(dy, g, grid, |r, at, dst, src| {
+                            act.grad_into(&y[r * p + at..][..dst.len()], src, dst)
+                        }),
+                        None => d.onto_grid(dy, g, grid, |_, _, dst, src| dst.copy_from_slice(src)),
+                    }
+                    let xp = resized(padded, d.padded_len(g));
+                    d.pad(&x[..g * self.g.image()], g, xp);
+                    d.weight_grad(grid, xp, g, &mut dwt[..self.c2 * self.g.patch()]);
+                    return self.bias_grad(grid, g);
+                }
                 let m = match act {
                     Some((act, y)) => self.join_with(dy, g, mat, |r, dst, src| {
                         act.grad_into(&y[r * p..(r + 1) * p], src, dst)
@@ -579,22 +621,29 @@ impl Conv {
                 self.for_each_block(planes, g, cols, |block, rows| {
                     self.weight_grad_block(m, &block, rows, dwt)
                 });
-                if self.per_image_bias {
-                    // Rows of `m` are (channel, image) pairs; the gradient is `[g, cout]`.
-                    let sums: Vec<f32> = m
-                        .chunks(p)
-                        .map(|row| lane_sum(row, row, |v, _| v))
-                        .collect();
-                    (0..g * self.c2)
-                        .map(|r| sums[(r % self.c2) * g + r / self.c2])
-                        .collect()
-                } else {
-                    m.chunks(gp)
-                        .map(|row| lane_sum(row, row, |v, _| v))
-                        .collect()
-                }
+                self.bias_grad(m, g)
             }
         })
+    }
+
+    /// The bias gradient of `g` images (not transposed) from their output gradient `m` of
+    /// `c2·g` equally long rows, one per (channel, image) pair: `[g, cout]` for a per-image
+    /// bias, `[cout]` otherwise. Values past the output in a row must be zero.
+    fn bias_grad(&self, m: &[f32], g: usize) -> Vec<f32> {
+        let row = m.len() / (self.c2 * g);
+        if self.per_image_bias {
+            let sums: Vec<f32> = m
+                .chunks(row)
+                .map(|row| lane_sum(row, row, |v, _| v))
+                .collect();
+            (0..g * self.c2)
+                .map(|r| sums[(r % self.c2) * g + r / self.c2])
+                .collect()
+        } else {
+            m.chunks(g * row)
+                .map(|row| lane_sum(row, row, |v, _| v))
+                .collect()
+        }
     }
 
     /// For a stride-1 convolution (not transposed), the convolution that maps its output
@@ -1291,6 +1340,33 @@ mod tests {
         }
     }
 
+    /// `op` with each activation fused against the activation applied as a separate op: the
+    /// output and the gradients of input, kernel and bias.
+    fn fused_and_separate_activations_agree(op: Conv, (x, w, b): (&Tensor, &Tensor, &Tensor)) {
+        for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
+            let fused = testing::value_and_grads(
+                |t| op.apply(&t[0], &t[1], Some(&t[2]), Some(act)).unwrap(),
+                &[x, w, b],
+                9,
+            );
+            let apart = testing::value_and_grads(
+                |t| {
+                    let y = op.apply(&t[0], &t[1], Some(&t[2]), None).unwrap();
+                    match act {
+                        Activation::Tanh => y.tanh().unwrap(),
+                        Activation::LeakyRelu(a) => crate::ops::leaky_relu(&y, a as f64).unwrap(),
+                    }
+                },
+                &[x, w, b],
+                9,
+            );
+            testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
+            for (f, a) in fused.1.iter().zip(&apart.1) {
+                testing::assert_close(f, a, 1e-4).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn fused_activations_give_the_separate_ops_gradients_of_all_inputs() {
         // 19 images (several groups), both kinds, both activations, and a convolution of
@@ -1312,31 +1388,60 @@ mod tests {
             } else {
                 forward_op(&x, &w, stride, 1).unwrap()
             };
-            for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
-                let fused = testing::value_and_grads(
-                    |t| op.apply(&t[0], &t[1], Some(&t[2]), Some(act)).unwrap(),
-                    &[&x, &w, &b],
-                    9,
-                );
-                let apart = testing::value_and_grads(
-                    |t| {
-                        let y = op.apply(&t[0], &t[1], Some(&t[2]), None).unwrap();
-                        match act {
-                            Activation::Tanh => y.tanh().unwrap(),
-                            Activation::LeakyRelu(a) => {
-                                crate::ops::leaky_relu(&y, a as f64).unwrap()
-                            }
-                        }
-                    },
-                    &[&x, &w, &b],
-                    9,
-                );
-                testing::assert_close(&fused.0, &apart.0, 1e-6).unwrap();
-                for (f, a) in fused.1.iter().zip(&apart.1) {
-                    testing::assert_close(f, a, 1e-4).unwrap();
-                }
-            }
+            fused_and_separate_activations_agree(op, (&x, &w, &b));
         }
+    }
+
+    #[test]
+    fn the_direct_3x3_path_matches_candle_and_the_separate_ops() {
+        // 3×3, stride 1, padding 1, channels 6 → 10: the forward pass, the gathered input
+        // gradient (10 → 6) and the weight gradient all take the direct kernel (register
+        // tiles of 6 + 4 channels, weight tiles of 4 + 4 + 2), over 19 images in groups.
+        let mut rng = Rng::new(31);
+        let dev = Device::Cpu;
+        let x = rng.normal(&[19, 6, 14, 15], &dev).unwrap();
+        let w = rng.normal(&[10, 6, 3, 3], &dev).unwrap();
+        let op = forward_op(&x, &w, 1, 1).unwrap();
+        let direct = |op: &Conv| Direct::new(&op.g, op.c2).filter(Direct::weight_grad_pays);
+        let gathered = op.input_gradient_conv().unwrap();
+        assert_eq!(direct(&op).is_some(), direct(&gathered).is_some());
+        if direct(&op).is_none() {
+            eprintln!("no AVX2 and FMA here: the direct kernel is not used");
+        }
+        for b in [vec![10], vec![19, 10]] {
+            let b = rng.normal(&b, &dev).unwrap();
+            check_conv2d((&x, &w, &b), 1, 1, 17).unwrap();
+            fused_and_separate_activations_agree(op, (&x, &w, &b));
+        }
+        let (b, r) = (
+            rng.normal(&[10], &dev).unwrap(),
+            rng.normal(&[19, 10, 14, 15], &dev).unwrap(),
+        );
+        let fused = testing::value_and_grads(
+            |t| conv2d_residual(&t[0], &t[1], Some(&t[2]), &t[3], 1, 1).unwrap(),
+            &[&x, &w, &b, &r],
+            3,
+        );
+        let apart = testing::value_and_grads(
+            |t| (conv2d(&t[0], &t[1], Some(&t[2]), 1, 1).unwrap() + &t[3]).unwrap(),
+            &[&x, &w, &b, &r],
+            3,
+        );
+        assert_eq!(testing::max_abs_diff(&fused.0, &apart.0), 0.0);
+        for (f, a) in fused.1.iter().zip(&apart.1) {
+            testing::assert_close(f, a, 1e-6).unwrap();
+        }
+        let (x, w, b) = (
+            rng.normal(&[2, 4, 14, 14], &dev).unwrap(),
+            rng.normal(&[4, 4, 3, 3], &dev).unwrap(),
+            rng.normal(&[2, 4], &dev).unwrap(),
+        );
+        testing::check_finite_differences(
+            |t| conv2d(&t[0], &t[1], Some(&t[2]), 1, 1).unwrap(),
+            &[&x, &w, &b],
+            8,
+            7,
+        );
     }
 
     #[test]

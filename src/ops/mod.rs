@@ -11,6 +11,7 @@ mod batchnorm;
 mod conv;
 pub(crate) mod cpu;
 mod dense;
+mod direct3x3;
 mod dropout;
 mod fastexp;
 mod groupnorm;
