@@ -1127,6 +1127,20 @@ mod tests {
         }
 
         #[test]
+        fn direct_3x3_convolutions_match_candle_forward_and_backward(
+            n in 1usize..4, c in 1usize..9, half in 1usize..8, h in 14usize..19, w in 14usize..19,
+            seed in 0u64..1000,
+        ) {
+            // Even output channels and planes of at least 14×14: the direct kernel's forward
+            // pass and weight gradient (and, for an even `c`, its input gradient).
+            let mut rng = Rng::new(seed);
+            let x = rng.normal(&[n, c, h, w], &Device::Cpu).unwrap();
+            let wt = rng.normal(&[2 * half, c, 3, 3], &Device::Cpu).unwrap();
+            let b = rng.normal(&[2 * half], &Device::Cpu).unwrap();
+            check_conv2d((&x, &wt, &b), 1, 1, seed)?;
+        }
+
+        #[test]
         fn conv_transpose2d_matches_candle_forward_and_backward(
             n in 1usize..4, cin in 1usize..4, cout in 1usize..5, h in 1usize..8, w in 1usize..8,
             k in 1usize..6, stride in 1usize..4, pad in 0usize..3, out_pad in 0usize..3, seed in 0u64..1000,
