@@ -68,24 +68,43 @@ impl Direct {
         self.c2 * g * self.grid
     }
 
+    /// Lays `g` images `[g, channels, h, w]` out as `out [channels, g, len]`: row `y` of a plane
+    /// goes to `origin + y·(w + 2)` of its `len` values, written by `row(r, at, dst, src)`
+    /// (`r = image·channels + channel`, `src` the row, `at = y·w` its place in the plane), and
+    /// every other value of `out` is zeroed.
+    fn lay_out(
+        &self,
+        (per_image, channels): (&[f32], usize),
+        g: usize,
+        (out, len, origin): (&mut [f32], usize, usize),
+        row: impl Fn(usize, usize, &mut [f32], &[f32]),
+    ) {
+        let (h, w, wp) = (self.h, self.w, self.w + 2);
+        assert_eq!(per_image.len(), g * channels * h * w);
+        assert_eq!(out.len(), channels * g * len);
+        for (rr, dst) in out.chunks_exact_mut(len).enumerate() {
+            let r = (rr % g) * channels + rr / g;
+            let mut end = 0;
+            for (y, src) in per_image[r * h * w..(r + 1) * h * w]
+                .chunks_exact(w)
+                .enumerate()
+            {
+                let start = origin + y * wp;
+                dst[end..start].fill(0.0);
+                row(r, y * w, &mut dst[start..start + w], src);
+                end = start + w;
+            }
+            dst[end..].fill(0.0);
+        }
+    }
+
     /// Copies `g` images `[g, c, h, w]` into zero-padded planes `xp [c, g, plane]`, writing
     /// every value of `xp`.
     pub(crate) fn pad(&self, x: &[f32], g: usize, xp: &mut [f32]) {
-        let (h, w, wp) = (self.h, self.w, self.w + 2);
-        assert_eq!(x.len(), g * self.c * h * w);
-        assert_eq!(xp.len(), self.padded_len(g));
-        for (r, dst) in xp.chunks_exact_mut(self.plane).enumerate() {
-            let (ci, i) = (r / g, r % g);
-            let src = &x[(i * self.c + ci) * h * w..][..h * w];
-            dst[..wp].fill(0.0);
-            for (y, row) in src.chunks_exact(w).enumerate() {
-                let line = &mut dst[(y + 1) * wp..(y + 2) * wp];
-                line[0] = 0.0;
-                line[1..=w].copy_from_slice(row);
-                line[w + 1] = 0.0;
-            }
-            dst[(h + 1) * wp..].fill(0.0);
-        }
+        let dst = (xp, self.plane, self.w + 3);
+        self.lay_out((x, self.c), g, dst, |_, _, dst, src| {
+            dst.copy_from_slice(src)
+        });
     }
 
     /// The register tiles' output channels: sixes, then the 2 or 4 left.
@@ -161,20 +180,7 @@ impl Direct {
         out: &mut [f32],
         row: impl Fn(usize, usize, &mut [f32], &[f32]),
     ) {
-        let (h, w, wp) = (self.h, self.w, self.w + 2);
-        assert_eq!(per_image.len(), g * self.c2 * h * w);
-        assert_eq!(out.len(), self.grid_len(g));
-        for (rr, grid) in out.chunks_exact_mut(self.grid).enumerate() {
-            let (co, i) = (rr / g, rr % g);
-            let r = i * self.c2 + co;
-            let plane = &per_image[r * h * w..(r + 1) * h * w];
-            for (y, src) in plane.chunks_exact(w).enumerate() {
-                let line = &mut grid[y * wp..(y + 1) * wp];
-                row(r, y * w, &mut line[..w], src);
-                line[w..].fill(0.0);
-            }
-            grid[h * wp..].fill(0.0);
-        }
+        self.lay_out((per_image, self.c2), g, (out, self.grid, 0), row);
     }
 
     /// The weight gradient, transposed: `dwt [c·9, c2]`, `dwt[(ci·9 + t)·c2 + co] = Σ dy[co] ·
@@ -352,6 +358,21 @@ unsafe fn tile_avx2<const R: usize>(
 mod tests {
     use super::*;
 
+    /// The input value that tap `t` of output position `(yy, xx)` of channel `ci` of image `i`
+    /// reads from `x [n, c, h, w]`: zero in the padding.
+    fn tapped(
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        (i, ci, yy, xx, t): (usize, usize, usize, usize, usize),
+    ) -> f32 {
+        // Coordinates in the padded plane, where the image spans 1..=h and 1..=w.
+        let (sy, sx) = (yy + t / 3, xx + t % 3);
+        if sy == 0 || sx == 0 || sy > h || sx > w {
+            return 0.0;
+        }
+        x[((i * c + ci) * h + sy - 1) * w + sx - 1]
+    }
+
     /// The plain definition: `y[i, co, y, x] = Σ w[co, ci, dy, dx] · x[i, ci, y+dy−1, x+dx−1]`.
     fn reference(
         x: &[f32],
@@ -363,19 +384,12 @@ mod tests {
             for co in 0..c2 {
                 for yy in 0..h {
                     for xx in 0..wd {
-                        let mut s = 0f32;
-                        for ci in 0..c {
-                            for t in 0..9 {
-                                let (sy, sx) =
-                                    ((yy + t / 3) as isize - 1, (xx + t % 3) as isize - 1);
-                                if sy < 0 || sx < 0 || sy >= h as isize || sx >= wd as isize {
-                                    continue;
-                                }
-                                s += w[(co * c + ci) * 9 + t]
-                                    * x[((i * c + ci) * h + sy as usize) * wd + sx as usize];
-                            }
-                        }
-                        y[((i * c2 + co) * h + yy) * wd + xx] = s;
+                        y[((i * c2 + co) * h + yy) * wd + xx] = (0..c * 9)
+                            .map(|k| {
+                                let (ci, t) = (k / 9, k % 9);
+                                w[co * c * 9 + k] * tapped(x, (c, h, wd), (i, ci, yy, xx, t))
+                            })
+                            .sum();
                     }
                 }
             }
@@ -432,20 +446,13 @@ mod tests {
             for co in 0..c2 {
                 for ci in 0..c {
                     for t in 0..9 {
-                        let mut want = 0f32;
-                        for i in 0..g {
-                            for yy in 0..h {
-                                for xx in 0..w {
-                                    let (sy, sx) =
-                                        ((yy + t / 3) as isize - 1, (xx + t % 3) as isize - 1);
-                                    if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
-                                        continue;
-                                    }
-                                    want += dy[((i * c2 + co) * h + yy) * w + xx]
-                                        * x[((i * c + ci) * h + sy as usize) * w + sx as usize];
-                                }
-                            }
-                        }
+                        let want: f32 = (0..g * h * w)
+                            .map(|j| {
+                                let (i, yy, xx) = (j / (h * w), j / w % h, j % w);
+                                dy[((i * c2 + co) * h + yy) * w + xx]
+                                    * tapped(&x, (c, h, w), (i, ci, yy, xx, t))
+                            })
+                            .sum();
                         let got = dwt[(ci * 9 + t) * c2 + co];
                         assert!(
                             (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
