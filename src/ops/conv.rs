@@ -34,17 +34,22 @@ use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
 
-/// Images per parallel task (and per partial weight gradient) for a batch of `n` images
-/// whose column matrices hold `cols` values each: as many as fit a column matrix of about
-/// 2²⁰ values (4 MiB, an L2 cache; larger groups no longer make the gemm calls faster and
-/// push the working memory out of the cache), at most 16, in an even number of groups so
-/// that two threads get equal shares. It depends on the batch and the geometry alone, so
-/// that the partial sums, and so the bits of the weight gradient, do not depend on the
-/// number of threads.
-fn group_size(n: usize, cols: usize) -> usize {
-    let most = ((1 << 20) / cols.max(1)).clamp(1, 16);
+/// Images per parallel task (and per partial weight gradient) for a batch of `n` images:
+/// at most `most` (and 16), in an even number of groups so that two threads get equal
+/// shares. It depends on the batch and the geometry alone, so that the partial sums, and so
+/// the bits of the weight gradient, do not depend on the number of threads.
+fn group_size(n: usize, most: usize) -> usize {
+    let most = most.clamp(1, 16);
     let groups = n.div_ceil(most).next_multiple_of(2);
     n.div_ceil(groups).max(1)
+}
+
+/// A convolution's weight as [`Conv::forward_group`] reads it: packed for the direct 3×3
+/// kernel once per call (not once per group of images: a 256-by-256-channel kernel is 2.4 MB),
+/// or as given for the `im2col` paths.
+enum Weights<'a> {
+    Direct(Direct, Vec<f32>),
+    Given(&'a [f32]),
 }
 
 /// `conv2d(x [n, c, h, w], weight [cout, c, k, k]) + bias [cout]` with `stride` and zero
@@ -469,7 +474,7 @@ impl Conv {
     /// (not transposed), then the activation, if any, in the sweep that writes the output.
     fn forward_group(
         &self,
-        (w, b, res): (&[f32], &[f32], Option<&[f32]>),
+        (w, b, res): (&Weights, &[f32], Option<&[f32]>),
         x: &[f32],
         g: usize,
         y: &mut [f32],
@@ -484,6 +489,9 @@ impl Conv {
                 ..
             } = s;
             if self.transposed {
+                let Weights::Given(w) = w else {
+                    unreachable!("Conv::weights packs no transposed kernel")
+                };
                 let m = self.join(x, g, mat);
                 self.scatter((w, m), g, y, cols, planes);
                 let plane = self.g.h * self.g.w;
@@ -511,18 +519,21 @@ impl Conv {
                         }
                     }
                 };
-                if let Some(d) = Direct::new(&self.g, self.c2) {
-                    let xp = resized(padded, d.padded_len(g));
-                    d.pad(&x[..g * self.g.image()], g, xp);
-                    let grid = resized(mat, d.grid_len(g));
-                    d.run(&d.pack(&w[..self.c2 * self.g.patch()]), xp, g, grid);
-                    let ow = self.g.ow();
-                    d.rows(grid, g, |i, co, row, src| {
-                        let r = i * self.c2 + co;
-                        finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
-                    });
-                    return;
-                }
+                let w = match w {
+                    Weights::Direct(d, packed) => {
+                        let xp = resized(padded, d.padded_len(g));
+                        d.pad(&x[..g * self.g.image()], g, xp);
+                        let grid = resized(mat, d.grid_len(g));
+                        d.run(packed, xp, g, grid);
+                        let ow = self.g.ow();
+                        d.rows(grid, g, |i, co, row, src| {
+                            let r = i * self.c2 + co;
+                            finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
+                        });
+                        return;
+                    }
+                    Weights::Given(w) => w,
+                };
                 split_phases(&self.g, x, g, planes);
                 let m = resized(mat, self.c2 * g * p);
                 self.for_each_block(planes, g, cols, |block, rows| {
@@ -649,6 +660,30 @@ impl Conv {
         }
     }
 
+    /// Images per group of a batch of `n` ([`group_size`]). Through `im2col`: as many as fit
+    /// a column matrix of about 2²⁰ values (4 MiB, an L2 cache; larger groups no longer make
+    /// the gemm calls faster and push the working memory out of the cache). The direct 3×3
+    /// kernel builds no column matrix and works image by image: there, just enough images
+    /// for 1,024 positions, so that the group's partial weight gradient (as large as the
+    /// kernel, 2.4 MB for 256 by 256 channels) is small beside its work, and otherwise
+    /// groups as small as can be, which a machine whose cores are shared balances best.
+    fn group(&self, n: usize) -> usize {
+        match Direct::new(&self.g, self.c2) {
+            Some(_) if !self.transposed => group_size(n, 1024usize.div_ceil(self.g.positions())),
+            _ => group_size(n, (1 << 20) / self.g.rows().max(1)),
+        }
+    }
+
+    /// The weight `w` as [`Conv::forward_group`] reads it.
+    fn weights<'a>(&self, w: &'a [f32]) -> Weights<'a> {
+        match Direct::new(&self.g, self.c2) {
+            Some(d) if !self.transposed => {
+                Weights::Direct(d, d.pack(&w[..self.c2 * self.g.patch()]))
+            }
+            _ => Weights::Given(w),
+        }
+    }
+
     /// For a stride-1 convolution (not transposed), the convolution that maps its output
     /// gradient to its input gradient: the same kernel flipped, with the channels swapped and
     /// padding `k − 1 − pad`. Gathering through it runs gemm with `c2·k·k` terms per sum, where
@@ -699,11 +734,12 @@ impl Conv {
         (n, need_dx, need_dw): (usize, bool, bool),
     ) -> (Option<Vec<f32>>, Option<WeightGradients>) {
         let (in_len, out_len) = self.sizes();
-        let group = group_size(n, self.g.rows());
-        let gather = self
-            .input_gradient_conv()
-            .filter(|_| need_dx)
-            .map(|op| (op, self.flipped_kernel(w), vec![0f32; self.g.c]));
+        let group = self.group(n);
+        let gather = self.input_gradient_conv().filter(|_| need_dx);
+        let flipped = gather.map(|_| self.flipped_kernel(w));
+        let gather = gather
+            .zip(flipped.as_deref())
+            .map(|(op, flipped)| (op, op.weights(flipped), vec![0f32; self.g.c]));
         PARTIALS.with_borrow_mut(|buf| {
             let slots: Vec<Mutex<Option<&mut [f32]>>> = resized(buf, n.div_ceil(group) * w.len())
                 .chunks_mut(w.len())
@@ -717,7 +753,7 @@ impl Conv {
                 let dwt = slots[i].lock().expect("slot lock").take();
                 let dwt = need_dw.then(|| dwt.expect("every group runs once"));
                 let dxs = match (&gather, dxs) {
-                    (Some((op, flipped, zeros)), Some(dxs)) => {
+                    (Some((op, kernel, zeros)), Some(dxs)) => {
                         // The output gradient through the fused activation's derivative.
                         let dys = &dys[..g * out_len];
                         let through;
@@ -730,7 +766,7 @@ impl Conv {
                             }
                             None => dys,
                         };
-                        op.forward_group((flipped, zeros, None), dz, g, dxs, None);
+                        op.forward_group((kernel, zeros, None), dz, g, dxs, None);
                         None
                     }
                     (_, dxs) => dxs,
@@ -799,12 +835,12 @@ impl F32Op3 for Conv {
         {
             candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
         }
-        let group = group_size(n, self.g.rows());
+        let (group, w) = (self.group(n), self.weights(w));
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
             let b = self.group_bias(b, (i, group, g));
             let res = res.map(|r| &r[i * group * out_len..][..g * out_len]);
-            self.forward_group((w, b, res), &x[i * group * in_len..], g, ys, act);
+            self.forward_group((&w, b, res), &x[i * group * in_len..], g, ys, act);
         });
         Ok((y, self.out_shape(n)))
     }
@@ -1276,14 +1312,14 @@ mod tests {
         let w = rng.normal(&[5, 37, 5, 5], &dev).unwrap();
         let b = rng.normal(&[5], &dev).unwrap();
         let op = forward_op(&x, &w, 1, 2).unwrap();
-        let blocks: Vec<_> = op.channel_blocks(group_size(6, op.g.rows())).collect();
+        let blocks: Vec<_> = op.channel_blocks(op.group(6)).collect();
         assert_eq!(blocks, [0..13, 13..26, 26..37]);
         check_conv2d((&x, &w, &b), 1, 2, 7).unwrap();
         let x = rng.normal(&[6, 5, 16, 16], &dev).unwrap();
         let w = rng.normal(&[5, 37, 5, 5], &dev).unwrap();
         let b = rng.normal(&[37], &dev).unwrap();
         let op = transposed_op(&x, &w, 1, 2, 0).unwrap();
-        assert_eq!(op.channel_blocks(group_size(6, op.g.rows())).count(), 3);
+        assert_eq!(op.channel_blocks(op.group(6)).count(), 3);
         check_transposed((&x, &w, &b), (1, 2, 0), 8).unwrap();
     }
 

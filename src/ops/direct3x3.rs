@@ -201,10 +201,17 @@ impl Direct {
                     // SAFETY: AVX2 and FMA were detected in `new`; `dys` holds the `r`
                     // output channels' `g·grid` values, and each image's reads of `x` end
                     // at `i·plane + grid + 2·wp + 2 ≤ (i + 1)·plane` past the plane's start.
+                    let (four, two);
                     let sums = unsafe {
                         match r {
-                            4 => weight_tile_avx2::<4>(dys, x, sizes).concat(),
-                            _ => weight_tile_avx2::<2>(dys, x, sizes).concat(),
+                            4 => {
+                                four = weight_tile_avx2::<4>(dys, x, sizes);
+                                four.as_flattened()
+                            }
+                            _ => {
+                                two = weight_tile_avx2::<2>(dys, x, sizes);
+                                two.as_flattened()
+                            }
                         }
                     };
                     for (dx, taps) in sums.chunks_exact(r).enumerate() {
