@@ -603,7 +603,7 @@ impl Conv {
                     ..
                 } = s;
                 let p = self.g.positions();
-                let direct = Direct::new(&self.g, self.c2).filter(Direct::weight_grad_pays);
+                let direct = self.direct().filter(Direct::weight_grad_pays);
                 if let (None, Some(d), Some(dwt)) = (&dx, direct, &mut dwt) {
                     // The output gradient on the direct kernel's grid, through the activation.
                     let grid = resized(mat, d.grid_len(g));
@@ -668,20 +668,23 @@ impl Conv {
     /// kernel, 2.4 MB for 256 by 256 channels) is small beside its work, and otherwise
     /// groups as small as can be, which a machine whose cores are shared balances best.
     fn group(&self, n: usize) -> usize {
-        match Direct::new(&self.g, self.c2) {
-            Some(_) if !self.transposed => group_size(n, 1024usize.div_ceil(self.g.positions())),
-            _ => group_size(n, (1 << 20) / self.g.rows().max(1)),
+        match self.direct() {
+            Some(_) => group_size(n, 1024usize.div_ceil(self.g.positions())),
+            None => group_size(n, (1 << 20) / self.g.rows().max(1)),
         }
     }
 
     /// The weight `w` as [`Conv::forward_group`] reads it.
     fn weights<'a>(&self, w: &'a [f32]) -> Weights<'a> {
-        match Direct::new(&self.g, self.c2) {
-            Some(d) if !self.transposed => {
-                Weights::Direct(d, d.pack(&w[..self.c2 * self.g.patch()]))
-            }
-            _ => Weights::Given(w),
+        match self.direct() {
+            Some(d) => Weights::Direct(d, d.pack(&w[..self.c2 * self.g.patch()])),
+            None => Weights::Given(w),
         }
+    }
+
+    /// The direct 3×3 kernel's layout for this convolution (not transposed), where it applies.
+    fn direct(&self) -> Option<Direct> {
+        Direct::new(&self.g, self.c2).filter(|_| !self.transposed)
     }
 
     /// For a stride-1 convolution (not transposed), the convolution that maps its output
@@ -1455,7 +1458,7 @@ mod tests {
         let x = rng.normal(&[19, 6, 14, 15], &dev).unwrap();
         let w = rng.normal(&[10, 6, 3, 3], &dev).unwrap();
         let op = forward_op(&x, &w, 1, 1).unwrap();
-        let direct = |op: &Conv| Direct::new(&op.g, op.c2).filter(Direct::weight_grad_pays);
+        let direct = |op: &Conv| op.direct().filter(Direct::weight_grad_pays);
         let gathered = op.input_gradient_conv().unwrap();
         assert_eq!(direct(&op).is_some(), direct(&gathered).is_some());
         if direct(&op).is_none() {
