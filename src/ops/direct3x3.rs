@@ -364,45 +364,7 @@ unsafe fn tile_avx2<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The input value that tap `t` of output position `(yy, xx)` of channel `ci` of image `i`
-    /// reads from `x [n, c, h, w]`: zero in the padding.
-    fn tapped(
-        x: &[f32],
-        (c, h, w): (usize, usize, usize),
-        (i, ci, yy, xx, t): (usize, usize, usize, usize, usize),
-    ) -> f32 {
-        // Coordinates in the padded plane, where the image spans 1..=h and 1..=w.
-        let (sy, sx) = (yy + t / 3, xx + t % 3);
-        if sy == 0 || sx == 0 || sy > h || sx > w {
-            return 0.0;
-        }
-        x[((i * c + ci) * h + sy - 1) * w + sx - 1]
-    }
-
-    /// The plain definition: `y[i, co, y, x] = Σ w[co, ci, dy, dx] · x[i, ci, y+dy−1, x+dx−1]`.
-    fn reference(
-        x: &[f32],
-        w: &[f32],
-        (g, c, c2, h, wd): (usize, usize, usize, usize, usize),
-    ) -> Vec<f32> {
-        let mut y = vec![0f32; g * c2 * h * wd];
-        for i in 0..g {
-            for co in 0..c2 {
-                for yy in 0..h {
-                    for xx in 0..wd {
-                        y[((i * c2 + co) * h + yy) * wd + xx] = (0..c * 9)
-                            .map(|k| {
-                                let (ci, t) = (k / 9, k % 9);
-                                w[co * c * 9 + k] * tapped(x, (c, h, wd), (i, ci, yy, xx, t))
-                            })
-                            .sum();
-                    }
-                }
-            }
-        }
-        y
-    }
+    use crate::ops::testing::{check_conv3x3_kernel, Conv3x3Dims};
 
     #[test]
     fn the_direct_convolution_and_its_weight_gradient_match_the_definition() {
@@ -410,65 +372,46 @@ mod tests {
             eprintln!("no AVX2 here: the direct kernel is not used, nothing to test");
             return;
         }
-        let mut rng = crate::rng::Rng::new(5);
-        for (g, c, c2, h, w) in [
+        let geometry = |(_, c, _, h, w): Conv3x3Dims| Geometry {
+            c,
+            h,
+            w,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let shapes = [
             (2, 3, 10, 7, 7),
             (3, 16, 16, 14, 14),
             (1, 5, 32, 28, 28),
             (2, 1, 4, 5, 9),
             (2, 3, 6, 6, 4),
-        ] {
-            let geom = Geometry {
-                c,
-                h,
-                w,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            };
-            let d = Direct::new(&geom, c2).expect("applies");
-            let x = rng.normal_vec(g * c * h * w);
-            let wt = rng.normal_vec(c2 * c * 9);
+        ];
+        let forward = |x: &[f32], wt: &[f32], dims: Conv3x3Dims| {
+            let (g, _, c2, h, w) = dims;
+            let d = Direct::new(&geometry(dims), c2).expect("applies");
             let mut xp = vec![f32::NAN; d.padded_len(g)];
-            d.pad(&x, g, &mut xp);
+            d.pad(x, g, &mut xp);
             let mut out = vec![f32::NAN; d.grid_len(g)];
-            d.run(&d.pack(&wt), &xp, g, &mut out);
+            d.run(&d.pack(wt), &xp, g, &mut out);
             let mut y = vec![f32::NAN; g * c2 * h * w];
             d.rows(&out, g, |i, co, yy, vals| {
                 y[((i * c2 + co) * h + yy) * w..][..w].copy_from_slice(vals)
             });
-            let want = reference(&x, &wt, (g, c, c2, h, w));
-            for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{a} vs {b} at {g} {c} {c2} {h} {w}"
-                );
-            }
-            // The weight gradient of `Σ dy · y`, against the definition.
-            let dy = rng.normal_vec(g * c2 * h * w);
+            y
+        };
+        let weight_grad = |x: &[f32], dy: &[f32], dims: Conv3x3Dims| {
+            let (g, c, c2, ..) = dims;
+            let d = Direct::new(&geometry(dims), c2).expect("applies");
+            let mut xp = vec![f32::NAN; d.padded_len(g)];
+            d.pad(x, g, &mut xp);
             let mut grid = vec![f32::NAN; d.grid_len(g)];
-            d.onto_grid(&dy, g, &mut grid, |_, _, dst, src| dst.copy_from_slice(src));
+            d.onto_grid(dy, g, &mut grid, |_, _, dst, src| dst.copy_from_slice(src));
             let mut dwt = vec![f32::NAN; c * 9 * c2];
             d.weight_grad(&grid, &xp, g, &mut dwt);
-            for co in 0..c2 {
-                for ci in 0..c {
-                    for t in 0..9 {
-                        let want: f32 = (0..g * h * w)
-                            .map(|j| {
-                                let (i, yy, xx) = (j / (h * w), j / w % h, j % w);
-                                dy[((i * c2 + co) * h + yy) * w + xx]
-                                    * tapped(&x, (c, h, w), (i, ci, yy, xx, t))
-                            })
-                            .sum();
-                        let got = dwt[(ci * 9 + t) * c2 + co];
-                        assert!(
-                            (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
-                            "dw {got} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
+            dwt
+        };
+        check_conv3x3_kernel(&shapes, 5, forward, weight_grad);
     }
 
     #[test]

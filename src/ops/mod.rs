@@ -20,6 +20,7 @@ pub mod portable;
 #[cfg(test)]
 pub(crate) mod testing;
 mod upsample;
+mod winograd;
 
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};
