@@ -4,7 +4,7 @@
 //! around it, so that a layer is 16 matrix products (one per entry of the 4×4 transformed
 //! tiles, gemm over the channels) with 16 multiplications per 4 outputs, where the 3×3
 //! kernel takes 36: 2.25 times fewer. The transforms are additions (and halvings of the
-//! weights) over whole rows of tiles.
+//! weights), each over a whole plane's tiles at once.
 //!
 //! The weight gradient is the adjoint of the same map, `Gᵀ [Σ (A dy Aᵀ) ⊙ (Bᵀ d B)] G`
 //! over the tiles: 16 more products, over the tiles this time. Transformed values are laid
@@ -17,9 +17,9 @@ use crate::ops::im2col::Geometry;
 const K: usize = 16;
 
 /// Channels a convolution needs on each side for Winograd to beat the direct 3×3 kernel:
-/// its 16 products are `c2 × tiles × c` (forward) and `c2 × c × tiles` (weight gradient),
-/// which gemm runs near its peak only when both channel counts fill its register tiles
-/// (measured on an AVX2 machine, see docs/speed.md).
+/// its 16 products are `c2 × tiles × c` (forward) and `c × c2 × tiles` (weight gradient), and
+/// with 16 to 64 channels they are too thin for the saved multiplications to pay for the
+/// transforms' memory traffic (layer timings on an AVX2 machine, docs/speed.md, session 46).
 const MIN_CHANNELS: usize = 128;
 
 /// The layout of one Winograd convolution: channels on both sides and the plane's tiles.
