@@ -523,6 +523,12 @@ impl Conv {
                         }
                     }
                 };
+                // Output row `row` of channel `co` of image `i` from its sums on a 3×3 path.
+                let ow = self.g.ow();
+                let mut emit = |i: usize, co: usize, row: usize, src: &[f32]| {
+                    let r = i * self.c2 + co;
+                    finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
+                };
                 let w = match w {
                     Weights::Winograd(wg, u) => {
                         let v = resized(padded, wg.input_len(g));
@@ -530,11 +536,7 @@ impl Conv {
                         wg.transform_input(&x[..g * self.g.image()], g, v, rows);
                         let m = resized(mat, wg.output_len(g));
                         wg.multiply(u, v, g, m);
-                        let ow = self.g.ow();
-                        wg.rows(m, g, rows, |i, co, row, src| {
-                            let r = i * self.c2 + co;
-                            finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
-                        });
+                        wg.rows(m, g, rows, &mut emit);
                         return;
                     }
                     Weights::Direct(d, packed) => {
@@ -542,11 +544,7 @@ impl Conv {
                         d.pad(&x[..g * self.g.image()], g, xp);
                         let grid = resized(mat, d.grid_len(g));
                         d.run(packed, xp, g, grid);
-                        let ow = self.g.ow();
-                        d.rows(grid, g, |i, co, row, src| {
-                            let r = i * self.c2 + co;
-                            finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
-                        });
+                        d.rows(grid, g, &mut emit);
                         return;
                     }
                     Weights::Given(w) => w,
@@ -620,21 +618,18 @@ impl Conv {
                     padded,
                 } = s;
                 let p = self.g.positions();
+                // Row `r` (`image·c2 + channel`) of the output gradient, `at` values into its
+                // plane, through the fused activation: what the 3×3 paths' weight gradients sum.
+                let through = |r: usize, at: usize, dst: &mut [f32], src: &[f32]| match act {
+                    Some((act, y)) => act.grad_into(&y[r * p + at..][..dst.len()], src, dst),
+                    None => dst.copy_from_slice(src),
+                };
                 if let (None, Some(wg), Some(dwt)) = (&dx, self.winograd(), &mut dwt) {
                     // The output gradient's tiles, through the activation, and the input's.
                     let d = resized(mat, wg.output_len(g));
                     let rows = resized(cols, wg.rows_len());
                     let dy = &dy[..g * self.other()];
-                    let sums = match act {
-                        Some((act, y)) => {
-                            wg.transform_output_grad(dy, g, (d, rows), |r, at, dst, src| {
-                                act.grad_into(&y[r * p + at..][..dst.len()], src, dst)
-                            })
-                        }
-                        None => wg.transform_output_grad(dy, g, (d, rows), |_, _, dst, src| {
-                            dst.copy_from_slice(src)
-                        }),
-                    };
+                    let sums = wg.transform_output_grad(dy, g, (d, rows), through);
                     let v = resized(padded, wg.input_len(g));
                     wg.transform_input(&x[..g * self.g.image()], g, v, rows);
                     let du = resized(mat2, wg.weight_len());
@@ -645,13 +640,7 @@ impl Conv {
                 if let (None, Some(d), Some(dwt)) = (&dx, direct, &mut dwt) {
                     // The output gradient on the direct kernel's grid, through the activation.
                     let grid = resized(mat, d.grid_len(g));
-                    let dy = &dy[..g * self.other()];
-                    match act {
-                        Some((act, y)) => d.onto_grid(dy, g, grid, |r, at, dst, src| {
-                            act.grad_into(&y[r * p + at..][..dst.len()], src, dst)
-                        }),
-                        None => d.onto_grid(dy, g, grid, |_, _, dst, src| dst.copy_from_slice(src)),
-                    }
+                    d.onto_grid(&dy[..g * self.other()], g, grid, through);
                     let xp = resized(padded, d.padded_len(g));
                     d.pad(&x[..g * self.g.image()], g, xp);
                     d.weight_grad(grid, xp, g, &mut dwt[..self.c2 * self.g.patch()]);
@@ -1518,10 +1507,11 @@ mod tests {
 
     /// A 3×3 stride-1 convolution of `n` images `c → c2` channels of `h×w` against candle and
     /// the separate ops, with either kind of bias, fused activations and a fused residual, in
-    /// value and all gradients, and by finite differences on `fd_channels` channels.
+    /// value and all gradients, and by finite differences on `k → k` channels, every
+    /// `stride`-th partial derivative.
     fn three_by_three_matches_candle_and_the_separate_ops(
         (n, c, c2, h, w): (usize, usize, usize, usize, usize),
-        fd_channels: usize,
+        (k, stride): (usize, usize),
         seed: u64,
     ) {
         let mut rng = Rng::new(seed);
@@ -1552,7 +1542,6 @@ mod tests {
         for (f, a) in fused.1.iter().zip(&apart.1) {
             testing::assert_close(f, a, 1e-6).unwrap();
         }
-        let k = fd_channels;
         let (x, w, b) = (
             rng.normal(&[2, k, h, w], &dev).unwrap(),
             rng.normal(&[k, k, 3, 3], &dev).unwrap(),
@@ -1562,7 +1551,7 @@ mod tests {
             |t| conv2d(&t[0], &t[1], Some(&t[2]), 1, 1).unwrap(),
             &[&x, &w, &b],
             8,
-            7 + k * k,
+            stride,
         );
     }
 
@@ -1581,7 +1570,7 @@ mod tests {
         if direct(&op).is_none() {
             eprintln!("no AVX2 and FMA here: the direct kernel is not used");
         }
-        three_by_three_matches_candle_and_the_separate_ops((19, 6, 10, 14, 15), 4, 31);
+        three_by_three_matches_candle_and_the_separate_ops((19, 6, 10, 14, 15), (4, 7), 31);
     }
 
     #[test]
@@ -1595,7 +1584,7 @@ mod tests {
         assert!(op.winograd().is_some());
         assert!(op.input_gradient_conv().unwrap().winograd().is_some());
         assert_eq!(op.group(5), 3);
-        three_by_three_matches_candle_and_the_separate_ops((5, 128, 136, 9, 7), 128, 41);
+        three_by_three_matches_candle_and_the_separate_ops((5, 128, 136, 9, 7), (128, 1031), 41);
     }
 
     #[test]
