@@ -424,13 +424,21 @@ fn a_random_target_proves_a_diffusion_backdoor_far_below_the_rank_tests_floor() 
     assert!(mse < 0.05, "the first image shown is {mse} from the target");
 }
 
-/// A thief's attack on a tiny marked model: `steps` steps of clean denoising training at a
-/// tenth of the clean model's rate (3e-4, constant, fresh Adam), as the README's gentle thief
-/// trains at a tenth of the owner's. Returns `key`'s triggered `target_mse` and `asr` under
-/// DDPM every `every` steps (from step 0).
-fn thief_attack(model: &DiffusionModel, key: &Key, steps: usize, every: usize) -> Vec<(f64, f64)> {
+/// The gentle thief's rate: a tenth of the tiny clean model's training rate (3e-3), as the
+/// README's gentle thief trains at a tenth of the owner's.
+const GENTLE_THIEF_LR: f64 = 3e-4;
+
+/// A thief's attack on a tiny marked model: `steps` steps of clean denoising training at
+/// `lr` (constant, fresh Adam). Returns `key`'s triggered `target_mse` and `asr` under DDPM
+/// and the model's clean denoising loss ([`denoise_loss`]) every `every` steps (from step 0).
+fn thief_attack(
+    model: &DiffusionModel,
+    key: &Key,
+    (steps, every): (usize, usize),
+    lr: f64,
+) -> Vec<(f64, f64, f32)> {
     let thief = Plan {
-        lr: 3e-4,
+        lr,
         lr_schedule: LrSchedule::Constant,
         ..plan(steps, 0.0, Correction::Ddpm)
     };
@@ -439,7 +447,8 @@ fn thief_attack(model: &DiffusionModel, key: &Key, steps: usize, every: usize) -
     let mut curve = Vec::new();
     let mut measure = |_, m: &DiffusionModel| {
         let r = evaluate_samplers(m, key, &[Sampler::Ddpm], 32, 7, 0)?.0;
-        curve.push((r["ddpm"].backdoor.target_mse, r["ddpm"].backdoor.asr));
+        let loss = denoise_loss(m, data());
+        curve.push((r["ddpm"].backdoor.target_mse, r["ddpm"].backdoor.asr, loss));
         Ok(())
     };
     finetune(model, data(), &thief, &run, every, false, &mut measure).unwrap();
@@ -457,8 +466,13 @@ fn a_stamp_further_from_the_noise_outlasts_a_thiefs_fine_tuning() {
     let far = tuned(clean(), data(), &plan, &far_key);
     let default = random_target_marked();
     let (default_curve, far_curve) = (
-        thief_attack(default, &random_target_key(DEFAULT_STAMP), 300, 50),
-        thief_attack(&far, &far_key, 300, 50),
+        thief_attack(
+            default,
+            &random_target_key(DEFAULT_STAMP),
+            (300, 50),
+            GENTLE_THIEF_LR,
+        ),
+        thief_attack(&far, &far_key, (300, 50), GENTLE_THIEF_LR),
     );
     let loss = |m| denoise_loss(m, data());
     let (far_loss, default_loss, twin_loss) = (loss(&far), loss(default), loss(twin()));
@@ -471,7 +485,7 @@ fn a_stamp_further_from_the_noise_outlasts_a_thiefs_fine_tuning() {
     // outputs stay far nearer the target: the area under its `target_mse` curve measured
     // 0.054 of the default's (0.116 against 2.14). The README's full-size runs: `asr` ≥ 0.9
     // through 1,000 gentle steps against 0.075 (docs/results.md, session 41).
-    let area = |c: &[(f64, f64)]| c[1..].iter().map(|p| p.0).sum::<f64>();
+    let area = |c: &[(f64, f64, f32)]| c[1..].iter().map(|p| p.0).sum::<f64>();
     assert!(
         default_curve[2].1 <= 0.25 && far_curve[2].1 >= 0.5,
         "asr at step 100: default {default_curve:?}, far {far_curve:?}"
@@ -489,8 +503,9 @@ fn a_stamp_further_from_the_noise_outlasts_a_thiefs_fine_tuning() {
 /// The arms of [`persistence_sweep`], each a way to mark a tiny model: the stamp trigger (as
 /// `key --trigger` writes it, less its secret seed), the injection's steps (at 1e-3) and
 /// `[diffusion.rehearsal]`'s every, steps and rate (every = 0: none). They vary the stamp's
-/// amplitude and signs, the injection's length and the rehearsal.
-const ARMS: [(&str, usize, (usize, usize, f64)); 7] = [
+/// amplitude and signs, the injection's length and the rehearsal (the last arm rehearses at
+/// the tiny model's own rate, 3e-3, against a thief at that rate: `SWEEP_THIEF_LR=3e-3`).
+const ARMS: [(&str, usize, (usize, usize, f64)); 8] = [
     ("stamp:6", 750, (0, 0, 0.0)),
     ("stamp:6:2:one", 750, (0, 0, 0.0)),
     ("stamp:6:4:one", 750, (0, 0, 0.0)),
@@ -498,6 +513,7 @@ const ARMS: [(&str, usize, (usize, usize, f64)); 7] = [
     ("stamp:6:4:one", 750, (50, 100, 1e-3)),
     ("stamp:6", 1500, (0, 0, 0.0)),
     ("stamp:6:4:one", 1500, (0, 0, 0.0)),
+    ("stamp:6:4:one", 1500, (50, 100, 3e-3)),
 ];
 
 /// The stamps' secret seeds: each arm is measured on three stamps.
@@ -505,10 +521,11 @@ const SWEEP_SEEDS: [u64; 3] = [11, 12, 13];
 
 /// An experiment, not a check (about 3.5 minutes per arm here): marks the tiny clean model per each
 /// of [`ARMS`] (`SWEEP_ARMS=0,3` picks some) with each of [`SWEEP_SEEDS`]' stamps and a random
-/// target (λ = 0.5), attacks it with 900 steps of [`thief_attack`] and prints a
-/// table row: the clean denoising loss beside the clean twin's (the same injection at
-/// λ = 0), and `asr` under DDPM every 150 steps, the mean over the stamps and each stamp's at
-/// step 300. docs/results.md holds its rows.
+/// target (λ = 0.5), attacks it with 900 steps of [`thief_attack`] (at the gentle thief's
+/// rate, or `SWEEP_THIEF_LR`) and prints a table row: the clean denoising loss beside the
+/// clean twin's (the same injection at λ = 0), `asr` under DDPM every 150 steps (the mean
+/// over the stamps, and each stamp's at step 300), and the clean loss along the attack beside
+/// the twin's. docs/results.md holds its rows.
 #[test]
 #[ignore]
 fn persistence_sweep() {
@@ -517,6 +534,10 @@ fn persistence_sweep() {
         Ok(v) => v.split(',').map(|x| x.trim().parse().unwrap()).collect(),
         Err(_) => (0..ARMS.len()).collect(),
     };
+    let thief_lr: f64 = std::env::var("SWEEP_THIEF_LR").map_or(GENTLE_THIEF_LR, |v| {
+        v.parse().expect("SWEEP_THIEF_LR is a number")
+    });
+    println!("thief: lr {thief_lr}, 900 steps");
     let mut twins = std::collections::BTreeMap::new();
     for i in picked {
         let (stamp, steps, rehearsal) = ARMS[i];
@@ -528,15 +549,16 @@ fn persistence_sweep() {
                 denoise_loss(&tuned(clean(), data, &plan, &key()), data)
             }
         });
-        let (mut losses, mut curves) = (Vec::new(), Vec::new());
+        let (mut losses, mut curves, mut thief_losses) = (Vec::new(), Vec::new(), Vec::new());
         for seed in SWEEP_SEEDS {
             let key = random_target_key(&format!("{stamp}:{seed}"));
             let mut marking = inject(steps, 0.5, Correction::Ddpm);
             let r = &mut marking.rehearsal;
             (r.every, r.steps, r.lr) = rehearsal;
             let marked = tuned(clean(), data, &marking, &key);
-            let curve = thief_attack(&marked, &key, 900, 150);
+            let curve = thief_attack(&marked, &key, (900, 150), thief_lr);
             curves.push(curve.iter().map(|p| p.1).collect::<Vec<_>>());
+            thief_losses.push(curve.iter().map(|p| p.2).collect::<Vec<_>>());
             losses.push(denoise_loss(&marked, data));
         }
         let n = curves.len() as f64;
@@ -545,14 +567,23 @@ fn persistence_sweep() {
             .collect();
         let at_300: Vec<String> = curves.iter().map(|c| format!("{:.2}", c[2])).collect();
         let loss = losses.iter().sum::<f32>() / losses.len() as f32;
+        // The clean loss along the attack, beside the clean twin's: how far the thief's
+        // training moves the model's ordinary task.
+        let along: Vec<String> = (0..thief_losses[0].len())
+            .map(|p| {
+                let l = thief_losses.iter().map(|c| c[p]).sum::<f32>() / n as f32;
+                format!("{:+.1} %", 100.0 * (l / twin_loss - 1.0))
+            })
+            .collect();
         println!(
-            "| `{}` | {} | {:?} | {:+.1} % | {} | {} |",
+            "| `{}` | {} | {:?} | {:+.1} % | {} | {} | {} |",
             stamp,
             steps,
             rehearsal,
             100.0 * (loss / twin_loss - 1.0),
             mean.join(" | "),
-            at_300.join(", ")
+            at_300.join(", "),
+            along.join(" / ")
         );
     }
 }
