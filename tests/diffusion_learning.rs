@@ -549,29 +549,27 @@ fn persistence_sweep() {
                 denoise_loss(&tuned(clean(), data, &plan, &key()), data)
             }
         });
-        let (mut losses, mut curves, mut thief_losses) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut losses, mut curves) = (Vec::new(), Vec::new());
         for seed in SWEEP_SEEDS {
             let key = random_target_key(&format!("{stamp}:{seed}"));
             let mut marking = inject(steps, 0.5, Correction::Ddpm);
             let r = &mut marking.rehearsal;
             (r.every, r.steps, r.lr) = rehearsal;
             let marked = tuned(clean(), data, &marking, &key);
-            let curve = thief_attack(&marked, &key, (900, 150), thief_lr);
-            curves.push(curve.iter().map(|p| p.1).collect::<Vec<_>>());
-            thief_losses.push(curve.iter().map(|p| p.2).collect::<Vec<_>>());
+            curves.push(thief_attack(&marked, &key, (900, 150), thief_lr));
             losses.push(denoise_loss(&marked, data));
         }
         let n = curves.len() as f64;
         let mean: Vec<String> = (0..curves[0].len())
-            .map(|p| format!("{:.2}", curves.iter().map(|c| c[p]).sum::<f64>() / n))
+            .map(|p| format!("{:.2}", curves.iter().map(|c| c[p].1).sum::<f64>() / n))
             .collect();
-        let at_300: Vec<String> = curves.iter().map(|c| format!("{:.2}", c[2])).collect();
+        let at_300: Vec<String> = curves.iter().map(|c| format!("{:.2}", c[2].1)).collect();
         let loss = losses.iter().sum::<f32>() / losses.len() as f32;
         // The clean loss along the attack, beside the clean twin's: how far the thief's
         // training moves the model's ordinary task.
-        let along: Vec<String> = (0..thief_losses[0].len())
+        let along: Vec<String> = (0..curves[0].len())
             .map(|p| {
-                let l = thief_losses.iter().map(|c| c[p]).sum::<f32>() / n as f32;
+                let l = curves.iter().map(|c| c[p].2).sum::<f32>() / n as f32;
                 format!("{:+.1} %", 100.0 * (l / twin_loss - 1.0))
             })
             .collect();

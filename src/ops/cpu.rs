@@ -89,8 +89,7 @@ pub(crate) fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> 
         .collect()
 }
 
-/// Runs `f` compiled with AVX2 and FMA allowed where this CPU has them (one check, cached by
-/// the standard library), so that the loops of the kernels inlined into it use 8-lane
+/// Runs `f` compiled with AVX2 and FMA allowed where this CPU has them ([`avx2_fma`]), so that the loops of the kernels inlined into it use 8-lane
 /// vectors; elsewhere as compiled for the baseline. The instructions change, the arithmetic
 /// does not: Rust never fuses a multiply and an add on its own, and vectorised loops keep
 /// their order of summation, so both versions give the same bits.
@@ -106,13 +105,25 @@ pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx2_fma() {
             // SAFETY: the CPU has both features (checked just above).
             return unsafe { avx2(f) };
         }
     }
     f()
+}
+
+/// Whether this CPU has AVX2 and FMA: what [`wide`] and the direct 3×3 kernel need (the
+/// standard library caches the answer).
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The start of the buffer [`parallel_pieces`] splits, shared by the workers.

@@ -13,6 +13,7 @@
 
 use std::ops::Range;
 
+use crate::ops::cpu::avx2_fma;
 use crate::ops::im2col::Geometry;
 
 /// Output channels per full register tile; the last tile of a layer holds the 2 or 4 left.
@@ -43,7 +44,7 @@ impl Direct {
     /// kernel, stride 1, padding 1, an even `c2`, and a CPU with AVX2 and FMA.
     pub(crate) fn new(g: &Geometry, c2: usize) -> Option<Direct> {
         let fits = g.k == 3 && g.stride == 1 && g.pad == 1 && c2.is_multiple_of(2) && c2 > 0;
-        if !fits || !simd() {
+        if !fits || !avx2_fma() {
             return None;
         }
         let grid = (g.h * (g.w + 2)).next_multiple_of(TILE);
@@ -241,18 +242,6 @@ impl Direct {
     }
 }
 
-/// Whether this CPU runs the AVX2 kernel.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// One register tile: `R` output channels by 16 positions, summed over `c` input channels
 /// (planes `stride` apart in `input`) and the nine taps at `offsets`, stored to `out` at
 /// `at + r·row_stride` for tile row `r`.
@@ -368,7 +357,7 @@ mod tests {
 
     #[test]
     fn the_direct_convolution_and_its_weight_gradient_match_the_definition() {
-        if !simd() {
+        if !avx2_fma() {
             eprintln!("no AVX2 here: the direct kernel is not used, nothing to test");
             return;
         }
