@@ -411,15 +411,13 @@ impl Resnet {
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         // The projected embedding `[n, cout]` is added to every position in conv1's own sweep.
         let t = self.time_emb_proj.forward(temb)?;
-        let h = self.conv1.forward_shifted(&self.norm1.forward(x)?, &t)?;
+        let h = self.conv1.forward_shifted(x, Some(&self.norm1), &t)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
         // The skip path is added in conv2's own sweep.
-        let y = self
-            .conv2
-            .forward_residual(&self.norm2.forward(&h)?, &skip)?;
+        let y = self.conv2.forward_residual(&h, Some(&self.norm2), &skip)?;
         Ok(if self.scale == 1.0 {
             y
         } else {
@@ -763,7 +761,7 @@ impl DiffusersUnet {
                 h = u.forward(&crate::ops::upsample2x(&h)?)?;
             }
         }
-        Ok(self.conv_out.forward(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward_normed(&h, &self.conv_norm_out)
     }
 
     /// Forward multiply-adds per image of the convolutions and the attention (the time

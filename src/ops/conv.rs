@@ -28,6 +28,7 @@ use crate::ops::cpu::{
     F32Op3,
 };
 use crate::ops::direct3x3::Direct;
+use crate::ops::groupnorm::{GroupNorm, GroupNormOp};
 use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
 };
@@ -65,7 +66,7 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
-    forward_op(x, weight, stride, pad)?.apply(x, weight, bias, None)
+    forward_op(x, weight, stride, pad)?.apply(x, weight, bias, None, None)
 }
 
 /// `conv2d(x, weight) + bias + residual` in one graph node, `residual` shaped like the
@@ -79,7 +80,7 @@ pub fn conv2d_residual(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
-    forward_op(x, weight, stride, pad)?.apply_residual(x, weight, bias, residual)
+    forward_op(x, weight, stride, pad)?.apply_residual(x, weight, bias, residual, None)
 }
 
 /// The op of [`conv2d`] for these inputs, once they are checked to fit.
@@ -108,6 +109,7 @@ fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
         transposed: false,
         per_image_bias: false,
         residual: false,
+        norm: None,
     })
 }
 
@@ -121,7 +123,7 @@ pub fn conv_transpose2d(
     pad: usize,
     out_pad: usize,
 ) -> Result<Tensor> {
-    transposed_op(x, weight, stride, pad, out_pad)?.apply(x, weight, bias, None)
+    transposed_op(x, weight, stride, pad, out_pad)?.apply(x, weight, bias, None, None)
 }
 
 /// The op of [`conv_transpose2d`] for these inputs, once they are checked to fit.
@@ -158,6 +160,7 @@ fn transposed_op(
         transposed: true,
         per_image_bias: false,
         residual: false,
+        norm: None,
     })
 }
 
@@ -180,6 +183,8 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// A group of images through the fused input norm ([`Conv::normed`]).
+    static NORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The per-group weight gradients of a backward pass, on the thread that runs it.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -210,18 +215,25 @@ struct Conv {
     /// (Not transposed.) The op's second input is the weight followed by the `[cout]` bias,
     /// and its third a residual shaped like the output, added to it.
     residual: bool,
+    /// (Not transposed.) A GroupNorm (and its SiLU) applied to the input as the kernels read
+    /// it, its weight and bias packed at the end of the op's second input: the normalised
+    /// input is no tensor, so it has no buffer and no graph node of its own.
+    norm: Option<GroupNormOp>,
 }
 
 impl Conv {
-    /// `op(x, weight) + bias`, then the activation if given; `bias` is `[cout]`, or `[n, cout]`
-    /// for one per image.
+    /// `op(norm(x), weight) + bias`, then the activation if given; `bias` is `[cout]`, or
+    /// `[n, cout]` for one per image.
     fn apply(
         mut self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
         act: Option<Activation>,
+        norm: Option<&GroupNorm>,
     ) -> Result<Tensor> {
+        let (x, norm) = self.fusable(x, norm)?;
+        let x = &x;
         let cout = self.out_channels();
         let zeros;
         let bias = match bias {
@@ -244,11 +256,80 @@ impl Conv {
         if portable::applies(x) {
             return Ok(self.portable(x, weight, bias, act)?);
         }
+        self.norm = norm.map(|n| n.parts().0);
         Ok(x.contiguous()?.apply_op3(
-            &weight.contiguous()?,
+            &self.packed(weight, None, norm)?,
             bias,
             F32Op::with_activation(self, act),
         )?)
+    }
+
+    /// The input and the norm to fuse with the op: `norm` itself where the op's kernels can
+    /// take it (a convolution, not transposed, on the CPU, of the norm's channels); else no
+    /// norm, and the input through `norm` as a graph node of its own.
+    fn fusable<'n>(
+        &self,
+        x: &Tensor,
+        norm: Option<&'n GroupNorm>,
+    ) -> Result<(Tensor, Option<&'n GroupNorm>)> {
+        match norm {
+            Some(nm) if self.transposed || portable::applies(x) || nm.channels() != self.g.c => {
+                Ok((nm.forward(x)?, None))
+            }
+            norm => Ok((x.clone(), norm)),
+        }
+    }
+
+    /// The op's second input: `weight`, then `bias` (where a residual takes the third input),
+    /// then `norm`'s weight and bias; [`Conv::unpack`] splits it.
+    fn packed(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        norm: Option<&GroupNorm>,
+    ) -> Result<Tensor> {
+        if bias.is_none() && norm.is_none() {
+            return Ok(weight.contiguous()?);
+        }
+        let mut parts = vec![weight.flatten_all()?];
+        parts.extend(bias.cloned());
+        if let Some(norm) = norm {
+            let (_, gamma, beta) = norm.parts();
+            parts.extend([gamma.clone(), beta.clone()]);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The op's second input `packed` ([`Conv::packed`]) split into the weight, the bias
+    /// packed with it (with a residual), and the fused norm's `(weight, bias)` (empty
+    /// without one); `None` where its length does not fit.
+    #[allow(clippy::type_complexity)]
+    fn unpack<'a>(
+        &self,
+        packed: &'a [f32],
+    ) -> Option<(&'a [f32], Option<&'a [f32]>, (&'a [f32], &'a [f32]))> {
+        let weights = self.c2 * self.g.patch();
+        let bias = if self.residual { self.c2 } else { 0 };
+        let norm = if self.norm.is_some() { self.g.c } else { 0 };
+        if packed.len() != weights + bias + 2 * norm {
+            return None;
+        }
+        let (w, rest) = packed.split_at(weights);
+        let (b, affine) = rest.split_at(bias);
+        Some((w, self.residual.then_some(b), affine.split_at(norm)))
+    }
+
+    /// `f` of the group of images `xs`, or of them through the fused norm (with its weight
+    /// and bias `affine`), computed into per-thread memory kept between calls.
+    fn normed<T>(&self, xs: &[f32], affine: (&[f32], &[f32]), f: impl FnOnce(&[f32]) -> T) -> T {
+        let Some(norm) = self.norm else {
+            return f(xs);
+        };
+        NORMED.with_borrow_mut(|buf| {
+            let out = resized(buf, xs.len());
+            norm.forward_images(xs, self.g.h * self.g.w, affine, None, out);
+            f(out)
+        })
     }
 
     /// `op(x, weight) + bias + residual` (not transposed), `residual` shaped like the
@@ -260,7 +341,10 @@ impl Conv {
         weight: &Tensor,
         bias: Option<&Tensor>,
         residual: &Tensor,
+        norm: Option<&GroupNorm>,
     ) -> Result<Tensor> {
+        let (x, norm) = self.fusable(x, norm)?;
+        let x = &x;
         let out = self.out_shape(x.dim(0)?);
         if self.transposed || residual.shape() != &out {
             return Err(Error::Mismatch(format!(
@@ -269,7 +353,7 @@ impl Conv {
             )));
         }
         if portable::applies(x) {
-            return Ok((self.apply(x, weight, bias, None)? + residual)?);
+            return Ok((self.apply(x, weight, bias, None, None)? + residual)?);
         }
         let bias = match bias {
             Some(b) => b.clone(),
@@ -282,8 +366,9 @@ impl Conv {
                 self.c2
             )));
         }
-        let packed = Tensor::cat(&[&weight.flatten_all()?, &bias], 0)?;
         self.residual = true;
+        self.norm = norm.map(|n| n.parts().0);
+        let packed = self.packed(weight, Some(&bias), norm)?;
         Ok(x.contiguous()?
             .apply_op3(&packed, &residual.contiguous()?, F32Op::new(self))?)
     }
@@ -748,6 +833,7 @@ impl Conv {
             transposed: false,
             per_image_bias: false,
             residual: false,
+            norm: None,
         })
     }
 
@@ -768,19 +854,22 @@ impl Conv {
 
     /// Input (if `need_dx`), weight and bias (if `need_dw`) gradients of a batch of `n` images
     /// from the data of `x`, the weight and `dy`, with the activation and output of a
-    /// convolution's fused activation.
+    /// convolution's fused activation, and the fused input norm's weight and bias `affine`.
     /// Fixed groups of images, their partial sums added in order: the same bits whatever the
     /// number of threads. The groups' transposed weight gradients go to slots of one buffer
     /// kept between calls (every entry of a slot is overwritten).
     fn gradients(
         &self,
         (x, w, dy): (&[f32], &[f32], &[f32]),
+        affine: (&[f32], &[f32]),
         act: Option<(Activation, &[f32])>,
         (n, need_dx, need_dw): (usize, bool, bool),
     ) -> (Option<Vec<f32>>, Option<WeightGradients>) {
         let (in_len, out_len) = self.sizes();
         let group = self.group(n);
-        let gather = self.input_gradient_conv().filter(|_| need_dx);
+        // The fused norm's weight gradients come from the gradient of its output.
+        let need_dz = need_dx || (self.norm.is_some() && need_dw);
+        let gather = self.input_gradient_conv().filter(|_| need_dz);
         let flipped = gather.map(|_| self.flipped_kernel(w));
         let gather = gather
             .zip(flipped.as_deref())
@@ -790,38 +879,48 @@ impl Conv {
                 .chunks_mut(w.len())
                 .map(|slot| Mutex::new(Some(slot)))
                 .collect();
-            let run = |i: usize, dxs: Option<&mut [f32]>| {
+            let run = |i: usize, mut dxs: Option<&mut [f32]>| {
                 let at = i * group * out_len;
-                let (xs, dys) = (&x[i * group * in_len..], &dy[at..]);
                 let g = group.min(n - i * group);
+                let (xs, dys) = (&x[i * group * in_len..][..g * in_len], &dy[at..]);
                 let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
                 let dwt = slots[i].lock().expect("slot lock").take();
                 let dwt = need_dw.then(|| dwt.expect("every group runs once"));
-                let dxs = match (&gather, dxs) {
-                    (Some((op, kernel, zeros)), Some(dxs)) => {
-                        // The output gradient through the fused activation's derivative.
-                        let dys = &dys[..g * out_len];
-                        let through;
-                        let dz = match act {
-                            Some((a, out)) => {
-                                let mut dz = vec![0f32; dys.len()];
-                                a.grad_into(out, dys, &mut dz);
-                                through = dz;
-                                &through
-                            }
-                            None => dys,
-                        };
-                        op.forward_group((kernel, zeros, None), dz, g, dxs, None);
-                        None
+                let db = self.normed(xs, affine, |inputs| {
+                    let dxs = match (&gather, dxs.as_deref_mut()) {
+                        (Some((op, kernel, zeros)), Some(dxs)) => {
+                            // The output gradient through the fused activation's derivative.
+                            let dys = &dys[..g * out_len];
+                            let through;
+                            let dz = match act {
+                                Some((a, out)) => {
+                                    let mut dz = vec![0f32; dys.len()];
+                                    a.grad_into(out, dys, &mut dz);
+                                    through = dz;
+                                    &through
+                                }
+                                None => dys,
+                            };
+                            op.forward_group((kernel, zeros, None), dz, g, dxs, None);
+                            None
+                        }
+                        (_, dxs) => dxs,
+                    };
+                    self.backward_group((w, inputs, dys), g, act, dxs, dwt)
+                });
+                // The gradient of the norm's output, taken back through the norm.
+                let dnorm = match (self.norm, dxs) {
+                    (Some(norm), Some(dxs)) => {
+                        norm.backward_images(xs, self.g.h * self.g.w, affine, dxs)
                     }
-                    (_, dxs) => dxs,
+                    _ => Vec::new(),
                 };
-                self.backward_group((w, xs, dys), g, act, dxs, dwt)
+                (db, dnorm)
             };
-            let (dx, dbs) = if need_dx {
-                let (dx, dbs) =
+            let (dx, sums) = if need_dz {
+                let (dx, sums) =
                     parallel_pieces(n * in_len, in_len * group, |i, dxs| run(i, Some(dxs)));
-                (Some(dx), dbs)
+                (need_dx.then_some(dx), sums)
             } else {
                 (None, parallel_map(n.div_ceil(group), |i| run(i, None)))
             };
@@ -829,17 +928,31 @@ impl Conv {
             if !need_dw {
                 return (dx, None);
             }
-            let dw = sum_transposed(buf.chunks(w.len()).take(dbs.len()), self.c2, self.g.patch());
-            let db = if self.per_image_bias {
-                dbs.concat()
+            let weight = sum_transposed(
+                buf.chunks(w.len()).take(sums.len()),
+                self.c2,
+                self.g.patch(),
+            );
+            let bias = if self.per_image_bias {
+                sums.iter().flat_map(|(db, _)| db.iter().copied()).collect()
             } else {
                 let mut db = vec![0f32; self.out_channels()];
-                for pb in &dbs {
+                for (pb, _) in &sums {
                     db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
                 }
                 db
             };
-            (dx, Some((dw, db)))
+            // The norm's `(Σ dz, Σ dz·x̂)` per channel, summed over the groups in order.
+            let mut dnorm = vec![(0f32, 0f32); affine.0.len()];
+            for (_, pn) in &sums {
+                dnorm
+                    .iter_mut()
+                    .zip(pn)
+                    .for_each(|(a, b)| *a = (a.0 + b.0, a.1 + b.1));
+            }
+            let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = dnorm.into_iter().unzip();
+            let norm = [dgamma, dbeta].concat();
+            (dx, Some(WeightGradients { weight, bias, norm }))
         })
     }
 
@@ -862,30 +975,33 @@ impl F32Op3 for Conv {
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (in_len, out_len) = self.sizes();
         let n = l1.dims()[0];
-        let weights = self.c2 * self.g.patch();
-        // With a residual: the packed weight and bias, and the residual in the bias's place.
-        let (w, b, res) = if self.residual {
-            (
-                &w[..weights.min(w.len())],
-                &w[weights.min(w.len())..],
-                Some(b),
-            )
-        } else {
-            (w, b, None)
+        let misfit = || {
+            candle_core::Error::Msg(format!(
+                "{NAME}: input {:?} does not fit {self:?}",
+                l1.dims()
+            ))
+        };
+        let (w, packed_bias, affine) = self.unpack(w).ok_or_else(misfit)?;
+        // With a residual: the bias packed with the weight, and the residual in its place.
+        let (b, res) = match packed_bias {
+            Some(packed) => (packed, Some(b)),
+            None => (b, None),
         };
         if x.len() != n * in_len
-            || w.len() != weights
             || b.len() != self.bias_len(n)
             || res.is_some_and(|r| r.len() != n * out_len)
         {
-            candle_core::bail!("{NAME}: input {:?} does not fit {self:?}", l1.dims());
+            return Err(misfit());
         }
         let (group, w) = (self.group(n), self.weights(w));
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
             let b = self.group_bias(b, (i, group, g));
             let res = res.map(|r| &r[i * group * out_len..][..g * out_len]);
-            self.forward_group((&w, b, res), &x[i * group * in_len..], g, ys, act);
+            let xs = &x[i * group * in_len..][..g * in_len];
+            self.normed(xs, affine, |xs| {
+                self.forward_group((&w, b, res), xs, g, ys, act)
+            });
         });
         Ok((y, self.out_shape(n)))
     }
@@ -918,16 +1034,16 @@ impl F32Op3 for Conv {
             x.track_op(),
             weight.track_op() || (!self.residual && bias.track_op()),
         );
-        let weights = self.c2 * self.g.patch();
         let (dx, dwb) = with_f32(x, NAME, |x| {
-            with_f32(weight, NAME, |w| {
-                // A residual op's second input is the weight followed by the bias.
-                let w = &w[..weights];
+            with_f32(weight, NAME, |packed| {
+                let Some((w, _, affine)) = self.unpack(packed) else {
+                    candle_core::bail!("{NAME}: weight {:?} does not fit {self:?}", weight.dims())
+                };
                 with_f32(&dy, NAME, |dy| match act {
                     Some((act, out)) => with_f32(out, NAME, |out| {
-                        self.gradients((x, w, dy), Some((act, out)), batch)
+                        self.gradients((x, w, dy), affine, Some((act, out)), batch)
                     }),
-                    None => Ok(self.gradients((x, w, dy), None, batch)),
+                    None => Ok(self.gradients((x, w, dy), affine, None, batch)),
                 })
             })
         })????;
@@ -935,27 +1051,39 @@ impl F32Op3 for Conv {
         let dx = dx
             .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
             .transpose()?;
-        if self.residual {
-            // The packed weight and bias get their gradients packed alike; the residual gets
-            // the output gradient itself (no activation is fused with a residual).
-            let packed = dwb
-                .map(|(dw, db)| Tensor::from_vec([dw, db].concat(), weight.shape(), dev))
-                .transpose()?;
-            return Ok((dx, packed, Some(dy)));
-        }
-        let Some((dw, db)) = dwb else {
-            return Ok((dx, None, None));
+        // The residual gets the output gradient itself (no activation is fused with a
+        // residual).
+        let residual = self.residual.then(|| dy.clone());
+        let Some(WeightGradients {
+            weight: dw,
+            bias: db,
+            norm,
+        }) = dwb
+        else {
+            return Ok((dx, None, residual));
+        };
+        // The packed second input gets its gradients packed alike.
+        let (packed, third) = if self.residual {
+            ([dw, db, norm].concat(), residual)
+        } else {
+            let db = Tensor::from_vec(db, bias.shape(), dev)?;
+            ([dw, norm].concat(), Some(db))
         };
         Ok((
             dx,
-            Some(Tensor::from_vec(dw, weight.shape(), dev)?),
-            Some(Tensor::from_vec(db, bias.shape(), dev)?),
+            Some(Tensor::from_vec(packed, weight.shape(), dev)?),
+            third,
         ))
     }
 }
 
-/// A convolution's weight and bias gradients.
-type WeightGradients = (Vec<f32>, Vec<f32>);
+/// A convolution's weight and bias gradients, and its fused input norm's weight and bias
+/// gradients side by side (empty without a norm).
+struct WeightGradients {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    norm: Vec<f32>,
+}
 
 /// `Σ_p pᵀ` of `[k, c2]` partial sums `p` (added in order): the `[c2, k]` weight gradient,
 /// in parallel pieces of whole weight rows, through 16 × 16 tiles so that both the reads and
@@ -1071,35 +1199,58 @@ impl ConvLayer {
         self.forward_with(x, Activation::LeakyRelu(slope as f32))
     }
 
-    /// The layer plus `shift [n, cout]`, one value per image and output channel added at
-    /// every position (a diffusion U-Net's time embedding), in the same graph node.
-    pub fn forward_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    /// The layer applied to `norm(x)` (a GroupNorm, with its SiLU if it has one), in the
+    /// same graph node for a convolution: the normalised input is computed image group by
+    /// image group as the kernels read it, and is never a tensor of its own.
+    pub fn forward_normed(&self, x: &Tensor, norm: &GroupNorm) -> Result<Tensor> {
+        self.apply_biased(x, Some(norm), self.bias.as_ref(), None)
+    }
+
+    /// The layer, on `norm(x)` when a norm is given (as [`ConvLayer::forward_normed`]), plus
+    /// `shift [n, cout]`, one value per image and output channel added at every position (a
+    /// diffusion U-Net's time embedding), in the same graph node.
+    pub fn forward_shifted(
+        &self,
+        x: &Tensor,
+        norm: Option<&GroupNorm>,
+        shift: &Tensor,
+    ) -> Result<Tensor> {
         let bias = match &self.bias {
             Some(b) => shift.broadcast_add(b)?,
             None => shift.clone(),
         };
-        self.apply_biased(x, Some(&bias), None)
+        self.apply_biased(x, norm, Some(&bias), None)
     }
 
-    /// The layer plus `residual` (shaped like its output: a residual block's skip path), in
-    /// the same graph node for a convolution (a transposed one adds it after).
-    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// The layer, on `norm(x)` when a norm is given (as [`ConvLayer::forward_normed`]), plus
+    /// `residual` (shaped like its output: a residual block's skip path), in the same graph
+    /// node for a convolution (a transposed one adds it after).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        norm: Option<&GroupNorm>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let (w, s, p) = (&self.weight, self.stride, self.pad);
         match self.kind {
             ConvKind::Forward => {
-                forward_op(x, w, s, p)?.apply_residual(x, w, self.bias.as_ref(), residual)
+                let bias = self.bias.as_ref();
+                forward_op(x, w, s, p)?.apply_residual(x, w, bias, residual, norm)
             }
-            ConvKind::Transposed { .. } => Ok((self.apply(x, None)? + residual)?),
+            ConvKind::Transposed { .. } => {
+                Ok((self.apply_biased(x, norm, self.bias.as_ref(), None)? + residual)?)
+            }
         }
     }
 
     fn apply(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        self.apply_biased(x, self.bias.as_ref(), act)
+        self.apply_biased(x, None, self.bias.as_ref(), act)
     }
 
     fn apply_biased(
         &self,
         x: &Tensor,
+        norm: Option<&GroupNorm>,
         b: Option<&Tensor>,
         act: Option<Activation>,
     ) -> Result<Tensor> {
@@ -1108,7 +1259,7 @@ impl ConvLayer {
             ConvKind::Forward => forward_op(x, w, s, p)?,
             ConvKind::Transposed { out_pad } => transposed_op(x, w, s, p, out_pad)?,
         };
-        op.apply(x, w, b, act)
+        op.apply(x, w, b, act, norm)
     }
 }
 
@@ -1344,7 +1495,7 @@ mod tests {
         let x = rng.normal(&[5, 3, 6, 6], &dev).unwrap();
         let shift = rng.normal(&[5, 4], &dev).unwrap();
         let fused = testing::value_and_grads(
-            |t| layer.forward_shifted(&t[0], &t[1]).unwrap(),
+            |t| layer.forward_shifted(&t[0], None, &t[1]).unwrap(),
             &[&x, &shift],
             3,
         );
@@ -1458,13 +1609,16 @@ mod tests {
     fn fused_and_separate_activations_agree(op: Conv, (x, w, b): (&Tensor, &Tensor, &Tensor)) {
         for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
             let fused = testing::value_and_grads(
-                |t| op.apply(&t[0], &t[1], Some(&t[2]), Some(act)).unwrap(),
+                |t| {
+                    op.apply(&t[0], &t[1], Some(&t[2]), Some(act), None)
+                        .unwrap()
+                },
                 &[x, w, b],
                 9,
             );
             let apart = testing::value_and_grads(
                 |t| {
-                    let y = op.apply(&t[0], &t[1], Some(&t[2]), None).unwrap();
+                    let y = op.apply(&t[0], &t[1], Some(&t[2]), None, None).unwrap();
                     match act {
                         Activation::Tanh => y.tanh().unwrap(),
                         Activation::LeakyRelu(a) => crate::ops::leaky_relu(&y, a as f64).unwrap(),
@@ -1585,6 +1739,107 @@ mod tests {
         assert!(op.input_gradient_conv().unwrap().winograd().is_some());
         assert_eq!(op.group(5), 3);
         three_by_three_matches_candle_and_the_separate_ops((5, 128, 136, 9, 7), (128, 1031), 41);
+    }
+
+    /// A GroupNorm + SiLU fused into the input of a convolution of `n` images `c → c2`
+    /// channels of `h×w` (kernel `k`, `stride`, padding `k / 2`) gives the bits of the norm
+    /// applied first, and the separate ops' gradients of every input: with a per-image bias
+    /// and a fused activation, with a residual, with an input that is no variable (the
+    /// norm's weights still get theirs), and on the portable path; and by finite differences
+    /// on two images of at most 8 → 4 channels (f32 sums over more channels are too coarse
+    /// for them).
+    fn a_fused_input_norm_matches_the_separate_ops(
+        (n, c, c2, h, w): (usize, usize, usize, usize, usize),
+        (k, stride, groups): (usize, usize, usize),
+        seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let dev = Device::Cpu;
+        let normal = |rng: &mut Rng, dims: &[usize]| rng.normal(dims, &dev).unwrap();
+        let x = ((normal(&mut rng, &[n, c, h, w]) * 2.0).unwrap() + 0.5).unwrap();
+        let gamma = (normal(&mut rng, &[c]) + 1.0).unwrap();
+        let beta = normal(&mut rng, &[c]);
+        let wt = normal(&mut rng, &[c2, c, k, k]);
+        let op = forward_op(&x, &wt, stride, k / 2).unwrap();
+        let (oh, ow) = (op.g.oh(), op.g.ow());
+        let b = normal(&mut rng, &[n, c2]);
+        let r = normal(&mut rng, &[n, c2, oh, ow]);
+        let act = Some(Activation::LeakyRelu(0.2));
+        // Groups of `c / groups` channels, also on the fewer channels of the last check.
+        let per = c / groups;
+        let norm = move |t: &[Tensor]| {
+            let groups = t[3].elem_count() / per;
+            GroupNorm::of(t[3].clone(), t[4].clone(), groups, true)
+        };
+        // (x, weight, bias, gamma, beta, residual) → output, with the norm fused or applied
+        // first; with the per-image bias and the activation, or the residual.
+        let conv = |fuse: bool, residual: bool| {
+            move |t: &[Tensor]| {
+                let norm = norm(t);
+                let (x, norm) = match fuse {
+                    true => (t[0].clone(), Some(&norm)),
+                    false => (norm.forward(&t[0]).unwrap(), None),
+                };
+                let op = forward_op(&x, &t[1], stride, k / 2).unwrap();
+                if residual {
+                    let b = t[2].mean(0).unwrap();
+                    op.apply_residual(&x, &t[1], Some(&b), &t[5], norm).unwrap()
+                } else {
+                    op.apply(&x, &t[1], Some(&t[2]), act, norm).unwrap()
+                }
+            }
+        };
+        let shifted = |fuse: bool| conv(fuse, false);
+        let residual = |fuse: bool| conv(fuse, true);
+        let inputs = [&x, &wt, &b, &gamma, &beta, &r];
+        let agree = |fused: (Tensor, Vec<Tensor>), apart: (Tensor, Vec<Tensor>)| {
+            // The same normalised input, the same sums: the same bits forward.
+            assert_eq!(testing::max_abs_diff(&fused.0, &apart.0), 0.0);
+            for (i, (f, a)) in fused.1.iter().zip(&apart.1).enumerate() {
+                testing::assert_close(f, a, 1e-5).unwrap_or_else(|e| panic!("input {i}: {e}"));
+            }
+        };
+        agree(
+            testing::value_and_grads(shifted(true), &inputs[..5], seed),
+            testing::value_and_grads(shifted(false), &inputs[..5], seed),
+        );
+        agree(
+            testing::value_and_grads(residual(true), &inputs, seed),
+            testing::value_and_grads(residual(false), &inputs, seed),
+        );
+        // An input that is no variable: the weights' and the norm's gradients alone.
+        let frozen = |fuse: bool| {
+            let (x, f) = (x.clone(), shifted(fuse));
+            move |t: &[Tensor]| f(&[std::slice::from_ref(&x), t].concat())
+        };
+        agree(
+            testing::value_and_grads(frozen(true), &inputs[1..5], seed),
+            testing::value_and_grads(frozen(false), &inputs[1..5], seed),
+        );
+        let t: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+        let portable = crate::ops::portable::forced(|| shifted(true)(&t));
+        testing::assert_close(&portable, &shifted(true)(&t), 1e-4).unwrap();
+        let cf = c.min(8).max(per);
+        let t: Vec<Tensor> = [
+            x.narrow(0, 0, 2).unwrap().narrow(1, 0, cf).unwrap(),
+            wt.narrow(0, 0, 4).unwrap().narrow(1, 0, cf).unwrap(),
+            b.narrow(0, 0, 2).unwrap().narrow(1, 0, 4).unwrap(),
+            gamma.narrow(0, 0, cf).unwrap(),
+            beta.narrow(0, 0, cf).unwrap(),
+            r.narrow(0, 0, 2).unwrap().narrow(1, 0, 4).unwrap(),
+        ]
+        .into();
+        testing::check_finite_differences(residual(true), &t.iter().collect::<Vec<_>>(), 5, 7);
+    }
+
+    #[test]
+    fn a_norm_fuses_into_every_kind_of_convolution() {
+        // The direct 3×3 kernel (6 → 10 channels, 19 images in groups), Winograd (128 → 136,
+        // odd planes), gemm on column matrices (stride 2, and a 1×1 kernel).
+        a_fused_input_norm_matches_the_separate_ops((19, 6, 10, 14, 15), (3, 1, 3), 51);
+        a_fused_input_norm_matches_the_separate_ops((5, 128, 136, 9, 7), (3, 1, 32), 52);
+        a_fused_input_norm_matches_the_separate_ops((7, 8, 6, 9, 9), (3, 2, 2), 53);
+        a_fused_input_norm_matches_the_separate_ops((7, 8, 6, 5, 6), (1, 1, 4), 54);
     }
 
     #[test]

@@ -49,6 +49,22 @@ impl GroupNorm {
     pub fn with_eps(self, eps: f32) -> Self {
         GroupNorm { eps, ..self }
     }
+
+    /// Its channels.
+    pub(crate) fn channels(&self) -> usize {
+        self.weight.elem_count()
+    }
+
+    /// The kernel's settings and the `(weight, bias)` tensors, for an op that normalises its
+    /// own input with this norm (a convolution's, `ConvLayer::forward_normed`).
+    pub(crate) fn parts(&self) -> (GroupNormOp, &Tensor, &Tensor) {
+        let op = GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        (op, &self.weight, &self.bias)
+    }
 }
 
 impl Module for GroupNorm {
@@ -64,19 +80,28 @@ impl Module for GroupNorm {
             let (w, b) = (&self.weight, &self.bias);
             return portable::group_norm(x, w, b, self.groups, self.eps, self.silu);
         }
-        let op = GroupNormOp {
-            groups: self.groups,
-            eps: self.eps,
-            silu: self.silu,
-        };
-        x.contiguous()?
-            .apply_op3(&self.weight, &self.bias, F32Op::new(op))
+        let (op, weight, bias) = self.parts();
+        x.contiguous()?.apply_op3(weight, bias, F32Op::new(op))
+    }
+}
+
+#[cfg(test)]
+impl GroupNorm {
+    /// A norm of the tensors `weight` and `bias` (a test's variables), eps 1e-5.
+    pub(crate) fn of(weight: Tensor, bias: Tensor, groups: usize, silu: bool) -> Self {
+        GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps: 1e-5,
+            silu,
+        }
     }
 }
 
 /// The fused kernel's settings.
-#[derive(Clone, Copy)]
-struct GroupNormOp {
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupNormOp {
     groups: usize,
     eps: f32,
     silu: bool,
@@ -98,21 +123,54 @@ impl GroupNormOp {
         (mean, 1.0 / (var as f32 + self.eps).sqrt())
     }
 
-    /// A new `[n, c, s]` array written by `f(sample, group, the block's values)` for every
-    /// (sample, group) block, one sample's blocks per parallel piece; with `f`'s results in
-    /// block order.
-    fn per_block<T: Send>(
+    /// The forward pass of whole images `xs` `[images, c, s]` (`c` the length of `gamma`),
+    /// written to `out`, block by block through [`wide`].
+    pub(crate) fn forward_images(
         &self,
-        (n, c, s): (usize, usize, usize),
-        f: impl Fn(usize, usize, &mut [f32]) -> T + Sync,
-    ) -> (Vec<f32>, Vec<T>) {
-        let cg = c / self.groups;
-        let (out, results) = parallel_pieces(n * c * s, c * s, |i, piece| {
-            (0..self.groups)
-                .map(|g| f(i, g, &mut piece[g * cg * s..(g + 1) * cg * s]))
-                .collect::<Vec<T>>()
-        });
-        (out, results.into_iter().flatten().collect())
+        xs: &[f32],
+        s: usize,
+        (gamma, beta): (&[f32], &[f32]),
+        act: Option<Activation>,
+        out: &mut [f32],
+    ) {
+        let (c, cg) = (gamma.len(), gamma.len() / self.groups);
+        for (image, out) in xs.chunks(c * s).zip(out.chunks_mut(c * s)) {
+            let blocks = image.chunks(cg * s).zip(out.chunks_mut(cg * s));
+            for ((xs, out), (gm, bt)) in blocks.zip(gamma.chunks(cg).zip(beta.chunks(cg))) {
+                wide(
+                    #[inline(always)]
+                    move || self.forward_block(xs, s, (gm, bt), act, out),
+                )
+            }
+        }
+    }
+
+    /// The backward pass of whole images `xs` `[images, c, s]` in place: `dz` holds their
+    /// output gradient on entry and their input gradient on return. Returns each channel's
+    /// `(Σ dz, Σ dz·x̂)` (the bias's and the weight's gradients), summed in image order.
+    pub(crate) fn backward_images(
+        &self,
+        xs: &[f32],
+        s: usize,
+        (gamma, beta): (&[f32], &[f32]),
+        dz: &mut [f32],
+    ) -> Vec<(f32, f32)> {
+        let (c, cg) = (gamma.len(), gamma.len() / self.groups);
+        let mut totals = vec![(0f32, 0f32); c];
+        for (image, dz) in xs.chunks(c * s).zip(dz.chunks_mut(c * s)) {
+            let blocks = image.chunks(cg * s).zip(dz.chunks_mut(cg * s));
+            let affine = gamma.chunks(cg).zip(beta.chunks(cg));
+            for (((xs, dz), (gm, bt)), sums) in blocks.zip(affine).zip(totals.chunks_mut(cg)) {
+                let block = wide(
+                    #[inline(always)]
+                    move || self.backward_block(xs, s, (gm, bt), dz),
+                );
+                for (t, b) in sums.iter_mut().zip(block) {
+                    *t = (t.0 + b.0, t.1 + b.1);
+                }
+            }
+        }
+        totals
     }
 
     /// The forward pass of one (sample, group) block `xs` of rows of `s` values, with its
@@ -141,14 +199,14 @@ impl GroupNormOp {
         activate(act, out);
     }
 
-    /// The input gradient of one (sample, group) block (`xs` and its `dys`, rows of `s`
-    /// values; its channels' `(gamma, beta)`) written to `out`; returns the block's
-    /// channels' `(Σ dz, Σ dz·x̂)`. Inlined into a [`wide`] call, as
-    /// [`GroupNormOp::forward_block`].
+    /// The input gradient of one (sample, group) block `xs` (rows of `s` values; its
+    /// channels' `(gamma, beta)`), in place: `out` holds the block's output gradient on
+    /// entry. Returns the block's channels' `(Σ dz, Σ dz·x̂)`. Inlined into a [`wide`] call,
+    /// as [`GroupNormOp::forward_block`].
     #[inline(always)]
     fn backward_block(
         &self,
-        (xs, dys): (&[f32], &[f32]),
+        xs: &[f32],
         s: usize,
         (gamma, beta): (&[f32], &[f32]),
         out: &mut [f32],
@@ -157,17 +215,15 @@ impl GroupNormOp {
         let m = xs.len() as f32;
         let mut channel = Vec::with_capacity(gamma.len());
         let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-        let rows = out.chunks_mut(s).zip(xs.chunks(s).zip(dys.chunks(s)));
-        for ((o, (xr, dr)), (&gm, &bt)) in rows.zip(gamma.iter().zip(beta)) {
+        let rows = out.chunks_mut(s).zip(xs.chunks(s));
+        for ((o, xr), (&gm, &bt)) in rows.zip(gamma.iter().zip(beta)) {
             // o = dz first (dy through SiLU's derivative, or dy itself).
             if self.silu {
-                for ((o, &v), &d) in o.iter_mut().zip(xr).zip(dr) {
+                for (o, &v) in o.iter_mut().zip(xr) {
                     let z = gm * (v - mean) * inv_std + bt;
                     let sg = sigmoid(z);
-                    *o = d * sg * (1.0 + z * (1.0 - sg));
+                    *o = *o * sg * (1.0 + z * (1.0 - sg));
                 }
-            } else {
-                o.copy_from_slice(dr);
             }
             let xhat = |v: f32| (v - mean) * inv_std;
             let dbeta = lane_sum(o, o, |dz, _| dz);
@@ -193,16 +249,9 @@ impl F32Op3 for GroupNormOp {
         [(x, l1), (gamma, _), (beta, _)]: [(&[f32], &Layout); 3],
         act: Option<Activation>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let dims @ (_, c, s) = ncs(l1.shape());
-        let cg = c / self.groups;
-        let (y, _) = self.per_block(dims, |i, g, out| {
-            let start = (i * c + g * cg) * s;
-            let xs = &x[start..start + cg * s];
-            let affine = (&gamma[g * cg..(g + 1) * cg], &beta[g * cg..(g + 1) * cg]);
-            wide(
-                #[inline(always)]
-                move || self.forward_block(xs, s, affine, act, out),
-            )
+        let (n, c, s) = ncs(l1.shape());
+        let (y, _) = parallel_pieces(n * c * s, c * s, |i, out| {
+            self.forward_images(&x[i * c * s..][..c * s], s, (gamma, beta), act, out)
         });
         Ok((y, l1.shape().clone()))
     }
@@ -215,31 +264,21 @@ impl F32Op3 for GroupNormOp {
         [x, gamma, beta]: [&Tensor; 3],
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims @ (_, c, s) = ncs(x.shape());
-        let cg = c / self.groups;
+        let (n, c, s) = ncs(x.shape());
         let gamma = gamma.to_vec1::<f32>()?;
         let beta = beta.to_vec1::<f32>()?;
-        let (dx, per_block) = with_f32(x, NAME, |x| {
+        let (dx, per_sample) = with_f32(x, NAME, |x| {
             with_f32(dy, NAME, |dy| {
-                // Each block returns its channels' (Σ dz, Σ dz·x̂).
-                self.per_block(dims, |i, g, out| {
-                    let start = (i * c + g * cg) * s;
-                    let (xs, dys) = (&x[start..start + cg * s], &dy[start..start + cg * s]);
-                    let affine = (&gamma[g * cg..(g + 1) * cg], &beta[g * cg..(g + 1) * cg]);
-                    wide(
-                        #[inline(always)]
-                        move || self.backward_block((xs, dys), s, affine, out),
-                    )
+                parallel_pieces(n * c * s, c * s, |i, out| {
+                    out.copy_from_slice(&dy[i * c * s..][..c * s]);
+                    self.backward_images(&x[i * c * s..][..c * s], s, (&gamma, &beta), out)
                 })
             })
         })??;
-        let n = dims.0;
         // Per-channel totals over the samples, summed in sample order (thread-count independent).
         let totals = parallel_map(c, |ch| {
-            let (g, k) = (ch / cg, ch % cg);
-            (0..n).fold((0f32, 0f32), |(b, w), i| {
-                let (db, dw) = per_block[i * self.groups + g][k];
-                (b + db, w + dw)
+            per_sample.iter().fold((0f32, 0f32), |(b, w), sums| {
+                (b + sums[ch].0, w + sums[ch].1)
             })
         });
         let dev = x.device();
@@ -315,10 +354,12 @@ mod tests {
                 || op.forward_block(&x, s, (&gamma, &beta), act, &mut fast),
             );
             assert_eq!(bits(&base), bits(&fast));
-            let sums = op.backward_block((&x, &dy), s, (&gamma, &beta), &mut base);
+            base.copy_from_slice(&dy);
+            fast.copy_from_slice(&dy);
+            let sums = op.backward_block(&x, s, (&gamma, &beta), &mut base);
             let wide_sums = wide(
                 #[inline(always)]
-                || op.backward_block((&x, &dy), s, (&gamma, &beta), &mut fast),
+                || op.backward_block(&x, s, (&gamma, &beta), &mut fast),
             );
             assert_eq!(bits(&base), bits(&fast));
             assert_eq!(sums, wide_sums);
