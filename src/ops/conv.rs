@@ -33,6 +33,7 @@ use crate::ops::im2col::{
     col2im_rows_add, im2col_rows, merge_phases_add, split_phases, zero_phases, Geometry,
 };
 use crate::ops::portable;
+use crate::ops::saved::Saved;
 use crate::ops::winograd::Winograd;
 use crate::{Error, Result};
 
@@ -110,6 +111,7 @@ fn forward_op(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<
         per_image_bias: false,
         residual: false,
         norm: None,
+        saved: None,
     })
 }
 
@@ -161,6 +163,7 @@ fn transposed_op(
         per_image_bias: false,
         residual: false,
         norm: None,
+        saved: None,
     })
 }
 
@@ -204,7 +207,7 @@ fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// One convolution (`transposed` or not) of geometry `g` (over the image side) with `c2`
 /// channels on the other side; applied to `(x, weight [c2, …], bias)`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Conv {
     g: Geometry,
     c2: usize,
@@ -219,6 +222,9 @@ struct Conv {
     /// it, its weight and bias packed at the end of the op's second input: the normalised
     /// input is no tensor, so it has no buffer and no graph node of its own.
     norm: Option<GroupNormOp>,
+    /// Where a forward pass with a fused norm that a backward pass will follow keeps the
+    /// norm's output (else the backward pass computes it again).
+    saved: Option<Saved>,
 }
 
 impl Conv {
@@ -256,12 +262,10 @@ impl Conv {
         if portable::applies(x) {
             return Ok(self.portable(x, weight, bias, act)?);
         }
-        self.norm = norm.map(|n| n.parts().0);
-        Ok(x.contiguous()?.apply_op3(
-            &self.packed(weight, None, norm)?,
-            bias,
-            F32Op::with_activation(self, act),
-        )?)
+        let packed = self.packed(weight, None, norm)?;
+        self.fuse(norm, x.track_op() || packed.track_op());
+        Ok(x.contiguous()?
+            .apply_op3(&packed, bias, F32Op::with_activation(self, act))?)
     }
 
     /// The input and the norm to fuse with the op: `norm` itself where the op's kernels can
@@ -278,6 +282,13 @@ impl Conv {
             }
             norm => Ok((x.clone(), norm)),
         }
+    }
+
+    /// Fuses `norm` (if any) into the op, keeping its output for the backward pass when one
+    /// will follow (`training`: a variable's gradient flows through the op).
+    fn fuse(&mut self, norm: Option<&GroupNorm>, training: bool) {
+        self.norm = norm.map(|n| n.parts().0);
+        self.saved = (self.norm.is_some() && training).then(Saved::default);
     }
 
     /// The op's second input: `weight`, then `bias` (where a residual takes the third input),
@@ -303,11 +314,7 @@ impl Conv {
     /// The op's second input `packed` ([`Conv::packed`]) split into the weight, the bias
     /// packed with it (with a residual), and the fused norm's `(weight, bias)` (empty
     /// without one); `None` where its length does not fit.
-    #[allow(clippy::type_complexity)]
-    fn unpack<'a>(
-        &self,
-        packed: &'a [f32],
-    ) -> Option<(&'a [f32], Option<&'a [f32]>, (&'a [f32], &'a [f32]))> {
+    fn unpack<'a>(&self, packed: &'a [f32]) -> Option<Unpacked<'a>> {
         let weights = self.c2 * self.g.patch();
         let bias = if self.residual { self.c2 } else { 0 };
         let norm = if self.norm.is_some() { self.g.c } else { 0 };
@@ -316,20 +323,34 @@ impl Conv {
         }
         let (w, rest) = packed.split_at(weights);
         let (b, affine) = rest.split_at(bias);
-        Some((w, self.residual.then_some(b), affine.split_at(norm)))
+        Some(Unpacked {
+            weight: w,
+            bias: self.residual.then_some(b),
+            affine: affine.split_at(norm),
+        })
     }
 
     /// `f` of the group of images `xs`, or of them through the fused norm (with its weight
-    /// and bias `affine`), computed into per-thread memory kept between calls.
-    fn normed<T>(&self, xs: &[f32], affine: (&[f32], &[f32]), f: impl FnOnce(&[f32]) -> T) -> T {
+    /// and bias `affine`), computed `into` the given place, else into per-thread memory kept
+    /// between calls.
+    fn normed<T>(
+        &self,
+        xs: &[f32],
+        affine: Affine,
+        into: Option<&mut [f32]>,
+        f: impl FnOnce(&[f32]) -> T,
+    ) -> T {
         let Some(norm) = self.norm else {
             return f(xs);
         };
-        NORMED.with_borrow_mut(|buf| {
-            let out = resized(buf, xs.len());
+        let run = |out: &mut [f32]| {
             norm.forward_images(xs, self.g.h * self.g.w, affine, None, out);
             f(out)
-        })
+        };
+        match into {
+            Some(out) => run(out),
+            None => NORMED.with_borrow_mut(|buf| run(resized(buf, xs.len()))),
+        }
     }
 
     /// `op(x, weight) + bias + residual` (not transposed), `residual` shaped like the
@@ -367,8 +388,8 @@ impl Conv {
             )));
         }
         self.residual = true;
-        self.norm = norm.map(|n| n.parts().0);
         let packed = self.packed(weight, Some(&bias), norm)?;
+        self.fuse(norm, x.track_op() || packed.track_op());
         Ok(x.contiguous()?
             .apply_op3(&packed, &residual.contiguous()?, F32Op::new(self))?)
     }
@@ -834,6 +855,7 @@ impl Conv {
             per_image_bias: false,
             residual: false,
             norm: None,
+            saved: None,
         })
     }
 
@@ -854,14 +876,15 @@ impl Conv {
 
     /// Input (if `need_dx`), weight and bias (if `need_dw`) gradients of a batch of `n` images
     /// from the data of `x`, the weight and `dy`, with the activation and output of a
-    /// convolution's fused activation, and the fused input norm's weight and bias `affine`.
+    /// convolution's fused activation, and the fused input norm's weight and bias `affine`
+    /// (and its output `kept` by the forward pass, if it was).
     /// Fixed groups of images, their partial sums added in order: the same bits whatever the
     /// number of threads. The groups' transposed weight gradients go to slots of one buffer
     /// kept between calls (every entry of a slot is overwritten).
     fn gradients(
         &self,
         (x, w, dy): (&[f32], &[f32], &[f32]),
-        affine: (&[f32], &[f32]),
+        (affine, kept): (Affine, Option<&[f32]>),
         act: Option<(Activation, &[f32])>,
         (n, need_dx, need_dw): (usize, bool, bool),
     ) -> (Option<Vec<f32>>, Option<WeightGradients>) {
@@ -870,10 +893,11 @@ impl Conv {
         // The fused norm's weight gradients come from the gradient of its output.
         let need_dz = need_dx || (self.norm.is_some() && need_dw);
         let gather = self.input_gradient_conv().filter(|_| need_dz);
-        let flipped = gather.map(|_| self.flipped_kernel(w));
-        let gather = gather
-            .zip(flipped.as_deref())
-            .map(|(op, flipped)| (op, op.weights(flipped), vec![0f32; self.g.c]));
+        let flipped = gather.as_ref().map(|_| self.flipped_kernel(w));
+        let gather = gather.zip(flipped.as_deref()).map(|(op, flipped)| {
+            let kernel = op.weights(flipped);
+            (op, kernel, vec![0f32; self.g.c])
+        });
         PARTIALS.with_borrow_mut(|buf| {
             let slots: Vec<Mutex<Option<&mut [f32]>>> = resized(buf, n.div_ceil(group) * w.len())
                 .chunks_mut(w.len())
@@ -886,7 +910,7 @@ impl Conv {
                 let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
                 let dwt = slots[i].lock().expect("slot lock").take();
                 let dwt = need_dw.then(|| dwt.expect("every group runs once"));
-                let db = self.normed(xs, affine, |inputs| {
+                let backward = |inputs: &[f32]| {
                     let dxs = match (&gather, dxs.as_deref_mut()) {
                         (Some((op, kernel, zeros)), Some(dxs)) => {
                             // The output gradient through the fused activation's derivative.
@@ -907,7 +931,11 @@ impl Conv {
                         (_, dxs) => dxs,
                     };
                     self.backward_group((w, inputs, dys), g, act, dxs, dwt)
-                });
+                };
+                let db = match kept {
+                    Some(kept) => backward(&kept[i * group * in_len..][..g * in_len]),
+                    None => self.normed(xs, affine, None, backward),
+                };
                 // The gradient of the norm's output, taken back through the norm.
                 let dnorm = match (self.norm, dxs) {
                     (Some(norm), Some(dxs)) => {
@@ -981,7 +1009,11 @@ impl F32Op3 for Conv {
                 l1.dims()
             ))
         };
-        let (w, packed_bias, affine) = self.unpack(w).ok_or_else(misfit)?;
+        let Unpacked {
+            weight: w,
+            bias: packed_bias,
+            affine,
+        } = self.unpack(w).ok_or_else(misfit)?;
         // With a residual: the bias packed with the weight, and the residual in its place.
         let (b, res) = match packed_bias {
             Some(packed) => (packed, Some(b)),
@@ -994,15 +1026,30 @@ impl F32Op3 for Conv {
             return Err(misfit());
         }
         let (group, w) = (self.group(n), self.weights(w));
+        // The norm's output, kept for the backward pass: each group's piece in a slot.
+        let mut kept =
+            (self.norm.is_some() && self.saved.is_some()).then(|| Saved::buffer(x.len()));
+        let slots: Vec<Mutex<Option<&mut [f32]>>> = kept
+            .iter_mut()
+            .flat_map(|k| k.chunks_mut(group * in_len))
+            .map(|piece| Mutex::new(Some(piece)))
+            .collect();
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
             let b = self.group_bias(b, (i, group, g));
             let res = res.map(|r| &r[i * group * out_len..][..g * out_len]);
             let xs = &x[i * group * in_len..][..g * in_len];
-            self.normed(xs, affine, |xs| {
+            let into = slots
+                .get(i)
+                .and_then(|s| s.lock().expect("slot lock").take());
+            self.normed(xs, affine, into, |xs| {
                 self.forward_group((&w, b, res), xs, g, ys, act)
             });
         });
+        drop(slots);
+        if let (Some(saved), Some(kept)) = (&self.saved, kept) {
+            saved.keep(kept);
+        }
         Ok((y, self.out_shape(n)))
     }
 
@@ -1034,19 +1081,29 @@ impl F32Op3 for Conv {
             x.track_op(),
             weight.track_op() || (!self.residual && bias.track_op()),
         );
+        // The fused norm's output, if the forward pass kept it.
+        let kept = self.saved.as_ref().and_then(Saved::take);
+        let kept = kept.filter(|k| k.len() == x.elem_count());
         let (dx, dwb) = with_f32(x, NAME, |x| {
             with_f32(weight, NAME, |packed| {
-                let Some((w, _, affine)) = self.unpack(packed) else {
+                let Some(Unpacked {
+                    weight: w, affine, ..
+                }) = self.unpack(packed)
+                else {
                     candle_core::bail!("{NAME}: weight {:?} does not fit {self:?}", weight.dims())
                 };
+                let norm = (affine, kept.as_deref());
                 with_f32(&dy, NAME, |dy| match act {
                     Some((act, out)) => with_f32(out, NAME, |out| {
-                        self.gradients((x, w, dy), affine, Some((act, out)), batch)
+                        self.gradients((x, w, dy), norm, Some((act, out)), batch)
                     }),
-                    None => Ok(self.gradients((x, w, dy), affine, None, batch)),
+                    None => Ok(self.gradients((x, w, dy), norm, None, batch)),
                 })
             })
         })????;
+        if let Some(kept) = kept {
+            Saved::recycle(kept);
+        }
         let dev = x.device();
         let dx = dx
             .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
@@ -1075,6 +1132,18 @@ impl F32Op3 for Conv {
             third,
         ))
     }
+}
+
+/// A fused input norm's weight and bias, per input channel.
+type Affine<'a> = (&'a [f32], &'a [f32]);
+
+/// The parts of a convolution op's packed second input ([`Conv::unpack`]).
+struct Unpacked<'a> {
+    weight: &'a [f32],
+    /// The bias, where a residual takes the third input.
+    bias: Option<&'a [f32]>,
+    /// The fused norm's (empty without one).
+    affine: Affine<'a>,
 }
 
 /// A convolution's weight and bias gradients, and its fused input norm's weight and bias
@@ -1606,11 +1675,12 @@ mod tests {
 
     /// `op` with each activation fused against the activation applied as a separate op: the
     /// output and the gradients of input, kernel and bias.
-    fn fused_and_separate_activations_agree(op: Conv, (x, w, b): (&Tensor, &Tensor, &Tensor)) {
+    fn fused_and_separate_activations_agree(op: &Conv, (x, w, b): (&Tensor, &Tensor, &Tensor)) {
         for act in [Activation::LeakyRelu(0.2), Activation::Tanh] {
             let fused = testing::value_and_grads(
                 |t| {
-                    op.apply(&t[0], &t[1], Some(&t[2]), Some(act), None)
+                    op.clone()
+                        .apply(&t[0], &t[1], Some(&t[2]), Some(act), None)
                         .unwrap()
                 },
                 &[x, w, b],
@@ -1618,7 +1688,10 @@ mod tests {
             );
             let apart = testing::value_and_grads(
                 |t| {
-                    let y = op.apply(&t[0], &t[1], Some(&t[2]), None, None).unwrap();
+                    let y = op
+                        .clone()
+                        .apply(&t[0], &t[1], Some(&t[2]), None, None)
+                        .unwrap();
                     match act {
                         Activation::Tanh => y.tanh().unwrap(),
                         Activation::LeakyRelu(a) => crate::ops::leaky_relu(&y, a as f64).unwrap(),
@@ -1655,7 +1728,7 @@ mod tests {
             } else {
                 forward_op(&x, &w, stride, 1).unwrap()
             };
-            fused_and_separate_activations_agree(op, (&x, &w, &b));
+            fused_and_separate_activations_agree(&op, (&x, &w, &b));
         }
     }
 
@@ -1676,7 +1749,7 @@ mod tests {
         for b in [vec![c2], vec![n, c2]] {
             let b = rng.normal(&b, &dev).unwrap();
             check_conv2d((&x, &wt, &b), 1, 1, 17).unwrap();
-            fused_and_separate_activations_agree(op, (&x, &wt, &b));
+            fused_and_separate_activations_agree(&op, (&x, &wt, &b));
         }
         let (b, r) = (
             rng.normal(&[c2], &dev).unwrap(),
@@ -1819,6 +1892,21 @@ mod tests {
         let t: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
         let portable = crate::ops::portable::forced(|| shifted(true)(&t));
         testing::assert_close(&portable, &shifted(true)(&t), 1e-4).unwrap();
+        // A second backward pass over the same graph, which finds the norm's output taken
+        // by the first and computes it again: the same bits.
+        let vars: Vec<Var> = inputs[..5]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let loss = residual(true)(&[&t[..], std::slice::from_ref(&r)].concat())
+            .sum_all()
+            .unwrap();
+        let (first, second) = (loss.backward().unwrap(), loss.backward().unwrap());
+        for v in &vars {
+            let (a, b) = (first.get(v).unwrap(), second.get(v).unwrap());
+            assert_eq!(testing::max_abs_diff(a, b), 0.0);
+        }
         let cf = c.min(8).max(per);
         let t: Vec<Tensor> = [
             x.narrow(0, 0, 2).unwrap().narrow(1, 0, cf).unwrap(),

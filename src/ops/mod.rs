@@ -17,6 +17,7 @@ mod fastexp;
 mod groupnorm;
 mod im2col;
 pub mod portable;
+mod saved;
 #[cfg(test)]
 pub(crate) mod testing;
 mod upsample;
