@@ -15,6 +15,13 @@
 //! kernel, and the weight gradient) run Winograd's F(2×2, 3×3) of `winograd`, 2.25 times
 //! fewer multiplications. Narrower ones, on CPUs with AVX2 and FMA, run the direct kernels of
 //! `direct3x3`: gathering, and on planes of at least 14×14 the weight gradient.
+//!
+//! A convolution can also take a GroupNorm (and its SiLU) of its input into its own node
+//! (`ConvLayer::forward_normed`): each group of images is normalised into per-thread memory
+//! just before the kernels read it, and the norm's gradients are taken back from the input
+//! gradient in place. The normalised input is no tensor, so it costs no buffer of its own,
+//! no gradient buffer and no graph node; a training forward pass keeps it for the backward
+//! pass (`saved`).
 
 use std::cell::RefCell;
 use std::ops::Range;
