@@ -25,14 +25,13 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::Mutex;
 
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
     activation_grad, lane_sum, matmul, parallel_map, parallel_pieces, with_f32, Activation, F32Op,
-    F32Op3,
+    F32Op3, Handout,
 };
 use crate::ops::direct3x3::Direct;
 use crate::ops::groupnorm::{GroupNorm, GroupNormOp};
@@ -906,16 +905,13 @@ impl Conv {
             (op, kernel, vec![0f32; self.g.c])
         });
         PARTIALS.with_borrow_mut(|buf| {
-            let slots: Vec<Mutex<Option<&mut [f32]>>> = resized(buf, n.div_ceil(group) * w.len())
-                .chunks_mut(w.len())
-                .map(|slot| Mutex::new(Some(slot)))
-                .collect();
+            let slots = Handout::new(resized(buf, n.div_ceil(group) * w.len()).chunks_mut(w.len()));
             let run = |i: usize, mut dxs: Option<&mut [f32]>| {
                 let at = i * group * out_len;
                 let g = group.min(n - i * group);
                 let (xs, dys) = (&x[i * group * in_len..][..g * in_len], &dy[at..]);
                 let act = act.map(|(a, out)| (a, &out[at..at + g * out_len]));
-                let dwt = slots[i].lock().expect("slot lock").take();
+                let dwt = slots.take(i);
                 let dwt = need_dw.then(|| dwt.expect("every group runs once"));
                 let backward = |inputs: &[f32]| {
                     let dxs = match (&gather, dxs.as_deref_mut()) {
@@ -1033,22 +1029,16 @@ impl F32Op3 for Conv {
             return Err(misfit());
         }
         let (group, w) = (self.group(n), self.weights(w));
-        // The norm's output, kept for the backward pass: each group's piece in a slot.
-        let mut kept =
-            (self.norm.is_some() && self.saved.is_some()).then(|| Saved::buffer(x.len()));
-        let slots: Vec<Mutex<Option<&mut [f32]>>> = kept
-            .iter_mut()
-            .flat_map(|k| k.chunks_mut(group * in_len))
-            .map(|piece| Mutex::new(Some(piece)))
-            .collect();
+        // The norm's output, kept for the backward pass (only a fused norm's is): each group
+        // writes its piece.
+        let mut kept = self.saved.as_ref().map(|_| Saved::buffer(x.len()));
+        let slots = Handout::new(kept.iter_mut().flat_map(|k| k.chunks_mut(group * in_len)));
         let (y, _) = parallel_pieces(n * out_len, out_len * group, |i, ys| {
             let g = ys.len() / out_len;
             let b = self.group_bias(b, (i, group, g));
             let res = res.map(|r| &r[i * group * out_len..][..g * out_len]);
             let xs = &x[i * group * in_len..][..g * in_len];
-            let into = slots
-                .get(i)
-                .and_then(|s| s.lock().expect("slot lock").take());
+            let into = slots.take(i);
             self.normed(xs, affine, into, |xs| {
                 self.forward_group((&w, b, res), xs, g, ys, act)
             });

@@ -63,14 +63,28 @@ pub(crate) fn parallel_pieces<T: Send>(
     (out, results)
 }
 
+/// Items split up front (disjoint mutable pieces such as `chunks_mut`), handed out by index
+/// to the tasks of a parallel call, each at most once.
+pub(crate) struct Handout<I>(Vec<Mutex<Option<I>>>);
+
+impl<I> Handout<I> {
+    /// The items, item `i` for task `i`.
+    pub(crate) fn new(items: impl IntoIterator<Item = I>) -> Self {
+        Handout(items.into_iter().map(|i| Mutex::new(Some(i))).collect())
+    }
+
+    /// Item `i`, taken; `None` where there is none (or it was taken before).
+    pub(crate) fn take(&self, i: usize) -> Option<I> {
+        self.0.get(i)?.lock().expect("handout lock").take()
+    }
+}
+
 /// Runs `f(item)` for every item in parallel on candle's CPU worker pool (for work on
 /// disjoint mutable pieces that were split up front, such as `chunks_mut`).
 pub(crate) fn parallel_for_each<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync) {
-    let slots: Vec<Mutex<Option<I>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
-    parallel_map(slots.len(), |i| {
-        let item = slots[i].lock().expect("slot lock").take();
-        f(item.expect("every index runs once"))
-    });
+    let n = items.len();
+    let items = Handout::new(items);
+    parallel_map(n, |i| f(items.take(i).expect("every index runs once")));
 }
 
 /// Runs `f(i)` for `i` in `0..n` in parallel on candle's CPU worker pool and returns the
@@ -89,8 +103,9 @@ pub(crate) fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> 
         .collect()
 }
 
-/// Runs `f` compiled with AVX2 and FMA allowed where this CPU has them ([`avx2_fma`]), so that the loops of the kernels inlined into it use 8-lane
-/// vectors; elsewhere as compiled for the baseline. The instructions change, the arithmetic
+/// Runs `f` compiled with AVX2 and FMA allowed where this CPU has them ([`avx2_fma`]), so
+/// that the loops of the kernels inlined into it use 8-lane vectors; elsewhere as compiled
+/// for the baseline. The instructions change, the arithmetic
 /// does not: Rust never fuses a multiply and an add on its own, and vectorised loops keep
 /// their order of summation, so both versions give the same bits.
 #[inline(always)]

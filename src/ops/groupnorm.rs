@@ -69,7 +69,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let c = self.weight.elem_count();
+        let c = self.channels();
         if x.rank() < 2 || x.dim(1)? != c {
             candle_core::bail!(
                 "group-norm over {c} channels cannot take an input of shape {:?}",
