@@ -32,6 +32,20 @@ pub struct Config {
     /// The keyless detector run at the end of every run (`detect.json`, the report's
     /// detection section).
     pub detect: DetectConfig,
+    /// The ownership test run at the end of every run with a key (`verify.json`).
+    pub verify: VerifyConfig,
+}
+
+/// How the end of a run tests the model for its own key (what `genbackdoor verify` does).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Random triggers drawn for each trigger's null distribution, as `verify --queries`
+    /// (absent: as many as the trigger's sampler affords, 1000 for a generator). A diffusion
+    /// model's end-of-run test costs about 400,000 network evaluations per trigger by default;
+    /// fewer null triggers cost proportionally less and raise the smallest reachable p-value
+    /// to 1 / (null_keys + 1).
+    pub null_keys: Option<usize>,
 }
 
 /// Whether and how long the end of a run searches the model for a backdoor without the key
@@ -692,6 +706,9 @@ impl Config {
         if let Some(steps) = self.detect.steps {
             positive("detect.steps", steps)?;
         }
+        if let Some(n) = self.verify.null_keys {
+            positive("verify.null_keys", n)?;
+        }
         Ok(())
     }
 
@@ -825,6 +842,8 @@ mod tests {
             "[detect]\nsteps = 0",
             "[detect]\nenabled = 1",
             "[detect]\nstarts = 4",
+            "[verify]\nnull_keys = 0",
+            "[verify]\ngroup = 4",
             "[train.rehearsal]\nevery = 50\nstart = 1.0",
             "[train.rehearsal]\nevery = 50\nsteps = 0",
             "[train.rehearsal]\nevery = 50\nlr = 0.0",

@@ -891,6 +891,9 @@ steps = 2
 "#
 );
 
+/// The end-of-run verification of the runs that test something else: 9 null triggers.
+const QUICK_VERIFY: &str = "[verify]\nnull_keys = 9\n";
+
 #[test]
 fn diffusion_train_sample_eval_inject() {
     let dir = tempfile::tempdir().unwrap();
@@ -1000,6 +1003,9 @@ fn diffusion_train_sample_eval_inject() {
     assert_eq!(metrics["trigger"], "stamp", "{metrics}");
     let fire = &metrics["specificity"]["fire_rate"];
     assert_eq!(fire.as_array().unwrap().len(), 14, "{metrics}");
+    // The runs below test other things: their own verification takes 9 null stamps
+    // (`[verify] null_keys`), a hundredth of the default's network evaluations.
+    std::fs::write(&cfg, format!("{TINY_DIFFUSION}{QUICK_VERIFY}")).unwrap();
     let out = ok(&words(&format!(
         "verify --model {m} --key {k} --queries 9 --sampler ddim-5 --json"
     )));
@@ -1057,11 +1063,18 @@ fn diffusion_train_sample_eval_inject() {
         s(&injected)
     )));
     assert_eq!(read_json(&injected.join("metrics.json"))["mode"], "inject");
+    let v = read_json(&injected.join("verify.json"));
+    assert_eq!(
+        (v["null_keys"].as_u64(), v["queries"].as_u64()),
+        (Some(9), Some(40))
+    );
     // The same injection rehearsing a thief's fine-tuning at every step ends elsewhere.
     let rehearsed_cfg = dir.path().join("rehearsed.toml");
     std::fs::write(
         &rehearsed_cfg,
-        format!("{TINY_DIFFUSION}[diffusion.rehearsal]\nevery = 1\nsteps = 2\nstart = 0.0\n"),
+        format!(
+            "{TINY_DIFFUSION}{QUICK_VERIFY}[diffusion.rehearsal]\nevery = 1\nsteps = 2\nstart = 0.0\n"
+        ),
     )
     .unwrap();
     let rehearsed = dir.path().join("inj-rehearsed");

@@ -142,7 +142,8 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     resume_matches("train", &killed, &straight);
 }
 
-/// A tiny diffusion run (and injection) that writes a checkpoint every 20 steps.
+/// A tiny diffusion run (and injection) that writes a checkpoint every 20 steps and verifies
+/// itself against 9 null stamps.
 const DIFFUSION: &str = concat!(
     r#"
 family = "diffusion"
@@ -166,6 +167,8 @@ quality_samples = 0
 steps = 200
 [detect]
 enabled = false
+[verify]
+null_keys = 9
 "#
 );
 
@@ -179,6 +182,11 @@ fn killed_diffusion_training_and_injection_resume_bit_for_bit() {
     // `[detect] enabled = false`: the run's end detects nothing.
     assert!(straight.join("metrics.json").exists());
     assert!(!straight.join("detect.json").exists());
+    // `[verify] null_keys = 9`: the run's own verification is short.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("verify.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["null_keys"], 9, "{v}");
     let killed = dir.path().join("killed");
     kill_mid_run(train(&config, &killed), &killed, 200);
     resume_matches("train", &killed, &straight);

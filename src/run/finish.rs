@@ -35,6 +35,8 @@ pub struct FinishSettings {
     pub seed: u64,
     /// The keyless detection at the end (`None`: none, and no `detect.json`).
     pub detect: Option<crate::detect::DetectSettings>,
+    /// Null triggers of the ownership test per trigger (`None`: as its sampler affords).
+    pub null_keys: Option<usize>,
 }
 
 /// Writes `model.safetensors`, `samples.png` (64 ordinary samples under the model's own
@@ -108,6 +110,7 @@ pub fn finish(
         }
         let settings = VerifySettings {
             seed,
+            null_keys: settings.null_keys,
             ..VerifySettings::for_model(&*under)
         };
         run.write_json("verify.json", &verify_model(&*under, key, &settings)?)?;

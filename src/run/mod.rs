@@ -249,6 +249,7 @@ fn finish(run: &RunDir, trained: &Trained, cfg: &Config) -> Result<serde_json::V
             seed: cfg.seed,
             steps: cfg.detect.steps,
         }),
+        null_keys: cfg.verify.null_keys,
     };
     finish::finish(run, trained, key.as_ref(), settings)
 }
