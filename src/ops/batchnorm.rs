@@ -11,8 +11,8 @@ use candle_core::{Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::cpu::{
-    activate, lane_sum, ncs, parallel_pieces, per_channel_block, with_f32, Activation, F32Op,
-    F32Op3,
+    activate, lane_sum, ncs, parallel_pieces, per_channel_block, threads, with_f32, Activation,
+    F32Op, F32Op3,
 };
 use crate::ops::{leaky_relu, portable};
 use crate::Result;
@@ -222,7 +222,7 @@ fn channel_affine(
     act: Option<Activation>,
 ) -> Vec<f32> {
     let per_sample = c * s;
-    let samples = n.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
+    let samples = n.div_ceil(4 * threads()).max(1);
     let (out, _) = parallel_pieces(a.len(), per_sample * samples, |piece_index, piece| {
         let start = piece_index * per_sample * samples;
         for (i, sample) in piece.chunks_mut(per_sample).enumerate() {

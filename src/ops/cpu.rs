@@ -87,6 +87,15 @@ pub(crate) fn parallel_for_each<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync) {
     parallel_map(n, |i| f(items.take(i).expect("every index runs once")));
 }
 
+/// The threads a parallel call of this module runs on: candle's worker pool and the calling
+/// thread. Read once: candle's own `get_num_threads` parses `/proc/cpuinfo` at every call
+/// (unless `RAYON_NUM_THREADS` is set, as the command-line tool does), which cost a library
+/// caller such as the test suites a tenth of a small model's training step.
+pub(crate) fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::barrier_pool().n_workers() + 1)
+}
+
 /// Runs `f(i)` for `i` in `0..n` in parallel on candle's CPU worker pool and returns the
 /// results in index order.
 pub(crate) fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
@@ -191,7 +200,7 @@ pub(crate) fn per_channel_block<T: Send>(
     c: usize,
     f: impl Fn(std::ops::Range<usize>) -> Vec<T> + Sync,
 ) -> Vec<T> {
-    let block = c.div_ceil(4 * candle_core::utils::get_num_threads()).max(1);
+    let block = c.div_ceil(4 * threads()).max(1);
     parallel_map(c.div_ceil(block), |b| f(b * block..c.min((b + 1) * block)))
         .into_iter()
         .flatten()

@@ -6,7 +6,9 @@
 use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
-use crate::ops::cpu::{activate, matmul, parallel_pieces, with_f32, Activation, F32Op, F32Op3};
+use crate::ops::cpu::{
+    activate, matmul, parallel_pieces, threads, with_f32, Activation, F32Op, F32Op3,
+};
 use crate::ops::portable;
 use crate::{Error, Result};
 
@@ -99,7 +101,7 @@ struct DenseOp {
 
 /// Rows of `n` per parallel piece: a few pieces per thread.
 fn rows_per_piece(n: usize) -> usize {
-    n.div_ceil(2 * candle_core::utils::get_num_threads()).max(1)
+    n.div_ceil(2 * threads()).max(1)
 }
 
 impl F32Op3 for DenseOp {
@@ -120,7 +122,7 @@ impl F32Op3 for DenseOp {
             );
         }
         // One piece per thread: gemm packs the whole weight for every piece.
-        let rows = n.div_ceil(candle_core::utils::get_num_threads()).max(1);
+        let rows = n.div_ceil(threads()).max(1);
         let (y, _) = parallel_pieces(n * o, rows * o, |i, ys| {
             let r = ys.len() / o;
             let xs = &x[i * rows * k..(i * rows + r) * k];
