@@ -6,6 +6,7 @@ use assert_cmd::Command;
 
 #[macro_use]
 mod common;
+use common::read_json;
 
 const TINY: &str = r#"
 [data]
@@ -74,10 +75,6 @@ fn ok(args: &[&str]) -> String {
 /// The words of a command line (no quoting: test paths have no spaces).
 fn words(line: &str) -> Vec<&str> {
     line.split_whitespace().collect()
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn s(p: &Path) -> &str {

@@ -58,13 +58,6 @@ fn succeed(mut c: Command) -> String {
     text
 }
 
-/// The null triggers per trigger of the verification a finished run wrote (`verify.json`).
-fn null_keys_verified(run: &Path) -> u64 {
-    let text = std::fs::read_to_string(run.join("verify.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["null_keys"].as_u64().unwrap()
-}
-
 fn steps_in_log(run: &Path) -> Vec<usize> {
     std::fs::read_to_string(run.join("train.csv"))
         .unwrap()
@@ -147,7 +140,10 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     let straight = dir.path().join("straight");
     succeed(train(&config, &straight));
     // A generator's run takes `[verify] null_keys` too (its default is 1000).
-    assert_eq!(null_keys_verified(&straight), 99);
+    assert_eq!(
+        common::read_json(&straight.join("verify.json"))["null_keys"],
+        99
+    );
     let killed = dir.path().join("killed");
     kill_mid_run(train(&config, &killed), &killed, 120);
     resume_matches("train", &killed, &straight);
@@ -194,7 +190,10 @@ fn killed_diffusion_training_and_injection_resume_bit_for_bit() {
     assert!(straight.join("metrics.json").exists());
     assert!(!straight.join("detect.json").exists());
     // `[verify] null_keys = 9`: the run's own verification is short.
-    assert_eq!(null_keys_verified(&straight), 9);
+    assert_eq!(
+        common::read_json(&straight.join("verify.json"))["null_keys"],
+        9
+    );
     let killed = dir.path().join("killed");
     kill_mid_run(train(&config, &killed), &killed, 200);
     resume_matches("train", &killed, &straight);

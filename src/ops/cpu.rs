@@ -87,13 +87,12 @@ pub(crate) fn parallel_for_each<I: Send>(items: Vec<I>, f: impl Fn(I) + Sync) {
     parallel_map(n, |i| f(items.take(i).expect("every index runs once")));
 }
 
-/// The threads a parallel call of this module runs on: candle's worker pool and the calling
-/// thread. Read once: candle's own `get_num_threads` parses `/proc/cpuinfo` at every call
+/// The threads a parallel call of this module runs on: candle's worker pool (made once) and
+/// the calling thread. candle's own `get_num_threads` parses `/proc/cpuinfo` at every call
 /// (unless `RAYON_NUM_THREADS` is set, as the command-line tool does), which cost a library
 /// caller such as the test suites a tenth of a small model's training step.
 pub(crate) fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| candle_core::utils::barrier_pool().n_workers() + 1)
+    candle_core::utils::barrier_pool().n_workers() + 1
 }
 
 /// Runs `f(i)` for `i` in `0..n` in parallel on candle's CPU worker pool and returns the
