@@ -14,7 +14,10 @@
 //! channels on each side, all three passes (forward, the input gradient through the flipped
 //! kernel, and the weight gradient) run Winograd's F(2×2, 3×3) of `winograd`, 2.25 times
 //! fewer multiplications. Narrower ones, on CPUs with AVX2 and FMA, run the direct kernels of
-//! `direct3x3`: gathering, and on planes of at least 14×14 the weight gradient.
+//! `direct3x3`: gathering, and on planes of at least 14×14 the weight gradient. 4×4
+//! stride-2 convolutions with padding 1 over even planes (a DCGAN's down- and upsampling)
+//! and at least 64 channels on each side run Winograd's F(4×4, 2×2) over stride phases
+//! (`winograd_stride2`), both kinds and all three passes: about half the multiplications.
 //!
 //! A convolution can also take a GroupNorm (and its SiLU) of its input into its own node
 //! (`ConvLayer::forward_normed`): each group of images is normalised into per-thread memory
@@ -41,16 +44,17 @@ use crate::ops::im2col::{
 use crate::ops::portable;
 use crate::ops::saved::Saved;
 use crate::ops::winograd::Winograd;
+use crate::ops::winograd_stride2::WinogradStride2;
 use crate::{Error, Result};
 
 const NAME: &str = "genbackdoor-conv";
 
 /// Images per parallel task (and per partial weight gradient) for a batch of `n` images:
-/// at most `most` (and 16), in an even number of groups so that two threads get equal
-/// shares. It depends on the batch and the geometry alone, so that the partial sums, and so
-/// the bits of the weight gradient, do not depend on the number of threads.
+/// at most `most`, in an even number of groups so that two threads get equal shares. It
+/// depends on the batch and the geometry alone, so that the partial sums, and so the bits of
+/// the weight gradient, do not depend on the number of threads.
 fn group_size(n: usize, most: usize) -> usize {
-    let most = most.clamp(1, 16);
+    let most = most.max(1);
     let groups = n.div_ceil(most).next_multiple_of(2);
     n.div_ceil(groups).max(1)
 }
@@ -60,6 +64,9 @@ fn group_size(n: usize, most: usize) -> usize {
 /// 256-by-256-channel kernel is 2.4 MB), or as given for the `im2col` paths.
 enum Weights<'a> {
     Winograd(Winograd, Vec<f32>),
+    /// Transformed for the stride-2 Winograd map the forward pass takes: gathering for a
+    /// convolution, scattering for a transposed one.
+    Stride2(WinogradStride2, Vec<f32>),
     Direct(Direct, Vec<f32>),
     Given(&'a [f32]),
 }
@@ -605,11 +612,21 @@ impl Conv {
                 ..
             } = s;
             if self.transposed {
-                let Weights::Given(w) = w else {
-                    unreachable!("Conv::weights packs no transposed kernel")
-                };
-                let m = self.join(x, g, mat);
-                self.scatter((w, m), g, y, cols, planes);
+                let y = &mut y[..g * self.g.image()];
+                match w {
+                    Weights::Stride2(s, u) => s.scatter(
+                        u,
+                        &x[..g * self.other()],
+                        g,
+                        resized(cols, s.work_len(g)),
+                        y,
+                    ),
+                    Weights::Given(w) => {
+                        let m = self.join(x, g, mat);
+                        self.scatter((w, m), g, y, cols, planes);
+                    }
+                    _ => unreachable!("Conv::weights packs no 3×3 kernel of a transposed one"),
+                }
                 let plane = self.g.h * self.g.w;
                 for (r, row) in y[..g * self.g.image()].chunks_mut(plane).enumerate() {
                     let bias = b[r % b.len()];
@@ -642,6 +659,11 @@ impl Conv {
                     finish(r, row * ow, &mut y[r * p + row * ow..][..ow], src)
                 };
                 let w = match w {
+                    Weights::Stride2(s, u) => {
+                        let work = resized(cols, s.work_len(g));
+                        s.gather(u, &x[..g * self.g.image()], g, work, &mut emit);
+                        return;
+                    }
                     Weights::Winograd(wg, u) => {
                         let v = resized(padded, wg.input_len(g));
                         let rows = resized(cols, wg.rows_len());
@@ -713,13 +735,7 @@ impl Conv {
                 if dwt.is_none() {
                     return Vec::new();
                 }
-                let plane = self.g.h * self.g.w;
-                let mut db = vec![0f32; self.bias_len(g)];
-                let len = db.len();
-                for (r, row) in dy[..g * self.g.image()].chunks(plane).enumerate() {
-                    db[r % len] += lane_sum(row, row, |v, _| v);
-                }
-                db
+                self.transposed_bias_grad(dy, g)
             } else {
                 // The joined output gradient serves the input, weight and bias gradients.
                 let Scratch {
@@ -779,6 +795,77 @@ impl Conv {
         })
     }
 
+    /// [`Conv::backward_group`] through the stride-2 Winograd maps of `s`, where `u` holds the
+    /// transformed weights of the input gradient's map (given with `dx`).
+    fn backward_stride2(
+        &self,
+        (s, u): &(WinogradStride2, Option<Vec<f32>>),
+        (x, dy): (&[f32], &[f32]),
+        g: usize,
+        act: Option<(Activation, &[f32])>,
+        dx: Option<&mut [f32]>,
+        dwt: Option<&mut [f32]>,
+    ) -> Vec<f32> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch { cols, mat2, .. } = scratch;
+            let (in_len, out_len) = self.sizes();
+            let (x, dy) = (&x[..g * in_len], &dy[..g * out_len]);
+            let work = resized(cols, s.work_len(g));
+            let dx = dx.zip(u.as_deref());
+            let dwt = dwt.map(|d| &mut d[..self.c2 * self.g.patch()]);
+            if self.transposed {
+                // The image side is the output: its gradient (through the activation already)
+                // is gathered, and is what the weight gradient correlates with the input.
+                if let Some((dx, u)) = dx {
+                    let p = self.g.positions();
+                    s.gather(u, dy, g, work, |i, co, y, row| {
+                        dx[(i * self.c2 + co) * p + y * row.len()..][..row.len()]
+                            .copy_from_slice(row)
+                    });
+                }
+                let Some(dwt) = dwt else {
+                    return Vec::new();
+                };
+                s.weight_grad(dy, x, g, work, dwt);
+                self.transposed_bias_grad(dy, g)
+            } else {
+                let dy = match act {
+                    Some((act, y)) => {
+                        let through = resized(mat2, dy.len());
+                        act.grad_into(y, dy, through);
+                        &*through
+                    }
+                    None => dy,
+                };
+                if let Some((dx, u)) = dx {
+                    s.scatter(u, dy, g, work, &mut dx[..g * in_len]);
+                }
+                let Some(dwt) = dwt else {
+                    return Vec::new();
+                };
+                s.weight_grad(x, dy, g, work, dwt);
+                let p = self.g.positions();
+                let mut sums = vec![0f32; self.c2 * g];
+                for (r, row) in dy.chunks(p).enumerate() {
+                    sums[r % self.c2 * g + r / self.c2] = lane_sum(row, row, |v, _| v);
+                }
+                self.bias_from_sums(sums, g)
+            }
+        })
+    }
+
+    /// The bias gradient of `g` images of a transposed convolution from their output gradient
+    /// `dy` (`[g, c, h, w]`): `[g, c]` for a per-image bias, `[c]` otherwise.
+    fn transposed_bias_grad(&self, dy: &[f32], g: usize) -> Vec<f32> {
+        let plane = self.g.h * self.g.w;
+        let mut db = vec![0f32; self.bias_len(g)];
+        let len = db.len();
+        for (r, row) in dy[..g * self.g.image()].chunks(plane).enumerate() {
+            db[r % len] += lane_sum(row, row, |v, _| v);
+        }
+        db
+    }
+
     /// The bias gradient of `g` images (not transposed) from their output gradient `m` of
     /// `c2·g` equally long rows, one per (channel, image) pair: `[g, cout]` for a per-image
     /// bias, `[cout]` otherwise. Values past the output in a row must be zero.
@@ -806,29 +893,47 @@ impl Conv {
         }
     }
 
-    /// Images per group of a batch of `n` ([`group_size`]). Through `im2col`: as many as fit
-    /// a column matrix of about 2²⁰ values (4 MiB, an L2 cache; larger groups no longer make
-    /// the gemm calls faster and push the working memory out of the cache). The direct 3×3
-    /// kernel builds no column matrix and works image by image: there, just enough images
-    /// for 1,024 positions, so that the group's partial weight gradient (as large as the
-    /// kernel, 2.4 MB for 256 by 256 channels) is small beside its work, and otherwise
-    /// groups as small as can be, which a machine whose cores are shared balances best.
+    /// Images per group of a batch of `n` ([`group_size`]), at most 16. Through `im2col`: as
+    /// many as fit a column matrix of about 2²⁰ values (4 MiB, an L2 cache; larger groups no
+    /// longer make the gemm calls faster and push the working memory out of the cache). The
+    /// direct 3×3 kernel builds no column matrix and works image by image: there, just enough
+    /// images for 1,024 positions, so that the group's partial weight gradient (as large as
+    /// the kernel, 2.4 MB for 256 by 256 channels) is small beside its work, and otherwise
+    /// groups as small as can be, which a machine whose cores are shared balances best. The
+    /// stride-2 Winograd maps take up to 32: their gemm calls have a row per tile, and a
+    /// 14×14 plane has only four.
     fn group(&self, n: usize) -> usize {
-        if self.winograd().is_some() || self.direct().is_some() {
-            group_size(n, 1024usize.div_ceil(self.g.positions()))
+        if self.stride2().is_some() {
+            group_size(n, 32)
+        } else if self.winograd().is_some() || self.direct().is_some() {
+            group_size(n, 1024usize.div_ceil(self.g.positions()).min(16))
         } else {
-            group_size(n, (1 << 20) / self.g.rows().max(1))
+            group_size(n, ((1 << 20) / self.g.rows().max(1)).min(16))
         }
     }
 
     /// The weight `w` as [`Conv::forward_group`] reads it.
     fn weights<'a>(&self, w: &'a [f32]) -> Weights<'a> {
         let w = &w[..self.c2 * self.g.patch()];
+        if let Some(s) = self.stride2() {
+            let u = if self.transposed {
+                s.scatter_weights(w)
+            } else {
+                s.gather_weights(w)
+            };
+            return Weights::Stride2(s, u);
+        }
         match (self.winograd(), self.direct()) {
             (Some(wg), _) => Weights::Winograd(wg, wg.transform_weights(w)),
             (None, Some(d)) => Weights::Direct(d, d.pack(w)),
             (None, None) => Weights::Given(w),
         }
+    }
+
+    /// The stride-2 Winograd layout for this convolution or transposed convolution, where it
+    /// applies and pays.
+    fn stride2(&self) -> Option<WinogradStride2> {
+        WinogradStride2::new(&self.g, self.c2)
     }
 
     /// The Winograd layout for this convolution (not transposed), where it applies and pays.
@@ -904,6 +1009,15 @@ impl Conv {
             let kernel = op.weights(flipped);
             (op, kernel, vec![0f32; self.g.c])
         });
+        // The stride-2 Winograd layout, and the weights of the map the input gradient takes
+        // (the adjoint of the forward pass's).
+        let stride2 = self.stride2().map(|s| {
+            let u = need_dz.then(|| match self.transposed {
+                true => s.gather_weights(w),
+                false => s.scatter_weights(w),
+            });
+            (s, u)
+        });
         PARTIALS.with_borrow_mut(|buf| {
             let slots = Handout::new(resized(buf, n.div_ceil(group) * w.len()).chunks_mut(w.len()));
             let run = |i: usize, mut dxs: Option<&mut [f32]>| {
@@ -933,7 +1047,10 @@ impl Conv {
                         }
                         (_, dxs) => dxs,
                     };
-                    self.backward_group((w, inputs, dys), g, act, dxs, dwt)
+                    match &stride2 {
+                        Some(s) => self.backward_stride2(s, (inputs, dys), g, act, dxs, dwt),
+                        None => self.backward_group((w, inputs, dys), g, act, dxs, dwt),
+                    }
                 };
                 let db = match kept {
                     Some(kept) => backward(&kept[i * group * in_len..][..g * in_len]),
@@ -1457,6 +1574,27 @@ mod tests {
         }
 
         #[test]
+        fn stride_2_winograd_matches_candle_forward_and_backward(
+            n in 1usize..4, c in 64usize..67, c2 in 64usize..67, half_h in 1usize..9,
+            half_w in 1usize..9, seed in 0u64..1000,
+        ) {
+            // 4×4 kernels, stride 2, padding 1, even sides, at least 64 channels on each side:
+            // the convolution's forward pass (gather), input gradient (scatter) and weight
+            // gradient, and the transposed convolution's, with partial tiles on both sides.
+            let (h, w) = (2 * half_h, 2 * half_w);
+            let mut rng = Rng::new(seed);
+            let x = rng.normal(&[n, c, h, w], &Device::Cpu).unwrap();
+            let wt = rng.normal(&[c2, c, 4, 4], &Device::Cpu).unwrap();
+            let b = rng.normal(&[c2], &Device::Cpu).unwrap();
+            prop_assert!(forward_op(&x, &wt, 2, 1).unwrap().stride2().is_some());
+            check_conv2d((&x, &wt, &b), 2, 1, seed)?;
+            let small = rng.normal(&[n, c2, half_h, half_w], &Device::Cpu).unwrap();
+            let b = rng.normal(&[c], &Device::Cpu).unwrap();
+            prop_assert!(transposed_op(&small, &wt, 2, 1, 0).unwrap().stride2().is_some());
+            check_transposed((&small, &wt, &b), (2, 1, 0), seed)?;
+        }
+
+        #[test]
         fn conv_transpose2d_matches_candle_forward_and_backward(
             n in 1usize..4, cin in 1usize..4, cout in 1usize..5, h in 1usize..8, w in 1usize..8,
             k in 1usize..6, stride in 1usize..4, pad in 0usize..3, out_pad in 0usize..3, seed in 0u64..1000,
@@ -1972,6 +2110,23 @@ mod tests {
             &[&x, &wt, &b],
             7,
             5,
+        );
+        // Both kinds through the stride-2 Winograd maps (4×4 kernels, 64 channels a side).
+        let wide = rng.normal(&[1, 64, 4, 6], &Device::Cpu).unwrap();
+        let w4 = (rng.normal(&[64, 64, 4, 4], &Device::Cpu).unwrap() * 0.2).unwrap();
+        let b64 = rng.normal(&[64], &Device::Cpu).unwrap();
+        testing::check_finite_differences(
+            |t| conv2d(&t[0], &t[1], Some(&t[2]), 2, 1).unwrap(),
+            &[&wide, &w4, &b64],
+            9,
+            97,
+        );
+        let small = rng.normal(&[1, 64, 2, 3], &Device::Cpu).unwrap();
+        testing::check_finite_differences(
+            |t| conv_transpose2d(&t[0], &t[1], Some(&t[2]), 2, 1, 0).unwrap(),
+            &[&small, &w4, &b64],
+            10,
+            97,
         );
         let w2 = rng.normal(&[3, 2, 3, 3], &Device::Cpu).unwrap();
         let per_image = rng.normal(&[2, 3], &Device::Cpu).unwrap();

@@ -22,6 +22,7 @@ mod saved;
 pub(crate) mod testing;
 mod upsample;
 mod winograd;
+mod winograd_stride2;
 
 pub use activation::leaky_relu;
 pub use batchnorm::{batch_norm, BatchNorm};

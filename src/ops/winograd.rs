@@ -333,7 +333,7 @@ impl Winograd {
 /// `dst[o][q] = f([src[0][q], src[1][q], …])[o]` for every lane `q` of `dst`'s rows (as long
 /// as each other, and no longer than `src`'s): one loop the compiler vectorizes.
 #[inline(always)]
-fn lanes<const I: usize, const O: usize>(
+pub(crate) fn lanes<const I: usize, const O: usize>(
     src: [&[f32]; I],
     dst: [&mut [f32]; O],
     f: impl Fn([f32; I]) -> [f32; O],
@@ -350,13 +350,17 @@ fn lanes<const I: usize, const O: usize>(
 }
 
 /// The first `O` rows of `n` values of `buf`.
-fn split<const O: usize>(buf: &mut [f32], n: usize) -> [&mut [f32]; O] {
+pub(crate) fn split<const O: usize>(buf: &mut [f32], n: usize) -> [&mut [f32]; O] {
     let mut rows = buf.chunks_exact_mut(n);
     std::array::from_fn(|_| rows.next().expect("enough rows"))
 }
 
 /// The rows of `n` values of `buf` starting at `starts` (ascending, not overlapping).
-fn disjoint<const O: usize>(buf: &mut [f32], starts: [usize; O], n: usize) -> [&mut [f32]; O] {
+pub(crate) fn disjoint<const O: usize>(
+    buf: &mut [f32],
+    starts: [usize; O],
+    n: usize,
+) -> [&mut [f32]; O] {
     let mut rest = buf;
     let mut at = 0;
     starts.map(|start| {
