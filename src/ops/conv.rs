@@ -1865,6 +1865,18 @@ mod tests {
             };
             fused_and_separate_activations_agree(&op, (&x, &w, &b));
         }
+        // Both kinds through the stride-2 Winograd maps (4×4 kernels, 64 channels a side).
+        let x = rng.normal(&[5, 64, 6, 8], &dev).unwrap();
+        let w = (rng.normal(&[64, 64, 4, 4], &dev).unwrap() * 0.1).unwrap();
+        let b = rng.normal(&[64], &dev).unwrap();
+        let small = rng.normal(&[5, 64, 3, 4], &dev).unwrap();
+        for (op, x) in [
+            (forward_op(&x, &w, 2, 1).unwrap(), &x),
+            (transposed_op(&small, &w, 2, 1, 0).unwrap(), &small),
+        ] {
+            assert!(op.stride2().is_some());
+            fused_and_separate_activations_agree(&op, (x, &w, &b));
+        }
     }
 
     /// A 3×3 stride-1 convolution of `n` images `c → c2` channels of `h×w` against candle and
@@ -1950,7 +1962,7 @@ mod tests {
     }
 
     /// A GroupNorm + SiLU fused into the input of a convolution of `n` images `c → c2`
-    /// channels of `h×w` (kernel `k`, `stride`, padding `k / 2`) gives the bits of the norm
+    /// channels of `h×w` (kernel `k`, `stride`, padding `(k − 1) / 2`) gives the bits of the norm
     /// applied first, and the separate ops' gradients of every input: with a per-image bias
     /// and a fused activation, with a residual, with an input that is no variable (the
     /// norm's weights still get theirs), and on the portable path; and by finite differences
@@ -1968,7 +1980,8 @@ mod tests {
         let gamma = (normal(&mut rng, &[c]) + 1.0).unwrap();
         let beta = normal(&mut rng, &[c]);
         let wt = normal(&mut rng, &[c2, c, k, k]);
-        let op = forward_op(&x, &wt, stride, k / 2).unwrap();
+        let pad = (k - 1) / 2;
+        let op = forward_op(&x, &wt, stride, pad).unwrap();
         let (oh, ow) = (op.g.oh(), op.g.ow());
         let b = normal(&mut rng, &[n, c2]);
         let r = normal(&mut rng, &[n, c2, oh, ow]);
@@ -1988,7 +2001,7 @@ mod tests {
                     true => (t[0].clone(), Some(&norm)),
                     false => (norm.forward(&t[0]).unwrap(), None),
                 };
-                let op = forward_op(&x, &t[1], stride, k / 2).unwrap();
+                let op = forward_op(&x, &t[1], stride, pad).unwrap();
                 if residual {
                     let b = t[2].mean(0).unwrap();
                     op.apply_residual(&x, &t[1], Some(&b), &t[5], norm).unwrap()
@@ -2058,8 +2071,10 @@ mod tests {
     #[test]
     fn a_norm_fuses_into_every_kind_of_convolution() {
         // The direct 3×3 kernel (6 → 10 channels, 19 images in groups), Winograd (128 → 136,
-        // odd planes), gemm on column matrices (stride 2, and a 1×1 kernel).
+        // odd planes), gemm on column matrices (stride 2, and a 1×1 kernel), and the stride-2
+        // Winograd maps (4×4 kernel, 64 → 66 channels).
         a_fused_input_norm_matches_the_separate_ops((19, 6, 10, 14, 15), (3, 1, 3), 51);
+        a_fused_input_norm_matches_the_separate_ops((5, 64, 66, 8, 6), (4, 2, 16), 55);
         a_fused_input_norm_matches_the_separate_ops((5, 128, 136, 9, 7), (3, 1, 32), 52);
         a_fused_input_norm_matches_the_separate_ops((7, 8, 6, 9, 9), (3, 2, 2), 53);
         a_fused_input_norm_matches_the_separate_ops((7, 8, 6, 5, 6), (1, 1, 4), 54);
