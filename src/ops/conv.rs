@@ -735,7 +735,7 @@ impl Conv {
                 if dwt.is_none() {
                     return Vec::new();
                 }
-                self.transposed_bias_grad(dy, g)
+                self.output_bias_grad(dy, g)
             } else {
                 // The joined output gradient serves the input, weight and bias gradients.
                 let Scratch {
@@ -827,7 +827,7 @@ impl Conv {
                     return Vec::new();
                 };
                 s.weight_grad(dy, x, g, work, dwt);
-                self.transposed_bias_grad(dy, g)
+                self.output_bias_grad(dy, g)
             } else {
                 let dy = match act {
                     Some((act, y)) => {
@@ -844,23 +844,20 @@ impl Conv {
                     return Vec::new();
                 };
                 s.weight_grad(x, dy, g, work, dwt);
-                let p = self.g.positions();
-                let mut sums = vec![0f32; self.c2 * g];
-                for (r, row) in dy.chunks(p).enumerate() {
-                    sums[r % self.c2 * g + r / self.c2] = lane_sum(row, row, |v, _| v);
-                }
-                self.bias_from_sums(sums, g)
+                self.output_bias_grad(dy, g)
             }
         })
     }
 
-    /// The bias gradient of `g` images of a transposed convolution from their output gradient
-    /// `dy` (`[g, c, h, w]`): `[g, c]` for a per-image bias, `[c]` otherwise.
-    fn transposed_bias_grad(&self, dy: &[f32], g: usize) -> Vec<f32> {
-        let plane = self.g.h * self.g.w;
+    /// The bias gradient of `g` images from their output gradient `dy` as the op writes its
+    /// output (`[g, cout, plane]`, either kind): `[g, cout]` for a per-image bias, `[cout]`
+    /// otherwise.
+    fn output_bias_grad(&self, dy: &[f32], g: usize) -> Vec<f32> {
+        let out_len = self.sizes().1;
+        let plane = out_len / self.out_channels();
         let mut db = vec![0f32; self.bias_len(g)];
         let len = db.len();
-        for (r, row) in dy[..g * self.g.image()].chunks(plane).enumerate() {
+        for (r, row) in dy[..g * out_len].chunks(plane).enumerate() {
             db[r % len] += lane_sum(row, row, |v, _| v);
         }
         db

@@ -168,6 +168,12 @@ impl Grid {
         self.th * self.tw
     }
 
+    /// Image, tile row and tile column of tile `t` of a group (image after image, row after
+    /// row).
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        (t / self.tiles(), t % self.tiles() / self.tw, t % self.tw)
+    }
+
     /// Values of the grid of `g` images.
     fn len(&self, g: usize) -> usize {
         g * self.rows() * self.cols() * self.lanes
@@ -183,7 +189,7 @@ impl Grid {
     fn transform(&self, grid: &[f32], g: usize, v: &mut [f32], tmp: &mut [f32]) {
         let (n, l, cols) = (g * self.tiles(), self.lanes, self.cols());
         for t in 0..n {
-            let (i, ty, tx) = (t / self.tiles(), t % self.tiles() / self.tw, t % self.tw);
+            let (i, ty, tx) = self.tile(t);
             let corner = (i * self.rows() + M * ty) * cols + M * tx;
             let src = std::array::from_fn(|u| {
                 std::array::from_fn(|x| &grid[(corner + u * cols + x) * l..][..l])
@@ -237,7 +243,7 @@ impl Grid {
         let (n, l) = (g * self.tiles(), self.lanes);
         let (block, tmp) = tmp.split_at_mut(M * M * l);
         for t in 0..n {
-            let (i, ty, tx) = (t / self.tiles(), t % self.tiles() / self.tw, t % self.tw);
+            let (i, ty, tx) = self.tile(t);
             let src = std::array::from_fn(|u| {
                 std::array::from_fn(|x| &m[((u * T + x) * n + t) * l..][..l])
             });
@@ -486,7 +492,7 @@ impl WinogradStride2 {
         let blocks = &mut grid[..n * M * M * c2];
         for (cell, values) in blocks.chunks_exact_mut(c2).enumerate() {
             let (t, o) = (cell / (M * M), cell % (M * M));
-            let (i, ty, tx) = (t / gg.tiles(), t % gg.tiles() / gg.tw, t % gg.tw);
+            let (i, ty, tx) = gg.tile(t);
             let (y, x) = (M * ty + o / M, M * tx + o % M);
             if y < oh && x < ow {
                 let planes = dy[i * c2 * oh * ow + y * ow + x..].iter().step_by(oh * ow);
