@@ -149,6 +149,19 @@ pub(crate) fn avx2_fma() -> bool {
     }
 }
 
+/// Whether this CPU has AVX-512F: the direct 3×3 kernel's 16-lane version (the standard
+/// library caches the answer).
+pub(crate) fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The start of the buffer [`parallel_pieces`] splits, shared by the workers.
 #[derive(Clone, Copy)]
 struct SharedPtr(*mut f32);
