@@ -628,7 +628,7 @@ impl Conv {
                     _ => unreachable!("Conv::weights packs no 3×3 kernel of a transposed one"),
                 }
                 let plane = self.g.h * self.g.w;
-                for (r, row) in y[..g * self.g.image()].chunks_mut(plane).enumerate() {
+                for (r, row) in y.chunks_mut(plane).enumerate() {
                     let bias = b[r % b.len()];
                     match act {
                         Some(act) => row.iter_mut().for_each(|v| *v = act.apply(*v + bias)),

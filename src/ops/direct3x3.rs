@@ -177,14 +177,20 @@ impl Direct {
         packed
     }
 
+    /// Where each tap `t = 3·dy + dx` reads the padded planes, from the output position on the
+    /// grid: `dy·(w + 2) + dx`.
+    fn offsets(&self) -> [usize; 9] {
+        let wp = self.w + 2;
+        std::array::from_fn(|t| (t / 3) * wp + t % 3)
+    }
+
     /// `out [c2, g, grid] = conv(xp)` for `g` images padded by [`Direct::pad`], with the
     /// weights packed by [`Direct::pack`]; the positions past each output row are garbage.
     pub(crate) fn run(&self, packed: &[f32], xp: &[f32], g: usize, out: &mut [f32]) {
         assert_eq!(packed.len(), self.c2 * self.c * 9);
         assert_eq!(xp.len(), self.padded_len(g));
         assert_eq!(out.len(), self.grid_len(g));
-        let wp = self.w + 2;
-        let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * wp + t % 3);
+        let offsets = self.offsets();
         let stride = (self.c, g * self.plane);
         for i in 0..g {
             for tile in self.tiles() {
@@ -253,7 +259,7 @@ impl Direct {
         let wp = self.w + 2;
         let sizes = (g, self.grid, self.plane);
         if self.isa == Isa::Avx512 {
-            let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * wp + t % 3);
+            let offsets = self.offsets();
             for co in (0..self.c2).step_by(3) {
                 let r = (self.c2 - co).min(3);
                 let dys = &dy[co * g * self.grid..(co + r) * g * self.grid];
