@@ -34,8 +34,10 @@ const DIFFUSION_SIDE: usize = 8;
 fn gan_config(data: &Path, lambda: f64) -> Config {
     let mut cfg = tiny_gan_config(800, lambda);
     cfg.data.path = data.to_path_buf();
-    // The run's end runs the keyless detector, as the command does.
+    // The run's end runs the keyless detector, as the command does; its ownership test
+    // draws 99 null triggers per trigger (`[verify] null_keys`) instead of 1,000.
     cfg.detect.enabled = true;
+    cfg.verify.null_keys = Some(99);
     cfg
 }
 
@@ -146,6 +148,7 @@ fn a_gan_trained_on_colour_images_is_rgb_and_carries_its_backdoor() {
     }
     let verify = read_json(&marked_run.file("verify.json"));
     assert!(verify["p_value"].as_f64().unwrap() < 0.01, "{verify}");
+    assert_eq!(verify["null_keys"].as_u64(), Some(99), "{verify}");
     assert!(marked_run.file("report.html").exists());
     // The digit FID is for 1×28×28 models only: an RGB run reports no clean quality.
     let metrics = read_json(&marked_run.file("metrics.json"));
