@@ -376,14 +376,27 @@ impl WinogradStride2 {
                 line.fill(0.0);
             }
         }
-        for (r, plane) in x.chunks_exact(h * w).enumerate() {
-            let (i, ci) = (r / c, r % c);
-            for (y, line) in plane.chunks_exact(w).enumerate() {
+        // Row by row of the image, every channel's row in turn: the cells written lie in one
+        // row of the grid, which stays in the cache while its lanes fill.
+        for (i, image) in x.chunks_exact(c * h * w).enumerate() {
+            for y in 0..h {
                 let (py, p) = (y.div_ceil(2), (y + 1) % 2);
-                let at = (i * rows + py) * cols;
-                for (x, &v) in line.iter().enumerate() {
-                    let (px, q) = (x.div_ceil(2), (x + 1) % 2);
-                    grid[(at + px) * l + 4 * ci + 2 * p + q] = v;
+                let cells = &mut grid[(i * rows + py) * cols * l..][..cols * l];
+                for (ci, line) in image
+                    .chunks_exact(h * w)
+                    .map(|pl| &pl[y * w..][..w])
+                    .enumerate()
+                {
+                    // Padded column `x + 1` lies in cell `(x + 1) / 2`, phase `(x + 1) % 2`:
+                    // pixel 0 alone in cell 0, then two pixels per cell.
+                    let lane = 4 * ci + 2 * p;
+                    cells[lane + 1] = line[0];
+                    for (cell, pair) in cells[l..].chunks_exact_mut(l).zip(line[1..].chunks(2)) {
+                        cell[lane] = pair[0];
+                        if let [_, v] = pair {
+                            cell[lane + 1] = *v;
+                        }
+                    }
                 }
             }
         }
@@ -458,12 +471,24 @@ impl WinogradStride2 {
         let phases = &mut rest[..g * ph * pw * c4];
         let untiled = Grid { lanes: c4, ..sg };
         untiled.untransform(m, g, (ph, pw), tmp, phases);
-        for (r, line) in out.chunks_exact_mut(w).enumerate() {
-            let (i, ci, y) = (r / (c * h), r / h % c, r % h);
-            let at = (i * ph + y.div_ceil(2)) * pw;
-            let p = (y + 1) % 2;
-            for (x, v) in line.iter_mut().enumerate() {
-                *v = phases[(at + x.div_ceil(2)) * c4 + 4 * ci + 2 * p + (x + 1) % 2];
+        // Row by row of the image, every channel's row in turn: the cells read lie in one row
+        // of the phase planes, which stays in the cache.
+        for (i, image) in out.chunks_exact_mut(c * h * w).enumerate() {
+            for y in 0..h {
+                let at = (i * ph + y.div_ceil(2)) * pw;
+                let p = (y + 1) % 2;
+                let cells = &phases[at * c4..][..pw * c4];
+                for (ci, plane) in image.chunks_exact_mut(h * w).enumerate() {
+                    // Pixel 0 from cell 0, then two pixels per cell (as in `phase_grid`).
+                    let (lane, line) = (4 * ci + 2 * p, &mut plane[y * w..][..w]);
+                    line[0] = cells[lane + 1];
+                    for (pair, cell) in line[1..].chunks_mut(2).zip(cells[c4..].chunks_exact(c4)) {
+                        pair[0] = cell[lane];
+                        if let [_, v] = pair {
+                            *v = cell[lane + 1];
+                        }
+                    }
+                }
             }
         }
     }
