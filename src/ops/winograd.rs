@@ -120,8 +120,11 @@ impl Winograd {
         let (n, band) = (self.tiles(), (self.th + 1) * tw);
         let (rt, pair) = rows.split_at_mut(8 * band);
         let (even, odd) = pair.split_at_mut(tw + 1);
-        for (r, plane) in x.chunks_exact(h * w).enumerate() {
-            let (i, ci) = (r / c, r % c);
+        // Channel after channel, each channel's planes image after image: the tiles of one
+        // channel lie image after image in each of the 16 rows of `v`, so that the writes run
+        // along them (planes of 4×4 tiles fill a cache line from four images).
+        for r in channel_major(g, c) {
+            let (i, ci, plane) = (r / c, r % c, &x[r * h * w..][..h * w]);
             // Padded row `p` is input row `p − 1`, and padded column `q` input column
             // `q − 1`, so even padded columns hold the odd input ones.
             for p in 0..2 * self.th + 2 {
@@ -248,8 +251,9 @@ impl Winograd {
         let (quarters, rest) = rows.split_at_mut(4 * n);
         let [y0, y1] = split::<2>(rest, 2 * tw);
         let mut sums = vec![0f32; c2 * g];
-        for (r, plane) in dy.chunks_exact(h * w).enumerate() {
-            let (i, co) = (r / c2, r % c2);
+        // In the order of `d`'s rows, as in `transform_input`.
+        for r in channel_major(g, c2) {
+            let (i, co, plane) = (r / c2, r % c2, &dy[r * h * w..][..h * w]);
             let mut sum = 0f32;
             for ty in 0..self.th {
                 for (a, buf) in [&mut *y0, &mut *y1].into_iter().enumerate() {
@@ -328,6 +332,12 @@ impl Winograd {
             });
         }
     }
+}
+
+/// The planes `r = image·channels + channel` of `g` images, channel after channel (each
+/// channel's image after image).
+fn channel_major(g: usize, channels: usize) -> impl Iterator<Item = usize> {
+    (0..g * channels).map(move |k| (k % g) * channels + k / g)
 }
 
 /// `dst[o][q] = f([src[0][q], src[1][q], …])[o]` for every lane `q` of `dst`'s rows (as long
