@@ -123,8 +123,8 @@ impl Winograd {
         // Channel after channel, each channel's planes image after image: the tiles of one
         // channel lie image after image in each of the 16 rows of `v`, so that the writes run
         // along them (planes of 4×4 tiles fill a cache line from four images).
-        for r in channel_major(g, c) {
-            let (i, ci, plane) = (r / c, r % c, &x[r * h * w..][..h * w]);
+        for (i, ci) in channel_major(g, c) {
+            let plane = &x[(i * c + ci) * h * w..][..h * w];
             // Padded row `p` is input row `p − 1`, and padded column `q` input column
             // `q − 1`, so even padded columns hold the odd input ones.
             for p in 0..2 * self.th + 2 {
@@ -252,8 +252,9 @@ impl Winograd {
         let [y0, y1] = split::<2>(rest, 2 * tw);
         let mut sums = vec![0f32; c2 * g];
         // In the order of `d`'s rows, as in `transform_input`.
-        for r in channel_major(g, c2) {
-            let (i, co, plane) = (r / c2, r % c2, &dy[r * h * w..][..h * w]);
+        for (i, co) in channel_major(g, c2) {
+            let r = i * c2 + co;
+            let plane = &dy[r * h * w..][..h * w];
             let mut sum = 0f32;
             for ty in 0..self.th {
                 for (a, buf) in [&mut *y0, &mut *y1].into_iter().enumerate() {
@@ -334,10 +335,10 @@ impl Winograd {
     }
 }
 
-/// The planes `r = image·channels + channel` of `g` images, channel after channel (each
-/// channel's image after image).
-fn channel_major(g: usize, channels: usize) -> impl Iterator<Item = usize> {
-    (0..g * channels).map(move |k| (k % g) * channels + k / g)
+/// The planes `(image, channel)` of `g` images, channel after channel (each channel's image
+/// after image).
+fn channel_major(g: usize, channels: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..channels).flat_map(move |ch| (0..g).map(move |i| (i, ch)))
 }
 
 /// `dst[o][q] = f([src[0][q], src[1][q], …])[o]` for every lane `q` of `dst`'s rows (as long
