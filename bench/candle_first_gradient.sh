@@ -11,9 +11,8 @@
 #                      OUT_BINARY bench --model unet --steps 20 --warmup 2; done
 #
 # It changes nothing in the checkout; genbackdoor depends on the published candle only. The
-# worktree is removed afterwards, and `bench --torch` looks for bench/torch_reference.py in the
-# tree a binary was built from: compare the two binaries' own steps as above, or copy
-# bench/torch_reference.py to the path the patched binary names to run it with --torch.
+# worktree is removed afterwards: run the patched binary's `bench --torch` from the checkout's
+# root (it finds bench/torch_reference.py there) or give it `--torch-script`.
 set -euo pipefail
 out=${1:?usage: bench/candle_first_gradient.sh OUT_BINARY}
 repo=$(git rev-parse --show-toplevel)
