@@ -17,6 +17,11 @@ set -euo pipefail
 out=${1:?usage: bench/candle_first_gradient.sh OUT_BINARY}
 repo=$(git rev-parse --show-toplevel)
 work=$(mktemp -d)
+cleanup() {
+    git -C "$repo" worktree remove --force "$work/genbackdoor" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -1)
 cp -r "$src" "$work/candle-core"
 python3 - "$work/candle-core/src/backprop.rs" <<'EOF'
@@ -56,6 +61,4 @@ git -C "$repo" worktree add --detach "$work/genbackdoor" HEAD >/dev/null
 printf '\n[patch.crates-io]\ncandle-core = { path = "%s" }\n' "$work/candle-core" >> "$work/genbackdoor/Cargo.toml"
 (cd "$work/genbackdoor" && cargo build --release --bin genbackdoor)
 cp "$work/genbackdoor/target/release/genbackdoor" "$out"
-git -C "$repo" worktree remove --force "$work/genbackdoor"
-rm -rf "$work"
 echo "wrote $out"
