@@ -367,15 +367,30 @@ fn keys_of_several_triggers_from_the_command_line() {
     let k = |args: &str| format!("key --out {} --force {args}", s(&three));
     ok(&words(&k("--triggers 3 --latent-dim 16")));
     // Someone else's key of three triggers: each tested, their p-values combined, no claim.
+    // A key like the one `key` drew, its triggers from fixed seeds, so that the verdict is the
+    // same in every run: a valid test claims a key drawn afresh at α = 0.01 in 1 % of runs
+    // (thirty fresh keys on this model gave combined p-values from 0.07 to 0.97; one CI run
+    // met p = 0.005 with the key drawn above).
+    let fixed = t.root.join("someone-else.safetensors");
+    common::seeded_key(101, 3, 16, [1, 28, 28])
+        .save(&fixed)
+        .unwrap();
     let out = ok(&words(&format!(
         "verify --model {} --key {} --queries 50 --json",
         s(&model),
-        s(&three)
+        s(&fixed)
     )));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["triggers"].as_array().unwrap().len(), 3, "{out}");
+    let triggers = v["triggers"].as_array().unwrap();
+    assert_eq!(triggers.len(), 3, "{out}");
     assert_eq!(v["queries"], 3 * 51, "{out}");
-    assert!(v["p_value"].as_f64().unwrap() > 0.01, "{out}");
+    let each: Vec<f64> = triggers
+        .iter()
+        .map(|t| t["p_value"].as_f64().unwrap())
+        .collect();
+    let p = v["p_value"].as_f64().unwrap();
+    assert_eq!(p, genbackdoor::verify::combined_p_value(&each), "{out}");
+    assert!(p > 0.01 && v["carries_backdoor"] == false, "{out}");
     let out = ok(&words(&format!(
         "eval --model {} --key {} --n 20 --quality-samples 0 --json",
         s(&model),
