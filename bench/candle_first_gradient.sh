@@ -12,7 +12,9 @@
 #
 # It changes nothing in the checkout; genbackdoor depends on the published candle only. The
 # worktree is removed afterwards: run the patched binary's `bench --torch` from the checkout's
-# root (it finds bench/torch_reference.py there) or give it `--torch-script`.
+# root (it finds bench/torch_reference.py there) or give it `--torch-script`, and give its
+# `train` the data (`--data data/mnist-10k`). Checked on 2026-12-08: 30 steps of a tiny GAN
+# run (tests/cli.rs's config) give the same model file, byte for byte, with either candle.
 set -euo pipefail
 out=${1:?usage: bench/candle_first_gradient.sh OUT_BINARY}
 repo=$(git rev-parse --show-toplevel)
